@@ -1,0 +1,45 @@
+"""Errors raised on bad input files, naming the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+class DataFormatError(ValueError):
+    """A raw input file is malformed. ``str(err)`` reads ``file:line: field 'name': what is wrong``."""
+
+    def __init__(self, path: str | Path, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = message if field is None else f"field '{field}': {message}"
+        super().__init__(f"{where}: {what}")
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield (1-based line number, raw bytes without the newline, whether the line ended with one).
+
+    Bytes, not text, so a broken encoding is reported against the field that holds it.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            ended = raw.endswith(b"\n")
+            yield number, raw.rstrip(b"\r\n"), ended
+
+
+def split_fields(path: Path, line: int, raw: bytes, names: Sequence[str], sep: bytes, ended: bool) -> list[str]:
+    """Split a raw line into exactly ``len(names)`` decoded fields, or raise a ``DataFormatError``."""
+    parts = raw.split(sep)
+    if len(parts) != len(names):
+        hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
+        raise DataFormatError(
+            path, line, None,
+            f"expected {len(names)} fields separated by {sep.decode()!r} ({', '.join(names)}), found {len(parts)}{hint}",
+        )
+    fields = []
+    for name, part in zip(names, parts):
+        try:
+            fields.append(part.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataFormatError(path, line, name, f"not valid UTF-8 at byte {err.start} of the field") from None
+    return fields

@@ -1,0 +1,207 @@
+"""MIND (Microsoft News Dataset): behaviors.tsv + news.tsv -> one list per impression.
+
+behaviors.tsv: ``impression_id  user_id  time  history  impressions``, where history is the user's
+clicked news ids (oldest first) and impressions are ``N123-1 N456-0 ...`` in logged order.
+news.tsv: ``news_id  category  subcategory  title  abstract  url  title_entities  abstract_entities``.
+The same reader serves the 5k subset, MIND-small and MIND-large.
+
+Features
+- user sparse: user id; history: the last ``max_hist`` clicked items with their category and
+  subcategory ("<unknown>" where news.tsv does not cover the item).
+- item sparse: item id, category, subcategory.
+- item dense, computed from the *fit* part (the ranker and train splits) only, so nothing leaks from
+  valid or test: log impressions, log clicks and a smoothed CTR of the item, log count of the item in
+  fit users' histories. For rows inside the fit part the row's own impression and label are left out
+  (leave-one-out), so a model never sees its own label through a statistic and the features of fit
+  rows follow the same distribution as those of unseen rows. Plus the share of the user's history in
+  the item's category and subcategory, and whether news.tsv covers the item.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from relist.data.errors import DataFormatError, read_lines, split_fields
+from relist.data.store import ListTable, Schema, SparseField, random_splits
+
+BEHAVIOR_FIELDS = ("impression_id", "user_id", "time", "history", "impressions")
+NEWS_FIELDS = ("news_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities")
+TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+UNKNOWN = "<unknown>"
+PAD = "<pad>"
+CTR_SMOOTHING = 20.0  # pseudo-impressions at the global CTR
+FIT_SPLITS = ("ranker", "train")
+_TOKEN = re.compile(r"^(\S+)-(\S*)$")
+
+
+def _find(src: Path, name: str) -> Path:
+    path = src / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{src}: no {name} (expected MIND's behaviors.tsv and news.tsv in this folder)")
+    return path
+
+
+def read_news(path: Path) -> dict[str, tuple[str, str]]:
+    """news id -> (category, subcategory)."""
+    news = {}
+    for line, raw, ended in read_lines(path):
+        if not raw.strip():
+            continue
+        fields = split_fields(path, line, raw, NEWS_FIELDS, b"\t", ended)
+        if not fields[0]:
+            raise DataFormatError(path, line, "news_id", "empty news id")
+        news[fields[0]] = (fields[1] or UNKNOWN, fields[2] or UNKNOWN)
+    return news
+
+
+def read_behaviors(path: Path):
+    """Parse behaviors.tsv into per-impression users, times, histories, items and labels."""
+    users, times, histories, items, labels = [], [], [], [], []
+    for line, raw, ended in read_lines(path):
+        if not raw.strip():
+            continue
+        impression_id, user, time, history, impressions = split_fields(path, line, raw, BEHAVIOR_FIELDS, b"\t", ended)
+        if not impression_id.strip().isdigit():
+            raise DataFormatError(path, line, "impression_id", f"expected an integer, found {impression_id!r}")
+        if not user.strip():
+            raise DataFormatError(path, line, "user_id", "empty user id")
+        try:
+            stamp = datetime.strptime(time.strip(), TIME_FORMAT).timestamp()
+        except ValueError:
+            raise DataFormatError(path, line, "time", f"cannot parse {time!r} as {TIME_FORMAT!r}") from None
+        tokens = impressions.split()
+        if not tokens:
+            raise DataFormatError(path, line, "impressions", "empty list: an impression needs at least one item")
+        row_items, row_labels = [], []
+        for position, token in enumerate(tokens, start=1):
+            match = _TOKEN.match(token)
+            if match is None or match.group(2) not in ("0", "1"):
+                hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
+                raise DataFormatError(
+                    path, line, "impressions",
+                    f"item {position} {token!r}: expected NEWSID-LABEL with label 0 or 1{hint}",
+                )
+            row_items.append(match.group(1))
+            row_labels.append(match.group(2) == "1")
+        users.append(user.strip())
+        times.append(stamp)
+        histories.append(history.split())
+        items.append(row_items)
+        labels.append(row_labels)
+    if not items:
+        raise DataFormatError(path, None, None, "no impressions in the file")
+    return users, np.array(times), histories, items, labels
+
+
+def _vocab(values) -> dict[str, int]:
+    """Ids from 1 in order of first appearance; 0 is padding."""
+    index: dict[str, int] = {}
+    for v in values:
+        if v not in index:
+            index[v] = len(index) + 1
+    return index
+
+
+def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 50) -> ListTable:
+    src = Path(src)
+    news = read_news(_find(src, "news.tsv"))
+    users, times, histories, items, labels = read_behaviors(_find(src, "behaviors.tsv"))
+
+    item_index = _vocab(i for row in items for i in row)
+    for row in histories:
+        for i in row:
+            item_index.setdefault(i, len(item_index) + 1)
+    user_index = _vocab(users)
+    categories = [UNKNOWN] + sorted({c for c, _ in news.values()} - {UNKNOWN})
+    subcategories = [UNKNOWN] + sorted({s for _, s in news.values()} - {UNKNOWN})
+    cat_id = {c: k + 1 for k, c in enumerate(categories)}
+    sub_id = {s: k + 1 for k, s in enumerate(subcategories)}
+    n_item_ids = len(item_index) + 1
+    item_cat = np.ones(n_item_ids, dtype=np.int64)  # 1 = unknown
+    item_sub = np.ones(n_item_ids, dtype=np.int64)
+    item_cat[0] = item_sub[0] = 0
+    known = np.zeros(n_item_ids, dtype=bool)
+    for news_id, idx in item_index.items():
+        if news_id in news:
+            c, s = news[news_id]
+            item_cat[idx], item_sub[idx], known[idx] = cat_id[c], sub_id[s], True
+
+    lengths = np.array([len(r) for r in items], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    row_item = np.fromiter((item_index[i] for r in items for i in r), dtype=np.int64, count=int(offsets[-1]))
+    label = np.fromiter((b for r in labels for b in r), dtype=np.float32, count=int(offsets[-1]))
+    row_list = np.repeat(np.arange(len(items)), lengths)
+
+    hist_rows = [[item_index[i] for i in h[-max_hist:]] if max_hist > 0 else [] for h in histories]
+    hist_lengths = np.array([len(h) for h in hist_rows], dtype=np.int64)
+    hist_offsets = np.concatenate([[0], np.cumsum(hist_lengths)])
+    hist_item = np.fromiter((i for h in hist_rows for i in h), dtype=np.int64, count=int(hist_offsets[-1]))
+    full_hist_item = [np.fromiter((item_index[i] for i in h), dtype=np.int64, count=len(h)) for h in histories]
+
+    splits = random_splits(len(items), fractions, seed)
+    fit_lists = np.zeros(len(items), dtype=bool)
+    for name in FIT_SPLITS:
+        fit_lists[splits.get(name, [])] = True
+    fit_rows = fit_lists[row_list]
+
+    # Item statistics on the fit part, leaving each fit row's own impression out.
+    impressions = np.bincount(row_item[fit_rows], minlength=n_item_ids).astype(np.float64)
+    clicks = np.bincount(row_item[fit_rows], weights=label[fit_rows], minlength=n_item_ids)
+    global_ctr = clicks.sum() / max(impressions.sum(), 1.0)
+    own_imp = fit_rows.astype(np.float64)
+    own_click = np.where(fit_rows, label, 0.0)
+    imp_row = impressions[row_item] - own_imp
+    click_row = clicks[row_item] - own_click
+    ctr_row = (click_row + CTR_SMOOTHING * global_ctr) / (imp_row + CTR_SMOOTHING)
+    fit_hist = [full_hist_item[k] for k in np.flatnonzero(fit_lists)]
+    hist_pop = np.bincount(np.concatenate(fit_hist) if fit_hist else np.zeros(0, np.int64), minlength=n_item_ids)
+
+    # Share of the user's history in the item's (sub)category, among history items whose category is known.
+    def affinity(table: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(row_item), dtype=np.float64)
+        for k, h in enumerate(full_hist_item):
+            h_known = table[h][known[h]]
+            if len(h_known) == 0:
+                continue
+            rows = slice(offsets[k], offsets[k + 1])
+            values, freq = np.unique(h_known, return_counts=True)
+            share = dict(zip(values.tolist(), (freq / len(h_known)).tolist()))
+            out[rows] = [share.get(c, 0.0) for c in table[row_item[rows]].tolist()]
+        return out
+
+    dense = np.stack([
+        np.log1p(imp_row), np.log1p(click_row), ctr_row, np.log1p(hist_pop[row_item]),
+        affinity(item_cat), affinity(item_sub), known[row_item].astype(np.float64),
+    ], axis=1).astype(np.float32)
+
+    id_vocab = [PAD] + list(item_index)
+    schema = Schema(
+        item_sparse=(SparseField("item_id", n_item_ids), SparseField("category", len(categories) + 1),
+                     SparseField("subcategory", len(subcategories) + 1)),
+        item_dense=("log_impressions", "log_clicks", "ctr", "log_history_count", "category_affinity",
+                    "subcategory_affinity", "has_metadata"),
+        user_sparse=(SparseField("user_id", len(user_index) + 1),),
+        user_hist=(SparseField("item_id", n_item_ids), SparseField("category", len(categories) + 1),
+                   SparseField("subcategory", len(subcategories) + 1)),
+    )
+    return ListTable(
+        offsets=offsets.astype(np.int64),
+        item_sparse=np.stack([row_item, item_cat[row_item], item_sub[row_item]], axis=1),
+        item_dense=dense,
+        label=label,
+        user_sparse=np.array([user_index[u] for u in users], dtype=np.int64)[:, None],
+        hist_offsets=hist_offsets.astype(np.int64),
+        user_hist=np.stack([hist_item, item_cat[hist_item], item_sub[hist_item]], axis=1).reshape(-1, 3),
+        schema=schema,
+        splits=splits,
+        vocabs={"item_id": id_vocab, "category": [PAD] + categories, "subcategory": [PAD] + subcategories,
+                "user_id": [PAD] + list(user_index)},
+        info={"fit_splits": list(FIT_SPLITS), "items_with_metadata": int(known[1:].sum()),
+              "time_range": [float(times.min()), float(times.max())], "max_hist": max_hist,
+              "global_ctr_fit": float(global_ctr)},
+    )

@@ -1,0 +1,144 @@
+"""`relist train ranker`: fit an initial ranker, report its metrics, write the re-ranking splits.
+
+Protocol (LibRerank's, with a validation split): the ranker is fitted on the ``ranker`` split, its
+early stopping reads ``valid``; metrics are reported on valid and test, next to the logged order's;
+then every list of the train / valid / test splits is ordered by the ranker, cut to ``list_len``
+items and written as a prepared dataset under ``OUT/rerank`` with the ranker's score appended as the
+dense feature ``init_score``. Re-rankers train on that dataset's train split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relist.batch import rank
+from relist.config import option
+from relist.data.store import ListTable, PreparedDataset, Schema, write_dataset
+from relist.metrics import evaluate_lists, logged_order_scores
+from relist.rankers import RANKER_CONFIGS, get_ranker_class
+from relist.runtime import resolve_device, seed_everything
+
+log = logging.getLogger("relist")
+RERANK_SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class TrainRankerConfig:
+    data: Path = option(help="prepared dataset directory (from `relist data prepare`)")
+    out: Path = option(help="output directory: model, metrics.json and the re-ranking dataset under rerank/")
+    model: str = option("lambdamart", help="initial ranker", choices=("lambdamart", "dnn"))
+    seed: int = option(0, help="random seed")
+    list_len: int = option(10, help="lists of the re-ranking splits are cut to this many items (papers: 10)")
+    device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+    progress: bool = option(True, help="show progress")
+    n_estimators: int | None = option(None, help="lambdamart: boosting rounds (default 500, early-stopped on valid)")
+    max_epochs: int | None = option(None, help="dnn: training epochs (default 20, early-stopped on valid)")
+
+
+def _category_col(schema: Schema) -> int | None:
+    names = [f.name for f in schema.item_sparse]
+    return names.index("category") if "category" in names else None
+
+
+def _model_config(cfg: TrainRankerConfig):
+    config = RANKER_CONFIGS[cfg.model]()
+    overrides = {"n_estimators": cfg.n_estimators, "max_epochs": cfg.max_epochs}
+    for f in fields(config):
+        if overrides.get(f.name) is not None:
+            setattr(config, f.name, overrides[f.name])
+    return config
+
+
+def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int, seed: int, batch_size: int = 512) -> Path:
+    """Order every list of the re-ranking splits by ``ranker``, cut to ``list_len``, append ``init_score``."""
+    pieces = {k: [] for k in ("lengths", "sparse", "dense", "label", "user", "hist_lengths", "hist")}
+    splits, start = {}, 0
+    for split in RERANK_SPLITS:
+        n = 0
+        for batch in data.batches(split, batch_size):
+            scores = ranker.score(batch)
+            order = rank(scores, batch.mask)
+            ordered = batch.reorder(order).truncate(list_len)
+            kept_scores = scores.gather(1, order)[:, :list_len]
+            mask = ordered.mask
+            pieces["lengths"].append(mask.sum(1).numpy())
+            pieces["sparse"].append(ordered.item_sparse[mask].numpy())
+            dense = torch.cat([ordered.item_dense, kept_scores.unsqueeze(-1)], dim=-1)
+            pieces["dense"].append(dense[mask].numpy())
+            pieces["label"].append(ordered.label[mask].numpy())
+            pieces["user"].append(ordered.user_sparse.numpy())
+            hist_mask = ordered.user_hist[..., 0] > 0
+            pieces["hist_lengths"].append(hist_mask.sum(1).numpy())
+            pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
+            n += batch.size
+        splits[split] = np.arange(start, start + n)
+        start += n
+    lengths = np.concatenate(pieces["lengths"])
+    hist_lengths = np.concatenate(pieces["hist_lengths"])
+    schema = Schema(data.schema.item_sparse, data.schema.item_dense + ("init_score",), data.schema.user_sparse, data.schema.user_hist)
+    table = ListTable(
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        item_sparse=np.concatenate(pieces["sparse"]),
+        item_dense=np.concatenate(pieces["dense"]).astype(np.float32),
+        label=np.concatenate(pieces["label"]),
+        user_sparse=np.concatenate(pieces["user"]),
+        hist_offsets=np.concatenate([[0], np.cumsum(hist_lengths)]),
+        user_hist=np.concatenate(pieces["hist"]).reshape(-1, len(data.schema.user_hist)),
+        schema=schema,
+        splits=splits,
+        vocabs={p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((data.root / "vocab").glob("*.txt"))},
+        info={"derived_from": str(data.root), "parent_content_hash": data.manifest["content_hash"],
+              "initial_ranker": ranker.name, "list_len": list_len},
+    )
+    return write_dataset(table, out, source=f"{data.manifest['source']}+{ranker.name}", seed=seed, overwrite=True)
+
+
+def train_ranker(cfg: TrainRankerConfig) -> dict:
+    """Fit, evaluate and write; returns the content of metrics.json."""
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    data = PreparedDataset(cfg.data)
+    for split in ("ranker", "valid", "test"):
+        if split not in data.splits or len(data.split(split)) == 0:
+            raise ValueError(f"{cfg.data} has no {split!r} lists; prepare it with a non-zero share for {split}")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    ranker = get_ranker_class(cfg.model)(data.schema, _model_config(cfg))
+    started = time.perf_counter()
+    fit_info = ranker.fit(data, seed=cfg.seed, device=device, progress=cfg.progress)
+    fit_seconds = time.perf_counter() - started
+
+    category = _category_col(data.schema)
+    result = {"model": cfg.model, "seed": cfg.seed, "data": str(cfg.data),
+              "data_content_hash": data.manifest["content_hash"], "fit": fit_info, "fit_seconds": round(fit_seconds, 2)}
+    for split in ("valid", "test"):
+        result[split] = evaluate_lists(ranker.score, data.batches(split, 512), category_col=category)
+        result[f"logged_{split}"] = evaluate_lists(logged_order_scores, data.batches(split, 512), category_col=category)
+
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ranker.save(tmp)
+        rerank = write_rerank_dataset(ranker, data, tmp / "rerank", cfg.list_len, cfg.seed)
+        reranked = PreparedDataset(rerank)
+        result["rerank_test"] = evaluate_lists(logged_order_scores, reranked.batches("test", 512), category_col=category)
+        result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
