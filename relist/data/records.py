@@ -1,0 +1,92 @@
+"""Shared reading of list-per-line formats whose fields are Python/JSON literals (PRM Public, LibRerank)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+
+from relist.data.errors import DataFormatError
+
+
+def parse_literal(path: Path, line: int, field: str, text: str, ended: bool = True):
+    """A JSON/Python literal (lists of numbers); never ``eval``."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
+        raise DataFormatError(path, line, field, f"cannot parse {text[:60]!r} as a list literal{hint}") from None
+
+
+class ListRecords:
+    """Accumulates validated lists: user key, user sparse values, item sparse rows, item dense rows, labels.
+
+    The number of values per item (and per user) is fixed by the first record; every later record
+    must match, or a DataFormatError names the line and field.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.users: list = []
+        self.profiles: list[list] = []
+        self.sparse: list[np.ndarray] = []
+        self.dense: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.widths: tuple[int, int, int] | None = None
+
+    def _matrix(self, line: int, field: str, value, n_items: int, dtype) -> np.ndarray:
+        try:
+            array = np.asarray(value, dtype=dtype)
+        except (ValueError, TypeError):
+            raise DataFormatError(self.path, line, field, "expected one list of numbers per item") from None
+        if array.ndim != 2 or array.shape[0] != n_items:
+            raise DataFormatError(self.path, line, field, f"expected {n_items} items with a list of numbers each, found shape {array.shape}")
+        if dtype is np.float64 and not np.isfinite(array).all():
+            raise DataFormatError(self.path, line, field, "non-finite value (nan or inf)")
+        return array
+
+    def add(self, line: int, user, profile, sparse, dense, label) -> None:
+        if not isinstance(label, list) or len(label) == 0:
+            raise DataFormatError(self.path, line, "label", "empty list: a list needs at least one item")
+        try:
+            labels = np.asarray(label, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise DataFormatError(self.path, line, "label", "expected a list of 0/1 numbers") from None
+        if labels.ndim != 1 or not np.isin(labels, (0.0, 1.0)).all():
+            raise DataFormatError(self.path, line, "label", f"expected 0/1 click labels, found {label[:10]}")
+        n = len(labels)
+        sparse_rows = self._matrix(line, "spar_ft", sparse, n, np.float64)
+        if not np.all(sparse_rows == np.round(sparse_rows)):
+            raise DataFormatError(self.path, line, "spar_ft", "sparse features must be integer ids")
+        dense_rows = self._matrix(line, "dens_ft", dense, n, np.float64)
+        if isinstance(profile, list) and len(profile) == 1 and isinstance(profile[0], list):
+            profile = profile[0]  # LibRerank's Ad files nest the profile: [[p1, ..., p8]]
+        if not isinstance(profile, list):
+            raise DataFormatError(self.path, line, "profile", "expected a list of user feature values")
+        widths = (len(profile), sparse_rows.shape[1], dense_rows.shape[1])
+        if self.widths is None:
+            self.widths = widths
+        elif widths != self.widths:
+            names = ("profile", "spar_ft", "dens_ft")
+            k = next(i for i in range(3) if widths[i] != self.widths[i])
+            raise DataFormatError(self.path, line, names[k], f"{widths[k]} values per entry, but earlier lines have {self.widths[k]}")
+        self.users.append(user)
+        self.profiles.append(profile)
+        self.sparse.append(sparse_rows.astype(np.int64))
+        self.dense.append(dense_rows.astype(np.float32))
+        self.labels.append(labels.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def reindex(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Ids from 1 for the sorted distinct values; returns ids and the vocabulary (line 0 = padding)."""
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return inverse.reshape(values.shape).astype(np.int64) + 1, ["<pad>"] + [str(v) for v in distinct]

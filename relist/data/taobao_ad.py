@@ -1,0 +1,211 @@
+"""Taobao "Ad Display/Click Data on Taobao.com" (Tianchi dataId 56) with LibRerank's list construction.
+
+Raw files in ``--src``: raw_sample.csv (user, time_stamp, adgroup_id, pid, nonclk, clk),
+ad_feature.csv (adgroup_id, cate_id, campaign_id, customer, brand, price) and user_profile.csv
+(userid + 8 profile columns), each with a header line.
+
+Lists, as LibRerank's preprocessing builds them: users with more than 2 impressions and at least one
+click; each user's records newest first (ties keep file order); a window is the records at most
+``window_seconds`` older than its newest record (inclusive); starting from the newest record, a
+window without a click is skipped and the next window starts at the first record outside it; the
+first window with a click is kept, cut to its ``keep_last`` *oldest* records (LibRerank keeps the last
+30 entries of the newest-first window) and stored oldest first. One list per user; label = clk. The
+cut can drop the window's clicks, so a few lists have none, as in LibRerank.
+
+Features: item sparse [adgroup, category, campaign, customer, brand], item dense [price] (raw, as
+LibRerank), user sparse [user id + the 8 profile columns]. Missing values ("NULL" brands, empty
+profile cells, users without a profile row, ads without a feature row) are their own "<missing>"
+category. Deviation: ids are re-indexed per field from 1 (LibRerank shares one counter across fields).
+
+Everything runs vectorised on polars and NumPy; the window walk uses pointer doubling, so 26.6M
+records prepare in minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import polars as pl
+
+from relist.data.errors import DataFormatError
+from relist.data.store import ListTable, Schema, SparseField, random_splits
+
+SAMPLE_COLUMNS = ("user", "time_stamp", "adgroup_id", "pid", "nonclk", "clk")
+AD_COLUMNS = ("adgroup_id", "cate_id", "campaign_id", "customer", "brand", "price")
+PROFILE_COLUMNS = ("userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
+                   "shopping_level", "occupation", "new_user_class_level")
+MISSING = "<missing>"
+PAD = "<pad>"
+
+
+def _check_header(path: Path, expected: tuple[str, ...]) -> None:
+    with open(path, "rb") as handle:
+        raw = handle.readline()
+    try:
+        header = [h.strip() for h in raw.decode("utf-8").rstrip("\r\n").split(",")]
+    except UnicodeDecodeError:
+        raise DataFormatError(path, 1, None, "header is not valid UTF-8") from None
+    if header != list(expected):
+        raise DataFormatError(path, 1, None, f"expected header {','.join(expected)}, found {','.join(header)}")
+
+
+def _locate(path: Path, columns: tuple[str, ...], integer: tuple[str, ...], number: tuple[str, ...] = (),
+            binary: tuple[str, ...] = ()) -> None:
+    """Scan ``path`` line by line and raise a DataFormatError at the first bad line (slow path, on error only)."""
+    with open(path, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if line == 1:
+                continue
+            ended = raw.endswith(b"\n")
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                field = columns[min(raw[: err.start].count(b","), len(columns) - 1)]
+                raise DataFormatError(path, line, field, "not valid UTF-8") from None
+            cells = next(csv.reader([text]))
+            if len(cells) != len(columns):
+                hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
+                raise DataFormatError(path, line, None, f"expected {len(columns)} comma-separated fields ({','.join(columns)}), found {len(cells)}{hint}")
+            for name, cell in zip(columns, cells):
+                if name in integer and not cell.strip().lstrip("-").isdigit():
+                    raise DataFormatError(path, line, name, f"expected an integer, found {cell!r}")
+                if name in binary and cell.strip() not in ("0", "1"):
+                    raise DataFormatError(path, line, name, f"expected 0 or 1, found {cell!r}")
+                if name in number:
+                    try:
+                        float(cell)
+                    except ValueError:
+                        raise DataFormatError(path, line, name, f"expected a number, found {cell!r}") from None
+
+
+def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number=(), binary=()) -> pl.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: no {path.name} (the Taobao Ad raw files are raw_sample.csv, ad_feature.csv, user_profile.csv)")
+    _check_header(path, columns)
+    try:
+        frame = pl.read_csv(path, has_header=True, new_columns=list(columns), schema_overrides=schema,
+                            infer_schema_length=0 if not schema else 100, encoding="utf8", null_values=[""])
+    except Exception:  # noqa: BLE001 - polars raises several types; find and name the line ourselves
+        _locate(path, columns, integer, number, binary)
+        raise
+    required = [c for c in integer + number + binary if c in frame.columns]
+    bad = frame.with_row_index("_row").filter(pl.any_horizontal([pl.col(c).is_null() for c in required])) if required else frame.clear()
+    if bad.height:
+        _locate(path, columns, integer, number, binary)
+        row = int(bad["_row"][0])
+        raise DataFormatError(path, row + 2, None, "missing value in a required field")
+    if binary:
+        bad = frame.with_row_index("_row").filter(pl.any_horizontal([~pl.col(c).is_in([0, 1]) for c in binary]))
+        if bad.height:
+            row = int(bad["_row"][0])
+            column = next(c for c in binary if bad[c][0] not in (0, 1))
+            raise DataFormatError(path, row + 2, column, f"expected 0 or 1, found {bad[column][0]}")
+    return frame
+
+
+def build_windows(user: np.ndarray, ts: np.ndarray, clk: np.ndarray, window_seconds: int, keep_last: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (into the given arrays) of each user's list, oldest first, and the list offsets.
+
+    Inputs are sorted by user, then time newest first, and hold only users with a click.
+    """
+    n = len(user)
+    boundary = np.flatnonzero(np.diff(user)) + 1
+    starts = np.concatenate([[0], boundary])
+    ends = np.concatenate([boundary, [n]])
+    user_code = np.repeat(np.arange(len(starts)), ends - starts)
+    age = ts.max() - ts  # ascending within a user
+    shift = int(age.max()) + window_seconds + 1
+    key = user_code.astype(np.int64) * shift + age  # sorted ascending
+    window_end = np.searchsorted(key, key + window_seconds, side="right")  # first record more than window_seconds older
+    clicks_before = np.concatenate([[0], np.cumsum(clk, dtype=np.int64)])
+    has_click = clicks_before[window_end] - clicks_before[np.arange(n)] > 0
+    user_end = np.repeat(ends, ends - starts)
+    jump = np.where(has_click | (window_end >= user_end), np.arange(n), window_end)
+    while True:  # pointer doubling: every record jumps to the first clicked window at or after it
+        nxt = jump[jump]
+        if np.array_equal(nxt, jump):
+            break
+        jump = nxt
+    first = jump[starts]
+    last = window_end[first]
+    lengths = np.minimum(last - first, keep_last)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    rows = np.repeat(last - 1, lengths) - within  # oldest of the kept records first
+    return rows, offsets
+
+
+def _index(values: pl.Series) -> tuple[np.ndarray, list[str]]:
+    """Ids from 1 for the distinct values (sorted); missing values become the '<missing>' category."""
+    values = values.cast(pl.Utf8).fill_null(MISSING)
+    vocab = values.unique().sort()
+    mapping = pl.DataFrame({"v": vocab, "id": np.arange(1, len(vocab) + 1, dtype=np.int64)})
+    ids = pl.DataFrame({"v": values}).join(mapping, on="v", how="left", maintain_order="left")["id"].to_numpy()
+    return ids, [PAD] + vocab.to_list()
+
+
+def build(src: Path, seed: int, fractions: Mapping[str, float], window_seconds: int = 300, keep_last: int = 30) -> ListTable:
+    src = Path(src)
+    sample = _read(src / "raw_sample.csv", SAMPLE_COLUMNS,
+                   {"user": pl.Int64, "time_stamp": pl.Int64, "adgroup_id": pl.Int64, "pid": pl.Utf8, "nonclk": pl.Int64, "clk": pl.Int64},
+                   integer=("user", "time_stamp", "adgroup_id"), binary=("nonclk", "clk"))
+    sample = (
+        sample.select("user", "time_stamp", "adgroup_id", "clk").with_row_index("row")
+        .filter((pl.len().over("user") > 2) & (pl.col("clk").sum().over("user") > 0))
+        .sort(["user", "time_stamp", "row"], descending=[False, True, False])
+    )
+    if sample.height == 0:
+        raise DataFormatError(src / "raw_sample.csv", None, None, "no user has more than 2 impressions and a click")
+    rows, offsets = build_windows(sample["user"].to_numpy(), sample["time_stamp"].to_numpy(), sample["clk"].to_numpy(),
+                                  window_seconds, keep_last)
+    lists = sample[rows].select("user", "adgroup_id", "clk")
+    first = offsets[:-1]
+
+    ads = _read(src / "ad_feature.csv", AD_COLUMNS,
+                {"adgroup_id": pl.Int64, "cate_id": pl.Utf8, "campaign_id": pl.Utf8, "customer": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64},
+                integer=("adgroup_id",), number=("price",))
+    items = lists.join(ads.unique("adgroup_id", keep="first"), on="adgroup_id", how="left", maintain_order="left")
+    profile = pl.read_csv(src / "user_profile.csv", has_header=True, new_columns=list(PROFILE_COLUMNS),
+                          infer_schema_length=0, null_values=[""]) if (src / "user_profile.csv").is_file() else None
+    if profile is None:
+        raise FileNotFoundError(f"{src}: no user_profile.csv")
+    _check_header(src / "user_profile.csv", PROFILE_COLUMNS)
+    profile = profile.with_columns(pl.col("userid").str.strip_chars().cast(pl.Int64, strict=False))
+    if profile["userid"].null_count():
+        row = int(profile.with_row_index("_r").filter(pl.col("userid").is_null())["_r"][0])
+        raise DataFormatError(src / "user_profile.csv", row + 2, "userid", "expected an integer")
+    users = lists[first].select("user").join(profile.rename({"userid": "user"}).unique("user", keep="first"),
+                                             on="user", how="left", maintain_order="left")
+
+    item_fields = (("item_id", "adgroup_id"), ("category", "cate_id"), ("campaign", "campaign_id"),
+                   ("customer", "customer"), ("brand", "brand"))
+    vocabs, item_cols, item_schema = {}, [], []
+    for name, column in item_fields:
+        ids, vocab = _index(items[column])
+        item_cols.append(ids)
+        vocabs[name] = vocab
+        item_schema.append(SparseField(name, len(vocab)))
+    user_cols, user_schema = [], []
+    for name, column in (("user_id", "user"),) + tuple((c, c) for c in PROFILE_COLUMNS[1:]):
+        ids, vocab = _index(users[column].cast(pl.Utf8).str.strip_chars())
+        user_cols.append(ids)
+        vocabs[name] = vocab
+        user_schema.append(SparseField(name, len(vocab)))
+    n_lists = len(offsets) - 1
+    return ListTable(
+        offsets=offsets.astype(np.int64),
+        item_sparse=np.stack(item_cols, axis=1),
+        item_dense=items["price"].fill_null(0.0).to_numpy().astype(np.float32)[:, None],
+        label=items["clk"].to_numpy().astype(np.float32),
+        user_sparse=np.stack(user_cols, axis=1),
+        hist_offsets=np.zeros(n_lists + 1, dtype=np.int64),
+        user_hist=np.zeros((0, 0), dtype=np.int64),
+        schema=Schema(tuple(item_schema), ("price",), tuple(user_schema), ()),
+        splits=random_splits(n_lists, fractions, seed),
+        vocabs=vocabs,
+        info={"window_seconds": window_seconds, "keep_last": keep_last, "raw_records": int(sample.height),
+              "ads_without_features": int(items["cate_id"].null_count())},
+    )

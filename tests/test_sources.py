@@ -1,0 +1,223 @@
+"""The taobao-ad, prm-public, librerank and synthetic sources, on files written in their exact formats."""
+
+from __future__ import annotations
+
+import ast
+
+import numpy as np
+import pytest
+import torch
+
+from relist.data.errors import DataFormatError
+from relist.data.prepare import PrepareConfig, prepare
+from relist.data.store import PreparedDataset
+from relist.data.synthetic import SyntheticClickModel
+from relist.data.taobao_ad import build_windows
+from tests.rawfiles import write_librerank, write_prm, write_taobao
+
+
+def librerank_lists(rows, window=300, keep=30):
+    """LibRerank's per-user loop, written plainly: the reference for the vectorised window walk."""
+    by_user = {}
+    for position, (user, t, ad, _pid, _nonclk, clk) in enumerate(rows):
+        by_user.setdefault(user, []).append((t, position, ad, clk))
+    out = {}
+    for user, records in by_user.items():
+        if len(records) <= 2 or not any(r[3] for r in records):
+            continue
+        records.sort(key=lambda r: (-r[0], r[1]))  # newest first, ties in file order
+        start = 0
+        while True:
+            end = start + 1
+            while end < len(records) and records[start][0] - records[end][0] <= window:
+                end += 1
+            chosen = records[start:end]
+            if any(r[3] for r in chosen) or end >= len(records):
+                break
+            start = end
+        kept = chosen[-keep:][::-1]
+        out[user] = [(r[2], r[3]) for r in kept]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_taobao_lists_match_librerank_construction(tmp_path, seed):
+    raw = write_taobao(tmp_path / "raw", seed)
+    expected = librerank_lists(raw["rows"])
+    data = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out", seed=seed)))
+    item_vocab, user_vocab = data.vocab("item_id"), data.vocab("user_id")
+    got = {}
+    for k in range(data.n_lists):
+        rows = slice(data.offsets[k], data.offsets[k + 1])
+        user = int(user_vocab[data.user_sparse[k, 0]])
+        got[user] = [(int(item_vocab[i]), int(c)) for i, c in zip(data.item_sparse[rows, 0], data.label[rows])]
+    assert got == expected
+    assert data.counts["n_lists"] == len(expected) > 0
+    assert max(len(v) for v in expected.values()) <= 30
+
+
+def test_window_walk_skips_clickless_windows_and_keeps_oldest():
+    # one user, newest first: two windows without a click, then a window of 40 records with clicks
+    ts = np.array([10_000, 9_900] + [9_000] + list(range(8_000, 8_000 - 40 * 5, -5)))
+    clk = np.zeros(len(ts), dtype=np.int64)
+    clk[5] = 1
+    user = np.zeros(len(ts), dtype=np.int64)
+    rows, offsets = build_windows(user, ts, clk, 300, 30)
+    assert offsets.tolist() == [0, 30]
+    assert rows.tolist() == list(range(42, 12, -1))  # the 30 oldest of records 3..42, oldest first
+
+
+def test_taobao_features_and_missing_values(tmp_path):
+    write_taobao(tmp_path / "raw", 5)
+    data = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out")))
+    names = [f.name for f in data.schema.item_sparse]
+    assert names == ["item_id", "category", "campaign", "customer", "brand"]
+    assert data.schema.item_dense == ("price",)
+    assert len(data.schema.user_sparse) == 9
+    assert "NULL" in data.vocab("brand")
+    assert "<missing>" in data.vocab("cms_segid")  # users without a profile row
+    assert "<missing>" in data.vocab("pvalue_level")  # empty profile cells
+    assert (np.asarray(data.item_dense) > 0).all()
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda s: s.replace("430548_1007,1,0", "430548_1007,1,x", 1), "clk"),
+    (lambda s: s.replace(",430548_1007,", ",430548_1007,1,", 1), None),
+    (lambda s: s[: s.rindex(",")], None),
+])
+def test_taobao_bad_rows_name_file_and_line(tmp_path, damage, field):
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / "raw_sample.csv"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(DataFormatError) as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    assert err.value.path == str(path) and err.value.line is not None and err.value.line > 1
+    if field:
+        assert err.value.field == field
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_prm_public_reads_lists_and_skips_null_lines(tmp_path):
+    expected = write_prm(tmp_path / "set1.train.txt.part1", 0)
+    data = PreparedDataset(prepare(PrepareConfig(source="prm-public", src=tmp_path, out=tmp_path / "out")))
+    assert data.n_lists == len(expected)
+    assert data.manifest["info"]["skipped_null_lines"] == 3
+    assert len(data.schema.item_dense) == 19 and len(data.schema.item_sparse) == 5 and len(data.schema.user_sparse) == 4
+    items = data.vocab("item_id")
+    for k in (0, 7, len(expected) - 1):
+        rows = slice(data.offsets[k], data.offsets[k + 1])
+        assert [int(items[i]) for i in data.item_sparse[rows, 0]] == [s[0] for s in expected[k]["spar"]]
+        np.testing.assert_allclose(data.item_dense[rows], np.array(expected[k]["dense"]), rtol=1e-5)
+        assert data.label[rows].tolist() == expected[k]["label"]
+
+
+def test_prm_public_sample_keeps_a_share(tmp_path):
+    write_prm(tmp_path / "part1.txt", 1, n_lists=400, n_null=0)
+    data = PreparedDataset(prepare(PrepareConfig(source="prm-public", src=tmp_path / "part1.txt", out=tmp_path / "out", sample=0.25)))
+    assert 60 <= data.n_lists <= 140
+
+
+@pytest.mark.parametrize("field, value, expected_field", [
+    ("label", "[0, x, 1]", "label"),  # unparsable label
+    ("label", "[]", "label"),  # empty list
+    ("label", "[0, 2, 1]", "label"),  # not a click label
+    ("dens_ft1", "[[0.1, 0.2]]", "dens_ft1"),  # wrong number of items
+    ("spar_ft", "[[1, 2]", "spar_ft"),  # truncated literal
+])
+def test_prm_public_bad_fields(tmp_path, field, value, expected_field):
+    write_prm(tmp_path / "p.txt", 2, n_null=0)
+    path = tmp_path / "p.txt"
+    lines = path.read_text().splitlines(keepends=True)
+    parts = lines[4].rstrip("\n").split("|")
+    parts[("uid", "profile", "spar_ft", "dens_ft1", "dens_ft2", "label").index(field)] = value
+    lines[4] = "|".join(parts) + "\n"
+    path.write_text("".join(lines))
+    with pytest.raises(DataFormatError) as err:
+        prepare(PrepareConfig(source="prm-public", src=path, out=tmp_path / "out"))
+    assert (err.value.path, err.value.line) == (str(path), 5)
+    assert err.value.field in (expected_field, "dens_ft2" if expected_field == "dens_ft1" else expected_field)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prm_public_truncated_last_line(tmp_path):
+    write_prm(tmp_path / "p.txt", 3, n_null=0)
+    path = tmp_path / "p.txt"
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])
+    with pytest.raises(DataFormatError, match="truncated") as err:
+        prepare(PrepareConfig(source="prm-public", src=path, out=tmp_path / "out"))
+    assert err.value.line == text.count("\n")
+
+
+def test_librerank_files_keep_ids_and_split(tmp_path):
+    written = write_librerank(tmp_path / "lr", 0)
+    data = PreparedDataset(prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "out", valid_share=0.25)))
+    splits = {k: len(v) for k, v in data.splits.items()}
+    assert splits["ranker"] == 30 and splits["test"] == 10 and splits["train"] + splits["valid"] == 40
+    assert splits["valid"] > 0
+    assert all(f.vocab == 500 for f in data.schema.item_sparse)
+    first = written["train"][0]
+    rows = slice(data.offsets[0], data.offsets[1])
+    assert data.item_sparse[rows].tolist() == first[2]  # ids unchanged
+    assert data.label[rows].tolist() == first[4]
+    assert len(data.schema.user_sparse) == 9  # user id + 8 profile fields from the nested [[...]] profile
+
+
+def test_librerank_rejects_ids_beyond_ft_num(tmp_path):
+    write_librerank(tmp_path / "lr", 1)
+    path = tmp_path / "lr" / "data.valid"
+    lines = path.read_text().splitlines(keepends=True)
+    parts = lines[2].split("\t")
+    items = ast.literal_eval(parts[2])
+    items[0][0] = 9999  # data.stat says ft_num = 500
+    parts[2] = str(items)
+    lines[2] = "\t".join(parts)
+    path.write_text("".join(lines))
+    with pytest.raises(DataFormatError, match=r"data.valid:3: field 'spar_ft'"):
+        prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "out"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_synthetic_is_seeded_and_saves_its_truth(tmp_path, seed):
+    a = prepare(PrepareConfig(source="synthetic", out=tmp_path / "a", n_lists=500, seed=seed))
+    b = prepare(PrepareConfig(source="synthetic", out=tmp_path / "b", n_lists=500, seed=seed))
+    c = prepare(PrepareConfig(source="synthetic", out=tmp_path / "c", n_lists=500, seed=seed + 10))
+    hashes = [PreparedDataset(p).manifest["content_hash"] for p in (a, b, c)]
+    assert hashes[0] == hashes[1] != hashes[2]
+    data = PreparedDataset(a)
+    truth = SyntheticClickModel.load(a / "truth.safetensors")
+    # the stored clicks follow the saved truth: observed CTR per position bucket within 4 standard errors
+    batch = data.batch(np.arange(data.n_lists))
+    prob = truth.click_prob(batch.user_sparse[:, 0] - 1, batch.item_sparse[..., 0] - 1, batch.mask)
+    expected, observed = prob[batch.mask].sum().item(), batch.label[batch.mask].sum().item()
+    assert abs(observed - expected) < 4 * np.sqrt(expected)
+    assert data.verify()
+
+
+def test_synthetic_click_model_has_position_bias_and_context_effect():
+    from relist.data.synthetic import SyntheticParams
+
+    truth = SyntheticClickModel.sample(SyntheticParams(n_users=50, n_items=300), seed=3)
+    users = torch.arange(50)
+    items = torch.randint(0, 300, (50, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(50, 10, dtype=torch.bool)
+    p = truth.click_prob(users, items, mask)
+    flipped = truth.click_prob(users, items.flip(1), mask).flip(1)
+    # the same item is clicked more often shown first than shown last
+    assert (p[:, 0] > flipped[:, 0]).float().mean() > 0.9
+    # an item shown after items of its own category is clicked less than after items of other categories
+    category = truth.item_category
+    for c in range(truth.params.n_categories):
+        own = torch.nonzero(category == c).flatten()
+        other = torch.nonzero(category != c).flatten()
+        if len(own) < 10:
+            continue
+        target = own[9:10]
+        after_same = torch.cat([own[:9], target])[None, :]
+        after_other = torch.cat([other[:9], target])[None, :]
+        for u in range(5):
+            user = torch.tensor([u])
+            p_same = truth.click_prob(user, after_same, mask[:1])[0, 9]
+            p_other = truth.click_prob(user, after_other, mask[:1])[0, 9]
+            assert p_same < p_other
