@@ -105,19 +105,20 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable, str, tuple[str, ...]]] = {
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relist", description="Re-ranking, learning at serving time and cascade RL.")
+    parser = argparse.ArgumentParser(prog="relist", description="Re-ranking, learning at serving time and cascade RL.",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"relist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     groups: dict[str, argparse._SubParsersAction] = {}
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for path, (cls, _, help_text, positional) in COMMANDS.items():
         if len(path) == 1:
-            sub = top.add_parser(path[0], help=help_text, description=help_text)
+            sub = top.add_parser(path[0], help=help_text, description=help_text, allow_abbrev=False)
         else:
             if path[0] not in groups:
-                group = top.add_parser(path[0], help=f"{path[0]} commands")
+                group = top.add_parser(path[0], help=f"{path[0]} commands", allow_abbrev=False)
                 groups[path[0]] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text, allow_abbrev=False)
         add_arguments(sub, cls, positional)
         sub.set_defaults(_path=path)
     return parser
