@@ -7,7 +7,7 @@ and ``gold`` the labels sorted descending:
 - ndcg@k  = sum_{i<=k} (2^click_i - 1) / log2(i + 1), divided by the same over gold; 0 when that is 0.
 - map@k   = sum over clicked positions i <= k of (clicks in the first i) / i, divided by the number of
             clicks in the top k (LibRerank's normalisation, not by all relevant items); 0 with none.
-- clicks@k = clicks in the top k; p@k = clicks@k / k.
+- clicks@k = clicked items (label > 0) in the top k; p@k = clicks@k / k.
 - auc     = ROC AUC over every real (item, label) pair of the batch, ties counted one half.
 Means are over all lists, lists without a click included (they score 0), padding never counted.
 
@@ -76,6 +76,8 @@ def per_list_metrics(scores: Tensor, labels: Tensor, mask: Tensor, ks: Iterable[
                      categories=None, embeddings=None, alpha: float = 0.5) -> dict[str, Tensor]:
     """Each metric of ``evaluate`` per list: name -> (B,) tensor."""
     ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"cut-offs k must be positive integers, got {ks}")
     labels = labels.double().masked_fill(~mask, 0.0)
     size, length = labels.shape
     width = max(length, max(ks))
@@ -95,7 +97,7 @@ def per_list_metrics(scores: Tensor, labels: Tensor, mask: Tensor, ks: Iterable[
     hits = torch.cumsum(hit, dim=1)
     precision_at = hits / torch.arange(1, width + 1, device=labels.device, dtype=torch.float64)
     ap_sum = torch.cumsum(precision_at * hit, dim=1)
-    clicks = torch.cumsum(click, dim=1)
+    clicks = hits  # clicked (label > 0) items among the first i
     out: dict[str, Tensor] = {}
     for k in ks:
         i = k - 1

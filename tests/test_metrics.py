@@ -416,3 +416,15 @@ def test_evaluate_lists_over_batches_equals_one_padded_batch(seed):
 def test_evaluate_lists_without_batches_raises():
     with pytest.raises(ValueError):
         evaluate_lists(lambda b: b.label, [])
+
+
+def test_cutoffs_must_be_positive():
+    scores = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="positive"):
+        evaluate(scores, torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), ks=(0, 5))
+
+
+def test_clicks_count_clicked_items_with_graded_labels():
+    labels = torch.tensor([[2.0, 0.0, 1.0]])
+    out = evaluate(torch.tensor([[3.0, 2.0, 1.0]]), labels, torch.ones(1, 3, dtype=torch.bool), ks=(3,))
+    assert out["clicks@3"] == 2.0 and out["p@3"] == pytest.approx(2 / 3)

@@ -285,7 +285,8 @@ class PreparedDataset:
         else:
             h_pos = np.arange(h_width)
             h_mask = h_pos[None, :] < h_lengths[:, None]
-            h_rows = h_starts[:, None] + np.minimum(h_pos[None, :], np.maximum(h_lengths[:, None] - 1, 0))
+            # Lists without history read any valid row (then masked): clip so the read stays inside the array.
+            h_rows = np.minimum(h_starts[:, None] + h_pos[None, :], len(self.user_hist) - 1)
             user_hist = np.asarray(self.user_hist[h_rows.ravel()]).reshape(len(index), h_width, h_fields)
             user_hist = np.where(h_mask[..., None], user_hist, 0)
         return ListBatch(
