@@ -16,15 +16,26 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {what}")
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+def read_lines(path: Path, progress: bool | None = None) -> Iterator[tuple[int, bytes, bool]]:
     """Yield (1-based line number, raw bytes without the newline, whether the line ended with one).
 
-    Bytes, not text, so a broken encoding is reported against the field that holds it.
+    Bytes, not text, so a broken encoding is reported against the field that holds it. A progress bar
+    over the bytes read goes to stderr (``progress=None``: only when stderr is a terminal).
     """
-    with open(path, "rb") as handle:
+    from tqdm.auto import tqdm
+
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle, tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {Path(path).name}",
+                                          disable=None if progress is None else not progress, leave=False) as bar:
+        pending = 0
         for number, raw in enumerate(handle, start=1):
             ended = raw.endswith(b"\n")
+            pending += len(raw)
+            if pending > 1 << 20:
+                bar.update(pending)
+                pending = 0
             yield number, raw.rstrip(b"\r\n"), ended
+        bar.update(pending)
 
 
 def split_fields(path: Path, line: int, raw: bytes, names: Sequence[str], sep: bytes, ended: bool) -> list[str]:
