@@ -14,6 +14,7 @@ from relist import __version__
 from relist.config import add_arguments, build, option
 from relist.data.prepare import PrepareConfig
 from relist.rankers.train import TrainRankerConfig
+from relist.sim.commands import COMMANDS as SIM_COMMANDS
 
 TABLE_METRICS = ("ndcg@5", "ndcg@10", "map@5", "map@10", "p@5", "clicks@10", "auc", "alpha_ndcg@10")
 
@@ -96,11 +97,15 @@ def run_demo(cfg: DemoConfig) -> None:
     print(ranker_table(result))
 
 
-COMMANDS: dict[tuple[str, ...], tuple[type, Callable, str, tuple[str, ...]]] = {
+# (command words) -> (config dataclass, runner, help, positional fields). Subsystems keep their commands in
+# their own `commands.py` (same shape) so that this file does not grow with every model family.
+Command = tuple[type, Callable, str, tuple[str, ...]]
+COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "prepare"): (PrepareConfig, run_prepare, "turn raw files into a prepared dataset", ("source",)),
     ("data", "stats"): (StatsConfig, run_stats, "print a prepared dataset's counts as JSON", ("data",)),
     ("train", "ranker"): (TrainRankerConfig, run_train_ranker, "train an initial ranker and write the re-ranking splits", ()),
     ("demo",): (DemoConfig, run_demo, "prepare synthetic data, train an initial ranker, print its metrics", ()),
+    **SIM_COMMANDS,
 }
 
 

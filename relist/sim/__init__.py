@@ -1,0 +1,1 @@
+"""User simulation: click response models, sessions with leaving and returning, and the A/B harness."""
