@@ -131,3 +131,8 @@ def collate(examples: Sequence[Mapping[str, np.ndarray | Tensor | int]], max_len
     user_sparse = torch.stack([torch.as_tensor(np.asarray(e["user_sparse"]), dtype=torch.long) for e in examples])
     list_id = torch.tensor([int(e.get("list_id", b)) for b, e in enumerate(examples)], dtype=torch.long)
     return ListBatch(item_sparse, item_dense, label, mask, user_sparse, user_hist, list_id)
+
+
+def concat(batches: Sequence[ListBatch]) -> ListBatch:
+    """Stack batches of the same list length along the request dimension."""
+    return ListBatch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(ListBatch)})

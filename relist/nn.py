@@ -1,0 +1,138 @@
+"""Plumbing the list models share: feature embedding of a list batch, masked attention, list losses.
+
+Model logic lives in each model's own file; only what every model needs identically lives here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from relist.batch import ListBatch
+from relist.data.store import PreparedDataset, Schema
+
+NEG_INF = float("-inf")
+
+
+def symlog(x: Tensor) -> Tensor:
+    """Sign-preserving log: keeps counts and raw scores on one scale without clipping."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+class FeatureEmbedding(nn.Module):
+    """Turns a list batch into per-item feature vectors (B, L, item_dim) and a user vector (B, user_dim).
+
+    Item: one embedding per sparse field (column 0 is the item id) concatenated with the dense features
+    (symlog, then standardised with statistics fitted on training lists). User: one embedding per user
+    sparse field and the mean embedding of the clicked-history fields; history fields share the table of
+    the item field of the same name, so "clicked before" and "candidate" live in one space.
+    ``use_user=False`` gives the non-personalised (LibRerank-style) variant: the user vector is zeros.
+    """
+
+    def __init__(self, schema: Schema, dim: int = 16, use_user: bool = True):
+        super().__init__()
+        self.schema, self.dim, self.use_user = schema, dim, use_user
+        self.item_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0) for f in schema.item_sparse)
+        self.user_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0) for f in schema.user_sparse)
+        names = [f.name for f in schema.item_sparse]
+        self.hist_to_item = [names.index(f.name) if f.name in names else -1 for f in schema.user_hist]
+        self.hist_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0)
+                                         for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0)
+        n_dense = len(schema.item_dense)
+        self.register_buffer("dense_mean", torch.zeros(n_dense))
+        self.register_buffer("dense_std", torch.ones(n_dense))
+        self.item_dim = dim * len(schema.item_sparse) + n_dense
+        self.user_dim = dim * (len(schema.user_sparse) + len(schema.user_hist))
+
+    def fit_dense(self, data: PreparedDataset, split: str, max_rows: int = 200_000) -> None:
+        """Standardisation statistics of the dense features, from the first rows of ``split`` only."""
+        rows = data.split(split)
+        starts, ends = data.offsets[rows], data.offsets[rows + 1]
+        chunks, total = [], 0
+        for s, e in zip(starts, ends):
+            chunks.append(torch.from_numpy(data.item_dense[s:e].astype("float32")))
+            total += e - s
+            if total >= max_rows:
+                break
+        dense = symlog(torch.cat(chunks))
+        self.dense_mean.copy_(dense.mean(dim=0))
+        self.dense_std.copy_(dense.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+
+    def items(self, batch: ListBatch) -> Tensor:
+        parts = [table(batch.item_sparse[..., k]) for k, table in enumerate(self.item_tables)]  # each (B, L, E)
+        parts.append((symlog(batch.item_dense) - self.dense_mean) / self.dense_std)
+        return torch.cat(parts, dim=-1) * batch.mask[..., None]  # (B, L, item_dim)
+
+    def history(self, batch: ListBatch) -> tuple[Tensor, Tensor]:
+        """History embeddings (B, H, dim·fields) and their mask (B, H)."""
+        size, width = batch.user_hist.shape[:2]
+        hist_mask = batch.user_hist[..., 0] > 0 if width else torch.zeros(size, 0, dtype=torch.bool, device=batch.device)
+        own = iter(self.hist_tables)
+        parts = []
+        for k, item_k in enumerate(self.hist_to_item):
+            table = self.item_tables[item_k] if item_k >= 0 else next(own)
+            parts.append(table(batch.user_hist[..., k]))
+        if not parts:
+            return torch.zeros(size, width, 0, device=batch.device), hist_mask
+        return torch.cat(parts, dim=-1), hist_mask
+
+    def user(self, batch: ListBatch) -> Tensor:
+        size = batch.size
+        if not self.use_user:
+            return torch.zeros(size, self.user_dim, device=batch.device)
+        parts = [table(batch.user_sparse[:, k]) for k, table in enumerate(self.user_tables)]
+        hist, hist_mask = self.history(batch)
+        if hist.shape[-1]:
+            pooled = (hist * hist_mask[..., None]).sum(1) / hist_mask.sum(1, keepdim=True).clamp_min(1)
+            parts.append(pooled)
+        return torch.cat(parts, dim=-1) if parts else torch.zeros(size, 0, device=batch.device)
+
+
+def mlp(sizes: list[int], dropout: float = 0.0, last_activation: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if k < len(sizes) - 2 or last_activation:
+            layers += [nn.ReLU(), nn.Dropout(dropout)] if dropout else [nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def padding_mask(mask: Tensor) -> Tensor:
+    """``key_padding_mask`` for ``nn.MultiheadAttention``: True where a key must be ignored.
+
+    A list with no real item at all would give NaN rows; its first key is unmasked (its output is masked later).
+    """
+    ignore = ~mask
+    empty = ignore.all(dim=1)
+    if empty.any():
+        ignore = ignore.clone()
+        ignore[empty, 0] = False
+    return ignore
+
+
+def softmax_list_loss(logits: Tensor, label: Tensor, mask: Tensor) -> Tensor:
+    """Listwise cross-entropy between softmax(logits) and the normalised labels (lists without a click add 0).
+
+    Mean over lists, so that a batch split across processes averages to the same value.
+    """
+    log_p = torch.log_softmax(logits.masked_fill(~mask, NEG_INF), dim=1).masked_fill(~mask, 0.0)
+    target = label * mask
+    target = target / target.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    return -(target * log_p).sum(dim=1).mean()
+
+
+def bce_list_loss(logits: Tensor, label: Tensor, mask: Tensor) -> Tensor:
+    """Binary cross-entropy per item, averaged within each list, then over lists."""
+    per_item = nn.functional.binary_cross_entropy_with_logits(logits.masked_fill(~mask, 0.0), label, reduction="none")
+    per_list = (per_item * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return per_list.mean()
+
+
+LIST_LOSSES = {"softmax": softmax_list_loss, "bce": bce_list_loss}
+
+
+def normalised_scores(logits: Tensor, mask: Tensor, kind: str) -> Tensor:
+    """Scores on the scale the model's own loss reads them: softmax over the list, or per-item sigmoid."""
+    if kind == "softmax":
+        return torch.softmax(logits.masked_fill(~mask, NEG_INF), dim=1).masked_fill(~mask, 0.0)
+    return torch.sigmoid(logits).masked_fill(~mask, 0.0)

@@ -1,0 +1,225 @@
+"""The re-ranker contract, its registry, save/load and the contract checker.
+
+A re-ranker scores every item of a list batch given the order the items are presented in. It is split
+in two so that the consistency losses of ``relist.principled`` can share work across presentations:
+
+- ``encode(batch) -> Encoded``: everything that does not depend on the presentation order (feature
+  embeddings, per-item encoders, the user and history). Computed once per batch.
+- ``context(encoded, batch) -> logits (B, L)``: the order-dependent layers (positions, attention,
+  recurrence), run once per presentation; ``encoded.items`` arrives in the batch's order.
+
+``forward(batch)`` is ``context(encode(batch), batch)``; ``score`` ranks; ``loss`` returns named parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from relist.batch import ListBatch
+from relist.data.store import Schema
+from relist.nn import LIST_LOSSES, NEG_INF, FeatureEmbedding, normalised_scores
+
+
+@dataclass
+class RerankerConfig:
+    """Settings every re-ranker shares; each model extends it with its paper's defaults."""
+
+    embedding_dim: int = 16
+    use_user: bool = True  # personalised; False gives LibRerank's non-personalised variant
+    dropout: float = 0.1
+    max_len: int = 64  # longest list the position tables cover
+    initial_skip: bool = True  # add a learned multiple of the initial ranker's score to every logit
+
+
+class Encoded(NamedTuple):
+    """Order-free encodings: ``items`` follows the batch's item order; the rest are per request."""
+
+    items: Tensor  # (B, L, D)
+    user: Tensor  # (B, U)
+    hist: Tensor | None = None  # (B, H, Dh)
+    hist_mask: Tensor | None = None  # (B, H)
+
+    def reorder(self, perm: Tensor) -> "Encoded":
+        index = perm.unsqueeze(-1).expand(-1, -1, self.items.shape[-1])
+        return self._replace(items=self.items.gather(1, index))
+
+    @staticmethod
+    def concat(parts: list["Encoded"]) -> "Encoded":
+        return Encoded(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                         for f in Encoded._fields))
+
+
+class Reranker(nn.Module):
+    """Base class: subclasses set ``name``, ``config_class``, ``loss_kind`` and implement ``context``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type] = RerankerConfig
+    loss_kind: ClassVar[str] = "softmax"  # "softmax" (listwise) or "bce" (pointwise)
+    uses_history: ClassVar[bool] = False  # encode() also embeds the history sequence
+    order_sensitive: ClassVar[bool] = True  # whether scores may depend on the presentation order
+
+    def __init__(self, schema: Schema, config: RerankerConfig | None = None):
+        super().__init__()
+        self.schema = schema
+        self.config = config or self.config_class()
+        if self.config.max_len < 1:
+            raise ValueError(f"max_len must be positive, got {self.config.max_len}")
+        self.features = FeatureEmbedding(schema, self.config.embedding_dim, self.config.use_user)
+        # A re-ranker refines the order it is given: with the skip, its logits start from the initial
+        # ranker's (standardised) score and the network learns the correction.
+        self.skip_column = schema.item_dense.index("init_score") if "init_score" in schema.item_dense else None
+        self.skip_weight = nn.Parameter(torch.ones(())) if self.config.initial_skip and self.skip_column is not None else None
+
+    @property
+    def input_dim(self) -> int:
+        """Width of an item's features with the user vector appended."""
+        return self.features.item_dim + self.features.user_dim
+
+    def item_inputs(self, batch: ListBatch) -> tuple[Tensor, Tensor]:
+        """(items ⊕ tiled user (B, L, input_dim), user (B, U))."""
+        user = self.features.user(batch)
+        items = self.features.items(batch)
+        tiled = user[:, None, :].expand(-1, batch.list_len, -1)
+        return torch.cat([items, tiled], dim=-1), user
+
+    def encode(self, batch: ListBatch) -> Encoded:
+        items, user = self.item_inputs(batch)
+        hist, hist_mask = self.features.history(batch) if self.uses_history else (None, None)
+        return Encoded(self.encode_items(items), user, hist, hist_mask)
+
+    def encode_items(self, items: Tensor) -> Tensor:
+        """Per-item, order-free encoder; identity unless a model has one."""
+        return items
+
+    def context(self, encoded: Encoded, batch: ListBatch) -> Tensor | tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    def logits(self, encoded: Encoded, batch: ListBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits (B, L) of one presentation and any auxiliary loss parts the context produced."""
+        out = self.context(encoded, batch)
+        logits, aux = out if isinstance(out, tuple) else (out, {})
+        if self.skip_weight is not None:
+            z = (batch.item_dense[..., self.skip_column] - self.features.dense_mean[self.skip_column]) \
+                / self.features.dense_std[self.skip_column]
+            logits = logits + self.skip_weight * z * batch.mask
+        return logits, aux
+
+    def objective(self, encoded: Encoded, batch: ListBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(logits (B, L), named loss parts) of one presentation; ``"loss"`` is the model's own loss."""
+        logits, aux = self.logits(encoded, batch)
+        return logits, {"loss": LIST_LOSSES[self.loss_kind](logits, batch.label, batch.mask), **aux}
+
+    def forward(self, batch: ListBatch) -> Tensor:
+        return self.logits(self.encode(batch), batch)[0]
+
+    def loss(self, batch: ListBatch) -> dict[str, Tensor]:
+        return self.objective(self.encode(batch), batch)[1]
+
+    def normalise(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Scores on the scale of the model's own loss (used by the consistency losses)."""
+        return normalised_scores(logits, mask, self.loss_kind)
+
+    @torch.no_grad()
+    def score(self, batch: ListBatch) -> Tensor:
+        """Ranking scores (B, L) in eval mode, -inf on padding, on the batch's device."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        scores = self(batch.to(device)).to(batch.device)
+        self.train(was_training)
+        return scores.masked_fill(~batch.mask, NEG_INF)
+
+    # ---- persistence: safetensors + JSON, written atomically, never unpickled ----
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_save_tensors(state, directory / "model.safetensors")
+        meta = {"model": self.name, "config": dataclasses.asdict(self.config), "schema": self.schema.to_json()}
+        atomic_write_text(directory / "model.json", json.dumps(meta, indent=2))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+REGISTRY: dict[str, type[Reranker]] = {}
+
+
+def register(cls: type[Reranker]) -> type[Reranker]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"re-ranker name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def reranker_class(name: str) -> type[Reranker]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown re-ranker {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def build_reranker(name: str, schema: Schema, **overrides) -> Reranker:
+    """A registered re-ranker with its paper's defaults, changed by ``overrides`` (unknown keys are errors)."""
+    cls = reranker_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown setting(s) {unknown}; valid: {sorted(fields)}")
+    return cls(schema, cls.config_class(**overrides))
+
+
+def load_reranker(directory: str | Path) -> Reranker:
+    directory = Path(directory)
+    meta_path = directory / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no re-ranker (no model.json)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cls = reranker_class(meta["model"])
+    config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    model = cls(Schema.from_json(meta["schema"]), config)
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    return model
+
+
+def check_reranker(model: Reranker, batch: ListBatch) -> None:
+    """Checks the contract on ``batch``: shapes, finite scores on real items, padding ignored, gradients flow.
+
+    Raises ``AssertionError`` naming the broken rule.
+    """
+    model.eval()
+    scores = model.score(batch)
+    assert scores.shape == batch.mask.shape, f"{model.name}: scores {tuple(scores.shape)} for mask {tuple(batch.mask.shape)}"
+    assert torch.isfinite(scores[batch.mask]).all(), f"{model.name}: non-finite score on a real item"
+    assert torch.isneginf(scores[~batch.mask]).all(), f"{model.name}: padding must score -inf"
+    # Padding content must not leak into real items' scores.
+    noisy = dataclasses.replace(batch, item_sparse=torch.where(batch.mask[..., None], batch.item_sparse, 1),
+                                item_dense=torch.where(batch.mask[..., None], batch.item_dense, 7.0))
+    assert torch.allclose(model.score(noisy)[batch.mask], scores[batch.mask], atol=1e-5), f"{model.name}: padding leaks"
+    model.train()
+    parts = model.loss(batch)
+    assert parts["loss"].dim() == 0 and torch.isfinite(parts["loss"]), f"{model.name}: loss must be a finite scalar"
+    parts["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{model.name}: no gradient reaches the parameters"
+    model.zero_grad(set_to_none=True)

@@ -1,0 +1,335 @@
+"""One trainer for every re-ranker: mini-batches, validation, early stopping, checkpoints, resume, DDP.
+
+- Model selection uses the ``valid`` split only; ``test`` is evaluated once, on the best checkpoint.
+- Checkpoints are safetensors + JSON written atomically: ``OUT/checkpoint`` (the latest state: model,
+  optimiser, random-number states, position in the data) after every validation, ``OUT/best`` (the model
+  with the best validation metric). ``resume=True`` continues an interrupted run from ``OUT/checkpoint``;
+  because the data order is a function of (seed, epoch) and the random states are restored, a resumed
+  run ends with the same weights as an uninterrupted one.
+- Under ``torchrun`` (WORLD_SIZE > 1) the objective is wrapped in DistributedDataParallel; every global
+  batch is split evenly across the processes, so the gradient equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from relist.config import option
+from relist.data.store import PreparedDataset
+from relist.metrics import evaluate_lists
+from relist.principled import PERTURBATIONS, PrincipledConfig, PrincipledObjective, obedience
+from relist.rerankers import REGISTRY, build_reranker, load_reranker
+from relist.rerankers.base import Reranker, atomic_save_tensors, atomic_write_text
+from relist.runtime import resolve_device, seed_everything
+
+log = logging.getLogger("relist")
+
+
+@dataclass
+class TrainConfig:
+    data: Path = option(help="prepared re-ranking dataset (e.g. the rerank/ folder written by `relist train ranker`)")
+    out: Path = option(help="run directory: checkpoints, best model, history, metrics")
+    model: str = option("prm", help="re-ranker", choices=tuple(sorted(REGISTRY)))
+    model_args: str = option("", help="model settings as key=value,key=value (e.g. d_model=32,n_blocks=1)")
+    use_user: bool = option(True, help="personalised re-ranking (user id and clicked history as features)")
+    seed: int = option(0, help="seed of initialisation, data order and perturbations")
+    device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
+    epochs: int = option(30, help="maximum number of passes over the train split")
+    batch_size: int = option(128, help="lists per optimiser step (split across processes under torchrun)")
+    learning_rate: float = option(1e-3, help="Adam learning rate")
+    weight_decay: float = option(0.0, help="Adam weight decay")
+    eval_every: int = option(0, help="validate (and checkpoint) every N steps; 0 = once per epoch")
+    patience: int = option(5, help="stop after this many validations without improvement")
+    select_metric: str = option("ndcg@10", help="validation metric that selects the best checkpoint")
+    p1_weight: float = option(0.0, help="λ1: weight of the convergence-consistency (P1) loss")
+    p2_weight: float = option(0.0, help="λ2: weight of the adversarial-consistency (P2) loss")
+    perturbation: str = option("adjacent", help="P2 perturbation", choices=PERTURBATIONS)
+    max_steps: int = option(0, help="stop after this many optimiser steps (0: no limit)")
+    resume: bool = option(False, help="continue an interrupted run from OUT/checkpoint")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+    tensorboard: bool = option(False, help="also write TensorBoard logs to OUT/tensorboard (needs the tensorboard package)")
+    progress: bool = option(True, help="show a progress bar")
+
+
+def parse_model_args(text: str, model: str) -> dict:
+    """``"d_model=32,n_blocks=1"`` → typed overrides of the model's config (unknown keys are errors)."""
+    if not text.strip():
+        return {}
+    cls = REGISTRY[model].config_class
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    defaults = dataclasses.asdict(cls())
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"--model-args: expected key=value, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in types:
+            raise ValueError(f"--model-args: {model} has no setting {key!r}; valid: {sorted(types)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--model-args: {key} must be true or false, got {value!r}")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, tuple):
+            out[key] = tuple(int(v) for v in value.split("/"))
+        else:
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"--model-args: {key} must be {type(default).__name__}, got {value!r}") from None
+    return out
+
+
+class _Distributed:
+    """Process group state under torchrun; a single process otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _optimiser_tensors(optimiser: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Adam's state as flat tensors + JSON (safetensors holds tensors only)."""
+    state = optimiser.state_dict()
+    tensors, scalars = {}, {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimiser(optimiser: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def initial_order_metrics(data: PreparedDataset, split: str, ks=(1, 3, 5, 10)) -> dict[str, float]:
+    """Metrics of the input order itself (the initial ranker's order in a re-ranking dataset)."""
+    def by_position(batch):
+        return -torch.arange(batch.list_len, dtype=torch.float32).expand(batch.size, -1).clone()
+    return evaluate_lists(by_position, data.batches(split, 1024), ks=ks)
+
+
+class Trainer:
+    """Fits one re-ranker on ``data``'s train split; see the module docstring for the guarantees."""
+
+    def __init__(self, config: TrainConfig, data: PreparedDataset | None = None):
+        self.config = config
+        self.data = data or PreparedDataset(config.data)
+        self.device = resolve_device(config.device)
+        self.out = Path(config.out)
+        self.principled = PrincipledConfig(p1_weight=config.p1_weight, p2_weight=config.p2_weight,
+                                           perturbation=config.perturbation)
+        self.max_len = int(self.data.counts.get("list_len", {}).get("max", 0)) or None
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _prepare_out(self, dist: _Distributed) -> bool:
+        """Create OUT; returns True when resuming from a checkpoint."""
+        c = self.config
+        checkpoint = self.out / "checkpoint" / "state.json"
+        if c.resume and checkpoint.is_file():
+            return True
+        if dist.main:
+            if self.out.exists() and any(self.out.iterdir()):
+                if not (c.overwrite or c.resume):
+                    raise FileExistsError(f"{self.out} already exists (pass --overwrite to replace it or --resume to continue)")
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2, default=str))
+        dist.barrier()
+        return False
+
+    def build_model(self) -> Reranker:
+        c = self.config
+        model = build_reranker(c.model, self.data.schema, use_user=c.use_user,
+                               **{"max_len": max(64, self.max_len or 0), **parse_model_args(c.model_args, c.model)})
+        model.features.fit_dense(self.data, "train")
+        return model
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        c = self.config
+        dist = _Distributed(self.device)
+        if c.batch_size % dist.world:
+            raise ValueError(f"batch_size {c.batch_size} must be divisible by the number of processes {dist.world}")
+        try:
+            resuming = self._prepare_out(dist)
+            seed_everything(c.seed)
+            model = self.build_model().to(self.device)
+            objective = PrincipledObjective(model, self.principled)
+            trained = objective
+            if dist.world > 1:
+                trained = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+            optimiser = torch.optim.Adam(model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+            perturb_rng = torch.Generator().manual_seed(c.seed + 7919)
+            train_index = self.data.split("train")
+            steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
+            eval_every = c.eval_every or steps_per_epoch
+            state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -math.inf, "best_step": 0, "stale": 0,
+                     "done": False, "history": []}
+            if resuming:
+                state = self._load_checkpoint(model, optimiser, perturb_rng)
+                log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
+            total_steps = c.epochs * steps_per_epoch if not c.max_steps else min(c.max_steps, c.epochs * steps_per_epoch)
+            bar = tqdm(total=total_steps, initial=state["step"], desc=f"{c.model}", disable=not (c.progress and dist.main) or None,
+                       leave=False)
+            writer = self._tensorboard() if (c.tensorboard and dist.main) else None
+            running: dict[str, float] = {}
+            started = time.perf_counter()
+            while not state["done"] and state["epoch"] < c.epochs:
+                order = np.random.default_rng([c.seed, state["epoch"]]).permutation(train_index)
+                for b in range(state["batch_in_epoch"], steps_per_epoch):
+                    rows = order[b * c.batch_size:(b + 1) * c.batch_size]
+                    share = len(rows) // dist.world if len(rows) >= dist.world else len(rows)
+                    mine = rows[dist.rank * share:(dist.rank + 1) * share] if dist.world > 1 else rows
+                    batch = self.data.batch(mine, max_len=self.max_len).to(self.device)
+                    model.train()
+                    parts = trained(batch, perturb_rng)
+                    optimiser.zero_grad(set_to_none=True)
+                    parts["loss"].backward()
+                    optimiser.step()
+                    for key, value in parts.items():
+                        running[key] = running.get(key, 0.0) + float(value.detach())
+                    running["_n"] = running.get("_n", 0) + 1
+                    state["step"] += 1
+                    state["batch_in_epoch"] = b + 1
+                    bar.update(1)
+                    if state["step"] % eval_every == 0 or b + 1 == steps_per_epoch:
+                        train_parts = {k: v / running["_n"] for k, v in running.items() if k != "_n"}
+                        running = {}
+                        self._validate(model, state, train_parts, writer, bar)
+                        if b + 1 == steps_per_epoch:
+                            state["epoch"] += 1
+                            state["batch_in_epoch"] = 0
+                        if state["stale"] >= c.patience or (c.max_steps and state["step"] >= c.max_steps):
+                            state["done"] = True
+                        if dist.main:
+                            self._save_checkpoint(model, optimiser, perturb_rng, state)
+                        dist.barrier()
+                    if state["done"]:
+                        break
+                else:
+                    continue
+                break
+            state["done"] = True
+            bar.close()
+            if writer is not None:
+                writer.close()
+            result = self._finish(state, time.perf_counter() - started) if dist.main else {}
+            dist.barrier()
+            return result
+        finally:
+            dist.close()
+
+    def _validate(self, model: Reranker, state: dict, train_parts: dict, writer, bar) -> None:
+        c = self.config
+        valid = evaluate_lists(model.score, self.data.batches("valid", 512, max_len=self.max_len), ks=(5, 10))
+        valid.update(obedience(model.score, self.data.batches("valid", 512, max_len=self.max_len), ks=(5,), seed=c.seed))
+        metric = valid[c.select_metric]
+        record = {"step": state["step"], "epoch": state["epoch"], "train": train_parts, "valid": valid}
+        state["history"].append(record)
+        if metric > state["best"]:
+            state["best"], state["best_step"], state["stale"] = metric, state["step"], 0
+            if int(os.environ.get("RANK", "0")) == 0:
+                model.save(self.out / "best")
+        else:
+            state["stale"] += 1
+        bar.set_postfix({c.select_metric: f"{metric:.4f}", "best": f"{state['best']:.4f}"})
+        if writer is not None:
+            for key, value in train_parts.items():
+                writer.add_scalar(f"train/{key}", value, state["step"])
+            for key, value in valid.items():
+                writer.add_scalar(f"eval/{key}", value, state["step"])
+        log.info("step %d: valid %s %.4f (best %.4f at %d)", state["step"], c.select_metric, metric, state["best"], state["best_step"])
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _save_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict) -> None:
+        folder = self.out / "checkpoint"
+        folder.mkdir(exist_ok=True)
+        model.save(folder)
+        tensors, meta = _optimiser_tensors(optimiser)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.perturb"] = perturb_rng.get_state()
+        atomic_save_tensors(tensors, folder / "optimiser.safetensors")
+        # state.json is written last: its presence means the files beside it are complete.
+        atomic_write_text(folder / "state.json", json.dumps({**state, "optimiser": meta}, indent=1))
+
+    def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator) -> dict:
+        folder = self.out / "checkpoint"
+        saved = load_reranker(folder)
+        model.load_state_dict(saved.state_dict())
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "optimiser.safetensors"))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        perturb_rng.set_state(tensors.pop("rng.perturb"))
+        _load_optimiser(optimiser, {k: v.to(self.device) for k, v in tensors.items()}, meta.pop("optimiser"))
+        return meta
+
+    def _finish(self, state: dict, seconds: float) -> dict:
+        best = load_reranker(self.out / "best").to(self.device)
+        batches = lambda split: self.data.batches(split, 512, max_len=self.max_len)  # noqa: E731
+        result = {
+            "model": self.config.model,
+            "config": dataclasses.asdict(self.config),
+            "best_step": state["best_step"],
+            "steps": state["step"],
+            "train_seconds": seconds,
+            "valid": evaluate_lists(best.score, batches("valid")),
+            "test": evaluate_lists(best.score, batches("test")),
+            "obedience_test": obedience(best.score, batches("test"), seed=self.config.seed),
+            "initial_test": initial_order_metrics(self.data, "test"),
+        }
+        with open(self.out / "history.jsonl", "w", encoding="utf-8") as handle:
+            for record in state["history"]:
+                handle.write(json.dumps(record) + "\n")
+        atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2, default=str))
+        return result
+
+
+def train(config: TrainConfig, data: PreparedDataset | None = None) -> dict:
+    """Train one re-ranker as ``config`` says; returns (and writes to OUT/metrics.json) its metrics."""
+    if config.model not in REGISTRY:
+        raise ValueError(f"unknown re-ranker {config.model!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return Trainer(config, data).fit()
