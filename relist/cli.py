@@ -15,6 +15,7 @@ from relist.config import add_arguments, build, option
 from relist.data.prepare import PrepareConfig
 from relist.rankers.train import TrainRankerConfig
 from relist.sim.commands import COMMANDS as SIM_COMMANDS
+from relist.train import TrainConfig
 
 TABLE_METRICS = ("ndcg@5", "ndcg@10", "map@5", "map@10", "p@5", "clicks@10", "auc", "alpha_ndcg@10")
 
@@ -82,6 +83,22 @@ def run_train_ranker(cfg: TrainRankerConfig) -> None:
     print(f"\nwrote {cfg.out}/metrics.json and the re-ranking dataset {cfg.out}/rerank")
 
 
+def run_train_reranker(cfg: TrainConfig) -> None:
+    from relist.train import train
+
+    result = train(cfg)
+    if not result:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    print(metrics_table({
+        "initial order (test)": result["initial_test"],
+        f"{result['model']} (valid)": result["valid"],
+        f"{result['model']} (test)": result["test"],
+    }))
+    rates = result["obedience_test"]
+    print("\nobedience on test: " + ", ".join(f"{k.removeprefix('obedience_')} {v:.3f}" for k, v in rates.items()))
+    print(f"best step {result['best_step']} of {result['steps']}; wrote {cfg.out}/metrics.json and {cfg.out}/best")
+
+
 def run_demo(cfg: DemoConfig) -> None:
     """The main job: prepare synthetic data, train an initial ranker, print its metrics."""
     from relist.data.prepare import prepare
@@ -104,6 +121,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "prepare"): (PrepareConfig, run_prepare, "turn raw files into a prepared dataset", ("source",)),
     ("data", "stats"): (StatsConfig, run_stats, "print a prepared dataset's counts as JSON", ("data",)),
     ("train", "ranker"): (TrainRankerConfig, run_train_ranker, "train an initial ranker and write the re-ranking splits", ()),
+    ("train", "reranker"): (TrainConfig, run_train_reranker, "train a re-ranker (optionally with the P1/P2 consistency losses)", ()),
     ("demo",): (DemoConfig, run_demo, "prepare synthetic data, train an initial ranker, print its metrics", ()),
     **SIM_COMMANDS,
 }

@@ -1,9 +1,9 @@
 """One trainer for every re-ranker: mini-batches, validation, early stopping, checkpoints, resume, DDP.
 
 - Model selection uses the ``valid`` split only; ``test`` is evaluated once, on the best checkpoint.
-- Checkpoints are safetensors + JSON written atomically: ``OUT/checkpoint`` (the latest state: model,
-  optimiser, random-number states, position in the data) after every validation, ``OUT/best`` (the model
-  with the best validation metric). ``resume=True`` continues an interrupted run from ``OUT/checkpoint``;
+- Checkpoints are safetensors + JSON written atomically: ``OUT/checkpoint/step-N`` (the latest state:
+  model, optimiser, random-number states, position in the data; ``OUT/checkpoint/latest`` names it) after
+  every validation, ``OUT/best`` (the model with the best validation metric). ``resume=True`` continues an interrupted run from ``OUT/checkpoint``;
   because the data order is a function of (seed, epoch) and the random states are restored, a resumed
   run ends with the same weights as an uninterrupted one.
 - Under ``torchrun`` (WORLD_SIZE > 1) the objective is wrapped in DistributedDataParallel; every global
@@ -110,6 +110,15 @@ class _Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The average of each value over the processes (each saw an equal share of every batch)."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(packed)
+        return {k: float(v) / self.world for k, v in zip(keys, packed)}
+
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -162,8 +171,7 @@ class Trainer:
     def _prepare_out(self, dist: _Distributed) -> bool:
         """Create OUT; returns True when resuming from a checkpoint."""
         c = self.config
-        checkpoint = self.out / "checkpoint" / "state.json"
-        if c.resume and checkpoint.is_file():
+        if c.resume and self._latest_checkpoint() is not None:
             return True
         if dist.main:
             if self.out.exists() and any(self.out.iterdir()):
@@ -231,7 +239,7 @@ class Trainer:
                     state["batch_in_epoch"] = b + 1
                     bar.update(1)
                     if state["step"] % eval_every == 0 or b + 1 == steps_per_epoch:
-                        train_parts = {k: v / running["_n"] for k, v in running.items() if k != "_n"}
+                        train_parts = dist.mean({k: v / running["_n"] for k, v in running.items() if k != "_n"})
                         running = {}
                         self._validate(model, state, train_parts, writer, bar)
                         if b + 1 == steps_per_epoch:
@@ -286,18 +294,29 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _save_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict) -> None:
-        folder = self.out / "checkpoint"
-        folder.mkdir(exist_ok=True)
+        """A complete checkpoint in its own folder, then the ``latest`` pointer moved to it atomically, so a
+        kill at any moment leaves a consistent checkpoint behind."""
+        root = self.out / "checkpoint"
+        folder = root / f"step-{state['step']:09d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         model.save(folder)
         tensors, meta = _optimiser_tensors(optimiser)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.perturb"] = perturb_rng.get_state()
         atomic_save_tensors(tensors, folder / "optimiser.safetensors")
-        # state.json is written last: its presence means the files beside it are complete.
         atomic_write_text(folder / "state.json", json.dumps({**state, "optimiser": meta}, indent=1))
+        atomic_write_text(root / "latest", folder.name)
+        for old in root.glob("step-*"):
+            if old.name != folder.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _latest_checkpoint(self) -> Path | None:
+        pointer = self.out / "checkpoint" / "latest"
+        return self.out / "checkpoint" / pointer.read_text().strip() if pointer.is_file() else None
 
     def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator) -> dict:
-        folder = self.out / "checkpoint"
+        folder = self._latest_checkpoint()
         saved = load_reranker(folder)
         model.load_state_dict(saved.state_dict())
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))

@@ -1,0 +1,168 @@
+"""Re-rankers and the consistency losses: the contract, invariances, persistence, perturbations, obedience."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from relist.batch import ListBatch, rank
+from relist.data.store import Schema, SparseField
+from relist.principled import PERTURBATIONS, PrincipledConfig, PrincipledObjective, cs_loss, inverse, obedience, perturb
+from relist.rerankers import REGISTRY, build_reranker, check_reranker, load_reranker
+
+SCHEMA = Schema(
+    item_sparse=(SparseField("item_id", 60), SparseField("category", 6)),
+    item_dense=("a", "b", "init_score"),
+    user_sparse=(SparseField("user_id", 20),),
+    user_hist=(SparseField("item_id", 60), SparseField("category", 6)),
+)
+
+
+def random_batch(seed: int, size: int = 12, length: int = 8, hist: int = 5) -> ListBatch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (size,), generator=g)
+    lengths[0] = length
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    # distinct item ids within a list, so orders can be compared by id
+    ids = torch.stack([torch.randperm(59, generator=g)[:length] + 1 for _ in range(size)])
+    item_sparse = torch.stack([ids, ids % 5 + 1], dim=-1) * mask[..., None]
+    dense = torch.randn(size, length, 3, generator=g) * mask[..., None]
+    label = (torch.rand(size, length, generator=g) < 0.3).float() * mask
+    h_ids = torch.randint(1, 60, (size, hist), generator=g)
+    h_ids[1] = 0  # a user without history
+    user_hist = torch.stack([h_ids, (h_ids % 5 + 1) * (h_ids > 0)], dim=-1)
+    return ListBatch(item_sparse=item_sparse, item_dense=dense, label=label, mask=mask,
+                     user_sparse=torch.randint(1, 20, (size, 1), generator=g), user_hist=user_hist,
+                     list_id=torch.arange(size))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("use_user", [True, False])
+def test_every_reranker_keeps_the_contract(name, use_user):
+    torch.manual_seed(0)
+    model = build_reranker(name, SCHEMA, use_user=use_user)
+    check_reranker(model, random_batch(0))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_save_then_load_gives_the_same_scores(name, tmp_path):
+    torch.manual_seed(1)
+    model = build_reranker(name, SCHEMA)
+    batch = random_batch(1)
+    model.save(tmp_path / name)
+    loaded = load_reranker(tmp_path / name)
+    assert type(loaded) is type(model)
+    assert torch.equal(model.score(batch), loaded.score(batch))
+
+
+def test_unknown_names_and_settings_are_errors():
+    with pytest.raises(ValueError, match="unknown re-ranker 'nope'; valid: .*prm"):
+        build_reranker("nope", SCHEMA)
+    with pytest.raises(ValueError, match="unknown setting"):
+        build_reranker("prm", SCHEMA, d_modle=8)
+
+
+def test_setrank_without_ordinals_is_permutation_equivariant():
+    torch.manual_seed(2)
+    model = build_reranker("setrank", SCHEMA, ordinal=False, initial_skip=True)
+    batch = random_batch(2)
+    perm = perturb(batch.mask, PrincipledConfig(perturbation="window", window=8), torch.Generator().manual_seed(0))
+    scores = model.score(batch)
+    moved = model.score(batch.reorder(perm))
+    assert torch.allclose(moved.gather(1, inverse(perm))[batch.mask], scores[batch.mask], atol=1e-5)
+    # with ordinal embeddings the order matters
+    ordered = build_reranker("setrank", SCHEMA, ordinal=True)
+    a, b = ordered.score(batch), ordered.score(batch.reorder(perm)).gather(1, inverse(perm))
+    assert not torch.allclose(a[batch.mask], b[batch.mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", PERTURBATIONS)
+def test_perturbations_permute_real_items_only(strategy):
+    batch = random_batch(3, size=200, length=9)
+    perm = perturb(batch.mask, PrincipledConfig(perturbation=strategy), torch.Generator().manual_seed(1))
+    assert torch.equal(torch.sort(perm, dim=1).values, torch.arange(9).expand(200, -1))
+    # padding stays where it is and real items stay among the real positions
+    assert torch.equal(batch.mask.gather(1, perm), batch.mask)
+    moved = (perm != torch.arange(9)).any(1)
+    several = batch.lengths >= 2
+    assert not moved[~several].any()
+    if strategy in ("adjacent", "pair"):
+        assert moved[several].all() and ((perm != torch.arange(9)).sum(1)[several] == 2).all()
+    if strategy == "adjacent":
+        where = (perm != torch.arange(9)).float().argmax(1)
+        rows = torch.arange(200)[several]
+        assert torch.equal(perm[rows, where[several]], where[several] + 1)
+    assert moved[several].float().mean() > 0.5
+
+
+def test_cs_loss_by_hand():
+    scores_a = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    scores_b = torch.tensor([[0.4, 0.3, 0.1, 0.9]])
+    pos_a = torch.tensor([[0, 1, 2, 3]])
+    pos_b = torch.tensor([[2, 1, 0, 3]])
+    mask = torch.tensor([[True, True, True, False]])
+    # |0-2|·0.1² + |1-1|·0 + |2-0|·0.1² ; the padded item contributes nothing
+    assert cs_loss(scores_a, scores_b, pos_a, pos_b, mask).item() == pytest.approx(0.04)
+    assert cs_loss(scores_a, scores_a, pos_a, pos_b, mask).item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["prm", "setrank", "midnn", "pear"])
+def test_principled_objective_adds_both_consistency_losses(name):
+    torch.manual_seed(4)
+    model = build_reranker(name, SCHEMA)
+    batch = random_batch(4)
+    base = PrincipledObjective(model, PrincipledConfig())(batch)
+    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=2.0))(batch, torch.Generator().manual_seed(0))
+    assert {"loss_cs_p1", "loss_cs_p2", "loss_base"} <= set(parts)
+    model.eval()  # no dropout: the base part is deterministic
+    base = PrincipledObjective(model, PrincipledConfig())(batch)["loss"]
+    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=2.0))(batch, torch.Generator().manual_seed(0))
+    assert parts["loss_base"].item() == pytest.approx(base.item(), rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(
+        (parts["loss_base"] + parts["loss_cs_p1"] + 2.0 * parts["loss_cs_p2"]).item(), rel=1e-5)
+    assert parts["loss_cs_p1"] > 0 and parts["loss_cs_p2"] > 0
+    parts["loss"].backward()
+
+
+def test_consistency_losses_vanish_for_an_order_free_model():
+    torch.manual_seed(5)
+    model = build_reranker("setrank", SCHEMA, ordinal=False).eval()
+    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=1.0))(random_batch(5))
+    assert parts["loss_cs_p1"].item() < 1e-9 and parts["loss_cs_p2"].item() < 1e-9
+
+
+def test_shared_encoding_matches_separate_forward_passes():
+    """The stacked, encode-once path scores each presentation exactly as a separate forward pass would."""
+    torch.manual_seed(6)
+    model = build_reranker("prm", SCHEMA).eval()
+    batch = random_batch(6)
+    perm = perturb(batch.mask, PrincipledConfig(perturbation="pair"), torch.Generator().manual_seed(2))
+    encoded = model.encode(batch)
+    shared, _ = model.logits(encoded.reorder(perm), batch.reorder(perm))
+    separate = model(batch.reorder(perm))
+    assert torch.allclose(shared[batch.reorder(perm).mask], separate[batch.reorder(perm).mask], atol=1e-5)
+
+
+def test_obedience_rates():
+    batch = random_batch(7, size=50)
+    by_feature = lambda b: b.item_dense[..., 0].masked_fill(~b.mask, float("-inf"))  # noqa: E731  order-free scorer
+    rates = obedience(by_feature, [batch], ks=(3,))
+    assert all(v == 1.0 for v in rates.values())
+    # a scorer that prefers what is presented last flips the order every time it re-ranks
+    by_position = lambda b: torch.arange(b.list_len, dtype=torch.float32).expand(b.size, -1).clone()  # noqa: E731
+    rates = obedience(by_position, [batch], ks=(3,))
+    several = (batch.lengths >= 2).float().mean().item()
+    assert rates["obedience_p1@full"] == pytest.approx(1 - several)
+    # ranking is stable: a re-ranked list re-ranked by the same scores is a fixed point
+    order = rank(by_feature(batch), batch.mask)
+    assert torch.equal(rank(by_feature(batch.reorder(order)), batch.mask), torch.arange(batch.list_len).expand(batch.size, -1))
+
+
+def test_bad_principled_settings_are_errors():
+    with pytest.raises(ValueError, match="unknown perturbation 'flip'"):
+        PrincipledConfig(perturbation="flip")
+    with pytest.raises(ValueError, match="non-negative"):
+        PrincipledConfig(p1_weight=-1)
+    assert dataclasses.asdict(PrincipledConfig())["perturbation"] == "adjacent"

@@ -1,0 +1,134 @@
+"""The trainer: selection on valid, checkpoints, kill-and-resume, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relist.data.prepare import PrepareConfig, prepare
+from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.train import TrainConfig, parse_model_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rerank_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=1500, n_users=200, n_items=400, seed=3))
+    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", model="lambdamart", seed=3, progress=False))
+    return root / "ranker" / "rerank"
+
+
+def small(rerank_data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=rerank_data, out=out, model="prm", model_args="d_model=16,n_blocks=1,d_ffn=32",
+                batch_size=64, epochs=3, eval_every=5, progress=False, seed=11)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_selects_on_valid_and_reports_test(rerank_data, tmp_path):
+    result = train(small(rerank_data, tmp_path / "run", p1_weight=1.0, p2_weight=1.0))
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["test"] == pytest.approx(result["test"])
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda r: r["valid"]["ndcg@10"])
+    assert result["best_step"] == best["step"]
+    assert result["valid"]["ndcg@10"] == pytest.approx(best["valid"]["ndcg@10"], abs=1e-6)
+    assert {"loss_cs_p1", "loss_cs_p2", "loss_base"} <= set(history[0]["train"])
+    assert 0 <= result["obedience_test"]["obedience_p1@full"] <= 1
+    # the consistency losses are what training lowers, along with the base loss
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
+
+
+def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train(small(rerank_data, tmp_path / "run"))
+    assert (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_model_args_are_typed_and_checked():
+    assert parse_model_args("d_model=32,ordinal=false", "setrank") == {"d_model": 32, "ordinal": False}
+    assert parse_model_args("hidden=32/16", "midnn") == {"hidden": (32, 16)}
+    with pytest.raises(ValueError, match="has no setting 'depth'"):
+        parse_model_args("depth=3", "prm")
+    with pytest.raises(ValueError, match="must be int"):
+        parse_model_args("d_model=big", "prm")
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "relist.cli", *args]
+
+
+def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "reranker", "--data", str(data), "--out", str(out), "--model", "prm",
+            "--model-args", "d_model=16,n_blocks=1,d_ffn=32", "--batch-size", "32", "--epochs", "4",
+            "--eval-every", "3", "--seed", "5", "--no-progress", "--p2-weight", "1", "--patience", "100", *extra]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(cli(*cli_args(rerank_data, tmp_path / "whole")), env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*cli_args(rerank_data, run)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    pointer = run / "checkpoint" / "latest"
+    while time.time() < deadline:
+        if pointer.is_file() and int(pointer.read_text().split("-")[1]) >= 9:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_at = int(pointer.read_text().split("-")[1])
+
+    resumed = subprocess.run(cli(*cli_args(rerank_data, run, "--resume")), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["steps"] == whole["steps"] > killed_at
+    final = lambda d: load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "model.safetensors"))  # noqa: E731
+    a, b = final(tmp_path / "whole"), final(run)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert again["test"] == pytest.approx(whole["test"], abs=1e-6)
+
+
+def test_two_process_ddp_matches_one_process(rerank_data, tmp_path):
+    """torchrun with 2 CPU (gloo) processes, each on half of every batch, follows the 1-process run."""
+    common = ["--model-args", "d_model=16,n_blocks=1,d_ffn=32,dropout=0", "--batch-size", "64", "--epochs", "1",
+              "--eval-every", "4", "--seed", "2", "--no-progress", "--max-steps", "8", "--patience", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(cli("train", "reranker", "--data", str(rerank_data), "--out", str(tmp_path / "one"), *common),
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "relist.cli", "train", "reranker", "--data", str(rerank_data),
+                          "--out", str(tmp_path / "two"), *common], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    h1 = [json.loads(x) for x in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in h1] == [r["step"] for r in h2] == [4, 8]
+    for r1, r2 in zip(h1, h2):
+        # the logged training loss is the mean over both processes' halves of every batch
+        assert r2["train"]["loss"] == pytest.approx(r1["train"]["loss"], rel=1e-4)
+        assert r2["valid"]["ndcg@10"] == pytest.approx(r1["valid"]["ndcg@10"], abs=1e-3)
+    w1 = load_file(str(tmp_path / "one" / "best" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "best" / "model.safetensors"))
+    # Adam divides by the gradient's running scale, so float noise in near-zero gradients shows up
+    # as small weight differences; the weights must still agree closely
+    for key in w1:
+        assert torch.allclose(w1[key], w2[key], atol=2e-3), key
