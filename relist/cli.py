@@ -15,6 +15,7 @@ from relist.config import add_arguments, build, option
 from relist.data.prepare import PrepareConfig
 from relist.rankers.train import TrainRankerConfig
 from relist.sim.commands import COMMANDS as SIM_COMMANDS
+from relist.experiments.principled import PrincipledExperimentConfig
 from relist.train import TrainConfig
 
 TABLE_METRICS = ("ndcg@5", "ndcg@10", "map@5", "map@10", "p@5", "clicks@10", "auc", "alpha_ndcg@10")
@@ -99,6 +100,14 @@ def run_train_reranker(cfg: TrainConfig) -> None:
     print(f"best step {result['best_step']} of {result['steps']}; wrote {cfg.out}/metrics.json and {cfg.out}/best")
 
 
+def run_experiment_principled(cfg: PrincipledExperimentConfig) -> None:
+    from relist.experiments.principled import run_experiment
+
+    result = run_experiment(cfg)
+    print(result["summary"])
+    print(f"wrote {cfg.out}/results.csv, summary.md, metrics.png, obedience.png")
+
+
 def run_demo(cfg: DemoConfig) -> None:
     """The main job: prepare synthetic data, train an initial ranker, print its metrics."""
     from relist.data.prepare import prepare
@@ -122,6 +131,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("data", "stats"): (StatsConfig, run_stats, "print a prepared dataset's counts as JSON", ("data",)),
     ("train", "ranker"): (TrainRankerConfig, run_train_ranker, "train an initial ranker and write the re-ranking splits", ()),
     ("train", "reranker"): (TrainConfig, run_train_reranker, "train a re-ranker (optionally with the P1/P2 consistency losses)", ()),
+    ("experiment", "principled"): (PrincipledExperimentConfig, run_experiment_principled,
+                                   "re-rankers with and without the P1/P2 consistency losses, over seeds", ()),
     ("demo",): (DemoConfig, run_demo, "prepare synthetic data, train an initial ranker, print its metrics", ()),
     **SIM_COMMANDS,
 }

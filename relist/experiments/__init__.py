@@ -1,0 +1,1 @@
+"""Experiments that reproduce and extend the papers, each writing results, a summary and plots."""

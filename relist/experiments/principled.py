@@ -1,0 +1,211 @@
+"""`relist experiment principled`: every model × {base, +P1, +P2, +P1+P2} × seeds, with a summary.
+
+Writes ``results.csv`` (one row per model × variant × seed, every metric), ``summary.md`` (mean ± 95%
+CI over seeds, relative change against base, a paired t-test across seeds, the initial order's row),
+``metrics.png`` (bars with CIs) and ``obedience.png`` (P1 obedience on valid over training). With
+``--sweep-model M`` it also runs the paper's two open questions on M: the CS-loss weight and the
+perturbation strategy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from relist.config import option
+from relist.data.store import PreparedDataset
+from relist.principled import PERTURBATIONS
+from relist.train import TrainConfig, initial_order_metrics, train
+
+log = logging.getLogger("relist")
+
+VARIANTS = {"base": (0.0, 0.0), "+P1": (1.0, 0.0), "+P2": (0.0, 1.0), "+P1+P2": (1.0, 1.0)}
+REPORTED = ("ndcg@5", "ndcg@10", "map@5", "map@10", "p@5", "auc")
+OBEDIENCE = ("obedience_p1@10", "obedience_p2@10")
+
+
+@dataclass
+class PrincipledExperimentConfig:
+    data: Path = option(help="prepared dataset: a re-ranking dataset (with init_score), or raw lists, for which "
+                             "a LambdaMART initial ranker is trained first into OUT/ranker")
+    out: Path = option(help="output directory")
+    models: str = option("prm,dlcm,setrank,midnn,pear,raise", help="comma-separated re-rankers")
+    seeds: int = option(5, help="seeds per model and variant")
+    seed: int = option(0, help="first seed (runs use seed, seed+1, ...)")
+    epochs: int = option(30, help="maximum epochs per run")
+    max_steps: int = option(0, help="cap on optimiser steps per run (0: none)")
+    batch_size: int = option(128, help="lists per step")
+    patience: int = option(5, help="validations without improvement before stopping")
+    device: str = option("cpu", help="cpu, cuda or auto")
+    use_user: bool = option(True, help="personalised re-ranking")
+    sweep_model: str = option("", help="also sweep the CS weight and the perturbation on this model")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+    progress: bool = option(True, help="show progress")
+
+
+def _ci95(values: list[float]) -> float:
+    from scipy import stats
+
+    if len(values) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def _paired_p(a: list[float], b: list[float]) -> float:
+    from scipy import stats
+
+    if len(a) < 2 or np.allclose(a, b):
+        return float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
+    data = PreparedDataset(cfg.data)
+    if "init_score" in data.schema.item_dense:
+        return Path(cfg.data)
+    from relist.rankers.train import TrainRankerConfig, train_ranker
+
+    ranker_dir = Path(cfg.out) / "ranker"
+    if not (ranker_dir / "rerank" / "manifest.json").is_file():
+        log.info("training the LambdaMART initial ranker into %s", ranker_dir)
+        train_ranker(TrainRankerConfig(data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed,
+                                       overwrite=True, progress=False))
+    return ranker_dir / "rerank"
+
+
+def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
+    from relist.rerankers import reranker_class
+
+    for name in models + ([cfg.sweep_model] if cfg.sweep_model else []):
+        reranker_class(name)  # unknown names fail before any work
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = _rerank_data(cfg)
+    data = PreparedDataset(data_dir)
+    base = TrainConfig(data=data_dir, out=out, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                       patience=cfg.patience, device=cfg.device, use_user=cfg.use_user, progress=False, overwrite=True)
+    jobs = [(m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
+            for m in models for v in VARIANTS for s in range(cfg.seeds)]
+    if cfg.sweep_model:
+        for weight in (0.1, 0.3, 3.0):
+            jobs += [(cfg.sweep_model, f"+P1+P2 λ={weight:g}", cfg.seed + s, {"p1_weight": weight, "p2_weight": weight})
+                     for s in range(cfg.seeds)]
+        for strategy in PERTURBATIONS[1:]:
+            jobs += [(cfg.sweep_model, f"+P2 {strategy}", cfg.seed + s, {"p2_weight": 1.0, "perturbation": strategy})
+                     for s in range(cfg.seeds)]
+    rows = []
+    for model, variant, seed, extra in tqdm(jobs, desc="runs", disable=not cfg.progress or None):
+        run_dir = out / "runs" / model / variant.replace(" ", "_").replace("=", "") / f"seed{seed}"
+        result = train(replace(base, out=run_dir, model=model, seed=seed, **extra), data)
+        row = {"model": model, "variant": variant, "seed": seed, "best_step": result["best_step"],
+               "train_seconds": round(result["train_seconds"], 2)}
+        row.update({f"test_{k}": v for k, v in result["test"].items()})
+        row.update({f"valid_{k}": v for k, v in result["valid"].items()})
+        row.update({f"test_{k}": v for k, v in result["obedience_test"].items()})
+        rows.append(row)
+        _write_csv(out / "results.csv", rows)
+    initial = initial_order_metrics(data, "test")
+    summary = _summary(rows, initial, models, cfg)
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    _plots(out, rows, initial, models)
+    return {"rows": rows, "initial_test": initial, "summary": summary}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _group(rows, model, variant, key) -> list[float]:
+    return [r[key] for r in sorted(rows, key=lambda r: r["seed"]) if r["model"] == model and r["variant"] == variant]
+
+
+def _summary(rows: list[dict], initial: dict, models: list[str], cfg: PrincipledExperimentConfig) -> str:
+    seeds = cfg.seeds
+    lines = [f"# Principled learning: {', '.join(models)}", "",
+             f"Test metrics, mean ± 95% CI (t) over {seeds} seed(s); Δ% against the same model's base; "
+             "p: paired t-test across seeds against base. Selection on valid only.", ""]
+    head = "| model | variant | " + " | ".join(REPORTED + OBEDIENCE) + " |"
+    lines += [head, "|" + "---|" * (2 + len(REPORTED) + len(OBEDIENCE))]
+    lines.append("| initial ranker | (input order) | " + " | ".join(
+        f"{initial[m]:.4f}" if m in initial else "-" for m in REPORTED) + " | - | - |")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for variant in variants:
+            if not _group(rows, model, variant, "seed"):
+                continue
+            cells = []
+            for metric in REPORTED + OBEDIENCE:
+                values = _group(rows, model, variant, f"test_{metric}")
+                cell = f"{np.mean(values):.4f} ± {_ci95(values):.4f}"
+                if variant != "base" and metric in REPORTED:
+                    base = _group(rows, model, "base", f"test_{metric}")
+                    if base:
+                        change = 100 * (np.mean(values) - np.mean(base)) / max(abs(np.mean(base)), 1e-12)
+                        cell += f" ({change:+.2f}%, p={_paired_p(values, base):.2g})"
+                cells.append(cell)
+            lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Against the initial ranker (test NDCG@10 / MAP@10, mean over seeds):", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for variant in variants:
+            nd, mp = _group(rows, model, variant, "test_ndcg@10"), _group(rows, model, variant, "test_map@10")
+            if nd:
+                verdict = "beats" if np.mean(nd) > initial["ndcg@10"] and np.mean(mp) > initial["map@10"] else "does NOT beat"
+                lines.append(f"- {model} {variant}: {np.mean(nd):.4f} / {np.mean(mp):.4f} vs "
+                             f"{initial['ndcg@10']:.4f} / {initial['map@10']:.4f}: {verdict} the initial ranker")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(VARIANTS)
+    for ax, metric in zip(axes, ("ndcg@10", "map@10")):
+        for k, variant in enumerate(VARIANTS):
+            means = [np.mean(_group(rows, m, variant, f"test_{metric}") or [np.nan]) for m in models]
+            cis = [_ci95(_group(rows, m, variant, f"test_{metric}")) for m in models]
+            ax.bar(np.arange(len(models)) + k * width, means, width, yerr=np.nan_to_num(cis), label=variant, capsize=2)
+        ax.axhline(initial[metric], color="black", linestyle="--", label="initial ranker")
+        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
+        ax.set_title(f"test {metric}")
+        low = min(initial[metric], *[r[f"test_{metric}"] for r in rows])
+        ax.set_ylim(low * 0.97, None)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in models:
+        for variant in VARIANTS:
+            path = out / "runs" / model / variant.replace(" ", "_") / f"seed{min(r['seed'] for r in rows)}" / "history.jsonl"
+            if path.is_file():
+                history = [json.loads(x) for x in path.read_text().splitlines()]
+                ax.plot([h["step"] for h in history], [h["valid"]["obedience_p1@full"] for h in history],
+                        label=f"{model} {variant}", linestyle="-" if "P1" in variant else ":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("P1 obedience (valid, full list)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "obedience.png", dpi=120)
+    plt.close(fig)
