@@ -89,10 +89,10 @@ class SyntheticClickModel:
         p = self.params
         category = self.item_category[items]  # (B, L)
         length = items.shape[1]
-        above = torch.tril(torch.ones(length, length, dtype=torch.bool), diagonal=-1)  # j < i
+        above = torch.tril(torch.ones(length, length, dtype=torch.bool, device=items.device), diagonal=-1)  # j < i
         same = (category[:, :, None] == category[:, None, :]) & above & mask[:, None, :]
         redundancy = same.sum(dim=2).float()  # (B, L)
-        examine = (1.0 + torch.arange(length, dtype=torch.float32)) ** -p.eta
+        examine = (1.0 + torch.arange(length, dtype=torch.float32, device=items.device)) ** -p.eta
         prob = examine * torch.sigmoid(self.relevance(users, items) + p.intercept - p.kappa * redundancy)
         return prob * mask
 
