@@ -220,3 +220,46 @@ def evaluate_lists(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), categor
     out = {name: float(torch.cat(values).mean()) for name, values in per.items()}
     out["auc"] = auc(torch.cat(flat_scores), torch.cat(flat_labels))
     return out
+
+
+def log_loss(prob, labels, mask=None, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of click probabilities over the real (item, label) pairs."""
+    prob, labels = _as_tensor(prob).double(), _as_tensor(labels).double()
+    if mask is not None:
+        keep = _as_tensor(mask).bool()
+        prob, labels = prob[keep], labels[keep]
+    prob = prob.clamp(eps, 1.0 - eps)
+    return float(-(labels * prob.log() + (1.0 - labels) * (1.0 - prob).log()).mean())
+
+
+def calibration_bins(prob, labels, mask=None, n_bins: int = 15, strategy: str = "quantile") -> dict[str, Tensor]:
+    """Reliability bins: mean predicted probability, observed click rate and count per non-empty bin.
+
+    ``quantile`` bins hold equal numbers of predictions (the adaptive binning that suits click rates of a
+    few percent, where equal-width bins would put almost everything into the first); ``uniform`` bins
+    split [0, 1] into equal widths.
+    """
+    prob, labels = _as_tensor(prob).double(), _as_tensor(labels).double()
+    if mask is not None:
+        keep = _as_tensor(mask).bool()
+        prob, labels = prob[keep], labels[keep]
+    prob, labels = prob.reshape(-1), labels.reshape(-1)
+    if strategy == "quantile":  # edges at quantiles of the predictions; ties share a bin
+        edges = torch.quantile(prob, torch.linspace(0, 1, n_bins + 1, dtype=prob.dtype, device=prob.device)[1:-1])
+        bin_of = torch.searchsorted(edges, prob, right=True)
+    elif strategy == "uniform":
+        bin_of = (prob * n_bins).long().clamp(0, n_bins - 1)
+    else:
+        raise ValueError(f"strategy must be 'quantile' or 'uniform', got {strategy!r}")
+    count = torch.bincount(bin_of, minlength=n_bins).double()
+    pred = torch.bincount(bin_of, weights=prob, minlength=n_bins)
+    obs = torch.bincount(bin_of, weights=labels, minlength=n_bins)
+    keep = count > 0
+    return {"predicted": pred[keep] / count[keep], "observed": obs[keep] / count[keep], "count": count[keep]}
+
+
+def expected_calibration_error(prob, labels, mask=None, n_bins: int = 15, strategy: str = "quantile") -> float:
+    """ECE: the count-weighted mean of |mean predicted - observed rate| over ``calibration_bins``."""
+    bins = calibration_bins(prob, labels, mask, n_bins, strategy)
+    weight = bins["count"] / bins["count"].sum()
+    return float((weight * (bins["predicted"] - bins["observed"]).abs()).sum())

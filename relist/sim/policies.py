@@ -1,0 +1,114 @@
+"""Policies for the simulator and the A/B harness, and the registry that builds them from a spec.
+
+The contract is one function: a policy maps a ``ListBatch`` of candidates (in the pool's input order)
+to per-item scores (B, L); higher is shown earlier; the simulator orders by ``relist.batch.rank``, so
+padding always goes last whatever a policy gives it. Policies never see labels or simulator state.
+
+A spec is ``NAME`` or ``NAME:ARG``; ``--policies random,logged,ranker:/tmp/r1`` builds three. To add a
+kind (a re-ranker checkpoint, LAST), add one ``POLICIES`` entry: a factory
+``(arg, PolicyContext) -> Policy`` plus a line of help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from relist.batch import ListBatch
+from relist.metrics import logged_order_scores
+from relist.sim import rng
+
+
+class Policy(Protocol):
+    def __call__(self, batch: ListBatch) -> Tensor: ...
+
+
+@dataclass
+class PolicyContext:
+    """What a factory may use: the seed of the run, the device and the simulator the policy faces."""
+
+    seed: int
+    device: torch.device
+    simulator: object | None = None
+
+
+class RandomPolicy:
+    """A uniformly random order per request, keyed by (seed, user, list, item): reproducible, and the same
+    whatever the batching (a user shown the same candidate list twice sees the same random order)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, batch: ListBatch) -> Tensor:
+        return rng.uniform(self.seed, rng.POLICY, batch.user_sparse[:, :1], batch.list_id[:, None], batch.item_id)
+
+
+def _random(arg: str | None, ctx: PolicyContext) -> Policy:
+    return RandomPolicy(ctx.seed if arg is None else int(arg))
+
+
+def _logged(arg: str | None, ctx: PolicyContext) -> Policy:
+    return logged_order_scores
+
+
+def _ranker(arg: str | None, ctx: PolicyContext) -> Policy:
+    from relist.rankers import load_ranker
+
+    if not arg:
+        raise ValueError("policy 'ranker' needs a directory: ranker:DIR (written by `relist train ranker`)")
+    if not (Path(arg) / "config.json").is_file():
+        raise FileNotFoundError(f"policy ranker:{arg}: no config.json there; expected a directory written by `relist train ranker`")
+    ranker = load_ranker(arg)
+    schema = getattr(getattr(ctx.simulator, "pool", None), "schema", None)
+    if schema is not None and ranker.schema != schema:
+        raise ValueError(f"policy ranker:{arg} was trained on data with another feature schema than the simulator's "
+                         "request pool; train it on the dataset the simulator draws its lists from")
+    return ranker.score
+
+
+def _oracle(arg: str | None, ctx: PolicyContext) -> Policy:
+    response = getattr(ctx.simulator, "response", None)
+    if response is None or not hasattr(response, "truth"):
+        raise ValueError("policy 'oracle' sorts by the true appeal, so it needs a simulator with known ground truth "
+                         "(`relist sim truth`)")
+    return response.appeal
+
+
+# name -> (factory, help); the factory gets the text after "NAME:" (or None)
+POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] = {
+    "random": (_random, "uniformly random order"),
+    "logged": (_logged, "the candidates' input order (the logged display order)"),
+    "ranker": (_ranker, "ranker:DIR, an initial ranker written by `relist train ranker`"),
+    "oracle": (_oracle, "sorts by the true appeal (synthetic ground-truth simulators only)"),
+}
+
+
+def parse_spec(spec: str) -> list[tuple[str, str | None]]:
+    """'random,logged,ranker:/x' -> [('random', None), ('logged', None), ('ranker', '/x')], validated."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--policies needs at least one policy, e.g. random,logged")
+    out = []
+    for part in parts:
+        name, _, arg = part.partition(":")
+        if name not in POLICIES:
+            valid = ", ".join(f"{n} ({h})" for n, (_, h) in POLICIES.items())
+            raise ValueError(f"unknown policy {name!r} in --policies {spec!r}; valid: {valid}")
+        out.append((name, arg or None))
+    labels = [policy_label(n, a) for n, a in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--policies {spec!r} names the same policy twice")
+    return out
+
+
+def policy_label(name: str, arg: str | None) -> str:
+    return name if arg is None else f"{name}:{Path(arg).name or arg}"
+
+
+def make_policy(name: str, arg: str | None, ctx: PolicyContext) -> Policy:
+    factory, _ = POLICIES[name]
+    return factory(arg, ctx)
