@@ -53,7 +53,7 @@ def observation_space(sim: Simulator) -> spaces.Dict:
 
 def _observe(candidates: ListBatch, users: Users) -> dict[str, np.ndarray]:
     obs = as_numpy(candidates)
-    obs["depth"] = users.depth.cpu().numpy()
+    obs["depth"] = users.depth.cpu().numpy().copy()
     return obs
 
 
@@ -76,13 +76,13 @@ class ListEnv(gym.Env):
         self._users = self.sim.start(torch.tensor([self._next_user]), self._seed)
         self._next_user += 1
         self._candidates = self.sim.candidates(self._users)
-        return {k: v[0] for k, v in _observe(self._candidates, self._users).items()}, {}
+        return {k: np.array(v[0]) for k, v in _observe(self._candidates, self._users).items()}, {}
 
     def step(self, action) -> tuple[dict, float, bool, bool, dict[str, Any]]:
         if self._users is None:
             raise RuntimeError("call reset() before step()")
         scores = torch.as_tensor(np.asarray(action, dtype=np.float32), device=self.sim.device).reshape(1, -1)
-        obs = {k: v[0] for k, v in _observe(self._candidates, self._users).items()}
+        obs = {k: np.array(v[0]) for k, v in _observe(self._candidates, self._users).items()}
         step = self.sim.step(self._users, self._candidates, scores)
         info = {"clicks": step.clicks[0].cpu().numpy(), "click_prob": step.prob[0].cpu().numpy(),
                 "shown_items": step.shown.item_id[0].cpu().numpy()}

@@ -42,25 +42,30 @@ def _observed_mean(m: float, q: float) -> float:
     return q * m / max(1.0 - pgf, 1e-300)
 
 
-def requests_per_user(data: PreparedDataset, log_fraction: float = 1.0) -> dict:
-    """Lists per user in the data, and the mean per user in the full log it was sampled from."""
+def thinned_geometric_mean(observed_mean: float, log_fraction: float) -> float:
+    """The mean m of a geometric count on {1, 2, ...} whose q-thinned counts, among users still seen, average
+    ``observed_mean`` (see the module docstring)."""
     if not 0.0 < log_fraction <= 1.0:
         raise ValueError(f"log_fraction must be in (0, 1], got {log_fraction}")
+    if log_fraction == 1.0:
+        return observed_mean
+    lo, hi = 1.0, 1e6
+    if _observed_mean(hi, log_fraction) < observed_mean:
+        raise ValueError(f"{observed_mean:.3f} lists per user cannot come from a {log_fraction} sample under the geometric model")
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if _observed_mean(mid, log_fraction) < observed_mean else (lo, mid)
+    return (lo * hi) ** 0.5
+
+
+def requests_per_user(data: PreparedDataset, log_fraction: float = 1.0) -> dict:
+    """Lists per user in the data, and the mean per user in the full log it was sampled from."""
     users = np.asarray(data.user_sparse[:, 0])
     counts = np.bincount(np.unique(users, return_inverse=True)[1])
     observed = float(counts.mean())
-    fitted = observed
-    if log_fraction < 1.0:
-        lo, hi = 1.0, 1e6
-        if _observed_mean(hi, log_fraction) < observed:
-            raise ValueError(f"{observed:.3f} lists per user cannot come from a {log_fraction} sample under the geometric model")
-        for _ in range(200):
-            mid = (lo * hi) ** 0.5
-            lo, hi = (mid, hi) if _observed_mean(mid, log_fraction) < observed else (lo, mid)
-        fitted = (lo * hi) ** 0.5
     histogram = {int(k): int(v) for k, v in zip(*np.unique(counts, return_counts=True))}
     return {"n_users": int(len(counts)), "observed_mean": observed, "log_fraction": log_fraction,
-            "fitted_mean": fitted, "count_histogram": histogram}
+            "fitted_mean": thinned_geometric_mean(observed, log_fraction), "count_histogram": histogram}
 
 
 @torch.no_grad()
@@ -79,7 +84,7 @@ def mean_session_length(sim: Simulator, policy, n_users: int, seed: int) -> floa
     return float(one.run(policy, torch.arange(n_users), seed).requests_done.float().mean())
 
 
-def calibrate_leave_bias(sim: Simulator, target: float, n_users: int = 2048, seed: int = 0, iterations: int = 18) -> float:
+def calibrate_leave_bias(sim: Simulator, target: float, n_users: int = 1024, seed: int = 0, iterations: int = 14) -> float:
     """The ``leave_bias`` at which the logged order's mean requests per session is ``target``."""
     if target < 1.0:
         raise ValueError(f"a session has at least one request; target {target} is below 1")
@@ -101,7 +106,7 @@ def fit_session(sim: Simulator, data: PreparedDataset, log_fraction: float = 1.0
     target = counts["fitted_mean"] if target is None else target
     sim.params = sim.params.replace(ref_clicks=expected_logged_clicks(sim, seed=seed))
     bias = calibrate_leave_bias(sim, min(target, sim.params.max_requests), seed=seed)
-    achieved = mean_session_length(sim, logged_order_scores, 4096, seed + 1)
+    achieved = mean_session_length(sim, logged_order_scores, 2048, seed + 1)  # on other users than the fit
     log.info("session fit: ref_clicks %.3f, leave_bias %.3f, %.2f requests per session (target %.2f)",
              sim.params.ref_clicks, bias, achieved, target)
     return {"requests_per_user": counts, "target_requests_per_session": target, "ref_clicks": sim.params.ref_clicks,

@@ -77,22 +77,28 @@ class ListPool:
 
     def compose(self, users: Tensor, lists: Tensor) -> ListBatch:
         """List ``lists[b]`` shown to user ``users[b]``, user-item features recomputed for that user."""
-        item_sparse = self.item_sparse[lists]
-        item_dense = self.item_dense[lists]
-        mask = self.mask[lists]
-        user_hist = self.user_hist[users]
+        item_sparse = take(self.item_sparse, lists)
+        item_dense = take(self.item_dense, lists)
+        mask = take(self.mask, lists)
+        user_hist = take(self.user_hist, users)
         if self.affinity:
             item_dense = item_dense.clone()
             for dense_col, item_col, hist_col, unknown in self.affinity:
                 item_dense[..., dense_col] = history_share(item_sparse[..., item_col], user_hist[..., hist_col], unknown) * mask
         return ListBatch(item_sparse=item_sparse, item_dense=item_dense, label=torch.zeros(mask.shape, device=mask.device),
-                         mask=mask, user_sparse=self.user_sparse[users], user_hist=user_hist, list_id=lists)
+                         mask=mask, user_sparse=take(self.user_sparse, users), user_hist=user_hist, list_id=lists)
+
+
+def take(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for an index of any shape, through ``index_select`` (much cheaper than advanced indexing)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def history_share(item_value: Tensor, hist_value: Tensor, unknown: int = -1) -> Tensor:
     """(B, L): share of the user's history (B, H) with the item's value, among known, non-padding values."""
     known = (hist_value > 0) & (hist_value != unknown)  # (B, H)
-    equal = (item_value[:, :, None] == hist_value[:, None, :]) & known[:, None, :]  # (B, L, H)
+    hist_value = torch.where(known, hist_value, -1)  # matches no item value (ids are >= 0)
+    equal = item_value[:, :, None] == hist_value[:, None, :]  # (B, L, H)
     return equal.sum(dim=2).float() / known.sum(dim=1, keepdim=True).clamp_min(1).float()
 
 
@@ -147,9 +153,9 @@ class ItemPool:
         slots = torch.arange(self.width, device=self.device)
         items = rng.index(seed, self.items_sparse.shape[0], rng.ITEM, key[:, None], slots[None, :])  # (B, C)
         mask = torch.ones(items.shape, dtype=torch.bool, device=self.device)
-        return ListBatch(item_sparse=self.items_sparse[items], item_dense=self.items_dense[items],
+        return ListBatch(item_sparse=take(self.items_sparse, items), item_dense=take(self.items_dense, items),
                          label=torch.zeros(items.shape, device=self.device), mask=mask,
-                         user_sparse=self.user_sparse[users], user_hist=self.user_hist[users], list_id=key)
+                         user_sparse=take(self.user_sparse, users), user_hist=take(self.user_hist, users), list_id=key)
 
 
 def synthetic_item_pool(truth, width: int = 10, hist_len: int = 10, device: torch.device | str = "cpu",
@@ -182,7 +188,8 @@ def _synthetic_schema(p) -> Schema:
 
 
 def as_numpy(batch: ListBatch) -> dict[str, np.ndarray]:
-    """The observation a gymnasium environment hands out: the batch's fields as NumPy arrays."""
-    return {"item_sparse": batch.item_sparse.cpu().numpy(), "item_dense": batch.item_dense.cpu().numpy(),
-            "mask": batch.mask.cpu().numpy().astype(np.int8), "user_sparse": batch.user_sparse.cpu().numpy(),
-            "user_hist": batch.user_hist.cpu().numpy()}
+    """The observation a gymnasium environment hands out: the batch's fields as NumPy arrays of their own
+    (copies: the caller may keep or modify them)."""
+    return {"item_sparse": batch.item_sparse.cpu().numpy().copy(), "item_dense": batch.item_dense.cpu().numpy().copy(),
+            "mask": batch.mask.cpu().numpy().astype(np.int8), "user_sparse": batch.user_sparse.cpu().numpy().copy(),
+            "user_hist": batch.user_hist.cpu().numpy().copy()}

@@ -13,7 +13,7 @@ user-item appeal plus explicit, interpretable order and context terms:
 
     appeal a_j = b0 + sum_f b_f[item_f] + w . x_j + w_h . hist_share_j + b_user + <u, v_j>
     logit_j    = a_j + theta[position bucket of j]                    position bias
-               + c_sim  * max_{k<j} cos(v_k, v_j)                      similarity to the items above
+               + c_sim  * max(0, max_{k<j} cos(v_k, v_j))              similarity to the items above
                + sum_f c_f * share of the items above with j's value of field f   (category, ...)
                + c_casc * log(1 + sum_{k<j} exp a_k)                   cascade: good items above take the click
                + c_list * log(1 + sum_k exp a_k) + c_len * log(n)       what else is in the list, its length
@@ -81,10 +81,9 @@ class FactorisedClickModel(nn.Module):
         self.schema, self.config = schema, config or ClickModelConfig()
         d = self.config.dim
         unknown = unknown or {}
-        self.item_emb = nn.ModuleList(nn.Embedding(f.vocab, d, padding_idx=0) for f in schema.item_sparse)
-        self.item_bias = nn.ModuleList(nn.Embedding(f.vocab, 1, padding_idx=0) for f in schema.item_sparse)
-        self.user_emb = nn.ModuleList(nn.Embedding(f.vocab, d, padding_idx=0) for f in schema.user_sparse)
-        self.user_bias = nn.ModuleList(nn.Embedding(f.vocab, 1, padding_idx=0) for f in schema.user_sparse)
+        # one table per field: d factor columns and, last, the value's bias (one lookup fetches both)
+        self.item_emb = nn.ModuleList(nn.Embedding(f.vocab, d + 1, padding_idx=0) for f in schema.item_sparse)
+        self.user_emb = nn.ModuleList(nn.Embedding(f.vocab, d + 1, padding_idx=0) for f in schema.user_sparse)
         item_names = [f.name for f in schema.item_sparse]
         # history field k -> item field of the same name (shared table), or its own table
         self.hist_to_item = [item_names.index(f.name) if f.name in item_names else -1 for f in schema.user_hist]
@@ -100,12 +99,15 @@ class FactorisedClickModel(nn.Module):
         self.dense_proj = nn.Linear(n_dense, d, bias=False)
         self.dense_weight = nn.Linear(n_dense + len(self.share_pairs), 1)  # its bias is b0
         self.position = nn.Embedding(self.config.exact_positions + 16, 1)
+        self.register_buffer("buckets", position_bucket(torch.arange(4096), self.config.exact_positions), persistent=False)
         # context coefficients: similarity above, same-value share above per field, cascade, list appeal, log length
         self.context = nn.Parameter(torch.zeros(4 + len(self.context_fields)))
-        for table in [*self.item_emb, *self.user_emb, *self.hist_emb]:
-            nn.init.normal_(table.weight, std=0.05)
-        for table in [*self.item_bias, *self.user_bias, self.position]:
-            nn.init.zeros_(table.weight)
+        with torch.no_grad():
+            for table in [*self.item_emb, *self.user_emb, *self.hist_emb]:
+                nn.init.normal_(table.weight, std=0.05)
+            for table in [*self.item_emb, *self.user_emb]:
+                table.weight[:, d] = 0.0
+            nn.init.zeros_(self.position.weight)
 
     def fit_dense(self, dense: Tensor) -> None:
         """Standardisation statistics of symlog(dense) from training rows (n, Fd)."""
@@ -123,23 +125,24 @@ class FactorisedClickModel(nn.Module):
 
     def encode(self, batch: ListBatch) -> tuple[Tensor, Tensor]:
         """Appeal (B, L) and item vectors (B, L, D); nothing here depends on the display order."""
-        x = (symlog(batch.item_dense.float()) - self.dense_mean) / self.dense_std  # (B, L, Fd)
-        v = self.dense_proj(x)  # (B, L, D)
-        bias = self.dense_weight(torch.cat([x, self._shares(batch)], dim=2)).squeeze(-1)  # (B, L)
-        for k, (emb, b) in enumerate(zip(self.item_emb, self.item_bias)):
-            ids = batch.item_sparse[..., k]
-            v = v + emb(ids)
-            bias = bias + b(ids).squeeze(-1)
-        u = batch.item_dense.new_zeros(batch.size, self.config.dim)  # (B, D)
-        for k, (emb, b) in enumerate(zip(self.user_emb, self.user_bias)):
-            u = u + emb(batch.user_sparse[:, k])
-            bias = bias + b(batch.user_sparse[:, k])
+        d, n_dense = self.config.dim, len(self.schema.item_dense)
+        # standardisation folded into one linear map: [P; w] ((s - mean) / std) = [P; w] / std . s - [P; w] mean / std
+        weight = torch.cat([self.dense_proj.weight, self.dense_weight.weight[:, :n_dense]]) / self.dense_std  # (D + 1, Fd)
+        shift = torch.cat([torch.zeros(d, device=weight.device), self.dense_weight.bias]) - weight @ self.dense_mean
+        dense = nn.functional.linear(symlog(batch.item_dense.float()), weight, shift)  # (B, L, D + 1)
+        item = dense + sum(emb(batch.item_sparse[..., k]) for k, emb in enumerate(self.item_emb))  # (B, L, D + 1)
+        user = sum(emb(batch.user_sparse[:, k]) for k, emb in enumerate(self.user_emb))  # (B, D + 1)
+        v = item[..., :d]  # (B, L, D)
+        bias = item[..., d] + user[:, d:]  # (B, L)
+        if self.share_pairs:
+            bias = bias + self._shares(batch) @ self.dense_weight.weight[0, n_dense:]
+        u = user[:, :d]  # (B, D)
         if batch.user_hist.shape[1] > 0:
             hist_mask = batch.user_hist[..., 0] > 0  # (B, H)
             h = torch.zeros(*hist_mask.shape, self.config.dim, device=u.device)
             own = iter(self.hist_emb)
             for col, k in enumerate(self.hist_to_item):
-                h = h + (self.item_emb[k] if k >= 0 else next(own))(batch.user_hist[..., col])
+                h = h + ((self.item_emb[k] if k >= 0 else next(own))(batch.user_hist[..., col]))[..., :d]
             u = u + (h * hist_mask[..., None]).sum(1) / hist_mask.sum(1, keepdim=True).clamp_min(1)
         appeal = bias + (v * u[:, None, :]).sum(-1)
         return appeal, v
@@ -150,21 +153,23 @@ class FactorisedClickModel(nn.Module):
         size, length = mask.shape
         appeal, v = self.encode(batch)
         pos = torch.arange(length, device=mask.device)
-        logit = appeal + self.position(position_bucket(pos, self.config.exact_positions)).squeeze(-1)[None, :]
+        logit = appeal + self.position.weight[self.buckets[:length], 0]
         above = (pos[None, :] < pos[:, None])[None] & mask[:, None, :]  # (1|B, L, L): k above j
         n_above = above.sum(2).clamp_min(1).float()  # (B, L)
         unit = nn.functional.normalize(v, dim=-1)
-        cos = (unit @ unit.transpose(1, 2)).masked_fill(~above, -2.0)  # (B, L, L)
-        sim_above = cos.max(dim=2).values.clamp_min(-1.0) * (above.any(2))
-        masked = appeal.masked_fill(~mask, -math.inf)
-        prefix = torch.logcumsumexp(masked, dim=1)  # log sum_{k<=j} exp a_k
-        cascade = nn.functional.softplus(torch.cat([prefix.new_full((size, 1), -math.inf), prefix[:, :-1]], dim=1))
-        whole = nn.functional.softplus(torch.logsumexp(masked, dim=1, keepdim=True)).expand(-1, length)
+        sim_above = (unit @ unit.transpose(1, 2)).masked_fill(~above, 0.0).max(dim=2).values.clamp_min(0.0)  # (B, L)
+        top = appeal.masked_fill(~mask, -math.inf).max(dim=1, keepdim=True).values.detach()  # (B, 1) for stability
+        weight = torch.exp(appeal - top) * mask  # exp(a_k - top), 0 on padding
+        above_sum = torch.cumsum(weight, dim=1) - weight  # sum_{k<j} exp(a_k - top)
+        # log(1 + sum exp a) = softplus(top + log(sum exp(a - top)))
+        cascade = torch.where(above_sum > 0, nn.functional.softplus(top + torch.log(above_sum.clamp_min(1e-30))), 0.0)
+        whole = nn.functional.softplus(top + torch.log(weight.sum(1, keepdim=True))).expand(-1, length)
         log_len = torch.log(mask.sum(1, keepdim=True).float().clamp_min(1)).expand(-1, length)
         terms = [sim_above, cascade, whole, log_len]
         for k, unk in zip(self.context_fields, self.context_unknown):
             value = batch.item_sparse[..., k]
-            same = (value[:, :, None] == value[:, None, :]) & above & (value > 0)[:, :, None] & (value != unk)[:, :, None]
+            valid = (value > 0) & (value != unk)
+            same = (torch.where(valid, value, -1)[:, :, None] == torch.where(valid, value, -2)[:, None, :]) & above
             terms.append(same.sum(2).float() / n_above)
         logit = logit + (torch.stack(terms, dim=2) * self.context).sum(-1)
         return logit, appeal

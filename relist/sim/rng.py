@@ -8,9 +8,10 @@ policy is being simulated and whatever happened before. That gives
   the same draw, so a paired comparison sees only the effect of the policy;
 - the same integers on CPU and CUDA (the hash is integer arithmetic).
 
-The hash is Chris Wellons' ``lowbias32`` 32-bit mixer, chained over the keys. Values live in int64
-tensors below 2**32 and every product is split so that it stays below 2**63: no overflow, no
-reliance on wrap-around.
+The hash is a 32-bit xorshift-multiply mixer in the style of Chris Wellons' ``lowbias32``, chained
+over the keys. Values live in int64 tensors below 2**32 and both multipliers are below 2**31, so every
+product stays below 2**63: no overflow, no reliance on wrap-around. Scalar keys (the seed, the stream)
+are mixed in Python integers; only tensor keys cost tensor operations.
 """
 
 from __future__ import annotations
@@ -24,30 +25,39 @@ MASK32 = 0xFFFFFFFF
 CLICK, DWELL, LEAVE, RETURN, LIST, USER, POLICY, ITEM = range(1, 9)
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32) without leaving int64's range."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & MASK32
+_M1, _M2 = 0x7FEB352D, 0x5BD1E995  # odd multipliers below 2**31
+
+
+def _mix_int(x: int) -> int:
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * _M1) & MASK32
+    x ^= x >> 15
+    x = (x * _M2) & MASK32
+    return x ^ (x >> 16)
 
 
 def mix32(x: Tensor) -> Tensor:
-    """A bijection of [0, 2**32) with good avalanche (lowbias32)."""
+    """A bijection of [0, 2**32) (int64 tensor values) with good avalanche; ``_mix_int`` on tensors."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * _M1) & MASK32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = (x * _M2) & MASK32
     return x ^ (x >> 16)
 
 
 def hash_keys(seed: int, *keys: Tensor | int, device: torch.device | str | None = None) -> Tensor:
-    """Chain ``mix32`` over ``seed`` and the keys (integers or int64 tensors, broadcast together)."""
-    tensors = [k for k in keys if isinstance(k, Tensor)]
-    if device is None:
-        device = tensors[0].device if tensors else torch.device("cpu")
-    h = mix32(torch.tensor(seed & MASK32, dtype=torch.int64, device=device))
+    """Chain the mixer over ``seed`` and the keys (integers or int64 tensors, broadcast together)."""
+    h: int | Tensor = _mix_int(seed)
     for key in keys:
-        key = key.to(torch.int64) if isinstance(key, Tensor) else torch.tensor(key, dtype=torch.int64, device=device)
-        h = mix32(h ^ (key & MASK32))
+        if isinstance(key, Tensor):
+            h = mix32((key.to(torch.int64) & MASK32) ^ h)
+        elif isinstance(h, Tensor):
+            h = mix32(h ^ (key & MASK32))
+        else:
+            h = _mix_int(h ^ key)
+    if not isinstance(h, Tensor):
+        h = torch.tensor(h, dtype=torch.int64, device=device or "cpu")
     return h
 
 

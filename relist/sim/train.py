@@ -165,7 +165,7 @@ def fit_response(cfg: TrainSimConfig, data: PreparedDataset, train_index: np.nda
     with torch.no_grad():
         model.dense_weight.bias.fill_(float(np.log(rate / (1 - rate))))  # start at the base rate, not at 1/2
     model.to(device)
-    tables = [p for name, p in model.named_parameters() if "emb" in name or "bias." in name]
+    tables = [p for name, p in model.named_parameters() if "emb" in name]
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     prior = cfg.l2 / len(rows)
     valid_index = data.split("valid")
