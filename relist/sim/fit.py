@@ -84,7 +84,7 @@ def mean_session_length(sim: Simulator, policy, n_users: int, seed: int) -> floa
     return float(one.run(policy, torch.arange(n_users), seed).requests_done.float().mean())
 
 
-def calibrate_leave_bias(sim: Simulator, target: float, n_users: int = 1024, seed: int = 0, iterations: int = 14) -> float:
+def calibrate_leave_bias(sim: Simulator, target: float, n_users: int = 2048, seed: int = 0, iterations: int = 12) -> float:
     """The ``leave_bias`` at which the logged order's mean requests per session is ``target``."""
     if target < 1.0:
         raise ValueError(f"a session has at least one request; target {target} is below 1")
