@@ -84,7 +84,8 @@ class ListPool:
         if self.affinity:
             item_dense = item_dense.clone()
             for dense_col, item_col, hist_col, unknown in self.affinity:
-                item_dense[..., dense_col] = history_share(item_sparse[..., item_col], user_hist[..., hist_col], unknown) * mask
+                vocab = self.schema.item_sparse[item_col].vocab
+                item_dense[..., dense_col] = history_share(item_sparse[..., item_col], user_hist[..., hist_col], unknown, vocab) * mask
         return ListBatch(item_sparse=item_sparse, item_dense=item_dense, label=torch.zeros(mask.shape, device=mask.device),
                          mask=mask, user_sparse=take(self.user_sparse, users), user_hist=user_hist, list_id=lists)
 
@@ -94,12 +95,20 @@ def take(table: Tensor, index: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
-def history_share(item_value: Tensor, hist_value: Tensor, unknown: int = -1) -> Tensor:
-    """(B, L): share of the user's history (B, H) with the item's value, among known, non-padding values."""
+def history_share(item_value: Tensor, hist_value: Tensor, unknown: int = -1, vocab: int | None = None) -> Tensor:
+    """(B, L): share of the user's history (B, H) with the item's value, among known, non-padding values.
+
+    With a ``vocab`` smaller than L * H, through a per-user histogram of the history (B, vocab) instead
+    of comparing every item with every history entry (B, L, H); the result is the same."""
     known = (hist_value > 0) & (hist_value != unknown)  # (B, H)
+    n_known = known.sum(dim=1, keepdim=True).clamp_min(1).float()
+    if vocab is not None and vocab < item_value.shape[1] * hist_value.shape[1]:
+        counts = torch.zeros(hist_value.shape[0], vocab, device=hist_value.device)
+        counts.scatter_add_(1, hist_value, known.float())  # padding and unknown values add 0
+        return counts.gather(1, item_value) / n_known  # unknown and padding values counted 0
     hist_value = torch.where(known, hist_value, -1)  # matches no item value (ids are >= 0)
     equal = item_value[:, :, None] == hist_value[:, None, :]  # (B, L, H)
-    return equal.sum(dim=2).float() / known.sum(dim=1, keepdim=True).clamp_min(1).float()
+    return equal.sum(dim=2).float() / n_known
 
 
 def unknown_ids(data: PreparedDataset) -> dict[str, int]:

@@ -120,7 +120,7 @@ class FactorisedClickModel(nn.Module):
 
         if not self.share_pairs or batch.user_hist.shape[1] == 0:
             return batch.item_dense.new_zeros(*batch.mask.shape, len(self.share_pairs))
-        return torch.stack([history_share(batch.item_sparse[..., k], batch.user_hist[..., h], unk)
+        return torch.stack([history_share(batch.item_sparse[..., k], batch.user_hist[..., h], unk, self.schema.item_sparse[k].vocab)
                             for (k, h), unk in zip(self.share_pairs, self.share_unknown)], dim=2)
 
     def encode(self, batch: ListBatch) -> tuple[Tensor, Tensor]:
@@ -154,10 +154,12 @@ class FactorisedClickModel(nn.Module):
         appeal, v = self.encode(batch)
         pos = torch.arange(length, device=mask.device)
         logit = appeal + self.position.weight[self.buckets[:length], 0]
-        above = (pos[None, :] < pos[:, None])[None] & mask[:, None, :]  # (1|B, L, L): k above j
-        n_above = above.sum(2).clamp_min(1).float()  # (B, L)
+        # Padding is last (the ListBatch convention), so the items above a real position are all real: the
+        # static triangle is the "above" relation; terms of padding positions are masked out by the caller.
+        above = pos[None, :] < pos[:, None]  # (L, L): k above j
+        n_above = pos.clamp_min(1).float()  # (L,)
         unit = nn.functional.normalize(v, dim=-1)
-        sim_above = (unit @ unit.transpose(1, 2)).masked_fill(~above, 0.0).max(dim=2).values.clamp_min(0.0)  # (B, L)
+        sim_above = (unit @ unit.transpose(1, 2)).masked_fill(~above, 0.0).amax(dim=2).clamp_min(0.0)  # (B, L)
         top = appeal.masked_fill(~mask, -math.inf).max(dim=1, keepdim=True).values.detach()  # (B, 1) for stability
         weight = torch.exp(appeal - top) * mask  # exp(a_k - top), 0 on padding
         above_sum = torch.cumsum(weight, dim=1) - weight  # sum_{k<j} exp(a_k - top)
@@ -165,7 +167,7 @@ class FactorisedClickModel(nn.Module):
         cascade = torch.where(above_sum > 0, nn.functional.softplus(top + torch.log(above_sum.clamp_min(1e-30))), 0.0)
         whole = nn.functional.softplus(top + torch.log(weight.sum(1, keepdim=True))).expand(-1, length)
         log_len = torch.log(mask.sum(1, keepdim=True).float().clamp_min(1)).expand(-1, length)
-        terms = [sim_above, cascade, whole, log_len]
+        terms = [sim_above, cascade, whole, log_len]  # each (B, L)
         for k, unk in zip(self.context_fields, self.context_unknown):
             value = batch.item_sparse[..., k]
             valid = (value > 0) & (value != unk)
