@@ -12,6 +12,7 @@ from relist.batch import ListBatch
 from relist.data.store import PreparedDataset, Schema
 
 NEG_INF = float("-inf")
+EMBEDDING_INIT_STD = 0.05
 
 
 def symlog(x: Tensor) -> Tensor:
@@ -29,25 +30,38 @@ class FeatureEmbedding(nn.Module):
     ``use_user=False`` gives the non-personalised (LibRerank-style) variant: the user vector is zeros.
     """
 
-    def __init__(self, schema: Schema, dim: int = 16, use_user: bool = True):
+    def __init__(self, schema: Schema, dim: int = 16, use_user: bool = True, min_id_count: int = 1):
         super().__init__()
-        self.schema, self.dim, self.use_user = schema, dim, use_user
+        self.schema, self.dim, self.use_user, self.min_id_count = schema, dim, use_user, min_id_count
         self.item_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0) for f in schema.item_sparse)
         self.user_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0) for f in schema.user_sparse)
         names = [f.name for f in schema.item_sparse]
         self.hist_to_item = [names.index(f.name) if f.name in names else -1 for f in schema.user_hist]
         self.hist_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0)
                                          for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0)
+        for table in [*self.item_tables, *self.user_tables, *self.hist_tables]:
+            # small initial embeddings: N(0, 1) entries would drown the standardised dense features
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
+            with torch.no_grad():
+                table.weight[0].zero_()
+        # ids seen fewer than min_id_count times in the training split fall back to the padding row (no
+        # id information), so the model cannot memorise one-off users and items; see fit()
+        for k, f in enumerate(schema.item_sparse):
+            self.register_buffer(f"item_keep_{k}", torch.ones(f.vocab, dtype=torch.bool))
+        for k, f in enumerate(schema.user_sparse):
+            self.register_buffer(f"user_keep_{k}", torch.ones(f.vocab, dtype=torch.bool))
         n_dense = len(schema.item_dense)
         self.register_buffer("dense_mean", torch.zeros(n_dense))
         self.register_buffer("dense_std", torch.ones(n_dense))
         self.item_dim = dim * len(schema.item_sparse) + n_dense
         self.user_dim = dim * (len(schema.user_sparse) + len(schema.user_hist))
 
-    def fit_dense(self, data: PreparedDataset, split: str, max_rows: int = 200_000) -> None:
-        """Standardisation statistics of the dense features, from the first rows of ``split`` only."""
+    def fit(self, data: PreparedDataset, split: str, max_rows: int = 200_000) -> None:
+        """Fit on ``split`` only: dense standardisation (first ``max_rows`` rows) and the frequent-id masks."""
+        import numpy as np
+
         rows = data.split(split)
-        starts, ends = data.offsets[rows], data.offsets[rows + 1]
+        starts, ends = np.asarray(data.offsets[rows]), np.asarray(data.offsets[rows + 1])
         chunks, total = [], 0
         for s, e in zip(starts, ends):
             chunks.append(torch.from_numpy(data.item_dense[s:e].astype("float32")))
@@ -57,9 +71,26 @@ class FeatureEmbedding(nn.Module):
         dense = symlog(torch.cat(chunks))
         self.dense_mean.copy_(dense.mean(dim=0))
         self.dense_std.copy_(dense.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+        if self.min_id_count <= 1:
+            return
+        item_rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.zeros(0, np.int64)
+        hist_rows = np.concatenate([np.arange(data.hist_offsets[k], data.hist_offsets[k + 1]) for k in rows]) \
+            if len(rows) else np.zeros(0, np.int64)
+        for k, f in enumerate(self.schema.item_sparse):
+            counts = np.bincount(np.asarray(data.item_sparse[item_rows, k]), minlength=f.vocab)
+            for h, item_k in enumerate(self.hist_to_item):  # a clicked item in a history counts too
+                if item_k == k and len(hist_rows):
+                    counts = counts + np.bincount(np.asarray(data.user_hist[hist_rows, h]), minlength=f.vocab)
+            getattr(self, f"item_keep_{k}").copy_(torch.from_numpy(counts[:f.vocab] >= self.min_id_count))
+        for k, f in enumerate(self.schema.user_sparse):
+            counts = np.bincount(np.asarray(data.user_sparse[rows, k]), minlength=f.vocab)
+            getattr(self, f"user_keep_{k}").copy_(torch.from_numpy(counts[:f.vocab] >= self.min_id_count))
+
+    def _item_ids(self, ids: Tensor, k: int) -> Tensor:
+        return ids * getattr(self, f"item_keep_{k}")[ids]
 
     def items(self, batch: ListBatch) -> Tensor:
-        parts = [table(batch.item_sparse[..., k]) for k, table in enumerate(self.item_tables)]  # each (B, L, E)
+        parts = [table(self._item_ids(batch.item_sparse[..., k], k)) for k, table in enumerate(self.item_tables)]  # (B, L, E)
         parts.append((symlog(batch.item_dense) - self.dense_mean) / self.dense_std)
         return torch.cat(parts, dim=-1) * batch.mask[..., None]  # (B, L, item_dim)
 
@@ -70,8 +101,11 @@ class FeatureEmbedding(nn.Module):
         own = iter(self.hist_tables)
         parts = []
         for k, item_k in enumerate(self.hist_to_item):
-            table = self.item_tables[item_k] if item_k >= 0 else next(own)
-            parts.append(table(batch.user_hist[..., k]))
+            ids = batch.user_hist[..., k]
+            if item_k >= 0:
+                parts.append(self.item_tables[item_k](self._item_ids(ids, item_k)))
+            else:
+                parts.append(next(own)(ids))
         if not parts:
             return torch.zeros(size, width, 0, device=batch.device), hist_mask
         return torch.cat(parts, dim=-1), hist_mask
@@ -80,7 +114,8 @@ class FeatureEmbedding(nn.Module):
         size = batch.size
         if not self.use_user:
             return torch.zeros(size, self.user_dim, device=batch.device)
-        parts = [table(batch.user_sparse[:, k]) for k, table in enumerate(self.user_tables)]
+        parts = [table(batch.user_sparse[:, k] * getattr(self, f"user_keep_{k}")[batch.user_sparse[:, k]])
+                 for k, table in enumerate(self.user_tables)]
         hist, hist_mask = self.history(batch)
         if hist.shape[-1]:
             pooled = (hist * hist_mask[..., None]).sum(1) / hist_mask.sum(1, keepdim=True).clamp_min(1)

@@ -187,7 +187,7 @@ class Trainer:
         c = self.config
         model = build_reranker(c.model, self.data.schema, use_user=c.use_user,
                                **{"max_len": max(64, self.max_len or 0), **parse_model_args(c.model_args, c.model)})
-        model.features.fit_dense(self.data, "train")
+        model.features.fit(self.data, "train")
         return model
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -220,6 +220,9 @@ class Trainer:
             writer = self._tensorboard() if (c.tensorboard and dist.main) else None
             running: dict[str, float] = {}
             started = time.perf_counter()
+            if state["step"] == 0 and not state["history"]:
+                # the untrained model is a candidate too: with the initial skip it serves the initial order
+                self._validate(model, state, {}, writer, bar)
             while not state["done"] and state["epoch"] < c.epochs:
                 order = np.random.default_rng([c.seed, state["epoch"]]).permutation(train_index)
                 for b in range(state["batch_in_epoch"], steps_per_epoch):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from relist.batch import ListBatch
 from relist.data.store import Schema
-from relist.nn import LIST_LOSSES, NEG_INF, FeatureEmbedding, normalised_scores
+from relist.nn import LIST_LOSSES, NEG_INF, FeatureEmbedding, normalised_scores, symlog
 
 
 @dataclass
@@ -38,7 +38,9 @@ class RerankerConfig:
     use_user: bool = True  # personalised; False gives LibRerank's non-personalised variant
     dropout: float = 0.1
     max_len: int = 64  # longest list the position tables cover
-    initial_skip: bool = True  # add a learned multiple of the initial ranker's score to every logit
+    min_id_count: int = 5  # ids seen fewer times in the training split share the "no id" embedding
+    initial_skip: bool = True  # add the initial ranker's score to the logits: the network learns a correction
+    gate_init: float = 1.0  # initial weight of the network's correction (0: serve the initial order at first)
 
 
 class Encoded(NamedTuple):
@@ -74,11 +76,16 @@ class Reranker(nn.Module):
         self.config = config or self.config_class()
         if self.config.max_len < 1:
             raise ValueError(f"max_len must be positive, got {self.config.max_len}")
-        self.features = FeatureEmbedding(schema, self.config.embedding_dim, self.config.use_user)
-        # A re-ranker refines the order it is given: with the skip, its logits start from the initial
-        # ranker's (standardised) score and the network learns the correction.
+        self.features = FeatureEmbedding(schema, self.config.embedding_dim, self.config.use_user,
+                                         self.config.min_id_count)
+        # A re-ranker refines the order it is given: with the skip, logits = a·z + g·network, where z is the
+        # initial ranker's standardised score and a, g are learned (a starts at 1, g at ``gate_init``).
+        # g = 0 serves exactly the initial order until training moves it, as in ReZero; on MIND that held
+        # the models too close to the initial order, so the default starts g at 1.
         self.skip_column = schema.item_dense.index("init_score") if "init_score" in schema.item_dense else None
-        self.skip_weight = nn.Parameter(torch.ones(())) if self.config.initial_skip and self.skip_column is not None else None
+        use_skip = self.config.initial_skip and self.skip_column is not None
+        self.skip_weight = nn.Parameter(torch.ones(())) if use_skip else None
+        self.gate = nn.Parameter(torch.tensor(float(self.config.gate_init))) if use_skip else None
 
     @property
     def input_dim(self) -> int:
@@ -109,9 +116,9 @@ class Reranker(nn.Module):
         out = self.context(encoded, batch)
         logits, aux = out if isinstance(out, tuple) else (out, {})
         if self.skip_weight is not None:
-            z = (batch.item_dense[..., self.skip_column] - self.features.dense_mean[self.skip_column]) \
+            z = (symlog(batch.item_dense[..., self.skip_column]) - self.features.dense_mean[self.skip_column]) \
                 / self.features.dense_std[self.skip_column]
-            logits = logits + self.skip_weight * z * batch.mask
+            logits = self.gate * logits + self.skip_weight * z * batch.mask
         return logits, aux
 
     def objective(self, encoded: Encoded, batch: ListBatch) -> tuple[Tensor, dict[str, Tensor]]:
