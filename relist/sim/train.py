@@ -11,6 +11,12 @@ Data protocol of the learned response model:
   to two references: a constant click rate and a click rate per position, both from the training lists.
 - the simulated users and candidate lists come from ``--pool-split`` (default ``test``), which the
   response model never trained on.
+
+Defaults were chosen on MIND's ``valid`` split (5k subset): without a prior on the embedding tables the
+model memorised item ids after two epochs (valid log-loss rising from 0.1515); ``l2`` 300 with Adam at
+0.003 trains for about 20 epochs to a test log-loss of 0.1505 (l2 10: 0.1546, l2 1000: 0.1512); adding
+half of the ``train`` split (``--extra-train-share 0.5``) gave no gain (0.1507), so by default the
+simulator keeps clear of the lists the re-rankers and the evaluator learn from.
 """
 
 from __future__ import annotations
