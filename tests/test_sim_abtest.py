@@ -118,3 +118,30 @@ def test_paired_intervals_are_the_delta_method():
     assert lift["lift"] == pytest.approx(0.1) and lift["lift_high"] - lift["lift_low"] == pytest.approx(0.0, abs=1e-9)
     assert rows["b", "clicks_per_user"]["ci_low"] < rows["a", "clicks_per_user"]["ci_high"]
     assert rows["b", "session_length"]["lift"] == pytest.approx(0.0) and not rows["b", "session_length"]["significant"]
+
+
+def test_reranker_policy_reorders_the_initial_rankers_top(truth_sim, tmp_path):
+    import dataclasses
+
+    from relist.batch import rank
+    from relist.data.store import PreparedDataset
+    from relist.rankers import load_ranker
+    from relist.rerankers.base import build_reranker
+
+    rerank_dir = truth_sim / "ranker" / "rerank"
+    model = build_reranker("midnn", PreparedDataset(rerank_dir).schema, initial_skip=False)  # an order of its own
+    model.save(tmp_path / "run" / "best")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": str(rerank_dir)}))
+    sim = load_simulator(truth_sim / "sim")
+    policy = make_policy("reranker", str(tmp_path / "run"), PolicyContext(seed=0, device=torch.device("cpu"), simulator=sim))
+    candidates = sim.candidates(sim.start(torch.arange(32), 0))
+    shown = candidates.reorder(rank(policy(candidates), candidates.mask)).truncate(10)
+    ranker = load_ranker(truth_sim / "ranker")
+    first = ranker.score(candidates)
+    order = rank(first, candidates.mask)
+    top = candidates.reorder(order).truncate(10)
+    init = first.gather(1, order)[:, :10].masked_fill(~top.mask, 0.0).unsqueeze(-1)
+    top = dataclasses.replace(top, item_dense=torch.cat([top.item_dense, init], dim=-1))
+    expected = top.item_id.gather(1, rank(model.score(top), top.mask))
+    assert torch.equal(shown.item_id, expected)  # the ranker's top 10, in the re-ranker's order
+    assert not torch.equal(shown.item_id, top.item_id)

@@ -5,12 +5,13 @@ to per-item scores (B, L); higher is shown earlier; the simulator orders by ``re
 padding always goes last whatever a policy gives it. Policies never see labels or simulator state.
 
 A spec is ``NAME`` or ``NAME:ARG``; ``--policies random,logged,ranker:/tmp/r1`` builds three. To add a
-kind (a re-ranker checkpoint, LAST), add one ``POLICIES`` entry: a factory
+kind (LAST, say), add one ``POLICIES`` entry: a factory
 ``(arg, PolicyContext) -> Policy`` plus a line of help.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -18,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from relist.batch import ListBatch
+from relist.batch import ListBatch, rank
 from relist.metrics import logged_order_scores
 from relist.sim import rng
 
@@ -55,7 +56,7 @@ def _logged(arg: str | None, ctx: PolicyContext) -> Policy:
     return logged_order_scores
 
 
-def _ranker(arg: str | None, ctx: PolicyContext) -> Policy:
+def _load_ranker(arg: str | None, ctx: PolicyContext):
     from relist.rankers import load_ranker
 
     if not arg:
@@ -67,7 +68,56 @@ def _ranker(arg: str | None, ctx: PolicyContext) -> Policy:
     if schema is not None and ranker.schema != schema:
         raise ValueError(f"policy ranker:{arg} was trained on data with another feature schema than the simulator's "
                          "request pool; train it on the dataset the simulator draws its lists from")
-    return ranker.score
+    return ranker
+
+
+def _ranker(arg: str | None, ctx: PolicyContext) -> Policy:
+    return _load_ranker(arg, ctx).score
+
+
+class RerankPolicy:
+    """The two-stage order re-rankers are trained for: the initial ranker orders every candidate, its first
+    ``list_len`` go to the re-ranker with the ranker's score appended as the ``init_score`` feature (as
+    ``relist train ranker`` writes the re-ranking dataset), and the re-ranker's order of those comes first,
+    the rest follow in the ranker's order."""
+
+    def __init__(self, ranker, reranker, list_len: int):
+        self.ranker, self.reranker, self.list_len = ranker, reranker, list_len
+
+    def __call__(self, batch: ListBatch) -> Tensor:
+        first = self.ranker.score(batch)  # (B, C), -inf on padding
+        order = rank(first, batch.mask)
+        top = batch.reorder(order).truncate(self.list_len)
+        init = first.gather(1, order)[:, : top.list_len].masked_fill(~top.mask, 0.0)
+        top = dataclasses.replace(top, item_dense=torch.cat([top.item_dense, init.unsqueeze(-1)], dim=-1))
+        second = rank(self.reranker.score(top), top.mask)  # (B, K): ranker positions in the re-ranker's order
+        width = batch.list_len
+        priority = (width - torch.arange(width, device=batch.device, dtype=torch.float32)).expand(batch.size, -1).clone()
+        priority[:, : top.list_len].scatter_(1, second, (2 * width - torch.arange(top.list_len, device=batch.device,
+                                                                                  dtype=torch.float32)).expand(batch.size, -1))
+        return torch.empty_like(priority).scatter_(1, order, priority)  # back to the candidates' positions
+
+
+def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
+    import json
+
+    from relist.data.store import PreparedDataset
+    from relist.rerankers.base import load_reranker
+
+    if not arg:
+        raise ValueError("policy 'reranker' needs a directory: reranker:DIR (written by `relist train reranker`)")
+    run = Path(arg)
+    if not (run / "best" / "model.json").is_file() or not (run / "config.json").is_file():
+        raise FileNotFoundError(f"policy reranker:{arg}: expected a `relist train reranker` run directory (config.json, best/)")
+    rerank_data = Path(json.loads((run / "config.json").read_text())["data"])
+    ranker_dir = rerank_data.parent  # `relist train ranker --out R` writes the re-ranking data to R/rerank
+    if not (ranker_dir / "config.json").is_file():
+        raise FileNotFoundError(f"policy reranker:{arg}: its training data {rerank_data} is not the rerank/ folder of a "
+                                "`relist train ranker` output, so its initial ranker cannot be found")
+    list_len = int(PreparedDataset(rerank_data).manifest["info"]["list_len"])
+    ranker = _load_ranker(str(ranker_dir), ctx)  # checks the schema against the simulator's pool
+    reranker = load_reranker(run / "best").to(ctx.device).eval()
+    return RerankPolicy(ranker, reranker, list_len)
 
 
 def _oracle(arg: str | None, ctx: PolicyContext) -> Policy:
@@ -83,6 +133,7 @@ POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] =
     "random": (_random, "uniformly random order"),
     "logged": (_logged, "the candidates' input order (the logged display order)"),
     "ranker": (_ranker, "ranker:DIR, an initial ranker written by `relist train ranker`"),
+    "reranker": (_reranker, "reranker:DIR, a `relist train reranker` run on the rerank/ data of `relist train ranker`"),
     "oracle": (_oracle, "sorts by the true appeal (synthetic ground-truth simulators only)"),
 }
 
