@@ -41,6 +41,7 @@ class PrincipledExperimentConfig:
     epochs: int = option(30, help="maximum epochs per run")
     max_steps: int = option(0, help="cap on optimiser steps per run (0: none)")
     batch_size: int = option(128, help="lists per step")
+    learning_rate: float = option(1e-3, help="Adam learning rate")
     patience: int = option(5, help="validations without improvement before stopping")
     device: str = option("cpu", help="cpu, cuda or auto")
     use_user: bool = option(True, help="personalised re-ranking")
@@ -94,7 +95,7 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     data_dir = _rerank_data(cfg)
     data = PreparedDataset(data_dir)
     base = TrainConfig(data=data_dir, out=out, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                       patience=cfg.patience, device=cfg.device, use_user=cfg.use_user, progress=False, overwrite=True)
+                       learning_rate=cfg.learning_rate, patience=cfg.patience, device=cfg.device, use_user=cfg.use_user, progress=False, overwrite=True)
     jobs = [(m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
             for m in models for v in VARIANTS for s in range(cfg.seeds)]
     if cfg.sweep_model:
