@@ -33,3 +33,17 @@ def test_unknown_model_fails_before_any_work(tmp_path, capsys):
     assert code == 2
     assert "unknown re-ranker 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "exp" / "ranker").exists()
+
+
+def test_librerank_files_run_through_the_experiment(tmp_path):
+    """LibRerank's data.train is the initial ranker's part: a LambdaMART is trained on it first."""
+    from tests.rawfiles import write_librerank
+
+    write_librerank(tmp_path / "raw", seed=2, sizes=(120, 150, 40))
+    prepare(PrepareConfig(source="librerank", src=tmp_path / "raw", out=tmp_path / "data", seed=2))
+    code = main(["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "dlcm",
+                 "--seeds", "1", "--max-steps", "3", "--batch-size", "32", "--out", str(tmp_path / "exp"), "--no-progress"])
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
+    assert {r["variant"] for r in rows} == {"base", "+P1", "+P2", "+P1+P2"}
+    assert (tmp_path / "exp" / "ranker" / "rerank" / "manifest.json").is_file()

@@ -32,8 +32,9 @@ OBEDIENCE = ("obedience_p1@10", "obedience_p2@10")
 
 @dataclass
 class PrincipledExperimentConfig:
-    data: Path = option(help="prepared dataset: a re-ranking dataset (with init_score), or raw lists, for which "
-                             "a LambdaMART initial ranker is trained first into OUT/ranker")
+    data: Path = option(help="prepared dataset: a re-ranking dataset (with init_score, or without a ranker split, e.g. "
+                             "LibRerank's files: the input order is the initial order), or lists with a ranker split, "
+                             "for which a LambdaMART initial ranker is trained first into OUT/ranker")
     out: Path = option(help="output directory")
     models: str = option("prm,dlcm,setrank,midnn,pear,raise", help="comma-separated re-rankers")
     seeds: int = option(5, help="seeds per model and variant")
@@ -68,7 +69,8 @@ def _paired_p(a: list[float], b: list[float]) -> float:
 
 def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     data = PreparedDataset(cfg.data)
-    if "init_score" in data.schema.item_dense:
+    if "init_score" in data.schema.item_dense or len(data.splits.get("ranker", ())) == 0:
+        # already in initial-ranker order (a rerank/ folder, or LibRerank's files, whose input order is theirs)
         return Path(cfg.data)
     from relist.rankers.train import TrainRankerConfig, train_ranker
 

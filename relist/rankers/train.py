@@ -76,7 +76,10 @@ def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int
             pieces["dense"].append(dense[mask].numpy())
             pieces["label"].append(ordered.label[mask].numpy())
             pieces["user"].append(ordered.user_sparse.numpy())
-            hist_mask = ordered.user_hist[..., 0] > 0
+            if ordered.user_hist.shape[-1]:
+                hist_mask = ordered.user_hist[..., 0] > 0
+            else:  # a source without history fields (LibRerank's files)
+                hist_mask = torch.zeros(ordered.user_hist.shape[:2], dtype=torch.bool)
             pieces["hist_lengths"].append(hist_mask.sum(1).numpy())
             pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
             n += batch.size
@@ -92,7 +95,7 @@ def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int
         label=np.concatenate(pieces["label"]),
         user_sparse=np.concatenate(pieces["user"]),
         hist_offsets=np.concatenate([[0], np.cumsum(hist_lengths)]),
-        user_hist=np.concatenate(pieces["hist"]).reshape(-1, len(data.schema.user_hist)),
+        user_hist=np.concatenate(pieces["hist"]).reshape(len(np.concatenate(pieces["hist"])), len(data.schema.user_hist)),
         schema=schema,
         splits=splits,
         vocabs={p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((data.root / "vocab").glob("*.txt"))},
