@@ -37,10 +37,16 @@ class PrincipledConfig:
     perturbation: str = "adjacent"
     swaps: int = 3  # k_adjacent: number of adjacent swaps
     window: int = 4  # window: length of the shuffled window
+    # "both": gradients flow through both presentations of each CS term (the paper's loss); "input": the
+    # re-ranked and perturbed presentations are targets without gradient, so only the input presentation
+    # is pulled towards them — no backward pass through the extra presentations, about half their cost
+    cs_gradient: str = "both"
 
     def __post_init__(self):
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {self.perturbation!r}; valid: {', '.join(PERTURBATIONS)}")
+        if self.cs_gradient not in ("both", "input"):
+            raise ValueError(f"cs_gradient must be 'both' or 'input', got {self.cs_gradient!r}")
         if self.p1_weight < 0 or self.p2_weight < 0:
             raise ValueError("consistency weights must be non-negative")
 
@@ -128,7 +134,8 @@ class PrincipledObjective(nn.Module):
         perms = [perm for _, perm, _ in presentations]
         stacked_batch = concat([batch.reorder(p) for p in perms])
         stacked_encoded = encoded.concat([encoded.reorder(p) for p in perms])
-        stacked_logits, _ = model.logits(stacked_encoded, stacked_batch)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and c.cs_gradient == "both"):
+            stacked_logits, _ = model.logits(stacked_encoded, stacked_batch)
         base_scores = model.normalise(logits, batch.mask)
         total = parts["loss"]
         for k, (name, perm, weight) in enumerate(presentations):

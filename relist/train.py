@@ -57,6 +57,8 @@ class TrainConfig:
     p1_weight: float = option(0.0, help="λ1: weight of the convergence-consistency (P1) loss")
     p2_weight: float = option(0.0, help="λ2: weight of the adversarial-consistency (P2) loss")
     perturbation: str = option("adjacent", help="P2 perturbation", choices=PERTURBATIONS)
+    cs_gradient: str = option("both", help="CS-loss gradients through both presentations (the paper) or only the "
+                                           "input one (cheaper)", choices=("both", "input"))
     max_steps: int = option(0, help="stop after this many optimiser steps (0: no limit)")
     resume: bool = option(False, help="continue an interrupted run from OUT/checkpoint")
     overwrite: bool = option(False, help="replace OUT if it exists")
@@ -164,7 +166,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.out = Path(config.out)
         self.principled = PrincipledConfig(p1_weight=config.p1_weight, p2_weight=config.p2_weight,
-                                           perturbation=config.perturbation)
+                                           perturbation=config.perturbation, cs_gradient=config.cs_gradient)
         self.max_len = int(self.data.counts.get("list_len", {}).get("max", 0)) or None
 
     # ---- set-up -------------------------------------------------------------------------------

@@ -126,6 +126,23 @@ def test_principled_objective_adds_both_consistency_losses(name):
     parts["loss"].backward()
 
 
+def test_input_only_gradients_keep_the_loss_values():
+    torch.manual_seed(8)
+    model = build_reranker("prm", SCHEMA).eval()
+    batch = random_batch(8)
+    both = PrincipledObjective(model, PrincipledConfig(p1_weight=1, p2_weight=1))(batch, torch.Generator().manual_seed(3))
+    inputs = PrincipledObjective(model, PrincipledConfig(p1_weight=1, p2_weight=1, cs_gradient="input"))(
+        batch, torch.Generator().manual_seed(3))
+    for key in ("loss", "loss_cs_p1", "loss_cs_p2"):
+        assert inputs[key].item() == pytest.approx(both[key].item(), rel=1e-6)
+    grads = []
+    for parts in (both, inputs):
+        model.zero_grad()
+        parts["loss_cs_p2"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert not torch.allclose(grads[0], grads[1])  # the targets' side no longer contributes
+
+
 def test_consistency_losses_vanish_for_an_order_free_model():
     torch.manual_seed(5)
     model = build_reranker("setrank", SCHEMA, ordinal=False).eval()
