@@ -1,0 +1,396 @@
+"""The multi-stage cascade: matching -> pre-ranking -> ranking (-> re-ranking) in front of the simulated user.
+
+UNEX-RL (arXiv 2401.06470, AAAI'24) optimises the stages of an industrial cascade jointly; no public code
+exists for it or for a cascade simulator, so this is our own construction, calibrated on the learned user
+simulator (``relist.sim``):
+
+- **Catalogue.** Every item has a vector ``v`` and a prior ``b`` such that the user model's appeal is
+  (up to user-side terms) ``b + <u, v>``: for MIND, the learned factorised click model's item vectors and
+  item biases, one row per item seen in the logs (``mind_catalogue``); for synthetic pools (up to 10**6
+  items) the ground truth's factors and biases (``synthetic_catalogue``).
+- **Stage models.** Stage s sees the items through its own imperfect item tower
+  ``T_s(x) = x + noise_s * g_s(x)``, ``x = [v, b]``, with ``g_s`` a fixed random two-layer MLP scaled to unit
+  variance (a smooth, item-dependent model error; later stages have less of it), and the user through the
+  mean of its tower over the user's clicked history (a two-tower user model: cold users are poorly known).
+  The towers are applied once per item when the cascade is built, never per request.
+- **Predicted scores per stage** (each standardised over a sample of users and items):
+  ``relevance`` <u_s, v_s>, ``prior`` b_s, and from the second stage on ``diversity`` = -log(1 + rank of
+  the item within its category by relevance + prior among the stage's candidates).
+- **Fusion.** A stage keeps its top-K by ``sum_k w_k * score_k``; the weight vector ``w`` (in [-1, 1]) is
+  the stage agent's action for this request. Matching's two scores are both inner products, so its
+  fusion is one inner product of the query ``[w_1 u_1, w_2]`` with the item matrix ``[v_1, b_1]``: a
+  maximum-inner-product search, done by a FAISS IVF index for large pools (``matching="ivf"``) or exactly.
+- **Observations.** Stage 1 observes the request context (the user's history vector, history length,
+  depth and session of the request, clicks on the previous list); stage i > 1 observes the context and a
+  summary of the candidates it receives (mean and max of each of its scores, share of distinct
+  categories), so every upstream action changes every downstream observation.
+- **Determinism.** Given the first observation (user row + context) and the actions, the cascade is a
+  pure function (``Cascade.forward``): that is what the cascading information chain of UNEX-RL rebuilds.
+
+The last stage's order is the displayed order; responses, dwell, leaving and returning come from the
+session model (``relist.sim.session``) through ``CascadeEnv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from relist.batch import ListBatch
+from relist.sim import rng
+from relist.sim.pool import history_share, take
+from relist.sim.session import Simulator, Users
+
+STAGE_NAMES = {3: ("matching", "preranking", "ranking"), 4: ("matching", "preranking", "ranking", "reranking"),
+               5: ("matching", "preranking", "coarse_ranking", "ranking", "reranking")}
+HEADS_FIRST = ("relevance", "prior")
+HEADS_LATER = ("relevance", "prior", "diversity")
+CONTEXT_EXTRA = 4  # history length, depth, session, previous clicks
+
+
+@dataclass
+class CascadeConfig:
+    sizes: tuple[int, ...] = (500, 100, 10)  # items kept by each stage; the last is the slate shown
+    noise: tuple[float, ...] | None = None  # model error of each stage's towers (default: 0.8 falling to 0.2)
+    matching: str = "auto"  # "ivf" (FAISS), "exact", or "auto" (ivf from 50,000 items)
+    nlist: int = 0  # IVF cells (0: 4 sqrt(n))
+    nprobe: int = 24  # IVF cells scanned per query
+    hidden: int = 32  # width of the stage models' error MLP
+    seed: int = 0  # stage models' errors
+    soft_temperature: float = 1.0  # temperature of the relaxed cascading path (see ``forward``)
+
+    def stage_noise(self) -> tuple[float, ...]:
+        if self.noise is not None:
+            if len(self.noise) != len(self.sizes):
+                raise ValueError(f"noise has {len(self.noise)} entries for {len(self.sizes)} stages")
+            return tuple(self.noise)
+        n = len(self.sizes)
+        return tuple(0.8 * (0.25 ** (s / max(n - 1, 1))) for s in range(n))
+
+    def stage_names(self) -> tuple[str, ...]:
+        return STAGE_NAMES.get(len(self.sizes), tuple(f"stage{s + 1}" for s in range(len(self.sizes))))
+
+
+@dataclass
+class Catalogue:
+    """The items a cascade retrieves from and the users who request, on one device."""
+
+    vec: Tensor  # (n, d) item vectors of the user model
+    bias: Tensor  # (n,) item priors
+    category: Tensor  # (n,) int64 category (for the diversity score), 0-based
+    sparse: Tensor  # (n, Fs) fields the response model reads (column 0: item id)
+    dense: Tensor  # (n, Fd)
+    user_sparse: Tensor  # (N, Fu) the user population
+    user_hist: Tensor  # (N, H, Fh) clicked histories, column 0 the item id (0 = padding)
+    id_to_row: Tensor  # (vocab,) item id -> catalogue row, -1 if absent
+    affinity: tuple = ()  # as ``ListPool.affinity``: user-item dense features recomputed per user
+    schema: object = None
+
+    @property
+    def n_items(self) -> int:
+        return self.vec.shape[0]
+
+    @property
+    def n_users(self) -> int:
+        return self.user_sparse.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.vec.device
+
+    def history_rows(self, pop: Tensor) -> Tensor:
+        """(B, H) catalogue rows of the users' history items, -1 for padding or items not in the catalogue."""
+        ids = take(self.user_hist, pop)[..., 0]
+        return torch.where(ids > 0, self.id_to_row[ids.clamp_max(self.id_to_row.shape[0] - 1)], -1)
+
+    def shown(self, pop: Tensor, rows: Tensor) -> ListBatch:
+        """The slate ``rows`` (B, S) shown to users ``pop`` (B,), as the response model reads it."""
+        sparse, dense = take(self.sparse, rows), take(self.dense, rows)
+        hist = take(self.user_hist, pop)
+        mask = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+        if self.affinity:
+            dense = dense.clone()
+            for dense_col, item_col, hist_col, unknown in self.affinity:
+                vocab = self.schema.item_sparse[item_col].vocab
+                dense[..., dense_col] = history_share(sparse[..., item_col], hist[..., hist_col], unknown, vocab)
+        return ListBatch(item_sparse=sparse, item_dense=dense, label=torch.zeros(rows.shape, device=rows.device), mask=mask,
+                         user_sparse=take(self.user_sparse, pop), user_hist=hist, list_id=torch.zeros_like(pop))
+
+
+def synthetic_catalogue(truth, pool) -> Catalogue:
+    """The catalogue of a synthetic ground truth (``SyntheticClickModel``) over ``pool`` (``synthetic_item_pool``):
+    relevance = scale <z_u, z_i> / sqrt(d) + b_i, so v = z_i sqrt(scale / sqrt(d)) and b = b_i."""
+    p = truth.params
+    device = pool.device
+    factor = math.sqrt(p.scale / math.sqrt(p.dim))
+    n = pool.items_sparse.shape[0]
+    return Catalogue(vec=(truth.item_z * factor).float().to(device), bias=truth.item_bias.float().to(device),
+                     category=truth.item_category.long().to(device), sparse=pool.items_sparse, dense=pool.items_dense,
+                     user_sparse=pool.user_sparse, user_hist=pool.user_hist,
+                     id_to_row=torch.cat([torch.tensor([-1]), torch.arange(n)]).to(device), schema=pool.schema)
+
+
+@torch.no_grad()
+def mind_catalogue(data, response, pool, category_field: str = "category", chunk: int = 2048) -> Catalogue:
+    """Every item of a prepared MIND dataset's lists, with the learned click model's item vectors and biases.
+
+    Item-level dense features are averaged over the item's rows; user-item features (category affinity)
+    are recomputed per user when a slate is shown. Users come from ``pool`` (the simulator's ``ListPool``)."""
+    from relist.sim.pool import _affinity_columns
+
+    sparse_all = torch.from_numpy(np.array(data.item_sparse))
+    dense_all = torch.from_numpy(np.array(data.item_dense, dtype=np.float32))
+    ids, inverse = torch.unique(sparse_all[:, 0], return_inverse=True)
+    keep = ids > 0
+    n = len(ids)
+    first = torch.full((n,), len(sparse_all), dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(sparse_all)), "amin")
+    count = torch.zeros(n).index_add_(0, inverse, torch.ones(len(sparse_all)))
+    dense = torch.zeros(n, dense_all.shape[1]).index_add_(0, inverse, dense_all) / count[:, None]
+    sparse = sparse_all[first]
+    sparse, dense, ids = sparse[keep], dense[keep], ids[keep]
+    vocab = data.schema.item_sparse[0].vocab
+    id_to_row = torch.full((vocab,), -1, dtype=torch.long)
+    id_to_row[ids] = torch.arange(len(ids))
+    # item vector and prior: encode every item as a one-item list of an unknown user with no history
+    device = next(response.parameters()).device
+    vecs, biases = [], []
+    for start in range(0, len(ids), chunk):
+        s, d = sparse[start:start + chunk].to(device), dense[start:start + chunk].to(device)
+        m = s.shape[0]
+        batch = ListBatch(item_sparse=s[:, None], item_dense=d[:, None], label=torch.zeros(m, 1, device=device),
+                          mask=torch.ones(m, 1, dtype=torch.bool, device=device),
+                          user_sparse=torch.zeros(m, len(data.schema.user_sparse), dtype=torch.long, device=device),
+                          user_hist=torch.zeros(m, 0, len(data.schema.user_hist), dtype=torch.long, device=device),
+                          list_id=torch.zeros(m, dtype=torch.long, device=device))
+        appeal, v = response.encode(batch)
+        vecs.append(v[:, 0])
+        biases.append(appeal[:, 0])
+    names = [f.name for f in data.schema.item_sparse]
+    cat_col = names.index(category_field)
+    return Catalogue(vec=torch.cat(vecs).to(pool.device), bias=torch.cat(biases).to(pool.device),
+                     category=sparse[:, cat_col].to(pool.device), sparse=sparse.to(pool.device), dense=dense.to(pool.device),
+                     user_sparse=pool.user_sparse, user_hist=pool.user_hist, id_to_row=id_to_row.to(pool.device),
+                     affinity=_affinity_columns(data), schema=data.schema)
+
+
+class StageTower(nn.Module):
+    """A stage model's item tower ``x + noise * g(x)``, g a fixed random MLP scaled to unit output variance."""
+
+    def __init__(self, dim: int, hidden: int, noise: float, generator: torch.Generator):
+        super().__init__()
+        self.noise = noise
+        self.inp = nn.Parameter(torch.randn(dim, hidden, generator=generator) / math.sqrt(dim), requires_grad=False)
+        self.out = nn.Parameter(torch.randn(hidden, dim, generator=generator) / math.sqrt(hidden), requires_grad=False)
+        self.register_buffer("scale", torch.ones(dim))
+
+    def error(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.inp) @ self.out
+
+    def calibrate(self, x: Tensor) -> None:
+        self.scale.copy_(self.error(x).std(dim=0).clamp_min(1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.noise * self.error(x) / self.scale
+
+
+class StageOutput(NamedTuple):
+    rows: Tensor  # (B, K) catalogue rows kept, best first
+    fused: Tensor  # (B, K) their fused scores (differentiable in the action)
+
+
+class CascadeOutput(NamedTuple):
+    obs: list[Tensor]  # per stage (B, D_s): what the stage agent observed
+    actions: list[Tensor]  # per stage (B, m_s): the actions taken
+    stages: list[StageOutput]  # per stage: what it kept
+
+    @property
+    def slate(self) -> Tensor:
+        return self.stages[-1].rows
+
+
+class Cascade(nn.Module):
+    """N stages over a catalogue; ``forward(pop, ctx, actions)`` runs them (see the module docstring)."""
+
+    def __init__(self, catalogue: Catalogue, config: CascadeConfig | None = None):
+        super().__init__()
+        self.catalogue, self.config = catalogue, config or CascadeConfig()
+        c = self.config
+        if list(c.sizes) != sorted(c.sizes, reverse=True) or c.sizes[-1] < 1:
+            raise ValueError(f"stage sizes must be positive and non-increasing, got {c.sizes}")
+        if c.sizes[0] > catalogue.n_items:
+            raise ValueError(f"matching keeps {c.sizes[0]} items but the catalogue has {catalogue.n_items}")
+        self.names = c.stage_names()
+        g = torch.Generator().manual_seed(c.seed)
+        x = torch.cat([catalogue.vec, catalogue.bias[:, None]], dim=1).cpu()  # (n, d + 1)
+        self.dim = catalogue.vec.shape[1]
+        self.towers = nn.ModuleList(StageTower(self.dim + 1, c.hidden, noise, g) for noise in c.stage_noise())
+        sample = x[torch.randperm(x.shape[0], generator=g)[:20000]]
+        for tower in self.towers:
+            tower.calibrate(sample)
+        self.to(catalogue.device)
+        # item-side work, once per item: each stage's view of every item
+        with torch.no_grad():
+            self.item_views = [tower(x.to(catalogue.device)) for tower in self.towers]  # each (n, d + 1)
+        self.heads = [HEADS_FIRST] + [HEADS_LATER] * (len(c.sizes) - 1)
+        self.rel_scale, self.prior_scale = self._score_scales(g)
+        self.index = self._build_index(c)
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.config.sizes)
+
+    @property
+    def action_dims(self) -> list[int]:
+        return [len(h) for h in self.heads]
+
+    @property
+    def context_dim(self) -> int:
+        return self.dim + CONTEXT_EXTRA
+
+    @property
+    def obs_dims(self) -> list[int]:
+        return [self.context_dim] + [self.context_dim + 2 * len(h) + 1 for h in self.heads[1:]]
+
+    def _score_scales(self, g: torch.Generator) -> tuple[list[float], list[float]]:
+        cat = self.catalogue
+        users = torch.randint(0, cat.n_users, (min(cat.n_users, 2000),), generator=g).to(cat.device)
+        items = torch.randint(0, cat.n_items, (min(cat.n_items, 2000),), generator=g).to(cat.device)
+        rel, prior = [], []
+        for s in range(self.n_stages):
+            u = self.user_vector(users, s)
+            view = self.item_views[s][items]
+            rel.append(float((u @ view[:, :-1].T).std().clamp_min(1e-6)))
+            prior.append(float(view[:, -1].std().clamp_min(1e-6)))
+        return rel, prior
+
+    def _build_index(self, c: CascadeConfig):
+        n = self.catalogue.n_items
+        kind = c.matching if c.matching != "auto" else ("ivf" if n >= 50_000 else "exact")
+        if kind == "exact":
+            return None
+        if kind != "ivf":
+            raise ValueError(f"matching must be 'ivf', 'exact' or 'auto', got {c.matching!r}")
+        import faiss
+
+        items = self.item_views[0].detach().cpu().numpy().astype(np.float32)
+        d = items.shape[1]
+        nlist = c.nlist or int(4 * math.sqrt(n))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        train = items[np.random.default_rng(c.seed).permutation(n)[: min(n, 64 * nlist)]]
+        index.cp.seed = c.seed
+        index.train(train)
+        index.add(items)
+        index.nprobe = c.nprobe
+        return index
+
+    # ------------------------------------------------------------------ per request
+
+    def user_vector(self, pop: Tensor, stage: int) -> Tensor:
+        """(B, d) stage ``stage``'s user tower: the mean of its item tower over the user's clicked history."""
+        rows = self.catalogue.history_rows(pop)  # (B, H)
+        valid = rows >= 0
+        view = take(self.item_views[stage][:, :-1], rows.clamp_min(0))  # (B, H, d)
+        return (view * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+
+    def context(self, pop: Tensor, users: Users, last_clicks: Tensor) -> Tensor:
+        """The first stage's observation (B, d + 4) for users at their next request."""
+        hist = (self.catalogue.history_rows(pop) >= 0).sum(1).float()
+        extra = torch.stack([torch.log1p(hist) / 3.0, users.depth.float() / 10.0, users.session.float(),
+                             last_clicks.float() / 2.0], dim=1)
+        return torch.cat([self.user_vector(pop, 0), extra], dim=1)
+
+    def _match(self, pop: Tensor, weight: Tensor) -> Tensor:
+        """(B, K_1) rows with the largest matching fusion (relevance, prior weights ``weight`` (B, 2))."""
+        k = self.config.sizes[0]
+        u = self.user_vector(pop, 0) / self.rel_scale[0]
+        query = torch.cat([weight[:, :1] * u, weight[:, 1:2] / self.prior_scale[0]], dim=1).detach()  # (B, d + 1)
+        if self.index is None:
+            scores = query @ self.item_views[0].T  # (B, n)
+            return scores.topk(k, dim=1).indices
+        _, found = self.index.search(query.cpu().numpy().astype(np.float32), k)
+        found = torch.from_numpy(found).to(pop.device)
+        # an IVF probe can return fewer than k items (-1): fill with the exact scores' next best is overkill;
+        # duplicates of the best item keep the shapes fixed and are rare at the default nprobe
+        return torch.where(found >= 0, found, found[:, :1])
+
+    def scores(self, pop: Tensor, rows: Tensor, stage: int) -> Tensor:
+        """(B, K, m) standardised predicted scores of stage ``stage`` for candidate ``rows`` (B, K)."""
+        view = take(self.item_views[stage], rows)  # (B, K, d + 1)
+        u = self.user_vector(pop, stage)
+        rel = torch.einsum("bkd,bd->bk", view[..., :-1], u) / self.rel_scale[stage]
+        prior = view[..., -1] / self.prior_scale[stage]
+        if stage == 0:
+            return torch.stack([rel, prior], dim=2)
+        return torch.stack([rel, prior, self._diversity(rows, rel + prior)], dim=2)
+
+    def _diversity(self, rows: Tensor, value: Tensor) -> Tensor:
+        """-log(1 + rank within the item's category by ``value``) among the candidates (B, K)."""
+        category = take(self.catalogue.category, rows)  # (B, K)
+        by_value = value.argsort(dim=1, descending=True, stable=True)
+        cat_sorted = category.gather(1, by_value)
+        by_cat = cat_sorted.argsort(dim=1, stable=True)  # stable: value order kept inside a category
+        order = by_value.gather(1, by_cat)  # candidates grouped by category, best first in each
+        cats = category.gather(1, order)
+        pos = torch.arange(rows.shape[1], device=rows.device).expand_as(cats)
+        start = torch.ones_like(cats, dtype=torch.bool)
+        start[:, 1:] = cats[:, 1:] != cats[:, :-1]
+        first = torch.where(start, pos, 0).cummax(dim=1).values
+        rank = torch.empty_like(pos).scatter_(1, order, pos - first)
+        return -torch.log1p(rank.float())
+
+    def _summary(self, scores: Tensor, rows: Tensor, weight_prev: Tensor | None) -> Tensor:
+        """(B, 2m + 1): mean and max of each score over the candidates, share of distinct categories."""
+        mean = scores.mean(1)
+        if weight_prev is not None:  # straight-through: forward value is the plain mean
+            soft = (weight_prev[..., None] * scores).sum(1)
+            mean = mean + soft - soft.detach()
+        category = take(self.catalogue.category, rows)
+        sorted_cat = category.sort(dim=1).values
+        distinct = 1 + (sorted_cat[:, 1:] != sorted_cat[:, :-1]).sum(1)
+        return torch.cat([mean, scores.amax(1), (distinct.float() / rows.shape[1])[:, None]], dim=1)
+
+    def forward(self, pop: Tensor, ctx: Tensor, actions: Sequence[Tensor] | Callable[[int, Tensor], Tensor],
+                relaxed: bool = False) -> CascadeOutput:
+        """Run every stage for users ``pop`` (B,) with first observation ``ctx`` (B, d + 4).
+
+        ``actions``: a list of per-stage actions (B, m_s), or a function (stage, observation) -> action
+        called in stage order (how current policies act on observations rebuilt from their upstream
+        actions). Actions are fusion weights in [-1, 1]. With ``relaxed``, each downstream observation's
+        score means carry a gradient to the upstream action through a softmax over the upstream fused
+        scores (straight-through: the values are unchanged); otherwise no gradient crosses a stage.
+        The result depends only on (pop, ctx, actions): this is the recomputation CIC relies on."""
+        obs, acts, stages = [ctx], [], []
+        rows, fused_prev = None, None
+        act = actions if callable(actions) else (lambda s, _obs: actions[s])
+        for s in range(self.n_stages):
+            if s == 0:
+                a = act(0, ctx)
+                rows = self._match(pop, a)
+                scores = self.scores(pop, rows, 0)
+            else:
+                scores = self.scores(pop, rows, s)
+                weight_prev = torch.softmax(fused_prev / self.config.soft_temperature, dim=1) if relaxed else None
+                obs.append(torch.cat([ctx, self._summary(scores, rows, weight_prev)], dim=1))
+                a = act(s, obs[s])  # the stage's agent acts on the observation just built
+            acts.append(a)
+            fused = (scores * a[:, None, :]).sum(2)  # (B, K_in)
+            if not relaxed:
+                fused = fused.detach()
+            keep = min(self.config.sizes[s], rows.shape[1])
+            top = fused.detach().topk(keep, dim=1, sorted=True).indices
+            rows, fused_prev = rows.gather(1, top), fused.gather(1, top)
+            stages.append(StageOutput(rows, fused_prev))
+        return CascadeOutput(obs, acts, stages)
+
+    def observations(self, pop: Tensor, ctx: Tensor, actions: Sequence[Tensor]) -> list[Tensor]:
+        """Every stage's observation rebuilt from the first observation and the upstream actions."""
+        with torch.no_grad():
+            return self.forward(pop, ctx, actions).obs

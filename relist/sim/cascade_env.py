@@ -1,0 +1,208 @@
+"""Simulated users in front of a cascade: batched steps, evaluation, and the environments the RL code uses.
+
+``CascadeEnv`` joins a ``Cascade`` (which items reach the user) and a ``Simulator`` (what the user does:
+clicks, dwell, leaving, returning; ``relist.sim.session``). One step is one request of every active user:
+the stage agents' actions go through the cascade, its last stage's order is shown, the session model
+answers. The reward of a request is its dwell seconds (``reward="dwell"``) or clicks.
+
+Environments are described by ``CascadeEnvConfig`` (a YAML file for ``relist experiment unexrl --env``):
+
+- ``source: sim`` - a simulator directory from ``relist sim train`` (MIND): its learned click model, its
+  users (the pool split) and a catalogue of every item in the prepared dataset's lists;
+- ``source: synthetic`` - a synthetic ground truth of ``n_items`` items (up to 10**6) and ``n_users`` users.
+
+Session calibration (as ``relist.sim.fit`` does for the logged order): ``ref_clicks`` is set to the
+expected clicks of a slate under the default fusion weights, and ``leave_bias`` so that the default
+weights give ``session_requests`` requests per session (for ``source: sim``, by default the simulator's
+own fitted target, i.e. MIND's per-user list count corrected for subsampling).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from relist.sim.cascade import Cascade, CascadeConfig, CascadeOutput, mind_catalogue, synthetic_catalogue
+from relist.sim.session import SessionParams, Simulator, Step, Users
+
+REWARDS = ("dwell", "clicks")
+
+
+@dataclass
+class CascadeEnvConfig:
+    source: str = "synthetic"  # "synthetic" or "sim"
+    sim: str = ""  # simulator directory (source "sim")
+    sizes: tuple[int, ...] = (500, 100, 10)
+    matching: str = "auto"
+    n_items: int = 5000  # synthetic catalogue size
+    n_users: int = 2000  # synthetic population
+    session_requests: float = 0.0  # target requests per session under the default weights (0: the simulator's, or 4)
+    max_sessions: int = 3
+    reward: str = "dwell"
+    seed: int = 0  # stage models' errors and the synthetic truth
+    device: str = "cpu"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CascadeEnvConfig":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown environment option(s) {unknown}; valid: {sorted(names)}")
+        if "sizes" in raw:
+            raw["sizes"] = tuple(int(x) for x in raw["sizes"])
+        return cls(**raw)
+
+
+def default_actions(cascade: Cascade, size: int) -> list[Tensor]:
+    """Hand-set fusion weights: relevance 1, prior 0.5, diversity 0.25 (what an untuned system would use)."""
+    base = {"relevance": 1.0, "prior": 0.5, "diversity": 0.25}
+    return [torch.tensor([base[h] for h in heads], device=cascade.catalogue.device).expand(size, -1) for heads in cascade.heads]
+
+
+class Request(NamedTuple):
+    out: CascadeOutput
+    reward: Tensor  # (B,)
+    step: Step
+
+
+@dataclass
+class EnvState:
+    users: Users
+    last_clicks: Tensor  # (B,) clicks on the previous list of the session
+
+    def __getitem__(self, rows) -> "EnvState":
+        return EnvState(self.users[rows], self.last_clicks[rows])
+
+    def put(self, rows: Tensor, part: "EnvState") -> None:
+        self.users.put(rows, part.users)
+        self.last_clicks[rows] = part.last_clicks
+
+
+class CascadeEnv:
+    """A cascade and the session model, batched over users (see the module docstring)."""
+
+    def __init__(self, cascade: Cascade, sim: Simulator, reward: str = "dwell"):
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        self.cascade, self.sim, self.reward = cascade, sim, reward
+
+    @property
+    def device(self) -> torch.device:
+        return self.cascade.catalogue.device
+
+    def start(self, keys: Tensor, seed: int) -> EnvState:
+        users = self.sim.start(keys, seed)
+        return EnvState(users, torch.zeros(users.size, device=self.device))
+
+    def first(self, state: EnvState) -> tuple[Tensor, Tensor]:
+        """The first stage's observation: population rows (B,) and context (B, D_1)."""
+        return state.users.pop, self.cascade.context(state.users.pop, state.users, state.last_clicks)
+
+    def step(self, state: EnvState, actions) -> Request:
+        """One request of every user in ``state`` (updated in place); ``actions`` as ``Cascade.forward`` takes them."""
+        pop, ctx = self.first(state)
+        with torch.no_grad():
+            out = self.cascade(pop, ctx, actions)
+        shown = self.cascade.catalogue.shown(pop, out.slate)
+        order = -torch.arange(shown.list_len, device=self.device, dtype=torch.float32).expand(shown.size, -1)
+        step = self.sim.step(state.users, shown, order)
+        clicks = step.clicks.sum(1).float()
+        state.last_clicks = torch.where(step.left, 0.0, clicks)
+        reward = step.dwell.sum(1) if self.reward == "dwell" else clicks
+        return Request(out, reward, step)
+
+    @torch.no_grad()
+    def evaluate(self, policy: Callable[[int, Tensor], Tensor] | None, n_users: int, seed: int,
+                 batch_size: int = 1024) -> dict[str, Tensor]:
+        """Per-user outcomes of users 0..n_users-1 until they leave for good (``policy``: stage, obs -> action;
+        None for the default weights). The same seed gives every policy the same users and random numbers."""
+        parts = []
+        for start in range(0, n_users, batch_size):
+            state = self.start(torch.arange(start, min(start + batch_size, n_users)), seed)
+            limit = self.sim.params.max_sessions * self.sim.params.max_requests
+            for _ in range(limit):
+                active = (~state.users.done).nonzero().squeeze(1)
+                if active.numel() == 0:
+                    break
+                part = state[active]
+                acts = policy if policy is not None else default_actions(self.cascade, active.numel())
+                self.step(part, acts)
+                state.put(active, part)
+            u = state.users
+            parts.append({"requests": u.requests_done.double().cpu(), "sessions": (u.session + 1).double().cpu(),
+                          "clicks": u.clicks.double().cpu(), "dwell": u.dwell.double().cpu()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def session_metrics(out: dict[str, Tensor]) -> dict[str, float]:
+    """Session dwell (seconds per session), session length (requests per session), clicks per request, dwell per user."""
+    sessions, requests = out["sessions"].sum(), out["requests"].sum()
+    return {"session_dwell": float(out["dwell"].sum() / sessions), "session_length": float(requests / sessions),
+            "clicks_per_request": float(out["clicks"].sum() / requests), "dwell_per_user": float(out["dwell"].mean())}
+
+
+def calibrate_sessions(env: CascadeEnv, target: float, n_users: int = 512, seed: int = 12345, iterations: int = 9) -> dict:
+    """Set ``ref_clicks`` to the default weights' expected clicks per slate and ``leave_bias`` so that the default
+    weights give ``target`` requests per session (bisection; common random numbers make it monotone)."""
+    sim = env.sim
+    state = env.start(torch.arange(n_users), seed)
+    with torch.no_grad():
+        out = env.cascade(*env.first(state), default_actions(env.cascade, n_users))
+        prob = sim.response.respond(env.cascade.catalogue.shown(state.users.pop, out.slate)).prob
+    sim.params = sim.params.replace(ref_clicks=float(prob.sum(1).mean()))
+    one = replace(sim.params, max_sessions=1)
+    full = sim.params
+    lo, hi = -12.0, 12.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        sim.params = replace(one, leave_bias=mid)
+        length = float(env.evaluate(None, n_users, seed)["requests"].mean())
+        lo, hi = (mid, hi) if length > target else (lo, mid)
+    sim.params = replace(full, leave_bias=(lo + hi) / 2)
+    return {"ref_clicks": sim.params.ref_clicks, "leave_bias": sim.params.leave_bias, "target_requests_per_session": target}
+
+
+def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
+    """The environment ``cfg`` describes, with its sessions calibrated; and a description of it."""
+    from relist.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    cascade_cfg = CascadeConfig(sizes=tuple(cfg.sizes), matching=cfg.matching, seed=cfg.seed)
+    if cfg.source == "synthetic":
+        from relist.data.synthetic import SyntheticClickModel, SyntheticParams
+        from relist.sim.pool import synthetic_item_pool
+        from relist.sim.response import TruthResponse
+
+        truth = SyntheticClickModel.sample(replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=cfg.seed)
+        pool = synthetic_item_pool(truth, width=cfg.sizes[-1], device=device, seed=cfg.seed)
+        catalogue = synthetic_catalogue(truth, pool)
+        sim = Simulator(TruthResponse(truth, device), pool, SessionParams(max_sessions=cfg.max_sessions), cfg.sizes[-1])
+        target = cfg.session_requests or 4.0
+    elif cfg.source == "sim":
+        from relist.data.store import PreparedDataset
+        from relist.sim.store import load_simulator, read_config
+
+        if not cfg.sim:
+            raise ValueError("source 'sim' needs sim: a directory written by `relist sim train`")
+        sim = load_simulator(cfg.sim, device)
+        if not hasattr(sim.response, "encode"):
+            raise ValueError(f"{cfg.sim}: the cascade needs a learned simulator (`relist sim train`), not a truth one")
+        sim = Simulator(sim.response, sim.pool, sim.params.replace(max_sessions=cfg.max_sessions), cfg.sizes[-1])
+        catalogue = mind_catalogue(PreparedDataset(read_config(cfg.sim)["data"]), sim.response, sim.pool)
+        metrics = json.loads((Path(cfg.sim) / "metrics.json").read_text()) if (Path(cfg.sim) / "metrics.json").is_file() else {}
+        target = cfg.session_requests or metrics.get("session_fit", {}).get("target_requests_per_session", 4.0)
+    else:
+        raise ValueError(f"source must be 'synthetic' or 'sim', got {cfg.source!r}")
+    env = CascadeEnv(Cascade(catalogue, cascade_cfg), sim, cfg.reward)
+    fitted = calibrate_sessions(env, target)
+    info = {"source": cfg.source, "n_items": catalogue.n_items, "n_users": catalogue.n_users, "sizes": list(cfg.sizes),
+            "stages": list(env.cascade.names), "session": fitted}
+    return env, info
