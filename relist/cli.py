@@ -14,6 +14,7 @@ from relist import __version__
 from relist.config import add_arguments, build, option
 from relist.data.prepare import PrepareConfig
 from relist.rankers.train import TrainRankerConfig
+from relist.last_commands import COMMANDS as LAST_COMMANDS
 from relist.sim.commands import COMMANDS as SIM_COMMANDS
 from relist.experiments.principled import PrincipledExperimentConfig
 from relist.train import TrainConfig
@@ -135,6 +136,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                                    "re-rankers with and without the P1/P2 consistency losses, over seeds", ()),
     ("demo",): (DemoConfig, run_demo, "prepare synthetic data, train an initial ranker, print its metrics", ()),
     **SIM_COMMANDS,
+    **LAST_COMMANDS,
 }
 
 

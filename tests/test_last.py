@@ -1,0 +1,221 @@
+"""Evaluator, generator and LAST: contracts, decoding, rewards, training, offsets that never touch the weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+from relist.batch import rank
+from relist.cli import main
+from relist.data.prepare import PrepareConfig, prepare
+from relist.data.store import PreparedDataset
+from relist.evaluator import Evaluator, EvaluatorConfig
+from relist.generator import Generator, GeneratorConfig, discounted_returns, gumbel, ndcg_gains, order_scores
+from relist.last import Last, LastConfig
+from relist.last_commands import load_evaluator
+from relist.metrics import per_list_metrics
+from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.rerankers.base import check_reranker, load_reranker
+from tests.test_rerankers import SCHEMA, random_batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Synthetic data, a LambdaMART initial ranker, and an evaluator and generator trained by the CLI."""
+    root = tmp_path_factory.mktemp("last")
+    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=1500, n_users=200, n_items=400, seed=5))
+    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=5, n_estimators=40, progress=False))
+    data = root / "ranker" / "rerank"
+    common = ["--data", str(data), "--epochs", "4", "--batch-size", "64", "--no-progress"]
+    assert main(["train", "evaluator", *common, "--out", str(root / "ev"), "--model-args", "d_model=16,heads=2,gru=16,hidden=64/32"]) == 0
+    assert main(["train", "generator", *common, "--out", str(root / "gen"), "--model-args", "encoder=32,hidden=16"]) == 0
+    return root
+
+
+def small_models(seed: int = 0):
+    torch.manual_seed(seed)
+    gen = Generator(SCHEMA, GeneratorConfig(encoder=24, hidden=8, heads=2))
+    ev = Evaluator(SCHEMA, EvaluatorConfig(d_model=8, heads=2, gru=8, hidden=(16,), dropout=0.0))
+    return gen, ev
+
+
+@pytest.mark.parametrize("cls", [Evaluator, Generator])
+def test_contract_and_persistence(cls, tmp_path):
+    torch.manual_seed(0)
+    model = cls(SCHEMA)
+    batch = random_batch(3)
+    check_reranker(model, batch)
+    model.save(tmp_path / "m")
+    assert torch.equal(load_reranker(tmp_path / "m").score(batch), model.score(batch))
+
+
+def test_evaluator_depends_on_the_display_order():
+    _, ev = small_models()
+    batch = random_batch(4)
+    flipped = torch.where(batch.mask, batch.lengths[:, None] - 1 - torch.arange(batch.list_len), torch.arange(batch.list_len))
+    a = ev.click_probability(batch)
+    b = ev.click_probability(batch.reorder(flipped)).gather(1, torch.argsort(flipped, 1))  # back to item columns
+    assert not torch.allclose(a[batch.mask], b[batch.mask], atol=1e-4)
+    assert torch.all(a[~batch.mask] == 0)
+
+
+def test_decoding_gives_permutations_with_padding_last_and_consistent_log_probs():
+    gen, _ = small_models()
+    batch = random_batch(5, size=20)
+    noise = gumbel((20, batch.list_len, batch.list_len), torch.Generator().manual_seed(0))
+    for order, log_p in (gen.decode(batch), gen.decode(batch, noise=noise)):
+        assert torch.equal(torch.sort(order, 1).values, torch.arange(batch.list_len).expand_as(order))
+        assert torch.all(batch.mask.gather(1, order) == batch.mask)  # real items first, padding after
+        assert torch.allclose(gen.log_prob(batch, order), log_p.sum(1), atol=1e-5)
+        assert torch.all(log_p[:, :][~batch.mask] == 0)
+        assert torch.equal(rank(order_scores(order, batch.mask), batch.mask), order)
+    assert torch.equal(gen.decode(batch, noise=noise)[0], gen.decode(batch, noise=noise.clone())[0])
+
+
+def test_sampling_follows_the_pointer_distribution():
+    gen, _ = small_models(1)
+    batch = random_batch(6, size=2, length=4)[[0]]
+    n = 4000
+    many = batch[[0] * n]
+    first, log_p = gen.decode(many, noise=gumbel((n, 4, 4), torch.Generator().manual_seed(1)))
+    counts = torch.bincount(first[:, 0], minlength=4).float() / n
+    expected = torch.zeros(4)
+    for item in range(4):  # P(first = item) from teacher forcing any order starting with item
+        order = torch.tensor([[item, *[j for j in range(4) if j != item]]])
+        expected[item] = gen.net(gen.inputs(batch), batch.mask, order=order)[1][0, 0].exp()
+    assert torch.allclose(counts, expected, atol=0.03), (counts, expected)
+
+
+def test_rewards_match_the_metric_module():
+    batch = random_batch(7, size=30)
+    order = torch.argsort(torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(~batch.mask, 2), 1)
+    shown = batch.reorder(order)
+    gains = ndcg_gains(shown.label, shown.mask.float(), batch.label, batch.mask.float())
+    reference = per_list_metrics(order_scores(order, batch.mask).double(), batch.label.double(), batch.mask, ks=(batch.list_len,))
+    assert torch.allclose(gains.sum(1).double(), reference[f"ndcg@{batch.list_len}"], atol=1e-5)
+    rewards = torch.tensor([[1.0, 0.0, -2.0, 4.0]])
+    g = 0.3
+    assert torch.allclose(discounted_returns(rewards, g),
+                          torch.tensor([[1 - 2 * g**2 + 4 * g**3, -2 * g + 4 * g**2, -2 + 4 * g, 4.0]]))
+
+
+def test_trained_models_learn_from_the_data(runs):
+    ev = json.loads((runs / "ev" / "metrics.json").read_text())
+    gen = json.loads((runs / "gen" / "metrics.json").read_text())
+    assert ev["test"]["auc"] > 0.6  # synthetic clicks follow item and user factors the evaluator can learn
+    history = [json.loads(line) for line in (runs / "gen" / "history.jsonl").read_text().splitlines()]
+    untrained = history[0]["valid"]["ndcg@10"]
+    assert gen["valid"]["ndcg@10"] > untrained + 0.02
+    with pytest.raises(ValueError, match="not an evaluator"):
+        load_evaluator(runs / "gen")
+
+
+def weights_hash(*modules) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_deployed_weights_stay_bit_identical(runs):
+    gen, ev = load_reranker(runs / "gen" / "best"), load_evaluator(runs / "ev")
+    data = PreparedDataset(runs / "ranker" / "rerank")
+    before = weights_hash(gen, ev)
+    requests, failures = 0, 0
+    rng = torch.Generator().manual_seed(0)
+    test = data.split("test")
+    for k, (mode, offsets) in enumerate([("parallel", "activations"), ("parallel", "decoder"), ("serial", "activations"),
+                                         ("serial", "pointer"), ("parallel", "all")]):
+        last = Last(gen, ev, LastConfig(mode=mode, offsets=offsets, serial_steps=3))
+        for start in range(0, 3 * len(test), 75):
+            batch = data.batch(test[[(start + j) % len(test) for j in range(75)]])
+            last(batch, rng)
+            requests += batch.size
+        # a request that fails half-way: the evaluator raises after the generator's gradient was taken
+        original = ev.click_probability
+        calls = {"n": 0}
+
+        def failing(b, calls=calls, original=original):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Boom("evaluator failed")
+            return original(b)
+
+        ev.click_probability = failing
+        try:
+            with pytest.raises(Boom):
+                last(data.batch(test[:50]), rng)
+            failures += 1
+        finally:
+            del ev.click_probability
+    assert requests >= 2000 and failures == 5
+    assert weights_hash(gen, ev) == before
+    assert all(p.grad is None for p in [*gen.parameters(), *ev.parameters()])
+
+
+def test_parallel_picks_the_best_candidate_and_never_loses_to_greedy(runs):
+    gen, ev = load_reranker(runs / "gen" / "best"), load_evaluator(runs / "ev")
+    data = PreparedDataset(runs / "ranker" / "rerank")
+    batch = data.batch(data.split("test"))
+    out = Last(gen, ev)(batch, torch.Generator().manual_seed(3))
+    assert out.candidates.shape == (batch.size, 9)
+    assert torch.allclose(out.value, out.candidates.max(1).values)
+    assert torch.all(out.value >= out.candidates[:, 0])
+    served = ev.click_probability(batch.reorder(out.order)).sum(1) / batch.lengths
+    assert torch.allclose(served, out.value, atol=1e-5)
+    greedy = Last(gen, ev, LastConfig(steps=()))(batch)
+    assert torch.equal(greedy.order, gen.decode(batch)[0]) and torch.all(greedy.winner == 0)
+    oracle = Last(gen, ev, LastConfig(select="oracle"))(batch, torch.Generator().manual_seed(3))
+    assert "oracle" in LastConfig(select="oracle").label
+    ndcg = lambda o: per_list_metrics(order_scores(o, batch.mask).double(), batch.label.double(), batch.mask, ks=(10,))["ndcg@10"]  # noqa: E731
+    assert ndcg(oracle.order).mean() >= ndcg(out.order).mean()
+
+
+def test_batched_exploration_equals_the_loop_and_weight_offsets_agree_at_zero_step():
+    gen, ev = small_models(2)
+    batch = random_batch(8, size=16)
+    for offsets in ("activations", "pointer"):
+        a = Last(gen, ev, LastConfig(offsets=offsets))(batch, torch.Generator().manual_seed(4))
+        b = Last(gen, ev, LastConfig(offsets=offsets, batched=False))(batch, torch.Generator().manual_seed(4))
+        assert torch.equal(a.order, b.order) and torch.allclose(a.candidates, b.candidates, atol=1e-6)
+    # with step sizes 0 every offset kind is plain sampling: the same noise gives the same lists
+    zero = (0.0, 0.0, 0.0)
+    lists = [Last(gen, ev, LastConfig(offsets=o, steps=zero))(batch, torch.Generator().manual_seed(5)).candidates
+             for o in ("activations", "pointer", "all")]
+    assert torch.allclose(lists[0], lists[1], atol=1e-6) and torch.allclose(lists[0], lists[2], atol=1e-6)
+    # and a non-zero step moves the guided candidates
+    moved = Last(gen, ev, LastConfig(offsets="all", steps=(0.0, 50.0)))(batch, torch.Generator().manual_seed(5))
+    still = Last(gen, ev, LastConfig(offsets="all", steps=(0.0, 0.0)))(batch, torch.Generator().manual_seed(5))
+    assert torch.equal(moved.candidates[:, :2], still.candidates[:, :2])
+    assert not torch.allclose(moved.candidates[:, 2], still.candidates[:, 2])
+
+
+def test_serial_respects_its_budget_and_bad_settings_are_errors():
+    gen, ev = small_models(3)
+    batch = random_batch(9)
+    out = Last(gen, ev, LastConfig(mode="serial", serial_steps=5))(batch, torch.Generator().manual_seed(0))
+    assert out.candidates.shape[1] == 6 and torch.all(out.value >= out.candidates[:, 0])
+    timed = Last(gen, ev, LastConfig(mode="serial", serial_steps=1000, serial_seconds=0.05))(batch)
+    assert 2 <= timed.candidates.shape[1] < 1000
+    for bad in ({"mode": "both"}, {"offsets": "embeddings"}, {"select": "labels"}):
+        with pytest.raises(ValueError, match="LAST: unknown"):
+            LastConfig(**bad)
+    assert math.isfinite(float(out.value.mean()))
