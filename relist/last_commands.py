@@ -17,6 +17,7 @@ from relist.data.store import PreparedDataset
 from relist.evaluator import Evaluator  # noqa: F401  (registration)
 from relist.generator import REWARDS, Generator  # noqa: F401  (registration)
 from relist.rerankers.base import Reranker, load_reranker
+from relist.serve.settings import ServeSettings
 from relist.train import Trainer, TrainConfig
 
 
@@ -131,9 +132,18 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> None:
           f"wrote {cfg.out}/best")
 
 
+def run_serve(cfg: ServeSettings) -> None:
+    from relist.serve.app import serve
+
+    print(f"relist serve: {cfg.run} on http://{cfg.host}:{cfg.port} (POST /rerank, GET /healthz, GET /metrics)")
+    serve(cfg)
+
+
 COMMANDS: dict = {
     ("train", "evaluator"): (TrainEvaluatorConfig, run_train_evaluator,
                              "train LAST's list evaluator (per-position click probability, BCE)", ()),
     ("train", "generator"): (TrainGeneratorConfig, run_train_generator,
                              "train LAST's pointer-network generator (reward-weighted cross-entropy)", ()),
+    ("serve",): (ServeSettings, run_serve, "serve a generator + evaluator with LAST over HTTP", ("run",)),
 }
+

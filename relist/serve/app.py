@@ -1,0 +1,198 @@
+"""The FastAPI application: POST /rerank, GET /healthz, GET /metrics, with micro-batching.
+
+Concurrent /rerank requests wait up to ``window_ms`` (or until ``max_batch`` are queued) and are run
+through LAST as one batch on a single worker thread, so the event loop keeps accepting requests while a
+batch runs. LAST keeps no state between requests, so several uvicorn worker processes can serve the same
+checkpoint (``workers``); each has its own batcher and its own /metrics. The sampling noise comes from
+one seeded generator per process, so a request's exploration depends on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from relist.batch import collate
+from relist.data.store import PreparedDataset
+from relist.last import Last
+from relist.serve.metrics import ServiceMetrics
+from relist.serve.requests import BadRequest, RequestParser, parse_json
+from relist.serve.settings import ServeSettings
+
+log = logging.getLogger("relist")
+SETTINGS_ENV = "RELIST_SERVE_SETTINGS"
+
+
+class Service:
+    """The loaded models, the request parser and LAST."""
+
+    def __init__(self, settings: ServeSettings):
+        from relist.last_commands import load_evaluator
+        from relist.rerankers.base import load_reranker
+
+        run = Path(settings.run)
+        for part in ("generator", "evaluator"):
+            if not (run / part).is_dir():
+                raise FileNotFoundError(f"{run} has no {part}/ (expected the outputs of `relist train {part} --out {run / part}`)")
+        torch.set_num_threads(max(1, settings.threads))
+        gen_dir = run / "generator"
+        self.generator = load_reranker(gen_dir / "best" if (gen_dir / "best").is_dir() else gen_dir)
+        self.evaluator = load_evaluator(run / "evaluator")
+        if self.generator.schema != self.evaluator.schema:
+            raise ValueError(f"{run}: the generator and the evaluator were trained on different feature schemas")
+        data = PreparedDataset(json.loads((gen_dir / "config.json").read_text())["data"])
+        schema = self.generator.schema
+        names = {f.name for f in (*schema.item_sparse, *schema.user_sparse, *schema.user_hist)}
+        vocabs = {name: data.vocab(name) if (data.root / "vocab" / f"{name}.txt").is_file() else None for name in names}
+        limit = self.evaluator.config.max_len
+        max_items = min(settings.max_items or limit, limit)
+        self.parser = RequestParser(schema, vocabs, max_items)
+        self.config = settings.last_config()
+        self.last = Last(self.generator, self.evaluator, self.config)
+        self.noise = torch.Generator().manual_seed(settings.seed)
+
+    def exploration(self, winner: int) -> str:
+        if winner == 0:
+            return "greedy"
+        if self.config.mode == "serial":
+            return f"serial round {winner}"
+        return f"candidate {winner} (step {self.config.steps[winner - 1]:g})"
+
+    def run(self, examples: list[tuple[dict, list[str]]]) -> list[dict]:
+        batch = collate([e for e, _ in examples])
+        out = self.last(batch, self.noise)
+        results = []
+        for b, (_, ids) in enumerate(examples):
+            n = len(ids)
+            order = out.order[b, :n].tolist()
+            results.append({"order": [ids[k] for k in order], "scores": out.scores[b, :n].tolist(),
+                            "evaluator_score": float(out.value[b]), "exploration": self.exploration(int(out.winner[b])),
+                            "candidates": int(out.candidates.shape[1])})
+        return results
+
+
+class MicroBatcher:
+    """Collects concurrent requests for a short window and runs them as one batch on a worker thread."""
+
+    def __init__(self, service: Service, window_ms: float, max_batch: int, metrics: ServiceMetrics):
+        self.service, self.window, self.max_batch, self.metrics = service, window_ms / 1000.0, max(1, max_batch), metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relist-batch")
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, example) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((example, future))
+        return await future
+
+    async def loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = [await self.queue.get()]
+            deadline = loop.time() + self.window
+            while len(pending) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    pending.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                results = await loop.run_in_executor(self.executor, self.service.run, [e for e, _ in pending])
+                self.metrics.observe_batch(len(pending))
+                for (_, future), result in zip(pending, results):
+                    if not future.done():
+                        future.set_result(result)
+            except Exception as err:  # the batch fails, the service goes on
+                log.exception("serve: a batch of %d requests failed", len(pending))
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(err)
+
+
+def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
+    service = service or Service(settings)
+    metrics = ServiceMetrics()
+    batcher = MicroBatcher(service, settings.window_ms, settings.max_batch, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.task = asyncio.create_task(batcher.loop())
+        yield
+        batcher.task.cancel()
+        batcher.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="relist", lifespan=lifespan)
+
+    def error(status: int, message: str, reason: str, started: float) -> JSONResponse:
+        metrics.observe("/rerank", status, time.perf_counter() - started, reason)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.post("/rerank")
+    async def rerank(request: Request):
+        started = time.perf_counter()
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            return error(413, f"body of {declared} bytes, more than the limit of {settings.max_body_bytes}", "body_too_large", started)
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > settings.max_body_bytes:
+                return error(413, f"body larger than the limit of {settings.max_body_bytes} bytes", "body_too_large", started)
+        try:
+            example = service.parser.parse(parse_json(bytes(body)))
+        except BadRequest as err:
+            reason = "malformed_json" if err.status == 400 else ("too_many_items" if err.status == 413 else "invalid_request")
+            return error(err.status, str(err), reason, started)
+        try:
+            result = await batcher.submit(example)
+        except Exception as err:  # noqa: BLE001 - reported to the client, the service keeps serving
+            return error(500, f"internal error: {type(err).__name__}: {err}", "internal", started)
+        metrics.observe("/rerank", 200, time.perf_counter() - started)
+        return result
+
+    @app.get("/healthz")
+    async def healthz():
+        metrics.observe("/healthz", 200, 0.0)
+        return {"status": "ok", "mode": settings.mode, "offsets": settings.offsets, "pid": os.getpid()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app a uvicorn worker process builds (``workers > 1``): settings come through the environment."""
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    return create_app(ServeSettings(**{**raw, "run": Path(raw["run"])}))
+
+
+def load_service(settings: ServeSettings) -> Service:
+    return Service(settings)
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run uvicorn in the foreground until interrupted."""
+    import uvicorn
+
+    if settings.workers > 1:
+        os.environ[SETTINGS_ENV] = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
+        Service(settings)  # fail here, with the message, rather than in every worker
+        uvicorn.run("relist.serve.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level="warning")
+    else:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

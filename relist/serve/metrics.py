@@ -1,0 +1,59 @@
+"""Prometheus text exposition of the service's counters and latency histogram (no client library needed)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServiceMetrics:
+    """Request counts by status, errors by reason, latency and micro-batch size histograms."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: Counter = Counter()  # (path, status) -> count
+        self.errors: Counter = Counter()  # reason -> count
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.batches = 0
+        self.batched_requests = 0
+
+    def observe(self, path: str, status: int, seconds: float, error: str | None = None) -> None:
+        with self.lock:
+            self.requests[path, status] += 1
+            if error:
+                self.errors[error] += 1
+            if path == "/rerank":
+                k = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
+                self.latency[k] += 1
+                self.latency_sum += seconds
+
+    def observe_batch(self, size: int) -> None:
+        with self.lock:
+            self.batches += 1
+            self.batched_requests += size
+
+    def render(self) -> str:
+        with self.lock:
+            lines = ["# HELP relist_requests_total HTTP requests by path and status.", "# TYPE relist_requests_total counter"]
+            lines += [f'relist_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+            lines += ["# HELP relist_request_errors_total Rejected or failed /rerank requests by reason.",
+                      "# TYPE relist_request_errors_total counter"]
+            lines += [f'relist_request_errors_total{{reason="{r}"}} {n}' for r, n in sorted(self.errors.items())]
+            lines += ["# HELP relist_rerank_latency_seconds /rerank latency, body received to response ready.",
+                      "# TYPE relist_rerank_latency_seconds histogram"]
+            running = 0
+            for bound, count in zip(LATENCY_BUCKETS, self.latency):
+                running += count
+                lines.append(f'relist_rerank_latency_seconds_bucket{{le="{bound}"}} {running}')
+            total = running + self.latency[-1]
+            lines += [f'relist_rerank_latency_seconds_bucket{{le="+Inf"}} {total}',
+                      f"relist_rerank_latency_seconds_sum {self.latency_sum:.6f}",
+                      f"relist_rerank_latency_seconds_count {total}",
+                      "# HELP relist_batches_total Micro-batches run.", "# TYPE relist_batches_total counter",
+                      f"relist_batches_total {self.batches}",
+                      "# HELP relist_batched_requests_total Requests served through micro-batches.",
+                      "# TYPE relist_batched_requests_total counter", f"relist_batched_requests_total {self.batched_requests}"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,180 @@
+"""`relist serve`: the real uvicorn server on loopback, called over HTTP — answers, errors, batching, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from relist.batch import collate
+from relist.cli import main
+from relist.data.prepare import PrepareConfig, prepare
+from relist.data.store import PreparedDataset
+from relist.last_commands import load_evaluator
+from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.serve.requests import RequestParser
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=600, n_users=100, n_items=200, seed=2))
+    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=2, n_estimators=20, progress=False))
+    common = ["--data", str(root / "ranker" / "rerank"), "--max-steps", "6", "--batch-size", "32", "--no-progress"]
+    assert main(["train", "evaluator", *common, "--out", str(root / "run" / "evaluator"),
+                 "--model-args", "d_model=16,heads=2,gru=16,hidden=32"]) == 0
+    assert main(["train", "generator", *common, "--out", str(root / "run" / "generator"), "--model-args", "encoder=16,hidden=8"]) == 0
+    return root / "run"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, *args: str):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "relist.cli", "serve", str(run), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read().decode()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start in 60 s")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    proc, url = start_server(run_dir, "--window-ms", "40", "--max-items", "12", "--max-body-bytes", "60000")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def vocabulary(data: PreparedDataset, name: str) -> list[str]:
+    """Raw ids of a field; fields kept as integers have none, and clients send the integer as a string."""
+    try:
+        return data.vocab(name)
+    except KeyError:
+        fields = (*data.schema.item_sparse, *data.schema.user_sparse, *data.schema.user_hist)
+        size = next(f.vocab for f in fields if f.name == name)
+        return [str(k) for k in range(size)]
+
+
+def request_body(data: PreparedDataset, k: int) -> dict:
+    """A test list of the prepared data written as a client would send it (raw ids, named features)."""
+    index = int(data.split("test")[k])
+    start, end = int(data.offsets[index]), int(data.offsets[index + 1])
+    sparse = [f.name for f in data.schema.item_sparse]
+    vocab = {name: vocabulary(data, name) for name in sparse}
+    items = [{"id": vocab[sparse[0]][int(data.item_sparse[r, 0])],
+              "features": {**{n: vocab[n][int(data.item_sparse[r, j])] for j, n in enumerate(sparse) if j},
+                           **{n: float(data.item_dense[r, j]) for j, n in enumerate(data.schema.item_dense)}}}
+             for r in range(start, end)]
+    user = {"id": vocabulary(data, data.schema.user_sparse[0].name)[int(data.user_sparse[index, 0])]}
+    return {"user": user, "items": items}
+
+
+def test_rerank_answers_with_a_reordered_list_scored_by_the_evaluator(run_dir, server):
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    body = request_body(data, 0)
+    reply = httpx.post(server + "/rerank", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    ids = [item["id"] for item in body["items"]]
+    assert sorted(out["order"]) == sorted(ids) and len(out["scores"]) == len(ids)
+    # scores follow the input items and rank into the served order
+    assert [ids[k] for k in sorted(range(len(ids)), key=lambda k: -out["scores"][k])] == out["order"]
+    assert out["candidates"] == 9 and (out["exploration"] == "greedy" or out["exploration"].startswith("candidate"))
+    # the reported evaluator score is the evaluator's on the served order, recomputed here
+    ev = load_evaluator(run_dir / "evaluator")
+    names = {f.name for f in (*ev.schema.item_sparse, *ev.schema.user_sparse, *ev.schema.user_hist)}
+    parser = RequestParser(ev.schema, {n: vocabulary(data, n) for n in names}, 12)
+    example, _ = parser.parse(body)
+    batch = collate([example])
+    served = torch.tensor([[ids.index(i) for i in out["order"]]])
+    with torch.no_grad():
+        value = float(ev.click_probability(batch.reorder(served)).mean())
+    assert value == pytest.approx(out["evaluator_score"], abs=1e-5)
+
+
+BAD = [
+    (b'{"items": [', 400, "malformed JSON"),
+    (b'[1, 2]', 422, "expected a JSON object"),
+    (b'{"items": []}', 422, "empty"),
+    (b'{"items": "N1"}', 422, "expected a list"),
+    (b'{"items": [{"id": 7}]}', 422, "expected a string id"),
+    (b'{"items": [{"id": "a", "features": {"nope": 1}}]}', 422, "unknown feature 'nope'"),
+    (b'{"items": [{"id": "a", "features": {"init_score": NaN}}]}', 400, "NaN"),
+    (b'{"items": [{"id": "a", "features": {"init_score": 1e999}}]}', 422, "not finite"),
+    (b'{"items": [{"id": "a", "features": {"init_score": "x"}}]}', 422, "expected a number"),
+    (b'{"items": [{"id": "a"}], "colour": 1}', 422, "unknown field"),
+    (json.dumps({"items": [{"id": str(k)} for k in range(13)]}).encode(), 413, "more than the limit of 12"),
+    (b'{"items": [' + b" " * 70000 + b"]}", 413, "limit"),
+]
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_service_keeps_serving(run_dir, server):
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    good = request_body(data, 1)
+    for body, status, message in BAD:
+        reply = httpx.post(server + "/rerank", content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert reply.status_code == status, (body[:60], reply.text)
+        assert message in reply.json()["error"], reply.text
+        assert httpx.post(server + "/rerank", json=good, timeout=30).status_code == 200
+    # a missing dense feature is named
+    partial = {"items": [{"id": good["items"][0]["id"], "features": {"init_score": 1.0}}]}
+    reply = httpx.post(server + "/rerank", json=partial, timeout=30)
+    assert reply.status_code == 422 and "missing dense feature" in reply.json()["error"]
+
+
+def test_concurrent_requests_are_micro_batched_and_counted(run_dir, server):
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    bodies = [request_body(data, k % 20) for k in range(24)]
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    before = httpx.get(server + "/metrics").text
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda b: httpx.post(server + "/rerank", json=b, timeout=60), bodies))
+    assert all(r.status_code == 200 for r in replies)
+    for body, reply in zip(bodies, replies):  # every answer is about its own request
+        assert sorted(reply.json()["order"]) == sorted(i["id"] for i in body["items"])
+    after = httpx.get(server + "/metrics").text
+    requests = metric(after, "relist_batched_requests_total") - metric(before, "relist_batched_requests_total")
+    batches = metric(after, "relist_batches_total") - metric(before, "relist_batches_total")
+    assert requests == 24 and batches < 24  # some requests shared a batch
+    assert metric(after, "relist_rerank_latency_seconds_count") - metric(before, "relist_rerank_latency_seconds_count") == 24
+    assert 'relist_requests_total{path="/rerank",status="200"}' in after
+
+
+@pytest.mark.slow
+def test_two_workers_serve_the_same_checkpoint(run_dir):
+    proc, url = start_server(run_dir, "--workers", "2", "--mode", "greedy")
+    try:
+        data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+        body = request_body(data, 2)
+        orders = {tuple(httpx.post(url + "/rerank", json=body, timeout=30).json()["order"]) for _ in range(6)}
+        assert len(orders) == 1  # greedy decoding: every worker gives the same answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
