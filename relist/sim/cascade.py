@@ -34,6 +34,7 @@ session model (``relist.sim.session``) through ``CascadeEnv``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -58,8 +59,8 @@ class CascadeConfig:
     sizes: tuple[int, ...] = (500, 100, 10)  # items kept by each stage; the last is the slate shown
     noise: tuple[float, ...] | None = None  # model error of each stage's towers (default: 0.8 falling to 0.2)
     matching: str = "auto"  # "ivf" (FAISS), "exact", or "auto" (ivf from 50,000 items)
-    nlist: int = 0  # IVF cells (0: 4 sqrt(n))
-    nprobe: int = 24  # IVF cells scanned per query
+    nlist: int = 0  # IVF cells (0: 6 sqrt(n))
+    nprobe: int = 64  # IVF cells scanned per query
     hidden: int = 32  # width of the stage models' error MLP
     seed: int = 0  # stage models' errors
     soft_temperature: float = 1.0  # temperature of the relaxed cascading path (see ``forward``)
@@ -236,6 +237,10 @@ class Cascade(nn.Module):
         # item-side work, once per item: each stage's view of every item
         with torch.no_grad():
             self.item_views = [tower(x.to(catalogue.device)) for tower in self.towers]  # each (n, d + 1)
+        # user-side work, once per user of the population: each stage's user tower over the user's history
+        with torch.no_grad():
+            everyone = torch.arange(catalogue.n_users, device=catalogue.device)
+            self.user_views = [self.history_mean(everyone, s) for s in range(len(c.sizes))]  # each (N, d)
         self.heads = [HEADS_FIRST] + [HEADS_LATER] * (len(c.sizes) - 1)
         self.rel_scale, self.prior_scale = self._score_scales(g)
         self.index = self._build_index(c)
@@ -279,14 +284,16 @@ class Cascade(nn.Module):
             raise ValueError(f"matching must be 'ivf', 'exact' or 'auto', got {c.matching!r}")
         import faiss
 
-        items = self.item_views[0].detach().cpu().numpy().astype(np.float32)
+        # maximum inner product search as nearest neighbours in L2: item x -> [x, sqrt(M - |x|^2)],
+        # query q -> [q, 0], so |q - x'|^2 = |q|^2 + M - 2 q.x and the nearest items have the largest q.x
+        items = self.item_views[0].detach().cpu().numpy().astype(np.float64)
+        norms = (items ** 2).sum(1)
+        items = np.concatenate([items, np.sqrt(norms.max() - norms)[:, None]], axis=1).astype(np.float32)
         d = items.shape[1]
-        nlist = c.nlist or int(4 * math.sqrt(n))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        train = items[np.random.default_rng(c.seed).permutation(n)[: min(n, 64 * nlist)]]
+        nlist = c.nlist or int(6 * math.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
         index.cp.seed = c.seed
-        index.train(train)
+        index.train(items[np.random.default_rng(c.seed).permutation(n)[: min(n, 64 * nlist)]])
         index.add(items)
         index.nprobe = c.nprobe
         return index
@@ -294,7 +301,11 @@ class Cascade(nn.Module):
     # ------------------------------------------------------------------ per request
 
     def user_vector(self, pop: Tensor, stage: int) -> Tensor:
-        """(B, d) stage ``stage``'s user tower: the mean of its item tower over the user's clicked history."""
+        """(B, d) stage ``stage``'s user tower (precomputed per user; see ``history_mean``)."""
+        return self.user_views[stage].index_select(0, pop)
+
+    def history_mean(self, pop: Tensor, stage: int) -> Tensor:
+        """(B, d) the mean of stage ``stage``'s item tower over the user's clicked history (0 without one)."""
         rows = self.catalogue.history_rows(pop)  # (B, H)
         valid = rows >= 0
         view = take(self.item_views[stage][:, :-1], rows.clamp_min(0))  # (B, H, d)
@@ -315,6 +326,7 @@ class Cascade(nn.Module):
         if self.index is None:
             scores = query @ self.item_views[0].T  # (B, n)
             return scores.topk(k, dim=1).indices
+        query = torch.cat([query, torch.zeros_like(query[:, :1])], dim=1)
         _, found = self.index.search(query.cpu().numpy().astype(np.float32), k)
         found = torch.from_numpy(found).to(pop.device)
         # an IVF probe can return fewer than k items (-1): fill with the exact scores' next best is overkill;
@@ -332,13 +344,12 @@ class Cascade(nn.Module):
         return torch.stack([rel, prior, self._diversity(rows, rel + prior)], dim=2)
 
     def _diversity(self, rows: Tensor, value: Tensor) -> Tensor:
-        """-log(1 + rank within the item's category by ``value``) among the candidates (B, K)."""
+        """-log(1 + rank within the item's category by ``value``) among the candidates (B, K), by one sort on
+        (category, -value)."""
         category = take(self.catalogue.category, rows)  # (B, K)
-        by_value = value.argsort(dim=1, descending=True, stable=True)
-        cat_sorted = category.gather(1, by_value)
-        by_cat = cat_sorted.argsort(dim=1, stable=True)  # stable: value order kept inside a category
-        order = by_value.gather(1, by_cat)  # candidates grouped by category, best first in each
-        cats = category.gather(1, order)
+        # standardised scores lie far inside (-100, 100): the key keeps categories apart and values in order
+        order = (category.float() * 256.0 - value.clamp(-100.0, 100.0)).argsort(dim=1)  # ties: only duplicates
+        cats = category.gather(1, order)  # grouped by category, best first in each
         pos = torch.arange(rows.shape[1], device=rows.device).expand_as(cats)
         start = torch.ones_like(cats, dtype=torch.bool)
         start[:, 1:] = cats[:, 1:] != cats[:, :-1]
@@ -346,19 +357,17 @@ class Cascade(nn.Module):
         rank = torch.empty_like(pos).scatter_(1, order, pos - first)
         return -torch.log1p(rank.float())
 
-    def _summary(self, scores: Tensor, rows: Tensor, weight_prev: Tensor | None) -> Tensor:
+    def _summary(self, scores: Tensor, weight_prev: Tensor | None) -> Tensor:
         """(B, 2m + 1): mean and max of each score over the candidates, share of distinct categories."""
         mean = scores.mean(1)
         if weight_prev is not None:  # straight-through: forward value is the plain mean
             soft = (weight_prev[..., None] * scores).sum(1)
             mean = mean + soft - soft.detach()
-        category = take(self.catalogue.category, rows)
-        sorted_cat = category.sort(dim=1).values
-        distinct = 1 + (sorted_cat[:, 1:] != sorted_cat[:, :-1]).sum(1)
-        return torch.cat([mean, scores.amax(1), (distinct.float() / rows.shape[1])[:, None]], dim=1)
+        distinct = (scores[..., 2] == 0).float().mean(1, keepdim=True)  # one item per category has diversity 0
+        return torch.cat([mean, scores.amax(1), distinct], dim=1)
 
     def forward(self, pop: Tensor, ctx: Tensor, actions: Sequence[Tensor] | Callable[[int, Tensor], Tensor],
-                relaxed: bool = False) -> CascadeOutput:
+                relaxed: bool = False, timings: dict[str, float] | None = None) -> CascadeOutput:
         """Run every stage for users ``pop`` (B,) with first observation ``ctx`` (B, d + 4).
 
         ``actions``: a list of per-stage actions (B, m_s), or a function (stage, observation) -> action
@@ -366,28 +375,37 @@ class Cascade(nn.Module):
         actions). Actions are fusion weights in [-1, 1]. With ``relaxed``, each downstream observation's
         score means carry a gradient to the upstream action through a softmax over the upstream fused
         scores (straight-through: the values are unchanged); otherwise no gradient crosses a stage.
-        The result depends only on (pop, ctx, actions): this is the recomputation CIC relies on."""
+        The result depends only on (pop, ctx, actions): this is the recomputation CIC relies on.
+        ``timings`` (optional) accumulates the seconds spent in each stage, by stage name."""
         obs, acts, stages = [ctx], [], []
         rows, fused_prev = None, None
         act = actions if callable(actions) else (lambda s, _obs: actions[s])
         for s in range(self.n_stages):
+            started = time.perf_counter() if timings is not None else 0.0
             if s == 0:
                 a = act(0, ctx)
                 rows = self._match(pop, a)
-                scores = self.scores(pop, rows, 0)
+                # matching's fused scores matter only to the relaxed path (the index already ordered the items)
+                scores = self.scores(pop, rows, 0) if relaxed else None
             else:
                 scores = self.scores(pop, rows, s)
                 weight_prev = torch.softmax(fused_prev / self.config.soft_temperature, dim=1) if relaxed else None
-                obs.append(torch.cat([ctx, self._summary(scores, rows, weight_prev)], dim=1))
+                obs.append(torch.cat([ctx, self._summary(scores, weight_prev)], dim=1))
                 a = act(s, obs[s])  # the stage's agent acts on the observation just built
             acts.append(a)
-            fused = (scores * a[:, None, :]).sum(2)  # (B, K_in)
-            if not relaxed:
-                fused = fused.detach()
+            if scores is None:
+                fused = torch.zeros(rows.shape, device=rows.device)
+            else:
+                fused = (scores * a[:, None, :]).sum(2)  # (B, K_in)
+                fused = fused if relaxed else fused.detach()
             keep = min(self.config.sizes[s], rows.shape[1])
-            top = fused.detach().topk(keep, dim=1, sorted=True).indices
-            rows, fused_prev = rows.gather(1, top), fused.gather(1, top)
+            if s > 0 or keep < rows.shape[1]:  # matching's candidates come best first already
+                top = fused.detach().topk(keep, dim=1, sorted=True).indices
+                rows, fused = rows.gather(1, top), fused.gather(1, top)
+            fused_prev = fused
             stages.append(StageOutput(rows, fused_prev))
+            if timings is not None:
+                timings[self.names[s]] = timings.get(self.names[s], 0.0) + time.perf_counter() - started
         return CascadeOutput(obs, acts, stages)
 
     def observations(self, pop: Tensor, ctx: Tensor, actions: Sequence[Tensor]) -> list[Tensor]:
