@@ -16,6 +16,7 @@ from relist.data.prepare import PrepareConfig
 from relist.rankers.train import TrainRankerConfig
 from relist.last_commands import COMMANDS as LAST_COMMANDS
 from relist.sim.commands import COMMANDS as SIM_COMMANDS
+from relist.experiments.last import LastExperimentConfig
 from relist.experiments.principled import PrincipledExperimentConfig
 from relist.train import TrainConfig
 
@@ -109,6 +110,14 @@ def run_experiment_principled(cfg: PrincipledExperimentConfig) -> None:
     print(f"wrote {cfg.out}/results.csv, summary.md, metrics.png, obedience.png")
 
 
+def run_experiment_last(cfg: LastExperimentConfig) -> None:
+    from relist.experiments.last import run_experiment
+
+    result = run_experiment(cfg)
+    print(result["summary"])
+    print(f"wrote {cfg.out}/results.csv, summary.md, online.md, offline.png, quality.png, offsets.png")
+
+
 def run_demo(cfg: DemoConfig) -> None:
     """The main job: prepare synthetic data, train an initial ranker, print its metrics."""
     from relist.data.prepare import prepare
@@ -134,6 +143,9 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("train", "reranker"): (TrainConfig, run_train_reranker, "train a re-ranker (optionally with the P1/P2 consistency losses)", ()),
     ("experiment", "principled"): (PrincipledExperimentConfig, run_experiment_principled,
                                    "re-rankers with and without the P1/P2 consistency losses, over seeds", ()),
+    ("experiment", "last"): (LastExperimentConfig, run_experiment_last,
+                             "LAST against generator greedy, best-of-K and a principled re-ranker, offline and in the "
+                             "simulator; evaluator-quality and offset studies", ()),
     ("demo",): (DemoConfig, run_demo, "prepare synthetic data, train an initial ranker, print its metrics", ()),
     **SIM_COMMANDS,
     **LAST_COMMANDS,

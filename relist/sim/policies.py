@@ -120,6 +120,39 @@ def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
     return RerankPolicy(ranker, reranker, list_len)
 
 
+class LastScorer:
+    """LAST as a re-ranker for ``RerankPolicy``: ``score(batch)`` returns the served list as scores.
+
+    The sampling noise comes from one generator seeded by the run's seed."""
+
+    def __init__(self, last, seed: int):
+        self.last, self.noise = last, torch.Generator().manual_seed(seed)
+
+    def score(self, batch: ListBatch) -> Tensor:
+        return self.last(batch, self.noise).scores.to(batch.device)
+
+
+def _last(arg: str | None, ctx: PolicyContext) -> Policy:
+    import json
+
+    from relist.data.store import PreparedDataset
+    from relist.last import Last, LastConfig
+    from relist.last_commands import load_evaluator
+    from relist.rerankers.base import load_reranker
+
+    if not arg:
+        raise ValueError("policy 'last' needs a directory: last:DIR holding generator/ and evaluator/ runs")
+    run = Path(arg)
+    if not (run / "generator" / "best").is_dir() or not (run / "evaluator").is_dir():
+        raise FileNotFoundError(f"policy last:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)")
+    rerank_data = Path(json.loads((run / "generator" / "config.json").read_text())["data"])
+    list_len = int(PreparedDataset(rerank_data).manifest["info"]["list_len"])
+    ranker = _load_ranker(str(rerank_data.parent), ctx)
+    generator = load_reranker(run / "generator" / "best").to(ctx.device)
+    last = Last(generator, load_evaluator(run / "evaluator").to(ctx.device), LastConfig())
+    return RerankPolicy(ranker, LastScorer(last, ctx.seed), list_len)
+
+
 def _oracle(arg: str | None, ctx: PolicyContext) -> Policy:
     response = getattr(ctx.simulator, "response", None)
     if response is None or not hasattr(response, "truth"):
@@ -134,6 +167,8 @@ POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] =
     "logged": (_logged, "the candidates' input order (the logged display order)"),
     "ranker": (_ranker, "ranker:DIR, an initial ranker written by `relist train ranker`"),
     "reranker": (_reranker, "reranker:DIR, a `relist train reranker` run on the rerank/ data of `relist train ranker`"),
+    "last": (_last, "last:DIR, LAST parallel over DIR/generator and DIR/evaluator; the initial ranker of their data "
+                    "orders the candidates, LAST reorders its top list"),
     "oracle": (_oracle, "sorts by the true appeal (synthetic ground-truth simulators only)"),
 }
 

@@ -1,0 +1,341 @@
+"""`relist experiment last`: LAST against its baselines offline and in the simulator, and the paper's open questions.
+
+Per seed: an evaluator, a generator and a principled re-ranker (``--principled-model`` with P1+P2) are
+trained on the re-ranking data; then
+- offline, on the test lists: NDCG/MAP on the labels and the mean evaluator score (the seed's own
+  evaluator, which LAST also selects with) of the initial order, the re-ranker, generator greedy,
+  best-of-K sampling (K pure samples + greedy, picked by the evaluator), LAST parallel, LAST serial, and
+  LAST parallel with oracle selection (picks by test labels; for analysis only, labelled as such);
+- online, through the A/B harness on the simulator (a different model family from the evaluator): every
+  method behind the same initial ranker, same users and random numbers; clicks per request and per user
+  with paired CIs over (seed, user) units, lifts against generator greedy;
+- evaluator quality: evaluators trained on fractions of the train lists and the full one with Gaussian
+  noise on its logits; LAST's lift over greedy (offline NDCG@10, the full evaluator's score as judge, and
+  simulator clicks per request) against each evaluator's test AUC;
+- offsets: activations vs pointer layers vs decoder vs all weights, and step-size lists (offline).
+Not done here: the comparison with online learning from delayed feedback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relist.config import option
+from relist.data.store import PreparedDataset
+from relist.last import OFFICIAL_STEPS, Last, LastConfig
+from relist.last_commands import TrainEvaluatorConfig, TrainGeneratorConfig, load_evaluator, train_evaluator, train_generator
+from relist.metrics import auc, per_list_metrics
+from relist.rerankers.base import load_reranker
+from relist.runtime import resolve_device
+
+log = logging.getLogger("relist")
+OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "evaluator")
+
+
+@dataclass
+class LastExperimentConfig:
+    data: Path = option(help="prepared dataset with a ranker split (a LambdaMART initial ranker is trained into "
+                             "OUT/ranker) — or pass --ranker")
+    sim: Path = option(help="simulator directory (`relist sim train` on the same prepared dataset)")
+    out: Path = option(help="output directory: results.csv, summary.md, online.md, plots, runs/")
+    ranker: Path | None = option(None, help="a `relist train ranker` output to use instead of training one")
+    seeds: int = option(5, help="seeds (models and simulated users)")
+    seed: int = option(0, help="first seed")
+    users: int = option(1000, help="simulated users per seed and policy")
+    epochs: int = option(30, help="maximum epochs of each training run")
+    principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
+    fractions: str = option("0.01,0.1,1", help="evaluator-quality sweep: shares of the train lists")
+    noise: str = option("0.5,1,2", help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits")
+    sweeps: bool = option(True, help="run the evaluator-quality and offset studies")
+    device: str = option("cpu", help="cpu, cuda or auto")
+    threads: int = option(1, help="torch threads")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+
+
+class NoisyEvaluator:
+    """An evaluator made worse on purpose: N(0, std²) noise added to every logit it gives."""
+
+    def __init__(self, evaluator, std: float, seed: int):
+        self.evaluator, self.std = evaluator, std
+        self.noise = torch.Generator().manual_seed(seed)
+
+    def eval(self):
+        return self
+
+    def logits(self, batch):
+        with torch.no_grad():
+            logits = self.evaluator(batch)
+        return logits + self.std * torch.randn(logits.shape, generator=self.noise).to(logits.device)
+
+    def click_probability(self, batch):
+        return torch.sigmoid(self.logits(batch)).masked_fill(~batch.mask, 0.0)
+
+
+class _Scorer:
+    """Adapts a LAST configuration to the ``score(batch)`` a policy needs (noise seeded per run)."""
+
+    def __init__(self, last: Last, seed: int):
+        self.last, self.noise = last, torch.Generator().manual_seed(seed)
+
+    def score(self, batch):
+        return self.last(batch, self.noise).scores.to(batch.device)
+
+
+def _ranker_dir(cfg: LastExperimentConfig) -> Path:
+    if cfg.ranker is not None:
+        return Path(cfg.ranker)
+    from relist.rankers.train import TrainRankerConfig, train_ranker
+
+    ranker_dir = Path(cfg.out) / "ranker"
+    if not (ranker_dir / "rerank" / "manifest.json").is_file():
+        train_ranker(TrainRankerConfig(data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed, overwrite=True,
+                                       progress=False))
+    return ranker_dir
+
+
+def offline(scores: torch.Tensor, batch, judge) -> dict[str, float]:
+    """NDCG/MAP on labels and the judge evaluator's mean click probability of the order ``scores`` give."""
+    from relist.batch import rank
+
+    metrics = per_list_metrics(scores.double(), batch.label.double(), batch.mask, ks=(5, 10))
+    out = {k: float(metrics[k].mean()) for k in OFFLINE if k in metrics}
+    with torch.no_grad():
+        prob = judge.click_probability(batch.reorder(rank(scores, batch.mask)))
+    out["evaluator"] = float((prob.sum(1) / batch.lengths).mean())
+    return out
+
+
+def evaluator_auc(evaluator, batch) -> float:
+    with torch.no_grad():
+        logits = evaluator.logits(batch) if isinstance(evaluator, NoisyEvaluator) else evaluator(batch)
+    return auc(logits[batch.mask], batch.label[batch.mask])
+
+
+def _ci(values) -> float:
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def _paired_p(a, b) -> float:
+    from scipy import stats
+
+    if len(a) < 2 or np.allclose(a, b):
+        return float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def run_experiment(cfg: LastExperimentConfig) -> dict:
+    from relist.sim.abtest import markdown, simulate, summarise
+    from relist.sim.policies import PolicyContext, RerankPolicy, _load_ranker
+    from relist.sim.store import load_simulator
+    from relist.train import TrainConfig, train
+
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    ranker_dir = _ranker_dir(cfg)
+    data_dir = ranker_dir / "rerank"
+    data = PreparedDataset(data_dir)
+    list_len = int(data.manifest["info"]["list_len"])
+    test = data.batch(data.split("test"))
+    sim = load_simulator(cfg.sim, device)
+    fractions = [float(f) for f in cfg.fractions.split(",") if f.strip()]
+    noises = [float(f) for f in cfg.noise.split(",") if f.strip()]
+    k = len(OFFICIAL_STEPS)
+    methods = {  # name -> LastConfig (None: not a generator method)
+        "generator greedy": LastConfig(steps=()),
+        f"best-of-{k} sampling": LastConfig(steps=(0.0,) * k),
+        "LAST parallel": LastConfig(),
+        "LAST serial": LastConfig(mode="serial", serial_steps=k),
+    }
+    oracle = LastConfig(select="oracle")
+    rows, online_units, seeds = [], {}, []
+    for s in range(cfg.seeds):
+        seed = cfg.seed + s
+        seeds.append(seed)
+        run = out / "runs" / f"seed{seed}"
+        common = dict(data=data_dir, seed=seed, epochs=cfg.epochs, device=cfg.device, overwrite=True, progress=False)
+        train_evaluator(TrainEvaluatorConfig(out=run / "evaluator", **common))
+        train_generator(TrainGeneratorConfig(out=run / "generator", **common))
+        train(TrainConfig(out=run / cfg.principled_model, model=cfg.principled_model, p1_weight=1.0, p2_weight=1.0, **common))
+        evaluator = load_evaluator(run / "evaluator").to(device)
+        generator = load_reranker(run / "generator" / "best").to(device)
+        principled = load_reranker(run / cfg.principled_model / "best").to(device).eval()
+        batch = test.to(device)
+
+        def record(study: str, method: str, values: dict) -> None:
+            rows.append({"seed": seed, "study": study, "method": method, **values})
+
+        identity = -torch.arange(batch.list_len, dtype=torch.float32, device=device).expand(batch.size, -1)
+        record("offline", "initial order", offline(identity, batch, evaluator))
+        record("offline", f"{cfg.principled_model} +P1+P2", offline(principled.score(batch), batch, evaluator))
+        for name, config in methods.items():
+            result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
+            record("offline", name, offline(result.scores, batch, evaluator))
+        result = Last(generator, evaluator, oracle)(batch, torch.Generator().manual_seed(seed))
+        record("offline", oracle.label, offline(result.scores, batch, evaluator))
+
+        # online: every method behind the same initial ranker, the same users and random numbers
+        ctx = PolicyContext(seed=seed, device=device, simulator=sim)
+        ranker = _load_ranker(str(ranker_dir), ctx)
+        policies = {name: RerankPolicy(ranker, _Scorer(Last(generator, evaluator, c), seed), list_len)
+                    for name, c in methods.items()}
+        policies["initial order"] = ranker.score
+        policies[f"{cfg.principled_model} +P1+P2"] = RerankPolicy(ranker, principled, list_len)
+        for name, policy in policies.items():
+            result = simulate(sim, policy, cfg.users, seed, 1024)
+            for key, values in result.items():
+                online_units.setdefault(name, {}).setdefault(key, []).append(values)
+            record("online", name, {"clicks_per_request": float(result["clicks"].sum() / result["requests"].sum())})
+        _write_csv(out / "results.csv", rows)
+
+        if not cfg.sweeps:
+            continue
+        greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
+        greedy_off = offline(greedy.scores, batch, evaluator)
+        greedy_policy = RerankPolicy(ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len)
+        greedy_online = simulate(sim, greedy_policy, cfg.users // 2, seed, 1024)
+        greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
+        candidates = []
+        for fraction in fractions:
+            if fraction >= 1:
+                candidates.append(("evaluator 100%", evaluator))
+                continue
+            train_evaluator(TrainEvaluatorConfig(out=run / f"evaluator_{fraction:g}", train_fraction=fraction, **common))
+            candidates.append((f"evaluator {100 * fraction:g}%", load_evaluator(run / f"evaluator_{fraction:g}").to(device)))
+        candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in noises]
+        for name, weak in candidates:
+            last = Last(generator, weak, LastConfig())
+            result = last(batch, torch.Generator().manual_seed(seed))
+            values = offline(result.scores, batch, evaluator)
+            policy = RerankPolicy(ranker, _Scorer(Last(generator, weak, LastConfig()), seed), list_len)
+            online = simulate(sim, policy, cfg.users // 2, seed, 1024)
+            record("quality", name, {"auc": evaluator_auc(weak, batch),
+                                     "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                                     "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                                     "lift_clicks_per_request": float(online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1)})
+        for offsets in ("activations", "pointer", "decoder", "all"):
+            for steps in (OFFICIAL_STEPS, (0.0,) * 4 + (2.0, 3.0, 4.0, 5.0), (0.0,) * 4 + (20.0, 30.0, 40.0, 50.0), (6.0, 7.0, 8.0, 9.0) * 2):
+                result = Last(generator, evaluator, LastConfig(offsets=offsets, steps=steps))(batch, torch.Generator().manual_seed(seed))
+                values = offline(result.scores, batch, evaluator)
+                record("offsets", f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
+                       {"lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                        "lift_evaluator": values["evaluator"] - greedy_off["evaluator"]})
+        _write_csv(out / "results.csv", rows)
+
+    names = list(methods) + ["initial order", f"{cfg.principled_model} +P1+P2"]
+    per_policy = {n: {key: np.concatenate(v) for key, v in online_units[n].items()} for n in names}
+    online_rows = summarise(per_policy, np.repeat(seeds, cfg.users))
+    online_md = markdown(online_rows, names, f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are "
+                                             "against generator greedy, paired over the same (seed, user) units.")
+    (out / "online.md").write_text(online_md, encoding="utf-8")
+    summary = _summary(rows, cfg, online_md)
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    _plots(out, rows)
+    (out / "online.json").write_text(json.dumps(online_rows, indent=1, default=float))
+    return {"rows": rows, "summary": summary}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _by(rows, study, method, key) -> list[float]:
+    return [r[key] for r in sorted(rows, key=lambda r: r["seed"]) if r["study"] == study and r["method"] == method and key in r]
+
+
+def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"# LAST experiment ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
+             "Offline, test lists: mean ± 95% CI over seeds (t). `evaluator` = the seed's own evaluator's mean click "
+             "probability, the score LAST selects by. p = paired t-test across seeds against generator greedy / best-of-K.", "",
+             "| method | " + " | ".join(OFFLINE) + " | p vs greedy (evaluator) | p vs best-of-K (evaluator) |",
+             "|---|" + "---|" * (len(OFFLINE) + 2)]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["study"] == "offline"))
+    best_of = next(m for m in methods if m.startswith("best-of"))
+    for m in methods:
+        cells = [f"{np.mean(_by(rows, 'offline', m, key)):.4f} ± {_ci(_by(rows, 'offline', m, key)):.4f}" for key in OFFLINE]
+        p1 = _paired_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", "generator greedy", "evaluator"))
+        p2 = _paired_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", best_of, "evaluator"))
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {p1:.3g} | {p2:.3g} |")
+    lines += ["", "## Online (A/B harness on the simulator)", "", online_md]
+    for study, keys, title in (("quality", ("auc", "lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request"),
+                                "Evaluator quality: LAST parallel's lift over generator greedy (judge = the full evaluator)"),
+                               ("offsets", ("lift_ndcg@10", "lift_evaluator"), "Offsets and step sizes: lift over generator greedy")):
+        names = list(dict.fromkeys(r["method"] for r in rows if r["study"] == study))
+        if not names:
+            continue
+        lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for m in names:
+            lines.append(f"| {m} | " + " | ".join(f"{np.mean(_by(rows, study, m, key)):+.4f} ± {_ci(_by(rows, study, m, key)):.4f}"
+                                                  for key in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality = [r for r in rows if r["study"] == "quality"]
+    if quality:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        for ax, key in zip(axes, ("lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request")):
+            for k, name in enumerate(dict.fromkeys(r["method"] for r in quality)):
+                xs = [r["auc"] for r in quality if r["method"] == name]
+                ys = [r[key] for r in quality if r["method"] == name]
+                ax.scatter(xs, ys, label=name, color=f"C{k}")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel("evaluator AUC (test)")
+            ax.set_ylabel(f"LAST − greedy: {key.removeprefix('lift_')}")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "quality.png", dpi=110)
+        plt.close(fig)
+    offsets = [r for r in rows if r["study"] == "offsets"]
+    if offsets:
+        names = list(dict.fromkeys(r["method"] for r in offsets))
+        means = [np.mean([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
+        errors = [_ci([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.bar(range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("evaluator score − greedy")
+        fig.tight_layout()
+        fig.savefig(out / "offsets.png", dpi=110)
+        plt.close(fig)
+    offline = [r for r in rows if r["study"] == "offline"]
+    names = list(dict.fromkeys(r["method"] for r in offline))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("ndcg@10", "evaluator")):
+        means = [np.mean(_by(rows, "offline", n, key)) for n in names]
+        errors = [_ci(_by(rows, "offline", n, key)) for n in names]
+        ax.bar(range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3, color=[f"C{k}" for k in range(len(names))])
+        ax.set_xticks(range(len(names)), [n[:28] for n in names], rotation=40, ha="right", fontsize=7)
+        ax.set_title(key)
+        ax.set_ylim(bottom=min(means) * 0.95)
+    fig.tight_layout()
+    fig.savefig(out / "offline.png", dpi=110)
+    plt.close(fig)
+
