@@ -219,3 +219,21 @@ def test_serial_respects_its_budget_and_bad_settings_are_errors():
         with pytest.raises(ValueError, match="LAST: unknown"):
             LastConfig(**bad)
     assert math.isfinite(float(out.value.mean()))
+
+
+def test_last_is_a_simulator_policy(runs, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "generator").symlink_to(runs / "gen")
+    (run / "evaluator").symlink_to(runs / "ev")
+    assert main(["sim", "truth", "--data", str(runs / "data"), "--out", str(tmp_path / "sim"), "--session-requests", "2",
+                 "--max-sessions", "1", "--seed", "1"]) == 0
+    args = ["abtest", "--sim", str(tmp_path / "sim"), "--policies", f"ranker:{runs / 'ranker'},last:{run}", "--users", "60",
+            "--seeds", "1", "--out", str(tmp_path / "ab")]
+    assert main(args) == 0
+    rows = (tmp_path / "ab" / "results.csv").read_text()
+    assert "last:run,clicks_per_request" in rows
+    with pytest.raises(FileNotFoundError, match="generator/ and evaluator/"):
+        from relist.sim.policies import PolicyContext, make_policy
+
+        make_policy("last", str(tmp_path), PolicyContext(seed=0, device=torch.device("cpu")))

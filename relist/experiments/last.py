@@ -54,7 +54,7 @@ class LastExperimentConfig:
     principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
     fractions: str = option("0.01,0.1,1", help="evaluator-quality sweep: shares of the train lists")
     noise: str = option("0.5,1,2", help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits")
-    sweeps: bool = option(True, help="run the evaluator-quality and offset studies")
+    sweep_seeds: int = option(0, help="run the evaluator-quality and offset studies on the first N seeds (0: all, -1: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
     threads: int = option(1, help="torch threads")
     overwrite: bool = option(False, help="replace OUT if it exists")
@@ -205,7 +205,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             record("online", name, {"clicks_per_request": float(result["clicks"].sum() / result["requests"].sum())})
         _write_csv(out / "results.csv", rows)
 
-        if not cfg.sweeps:
+        if cfg.sweep_seeds < 0 or (cfg.sweep_seeds and s >= cfg.sweep_seeds):
             continue
         greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
         greedy_off = offline(greedy.scores, batch, evaluator)
