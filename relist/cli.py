@@ -16,6 +16,7 @@ from relist.data.prepare import PrepareConfig
 from relist.rankers.train import TrainRankerConfig
 from relist.last_commands import COMMANDS as LAST_COMMANDS
 from relist.sim.commands import COMMANDS as SIM_COMMANDS
+from relist.rl.commands import COMMANDS as RL_COMMANDS
 from relist.experiments.last import LastExperimentConfig
 from relist.experiments.principled import PrincipledExperimentConfig
 from relist.train import TrainConfig
@@ -149,6 +150,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("demo",): (DemoConfig, run_demo, "prepare synthetic data, train an initial ranker, print its metrics", ()),
     **SIM_COMMANDS,
     **LAST_COMMANDS,
+    **RL_COMMANDS,
 }
 
 

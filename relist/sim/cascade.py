@@ -325,7 +325,7 @@ class Cascade(nn.Module):
         query = torch.cat([weight[:, :1] * u, weight[:, 1:2] / self.prior_scale[0]], dim=1).detach()  # (B, d + 1)
         if self.index is None:
             scores = query @ self.item_views[0].T  # (B, n)
-            return scores.topk(k, dim=1).indices
+            return scores.topk(k, dim=1, sorted=False).indices  # the set matters: later stages re-score
         query = torch.cat([query, torch.zeros_like(query[:, :1])], dim=1)
         _, found = self.index.search(query.cpu().numpy().astype(np.float32), k)
         found = torch.from_numpy(found).to(pop.device)
@@ -399,7 +399,7 @@ class Cascade(nn.Module):
                 fused = (scores * a[:, None, :]).sum(2)  # (B, K_in)
                 fused = fused if relaxed else fused.detach()
             keep = min(self.config.sizes[s], rows.shape[1])
-            if s > 0 or keep < rows.shape[1]:  # matching's candidates come best first already
+            if s > 0 or keep < rows.shape[1]:  # matching keeps all it retrieved (only the set matters)
                 top = fused.detach().topk(keep, dim=1, sorted=True).indices
                 rows, fused = rows.gather(1, top), fused.gather(1, top)
             fused_prev = fused

@@ -1,0 +1,167 @@
+"""The cascade simulator: determinism given actions, matching through the index, scores, CQR, PettingZoo and Gymnasium."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from relist.data.synthetic import SyntheticClickModel, SyntheticParams
+from relist.rl.replay import quantile_rescale
+from relist.sim.cascade import Cascade, CascadeConfig, synthetic_catalogue
+from relist.sim.cascade_env import CascadeEnvConfig, build_env, default_actions, session_metrics
+from relist.sim.cascade_interfaces import CascadeAECEnv, CascadeGymEnv
+from relist.sim.pool import synthetic_item_pool
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def env():
+    built, _ = build_env(CascadeEnvConfig(source="synthetic", n_items=1500, n_users=300, sizes=(150, 40, 8), session_requests=3.0))
+    return built
+
+
+def random_actions(cascade, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(size, m, generator=g) * 2 - 1 for m in cascade.action_dims]
+
+
+def test_cascade_is_a_function_of_first_observation_and_actions(env):
+    state = env.start(torch.arange(64), 3)
+    pop, ctx = env.first(state)
+    actions = random_actions(env.cascade, 64, 0)
+    a = env.cascade(pop, ctx, actions)
+    b = env.cascade(pop, ctx, actions)
+    # the same requests in other batches (halves, reversed) give the same candidates and observations
+    half = env.cascade(pop[32:], ctx[32:], [x[32:] for x in actions])
+    rev = torch.arange(63, -1, -1)
+    flipped = env.cascade(pop[rev], ctx[rev], [x[rev] for x in actions])
+    for s in range(env.cascade.n_stages):
+        assert torch.equal(a.stages[s].rows.sort(1).values, b.stages[s].rows.sort(1).values)
+        assert torch.equal(a.stages[s].rows[32:].sort(1).values, half.stages[s].rows.sort(1).values)
+        assert torch.equal(a.stages[s].rows[rev].sort(1).values, flipped.stages[s].rows.sort(1).values)
+        assert torch.equal(a.obs[s][32:], half.obs[s])
+    assert torch.equal(a.slate, b.slate)  # the shown order too
+    # observations rebuilt from the first observation and the actions are the forward pass's
+    rebuilt = env.cascade.observations(pop, ctx, actions)
+    assert all(torch.equal(x, y) for x, y in zip(rebuilt, a.obs))
+    # and an upstream action changes the downstream observations
+    other = [actions[0].flip(0)] + actions[1:]
+    changed = env.cascade.observations(pop, ctx, other)
+    assert not torch.equal(changed[1], a.obs[1]) and not torch.equal(changed[2], a.obs[2])
+    assert torch.equal(changed[0], a.obs[0])
+
+
+def test_stages_keep_their_top_k_by_the_fused_scores(env):
+    cascade = env.cascade
+    state = env.start(torch.arange(16), 1)
+    pop, ctx = env.first(state)
+    actions = random_actions(cascade, 16, 1)
+    out = cascade(pop, ctx, actions)
+    sizes = cascade.config.sizes
+    for s in range(1, cascade.n_stages):
+        candidates = out.stages[s - 1].rows
+        fused = (cascade.scores(pop, candidates, s) * actions[s][:, None, :]).sum(2)
+        expected = candidates.gather(1, fused.topk(sizes[s], dim=1).indices)
+        assert torch.equal(out.stages[s].rows, expected)
+    # exact matching keeps the catalogue's best by relevance and prior weights
+    u = cascade.user_vector(pop, 0) / cascade.rel_scale[0]
+    view = cascade.item_views[0]
+    fused = actions[0][:, :1] * (u @ view[:, :-1].T) + actions[0][:, 1:] * view[:, -1] / cascade.prior_scale[0]
+    best = fused.topk(sizes[0], dim=1).indices.sort(1).values
+    assert torch.equal(out.stages[0].rows.sort(1).values, best)
+    assert out.slate.shape == (16, sizes[-1])
+
+
+def test_diversity_is_the_rank_within_the_category():
+    truth = SyntheticClickModel.sample(replace(SyntheticParams(), n_items=300, n_users=20, n_categories=4), seed=0)
+    cascade = Cascade(synthetic_catalogue(truth, synthetic_item_pool(truth)), CascadeConfig(sizes=(100, 20, 5)))
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:50].view(2, 25)
+    value = torch.randn(2, 25, generator=torch.Generator().manual_seed(1))
+    got = cascade._diversity(rows, value)
+    category = truth.item_category[rows]
+    for b in range(2):
+        for j in range(25):
+            better = ((category[b] == category[b, j]) & (value[b] > value[b, j])).sum()
+            assert got[b, j] == pytest.approx(-math.log1p(int(better)))
+
+
+def test_ivf_matching_probing_every_cell_is_exact():
+    truth = SyntheticClickModel.sample(replace(SyntheticParams(), n_items=4000, n_users=100), seed=2)
+    catalogue = synthetic_catalogue(truth, synthetic_item_pool(truth))
+    exact = Cascade(catalogue, CascadeConfig(sizes=(200, 50, 10), matching="exact"))
+    ivf = Cascade(catalogue, CascadeConfig(sizes=(200, 50, 10), matching="ivf", nlist=32, nprobe=32))
+    pop = torch.arange(40)
+    weights = torch.rand(40, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a, b = exact._match(pop, weights), ivf._match(pop, weights)
+    overlap = (a.sort(1).values[:, :, None] == b[:, None, :]).any(2).float().mean()
+    assert overlap > 0.999  # the MIPS -> L2 transform loses nothing when every cell is scanned
+    partial = Cascade(catalogue, CascadeConfig(sizes=(200, 50, 10), matching="ivf", nlist=32, nprobe=4))._match(pop, weights)
+    assert (a[:, :, None] == partial[:, None, :]).any(2).float().mean() < overlap  # probing fewer cells is approximate
+
+
+def test_quantile_rescaling_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    ref_reward = torch.cat([torch.zeros(300), torch.rand(700, generator=g) * 500]).round()
+    ref_cell = torch.randint(0, 6, (1000,), generator=g)
+    reward = torch.cat([torch.rand(50, generator=g) * 600, torch.zeros(10)]).round()
+    cell = torch.randint(0, 7, (60,), generator=g)  # cell 6 has no reference rewards
+    got = quantile_rescale(reward, cell, ref_reward, ref_cell)
+    for r, c, q in zip(reward.numpy(), cell.numpy(), got.numpy()):
+        ref = ref_reward[ref_cell == int(c)].numpy()
+        expected = stats.percentileofscore(ref, r, kind="mean") / 100 if len(ref) else 0.5
+        assert q == pytest.approx(expected, abs=1e-6)
+
+
+def test_same_seed_same_sessions_and_default_beats_random_weights(env):
+    a = env.evaluate(None, 200, 5)
+    b = env.evaluate(None, 200, 5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    default, rnd = session_metrics(a), []
+    for seed in range(3):
+        weights = random_actions(env.cascade, 1, seed)
+        rnd.append(session_metrics(env.evaluate(lambda s, obs: weights[s].expand(obs.shape[0], -1), 200, 5))["session_dwell"])
+    assert default["session_dwell"] > np.mean(rnd)
+    assert 1.0 <= default["session_length"] < 20
+
+
+def test_pettingzoo_api(env):
+    from pettingzoo.test import api_test
+
+    aec = CascadeAECEnv(env, seed=0)
+    api_test(aec, num_cycles=40)
+    aec.reset(seed=4)
+    assert aec.agent_selection == "matching"
+    rewards = []
+    for agent in aec.agent_iter(max_iter=3 * 30):
+        obs, reward, terminated, truncated, info = aec.last()
+        assert aec.observation_space(agent).shape == obs.shape
+        rewards.append(reward)
+        aec.step(None if terminated or truncated else np.full(aec.action_space(agent).shape, 0.5, np.float32))
+    assert sum(rewards) > 0
+
+
+def test_gymnasium_single_agent_api(env):
+    from gymnasium.utils.env_checker import check_env
+
+    gym_env = CascadeGymEnv(env, stage=-1, seed=0)
+    check_env(gym_env, skip_render_check=True)
+    obs, _ = gym_env.reset(seed=1)
+    total, done = 0.0, False
+    for _ in range(200):
+        obs, reward, done, _, info = gym_env.step(np.array([1.0, 0.5, 0.25], np.float32))
+        total += reward
+        if done:
+            break
+    assert done and total >= 0
