@@ -42,13 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, *args: str):
+def start_server(run: Path, *args: str, wait: float = 60):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "relist.cli", "serve", str(run), "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + wait
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read().decode()}")
@@ -169,7 +169,7 @@ def test_concurrent_requests_are_micro_batched_and_counted(run_dir, server):
 
 @pytest.mark.slow
 def test_two_workers_serve_the_same_checkpoint(run_dir):
-    proc, url = start_server(run_dir, "--workers", "2", "--mode", "greedy")
+    proc, url = start_server(run_dir, "--workers", "2", "--mode", "greedy", wait=240)
     try:
         data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
         body = request_body(data, 2)

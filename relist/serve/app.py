@@ -10,6 +10,7 @@ one seeded generator per process, so a request's exploration depends on what it 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -192,7 +193,9 @@ def serve(settings: ServeSettings) -> None:
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
         Service(settings)  # fail here, with the message, rather than in every worker
+        # loading torch and the models takes longer than uvicorn's default 5 s worker health check on a busy machine
+        extra = {"timeout_worker_healthcheck": 120} if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters else {}
         uvicorn.run("relist.serve.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level="warning")
+                    workers=settings.workers, log_level="warning", **extra)
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
