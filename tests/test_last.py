@@ -221,14 +221,19 @@ def test_serial_respects_its_budget_and_bad_settings_are_errors():
     assert math.isfinite(float(out.value.mean()))
 
 
-def test_last_is_a_simulator_policy(runs, tmp_path):
+@pytest.fixture(scope="module")
+def truth_sim(runs):
+    assert main(["sim", "truth", "--data", str(runs / "data"), "--out", str(runs / "sim"), "--session-requests", "2",
+                 "--max-sessions", "1", "--seed", "1"]) == 0
+    return runs / "sim"
+
+
+def test_last_is_a_simulator_policy(runs, truth_sim, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "generator").symlink_to(runs / "gen")
     (run / "evaluator").symlink_to(runs / "ev")
-    assert main(["sim", "truth", "--data", str(runs / "data"), "--out", str(tmp_path / "sim"), "--session-requests", "2",
-                 "--max-sessions", "1", "--seed", "1"]) == 0
-    args = ["abtest", "--sim", str(tmp_path / "sim"), "--policies", f"ranker:{runs / 'ranker'},last:{run}", "--users", "60",
+    args = ["abtest", "--sim", str(truth_sim), "--policies", f"ranker:{runs / 'ranker'},last:{run}", "--users", "60",
             "--seeds", "1", "--out", str(tmp_path / "ab")]
     assert main(args) == 0
     rows = (tmp_path / "ab" / "results.csv").read_text()
@@ -237,3 +242,25 @@ def test_last_is_a_simulator_policy(runs, tmp_path):
         from relist.sim.policies import PolicyContext, make_policy
 
         make_policy("last", str(tmp_path), PolicyContext(seed=0, device=torch.device("cpu")))
+
+
+def test_delayed_feedback_learner_waits_for_its_delay_and_leaves_the_generator_alone(runs, truth_sim):
+    from relist.experiments.last import DelayedFeedbackLearner
+    from relist.sim.store import load_simulator
+
+    sim = load_simulator(truth_sim, torch.device("cpu"))
+    gen = load_reranker(runs / "gen" / "best")
+    before = weights_hash(gen)
+    data = PreparedDataset(runs / "ranker" / "rerank")
+    batches = [data.batch(data.split("test")[k:k + 30]) for k in range(0, 120, 30)]
+    patient = DelayedFeedbackLearner(gen, sim, delay=10_000, seed=0)
+    for batch in batches:  # nothing has arrived yet: it serves the deployed generator's greedy lists
+        assert torch.equal(rank(patient.score(batch), batch.mask), gen.decode(batch)[0])
+    assert patient.updates == 0 and len(patient.pending) == 4
+    logged = patient.pending[0][1]
+    assert set(logged.label.unique().tolist()) <= {0.0, 1.0} and torch.all(logged.label[~logged.mask] == 0)
+    eager = DelayedFeedbackLearner(gen, sim, delay=30, seed=0)
+    for batch in batches:
+        eager.score(batch)
+    assert eager.updates == 3  # each batch's clicks are used once 30 more requests have been served
+    assert weights_hash(eager.generator) != before and weights_hash(gen) == before

@@ -13,12 +13,14 @@ trained on the re-ranking data; then
   noise on its logits; LAST's lift over greedy (offline NDCG@10, the full evaluator's score as judge, and
   simulator clicks per request) against each evaluator's test AUC;
 - offsets: activations vs pointer layers vs decoder vs all weights, and step-size lists (offline).
-Not done here: the comparison with online learning from delayed feedback.
+- delayed feedback: LAST against classic online learning, a copy of the generator fine-tuned on the clicks
+  its own lists got, arriving ``D`` requests later (``--delays``), on the same simulated traffic.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -54,6 +56,8 @@ class LastExperimentConfig:
     principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
     fractions: str = option("0.01,0.1,1", help="evaluator-quality sweep: shares of the train lists")
     noise: str = option("0.5,1,2", help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits")
+    delays: str = option("0,500,2000", help="delayed-feedback study: delays D (requests) before a list's clicks reach "
+                                            "the online learner")
     sweep_seeds: int = option(0, help="run the evaluator-quality and offset studies on the first N seeds (0: all, -1: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
     threads: int = option(1, help="torch threads")
@@ -87,6 +91,52 @@ class _Scorer:
 
     def score(self, batch):
         return self.last(batch, self.noise).scores.to(batch.device)
+
+
+class DelayedFeedbackLearner:
+    """Classic online learning, the alternative LAST avoids: serve the generator's greedy list, and fine-tune the
+    generator on the clicks those lists got once ``delay`` more requests have been served.
+
+    The feedback is drawn from the simulator's own click model on the list shown (top ``slate_size``), with
+    this learner's random numbers; each update is one Adam step of the generator's own loss (reward-weighted
+    cross-entropy, NDCG reward) on a batch of lists labelled with their clicks. The learner works on a copy:
+    the generator passed in is not changed. Used inside ``RerankPolicy``: ``score(top)`` gets the initial
+    ranker's top list with ``init_score`` appended as the last dense feature.
+    """
+
+    def __init__(self, generator, simulator, delay: int, seed: int, learning_rate: float = 1e-3):
+        import copy
+
+        self.generator = copy.deepcopy(generator).train()
+        self.simulator, self.delay = simulator, delay
+        self.optimiser = torch.optim.Adam(self.generator.parameters(), lr=learning_rate)
+        self.noise = torch.Generator().manual_seed(seed)
+        self.pending: list[tuple[int, object]] = []  # (requests served when it was logged, labelled lists)
+        self.served = 0
+        self.updates = 0
+
+    def score(self, top):
+        from relist.generator import order_scores
+
+        with torch.no_grad():
+            order, _ = self.generator.decode(top)
+            shown = top.reorder(order)
+            pool_view = dataclasses.replace(shown, item_dense=shown.item_dense[..., :-1]).truncate(self.simulator.slate_size)
+            prob = self.simulator.response.respond(pool_view).prob
+            clicks = (torch.rand(prob.shape, generator=self.noise).to(prob.device) < prob) & pool_view.mask
+            label = torch.zeros_like(top.label)
+            label.scatter_(1, order[:, : clicks.shape[1]], clicks.float())  # back to the items' columns
+        self.served += top.size
+        self.pending.append((self.served, dataclasses.replace(top, label=label)))
+        while self.pending and self.pending[0][0] + self.delay <= self.served:
+            _, logged = self.pending.pop(0)
+            with torch.enable_grad():
+                loss = self.generator.loss(logged)["loss"]
+                self.optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimiser.step()
+            self.updates += 1
+        return order_scores(order, top.mask)
 
 
 def _ranker_dir(cfg: LastExperimentConfig) -> Path:
@@ -165,7 +215,8 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         "LAST serial": LastConfig(mode="serial", serial_steps=k),
     }
     oracle = LastConfig(select="oracle")
-    rows, online_units, seeds = [], {}, []
+    delays = [int(d) for d in cfg.delays.split(",") if d.strip()]
+    rows, online_units, seeds, delayed_units, delayed_seeds = [], {}, [], {}, []
     for s in range(cfg.seeds):
         seed = cfg.seed + s
         seeds.append(seed)
@@ -237,6 +288,19 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
                 record("offsets", f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
                        {"lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
                         "lift_evaluator": values["evaluator"] - greedy_off["evaluator"]})
+        # classic online learning from delayed feedback against LAST, on the same traffic (users in batches of 50)
+        arms = {"generator greedy": RerankPolicy(ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len),
+                "LAST parallel": RerankPolicy(ranker, _Scorer(Last(generator, evaluator, LastConfig()), seed), list_len)}
+        for delay in delays:
+            learner = DelayedFeedbackLearner(generator, sim, delay, seed)
+            arms[f"online learning, delay {delay}"] = RerankPolicy(ranker, learner, list_len)
+        for name, policy in arms.items():
+            result = simulate(sim, policy, cfg.users, seed, 50)
+            for key, values in result.items():
+                delayed_units.setdefault(name, {}).setdefault(key, []).append(values)
+            record("delayed", name, {"clicks_per_request": float(result["clicks"].sum() / result["requests"].sum()),
+                                     "requests": float(result["requests"].sum())})
+        delayed_seeds.append(seed)
         _write_csv(out / "results.csv", rows)
 
     names = list(methods) + ["initial order", f"{cfg.principled_model} +P1+P2"]
@@ -244,6 +308,13 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
     online_rows = summarise(per_policy, np.repeat(seeds, cfg.users))
     online_md = markdown(online_rows, names, f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are "
                                              "against generator greedy, paired over the same (seed, user) units.")
+    if delayed_units:
+        arms = list(delayed_units)
+        per_arm = {n: {key: np.concatenate(v) for key, v in delayed_units[n].items()} for n in arms}
+        delayed_rows = summarise(per_arm, np.repeat(delayed_seeds, cfg.users))
+        online_md += "\n## Delayed feedback\n\n" + markdown(
+            delayed_rows, arms, f"Online learning from delayed feedback vs LAST: {cfg.users} users x {len(delayed_seeds)} "
+                                "seeds, served in batches of 50 users; lifts against generator greedy.")
     (out / "online.md").write_text(online_md, encoding="utf-8")
     summary = _summary(rows, cfg, online_md)
     (out / "summary.md").write_text(summary, encoding="utf-8")
