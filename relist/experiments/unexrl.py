@@ -53,6 +53,7 @@ class UnexrlExperimentConfig:
     methods: str = option(",".join(ALL_METHODS), help="comma-separated methods of the main table")
     stages: str = option("3,4,5", help="stage counts of the stage study (empty: skip it)")
     stage_methods: str = option("cem,unexrl_ctde,unexrl", help="methods of the stage study")
+    stage_seeds: int = option(0, help="seeds of the stage study (0: --seeds)")
     steps: int = option(300, help="training steps (requests of every parallel user)")
     n_envs: int = option(128, help="simulated users in parallel during training")
     updates_per_step: int = option(1, help="gradient updates per training step")
@@ -128,15 +129,16 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     rows, curves, envs = [], [], {}
-    plan = [(len(env_cfg.sizes), m) for m in ["default", "random", *methods]]
-    plan += [(n, m) for n in counts if n != len(env_cfg.sizes) for m in ["default", *stage_methods]]
-    for n_stages, method in plan:
+    stage_seeds = seeds[: cfg.stage_seeds] if cfg.stage_seeds > 0 else seeds
+    plan = [(len(env_cfg.sizes), m, seeds) for m in ["default", "random", *methods]]
+    plan += [(n, m, stage_seeds) for n in counts if n != len(env_cfg.sizes) for m in ["default", *stage_methods]]
+    for n_stages, method, run_seeds in plan:
         if n_stages not in envs:
             sizes = stage_sizes(tuple(env_cfg.sizes), n_stages)
             envs[n_stages] = build_env(replace(env_cfg, sizes=sizes))
             log.info("environment with %d stages %s: %s", n_stages, sizes, envs[n_stages][1]["session"])
         env = envs[n_stages][0]
-        for seed in seeds:
+        for seed in run_seeds:
             row, curve = run_method(env, method, cfg, seed)
             rows.append({"stages": n_stages, **row})
             curves += [{"stages": n_stages, "method": method, "seed": seed, **c} for c in curve]
@@ -200,7 +202,8 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
             lines.append(f"- vs {LABELS[other]}: " + "; ".join(parts))
     others = [n for n in counts if n != base_stages]
     if others:
-        lines += ["", "## More stages (the paper's open question)", "",
+        n_seeds = cfg.stage_seeds if cfg.stage_seeds > 0 else cfg.seeds
+        lines += ["", "## More stages (the paper's open question)", "", f"Mean ± 95% CI over {n_seeds} seed(s).", "",
                   "| stages | sizes | method | session dwell (s) | session length |", "|---|---|---|---|---|"]
         for n in sorted(set(counts) | {base_stages}):
             if n not in envs:

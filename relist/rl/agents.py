@@ -61,7 +61,9 @@ class AgentConfig:
     target_noise: float = 0.2
     noise_clip: float = 0.5
     policy_delay: int = 2  # with twin only
-    action_l2: float = 0.1  # penalty on the actors' pre-tanh outputs (keeps them off the saturated corners)
+    critic_warmup: int = 50  # updates of the critics alone before the actors follow their gradients
+    warm_start: bool = True  # actors start at the hand-set weights (False: near zero weights, a near-random order)
+    action_l2: float = 1.0  # penalty on the actors' pre-tanh outputs beyond +-2 (keeps them off tanh's flat tails)
 
 
 # the paper's table: method -> switches (CEM is ``relist.rl.cem``)
@@ -136,7 +138,8 @@ class MultiStageAgent(nn.Module):
         h = config.hidden
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            self.actors = nn.ModuleDict({str(s): Actor(self.obs_dims[s], self.act_dims[s], h, self.default[s].cpu())
+            self.actors = nn.ModuleDict({str(s): Actor(self.obs_dims[s], self.act_dims[s], h,
+                                                       self.default[s].cpu() if config.warm_start else None)
                                          for s in self.acting})
             n_q = 2 if config.twin else 1
             if config.critic == "global":
@@ -238,7 +241,7 @@ class MultiStageAgent(nn.Module):
         self.critic_opt.step()
         self.updates += 1
         out = {"critic_loss": float(critic_loss.detach()), "reward": float(reward.mean())}
-        if c.twin and self.updates % c.policy_delay:
+        if self.updates <= c.critic_warmup or (c.twin and self.updates % c.policy_delay):
             return out
         first = self.critics[0]
         if c.critic == "global":
@@ -252,7 +255,7 @@ class MultiStageAgent(nn.Module):
         else:
             actor_loss = -sum(first[str(s)](obs[s], self.policy(train=True)(s, obs[s])).mean() for s in self.acting)
         if c.action_l2 > 0:  # on the buffer's observations: the same regulariser for every method
-            actor_loss = actor_loss + c.action_l2 * sum(unwrap(self.actors[str(s)]).pre_activation(obs[s]).pow(2).mean()
+            actor_loss = actor_loss + c.action_l2 * sum((unwrap(self.actors[str(s)]).pre_activation(obs[s]).abs() - 2.0).relu().pow(2).mean()
                                                         for s in self.acting)
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()

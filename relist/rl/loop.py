@@ -47,7 +47,7 @@ class LoopConfig:
 def user_groups(env: CascadeEnv, n_groups: int = 4) -> Tensor:
     """(N,) group of every population user: quantile bucket of its history length (CQR's user groups)."""
     everyone = torch.arange(env.cascade.catalogue.n_users, device=env.device)
-    length = (env.cascade.catalogue.history_rows(everyone) >= 0).sum(1).float()
+    length = env.cascade.catalogue.history_known(everyone).sum(1).float()
     edges = torch.quantile(length, torch.linspace(0, 1, n_groups + 1, device=env.device)[1:-1])
     return torch.bucketize(length, edges)
 
@@ -130,6 +130,7 @@ def train_agent(env: CascadeEnv, config: AgentConfig, loop: LoopConfig, seed: in
         if step + 1 >= loop.warmup and replay.size >= config.batch_size:
             for _ in range(loop.updates_per_step):
                 agent.update(replay.sample(config.batch_size, generator), replay)
+    agent.replay = replay  # kept for inspection (tests, diagnostics)
     return agent, curve
 
 

@@ -6,7 +6,8 @@ simulator (``relist.sim``):
 
 - **Catalogue.** Every item has a vector ``v`` and a prior ``b`` such that the user model's appeal is
   (up to user-side terms) ``b + <u, v>``: for MIND, the learned factorised click model's item vectors and
-  item biases, one row per item seen in the logs (``mind_catalogue``); for synthetic pools (up to 10**6
+  item biases, one row per item impressed in the logs (``mind_catalogue``; items only ever seen in
+  histories get vectors too, for the user towers, but are not candidates); for synthetic pools (up to 10**6
   items) the ground truth's factors and biases (``synthetic_catalogue``).
 - **Stage models.** Stage s sees the items through its own imperfect item tower
   ``T_s(x) = x + noise_s * g_s(x)``, ``x = [v, b]``, with ``g_s`` a fixed random two-layer MLP scaled to unit
@@ -91,6 +92,11 @@ class Catalogue:
     id_to_row: Tensor  # (vocab,) item id -> catalogue row, -1 if absent
     affinity: tuple = ()  # as ``ListPool.affinity``: user-item dense features recomputed per user
     schema: object = None
+    # vectors and priors of every item id a history may hold (row = item id), for the stages' user towers;
+    # None: histories are read through the catalogue rows (items outside it are skipped)
+    hist_vec: Tensor | None = None  # (vocab, d)
+    hist_bias: Tensor | None = None  # (vocab,)
+    hist_known: Tensor | None = None  # (vocab,) bool
 
     @property
     def n_items(self) -> int:
@@ -103,6 +109,12 @@ class Catalogue:
     @property
     def device(self) -> torch.device:
         return self.vec.device
+
+    def history_known(self, pop: Tensor) -> Tensor:
+        """(B, H) whether each history entry has a vector for the user towers."""
+        if self.hist_known is None:
+            return self.history_rows(pop) >= 0
+        return self.hist_known[take(self.user_hist, pop)[..., 0]]
 
     def history_rows(self, pop: Tensor) -> Tensor:
         """(B, H) catalogue rows of the users' history items, -1 for padding or items not in the catalogue."""
@@ -171,12 +183,36 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
         appeal, v = response.encode(batch)
         vecs.append(v[:, 0])
         biases.append(appeal[:, 0])
+    # every item id that histories hold (most MIND history items were never impressed in the subset):
+    # sparse fields from the history columns of the same names, dense features unknown (zeros)
+    hist_all = torch.from_numpy(np.array(data.user_hist))
+    hist_names = [f.name for f in data.schema.user_hist]
     names = [f.name for f in data.schema.item_sparse]
+    hist_sparse = torch.zeros(vocab, len(names), dtype=torch.long)
+    for k, name in enumerate(names):
+        if name in hist_names:
+            hist_sparse[hist_all[:, 0], k] = hist_all[:, hist_names.index(name)]
+    hist_dense = torch.zeros(vocab, dense.shape[1])
+    hist_sparse[ids], hist_dense[ids] = sparse, dense  # impressed items keep their own fields
+    known = hist_sparse[:, 0] > 0
+    hv, hb = [], []
+    for start in range(0, vocab, chunk):
+        s, d = hist_sparse[start:start + chunk].to(device), hist_dense[start:start + chunk].to(device)
+        m = s.shape[0]
+        batch = ListBatch(item_sparse=s[:, None], item_dense=d[:, None], label=torch.zeros(m, 1, device=device),
+                          mask=torch.ones(m, 1, dtype=torch.bool, device=device),
+                          user_sparse=torch.zeros(m, len(data.schema.user_sparse), dtype=torch.long, device=device),
+                          user_hist=torch.zeros(m, 0, len(data.schema.user_hist), dtype=torch.long, device=device),
+                          list_id=torch.zeros(m, dtype=torch.long, device=device))
+        appeal, v = response.encode(batch)
+        hv.append(v[:, 0])
+        hb.append(appeal[:, 0])
     cat_col = names.index(category_field)
     return Catalogue(vec=torch.cat(vecs).to(pool.device), bias=torch.cat(biases).to(pool.device),
                      category=sparse[:, cat_col].to(pool.device), sparse=sparse.to(pool.device), dense=dense.to(pool.device),
                      user_sparse=pool.user_sparse, user_hist=pool.user_hist, id_to_row=id_to_row.to(pool.device),
-                     affinity=_affinity_columns(data), schema=data.schema)
+                     affinity=_affinity_columns(data), schema=data.schema, hist_vec=torch.cat(hv).to(pool.device),
+                     hist_bias=torch.cat(hb).to(pool.device), hist_known=known.to(pool.device))
 
 
 class StageTower(nn.Module):
@@ -237,6 +273,11 @@ class Cascade(nn.Module):
         # item-side work, once per item: each stage's view of every item
         with torch.no_grad():
             self.item_views = [tower(x.to(catalogue.device)) for tower in self.towers]  # each (n, d + 1)
+        self.hist_views = None
+        if catalogue.hist_vec is not None:
+            with torch.no_grad():
+                xh = torch.cat([catalogue.hist_vec, catalogue.hist_bias[:, None]], dim=1)
+                self.hist_views = [tower(xh) for tower in self.towers]  # each (vocab, d + 1)
         # user-side work, once per user of the population: each stage's user tower over the user's history
         with torch.no_grad():
             everyone = torch.arange(catalogue.n_users, device=catalogue.device)
@@ -306,6 +347,11 @@ class Cascade(nn.Module):
 
     def history_mean(self, pop: Tensor, stage: int) -> Tensor:
         """(B, d) the mean of stage ``stage``'s item tower over the user's clicked history (0 without one)."""
+        if self.hist_views is not None:
+            ids = take(self.catalogue.user_hist, pop)[..., 0]  # (B, H)
+            valid = self.catalogue.hist_known[ids]
+            view = take(self.hist_views[stage][:, :-1], ids)  # (B, H, d)
+            return (view * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
         rows = self.catalogue.history_rows(pop)  # (B, H)
         valid = rows >= 0
         view = take(self.item_views[stage][:, :-1], rows.clamp_min(0))  # (B, H, d)
@@ -313,7 +359,7 @@ class Cascade(nn.Module):
 
     def context(self, pop: Tensor, users: Users, last_clicks: Tensor) -> Tensor:
         """The first stage's observation (B, d + 4) for users at their next request."""
-        hist = (self.catalogue.history_rows(pop) >= 0).sum(1).float()
+        hist = self.catalogue.history_known(pop).sum(1).float()
         extra = torch.stack([torch.log1p(hist) / 3.0, users.depth.float() / 10.0, users.session.float(),
                              last_clicks.float() / 2.0], dim=1)
         return torch.cat([self.user_vector(pop, 0), extra], dim=1)
