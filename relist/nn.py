@@ -132,6 +132,43 @@ def mlp(sizes: list[int], dropout: float = 0.0, last_activation: bool = False) -
     return nn.Sequential(*layers)
 
 
+class TransformerBlock(nn.Module):
+    """A post-norm Transformer encoder block (Vaswani et al., 2017) over padded lists.
+
+    Multi-head self-attention, then a ReLU feed-forward layer, each with dropout, a residual connection and
+    layer normalisation: the layout of ``torch.nn.TransformerEncoderLayer``'s defaults, written out so that
+
+    - attention runs through ``scaled_dot_product_attention`` in training and inference alike (the
+      built-in layer's inference fast path converts padded lists to nested tensors, slow on the CPU);
+    - the query/key/value projection may be passed in precomputed (``qkv``). It is linear, so a caller
+      whose input is an order-free item part plus a position part projects the item part once per batch
+      and only adds the projected position part for each presentation of the list.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float = 0.1):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.attention_dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.attention_out = nn.Linear(d_model, d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model))
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, qkv: Tensor | None = None) -> Tensor:
+        """``x`` (B, L, d); ``mask`` (B, L), True for real items; ``qkv`` (B, L, 3d) = ``self.qkv(x)`` if given."""
+        size, length, width = x.shape
+        qkv = self.qkv(x) if qkv is None else qkv
+        q, k, v = qkv.view(size, length, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        attend = (mask | ~mask.any(1, keepdim=True))[:, None, None, :]  # a list with no real item attends to all
+        attended = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.attention_dropout if self.training else 0.0)
+        attended = attended.transpose(1, 2).reshape(size, length, width)
+        x = self.norm1(x + self.dropout(self.attention_out(attended)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
 def padding_mask(mask: Tensor) -> Tensor:
     """``key_padding_mask`` for ``nn.MultiheadAttention``: True where a key must be ignored.
 

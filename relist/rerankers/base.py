@@ -113,6 +113,8 @@ class Reranker(nn.Module):
 
     def logits(self, encoded: Encoded, batch: ListBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits (B, L) of one presentation and any auxiliary loss parts the context produced."""
+        if batch.list_len > self.config.max_len:
+            raise ValueError(f"lists of {batch.list_len} items are longer than this model's max_len {self.config.max_len}")
         out = self.context(encoded, batch)
         logits, aux = out if isinstance(out, tuple) else (out, {})
         if self.skip_weight is not None:

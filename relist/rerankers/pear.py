@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
-from relist.nn import mlp, padding_mask
+from relist.nn import TransformerBlock, mlp, padding_mask
 from relist.rerankers.base import Encoded, Reranker, RerankerConfig, register
 
 
@@ -46,9 +46,7 @@ class PEAR(Reranker):
         self.hist_project = nn.Linear(c.embedding_dim * max(len(schema.user_hist), 1), c.d_model)
         self.cls = nn.Parameter(torch.zeros(1, 1, c.d_model))
         self.position = nn.Embedding(c.max_len + 1, c.d_model)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ffn, c.dropout, batch_first=True)
-            for _ in range(c.n_blocks))
+        self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
         self.cross = nn.MultiheadAttention(c.d_model, c.n_heads, dropout=c.dropout, batch_first=True)
         self.item_head = mlp([2 * c.d_model, c.d_model, 1], dropout=c.dropout)
         self.list_head = nn.Linear(c.d_model, 1)
@@ -68,9 +66,8 @@ class PEAR(Reranker):
         tokens = torch.cat([self.cls.expand(size, -1, -1), encoded.items], dim=1)  # (B, 1+L, d)
         tokens = tokens + self.position(torch.arange(length + 1, device=batch.device))
         mask = torch.cat([torch.ones(size, 1, dtype=torch.bool, device=batch.device), batch.mask], dim=1)
-        ignore = padding_mask(mask)
         for block in self.blocks:
-            tokens = block(tokens, src_key_padding_mask=ignore)
+            tokens = block(tokens, mask)
         items = tokens[:, 1:]  # (B, L, d)
         if encoded.hist.shape[1]:
             # A user without history attends to nothing: give them one zero key, and zero the result.

@@ -7,6 +7,10 @@ list, trained with listwise cross-entropy on the clicks.
 Deviations: the personalised vector is learned end-to-end from the user's id and clicked history (the
 paper pre-trains it with the initial ranker); the input projection to ``d_model`` is applied before the
 position embedding is added (needed when the raw feature width differs from ``d_model``).
+
+Cost: the first block's query/key/value projection of the item part is computed once per batch in
+``encode_items`` and travels with the items when a presentation reorders them; each presentation only
+adds the projection of its position embeddings (the projection is linear, so the result is the same).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
-from relist.nn import padding_mask
+from relist.nn import TransformerBlock
 from relist.rerankers.base import Encoded, Reranker, RerankerConfig, register
 
 
@@ -40,18 +44,21 @@ class PRM(Reranker):
         c = self.config
         self.project = nn.Linear(self.input_dim, c.d_model)
         self.position = nn.Embedding(c.max_len, c.d_model)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ffn, c.dropout, batch_first=True)
-            for _ in range(c.n_blocks))
+        if c.n_blocks < 1:
+            raise ValueError(f"PRM needs at least one block, got n_blocks={c.n_blocks}")
+        self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
         self.out = nn.Linear(c.d_model, 1)
 
     def encode_items(self, items: Tensor) -> Tensor:
-        return self.project(items)  # (B, L, d_model)
+        x = self.project(items)  # (B, L, d_model)
+        first = self.blocks[0].qkv
+        return torch.cat([x, nn.functional.linear(x, first.weight)], dim=-1)  # item part of the first block's qkv
 
     def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
-        length = batch.list_len
-        x = encoded.items + self.position(torch.arange(length, device=batch.device))  # (B, L, d)
-        ignore = padding_mask(batch.mask)
-        for block in self.blocks:
-            x = block(x, src_key_padding_mask=ignore)
+        d = self.config.d_model
+        position = self.position.weight[:batch.list_len]  # (L, d)
+        x = encoded.items[..., :d] + position
+        qkv = encoded.items[..., d:] + self.blocks[0].qkv(position)
+        for k, block in enumerate(self.blocks):
+            x = block(x, batch.mask, qkv if k == 0 else None)
         return self.out(x).squeeze(-1)  # (B, L)

@@ -9,6 +9,7 @@ permutation-equivariant: the score of an item does not depend on where it was pr
 variant), which is what makes the initial ranker's order — and the consistency losses — matter.
 Deviations: MSAB rather than the induced IMSAB (lists here are at most a few hundred items); user
 features are appended to every item (``use_user=False`` for the paper's non-personalised model).
+The first block's query/key/value projection of the items is computed once per batch (as in PRM).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
-from relist.nn import padding_mask
+from relist.nn import TransformerBlock
 from relist.rerankers.base import Encoded, Reranker, RerankerConfig, register
 
 
@@ -44,19 +45,23 @@ class SetRank(Reranker):
         self.order_sensitive = c.ordinal
         self.project = nn.Sequential(nn.Linear(self.input_dim, c.d_model), nn.ReLU(), nn.Linear(c.d_model, c.d_model))
         self.ordinal = nn.Embedding(c.max_len, c.d_model) if c.ordinal else None
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ffn, c.dropout, batch_first=True)
-            for _ in range(c.n_blocks))
+        if c.n_blocks < 1:
+            raise ValueError(f"SetRank needs at least one block, got n_blocks={c.n_blocks}")
+        self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
         self.out = nn.Linear(c.d_model, 1)
 
     def encode_items(self, items: Tensor) -> Tensor:
-        return self.project(items)
+        x = self.project(items)
+        first = self.blocks[0].qkv
+        return torch.cat([x, nn.functional.linear(x, first.weight)], dim=-1)  # item part of the first block's qkv
 
     def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
-        x = encoded.items
+        d = self.config.d_model
+        x, qkv = encoded.items[..., :d], encoded.items[..., d:] + self.blocks[0].qkv.bias
         if self.ordinal is not None:
-            x = x + self.ordinal(torch.arange(batch.list_len, device=batch.device))
-        ignore = padding_mask(batch.mask)
-        for block in self.blocks:
-            x = block(x, src_key_padding_mask=ignore)
+            ordinal = self.ordinal.weight[:batch.list_len]  # (L, d)
+            x = x + ordinal
+            qkv = qkv + nn.functional.linear(ordinal, self.blocks[0].qkv.weight)
+        for k, block in enumerate(self.blocks):
+            x = block(x, batch.mask, qkv if k == 0 else None)
         return self.out(x).squeeze(-1)
