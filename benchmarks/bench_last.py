@@ -2,9 +2,10 @@
 
     python benchmarks/bench_last.py [--requests 200] [--threads 1]
 
-1. Exploration: LAST parallel (K = 8 + greedy) with all candidates decoded in one batched pass against a
-   loop over the K candidates (``LastConfig(batched=False)``, the same offsets and noise, checked to give
-   the same lists), for lists of 30 and 100 at 1 and 32 requests. Target: batched ≥ 4× faster.
+1. Exploration: the K = 8 candidates decoded and evaluated in one batched pass against a loop over them
+   (the same offsets and noise, checked to give the same lists), (a) for the exploration stage alone and
+   (b) for a whole LAST parallel call (``LastConfig(batched=False)`` loops), lists of 30 and 100 at 1 and
+   32 requests. Target: batched ≥ 4× faster.
 2. Service: `relist serve` in its own process on loopback, this process as the load generator. p50/p99
    latency at one request at a time (batch size 1) and throughput with 16 concurrent clients, for
    generator-only decoding (``--mode greedy``) and LAST parallel K = 8, lists of 30 and 100.
@@ -34,7 +35,7 @@ from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.evaluator import Evaluator, EvaluatorConfig
 from relist.generator import Generator
-from relist.last import Last, LastConfig
+from relist.last import OFFICIAL_STEPS, Last, LastConfig
 
 
 def random_examples(data: PreparedDataset, length: int, count: int, seed: int) -> list[dict]:
@@ -57,8 +58,52 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def candidates_only(gen, ev, batch, steps) -> tuple[float, float]:
+    """Seconds of the exploration stage alone (decode the K offset candidates, score them with the evaluator),
+    one batched pass against a loop over the candidates, with the same offsets and noise (checked equal)."""
+    from relist.generator import gumbel
+    from relist.last import _Activations
+
+    size, length = batch.mask.shape
+    k = len(steps)
+    with torch.no_grad():
+        space = _Activations(gen.net, gen.inputs(batch), batch.mask, 0.01)
+        rows = torch.arange(size)
+        greedy = space.decode(space.zero(rows), rows, None)
+        unit = space.unit(space.zero(rows), rows, greedy, torch.ones(size, length))
+        rep = rows.repeat_interleave(k)
+        scale = torch.tensor(steps).repeat(size)
+        delta = {n: u[rep] * scale.view(-1, *([1] * (u.dim() - 1))) for n, u in unit.items()}
+        noise = gumbel((size * k, length, length), torch.Generator().manual_seed(0))
+        cands = batch[rep]
+
+        def batched():
+            orders = space.decode(delta, rep, noise)
+            return orders, ev.click_probability(cands.reorder(orders))
+
+        def looped():
+            out = []
+            for j in range(k):
+                pick = torch.arange(size) * k + j
+                order = space.decode({n: d[pick] for n, d in delta.items()}, rows, noise[pick])
+                out.append((order, ev.click_probability(batch.reorder(order))))
+            return out
+
+        a, b = batched()[0].view(size, k, length), torch.stack([o for o, _ in looped()], 1)
+        assert torch.equal(a, b), "batched and looped candidates disagree"
+        repeats = 5 if length == 30 else 2
+        return timed(batched, repeats), timed(looped, repeats)
+
+
 def exploration(gen, ev, data) -> None:
-    print("1. exploration: batched pass vs loop over the K = 8 candidates (same lists)")
+    print("1a. exploration stage (decode + evaluate the K = 8 candidates): one batched pass vs a loop (same lists)")
+    print(f"{'list':>6} {'requests':>9} {'batched ms':>11} {'loop ms':>9} {'loop/batched':>13}")
+    for length in (30, 100):
+        for size in (1, 32):
+            batch = collate(random_examples(data, length, size, seed=length + size))
+            t_fast, t_slow = candidates_only(gen, ev, batch, OFFICIAL_STEPS)
+            print(f"{length:>6} {size:>9} {1000 * t_fast:>11.1f} {1000 * t_slow:>9.1f} {t_slow / t_fast:>12.2f}x")
+    print("\n1b. a whole LAST parallel call (greedy list, gradient, candidates, selection): batched vs looped candidates")
     print(f"{'list':>6} {'requests':>9} {'batched ms':>11} {'loop ms':>9} {'loop/batched':>13}")
     for length in (30, 100):
         for size in (1, 32):

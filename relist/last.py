@@ -204,15 +204,16 @@ class Last:
             gains += list(sampled_gains.view(size, k, length).unbind(1))
         elif c.mode == "serial":
             delta, started = space.zero(rows), time.perf_counter()
-            for _ in range(c.serial_steps):
+            for step in range(c.serial_steps):
                 if c.serial_seconds and time.perf_counter() - started > c.serial_seconds:
                     break
                 sampled = space.decode(delta, rows, gumbel((size, length, length), generator, device))
                 sampled_gains = self._gains(batch, rows, sampled)
                 orders.append(sampled)
                 gains.append(sampled_gains)
-                unit = space.unit(delta, rows, sampled, self._advantage(sampled_gains, initial, rows))
-                delta = {n: delta[n] + c.serial_step * unit[n] for n in delta}
+                if step + 1 < c.serial_steps:  # the last round's update would never be used
+                    unit = space.unit(delta, rows, sampled, self._advantage(sampled_gains, initial, rows))
+                    delta = {n: delta[n] + c.serial_step * unit[n] for n in delta}
         lengths = batch.mask.sum(1, keepdim=True).clamp_min(1)
         candidates = torch.stack([g.sum(1) for g in gains], 1) / lengths  # (B, C) evaluator scores
         if c.select == "oracle":
