@@ -40,7 +40,7 @@ class RerankerConfig:
     max_len: int = 64  # longest list the position tables cover
     min_id_count: int = 5  # ids seen fewer times in the training split share the "no id" embedding
     initial_skip: bool = True  # add the initial ranker's score to the logits: the network learns a correction
-    gate_init: float = 1.0  # initial weight of the network's correction (0: serve the initial order at first)
+    gate_init: float = 0.3  # initial weight of the network's correction (0: serve the initial order at first)
 
 
 class Encoded(NamedTuple):
@@ -81,7 +81,8 @@ class Reranker(nn.Module):
         # A re-ranker refines the order it is given: with the skip, logits = a·z + g·network, where z is the
         # initial ranker's standardised score and a, g are learned (a starts at 1, g at ``gate_init``).
         # g = 0 serves exactly the initial order until training moves it, as in ReZero; on MIND that held
-        # the models too close to the initial order, so the default starts g at 1.
+        # the models at the initial order (valid never improved on it). The default g = 0.3 was chosen on
+        # valid NDCG@10 among 0.1, 0.3 and 1 (six models × 3 seeds: means 0.4053, 0.4062, 0.4054).
         self.skip_column = schema.item_dense.index("init_score") if "init_score" in schema.item_dense else None
         use_skip = self.config.initial_skip and self.skip_column is not None
         self.skip_weight = nn.Parameter(torch.ones(())) if use_skip else None
