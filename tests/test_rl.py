@@ -111,14 +111,14 @@ def test_experiment_command_end_to_end(env_yaml, tmp_path):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(["experiment", "unexrl", "--env", str(env_yaml), "--out", str(out), "--seeds", "2", "--methods", "cem,ddpg,unexrl",
-                     "--stages", "3,4", "--stage-methods", "unexrl", "--steps", "12", "--n-envs", "32", "--eval-every", "6",
+                     "--stages", "3,4", "--stage-methods", "unexrl", "--stage-seeds", "1", "--steps", "12", "--n-envs", "32", "--eval-every", "6",
                      "--eval-users", "40", "--cem-iterations", "2"])
     assert code == 0
     import csv
 
     rows = list(csv.DictReader(open(out / "results.csv")))
-    # 3 stages: default, random, cem, ddpg, unexrl; 4 stages: default, unexrl; two seeds each
-    assert len(rows) == 2 * (5 + 2)
+    # 3 stages: default, random, cem, ddpg, unexrl over two seeds; 4 stages: default, unexrl over one
+    assert len(rows) == 2 * 5 + 2
     assert {r["stages"] for r in rows} == {"3", "4"}
     summary = (out / "summary.md").read_text()
     assert "UNEX-RL (CIC)" in summary and "vs CEM" in summary and "More stages" in summary
