@@ -54,7 +54,8 @@ class PointerNet(nn.Module):
 
     Returns the order (N, L) (positions of the input, padding last) and the per-step log-probabilities
     (N, L) of the choices made (0 once the real items are exhausted). ``noise`` (N, L, L), Gumbel per step
-    and item, samples; ``None`` decodes greedily; ``order`` forces the choices (teacher forcing).
+    and item, samples; ``None`` decodes greedily; ``order`` (N, T) forces the first T choices (teacher
+    forcing) and decodes only those T steps.
     The offsets are added to the encoder states (N, L, H) and the decoder's initial state (N, H).
     """
 
@@ -114,7 +115,7 @@ class PointerNet(nn.Module):
         step_input = self.go.expand(n, -1)
         chosen_all, log_p_all = [], []
         positions = torch.arange(length, device=mask.device)
-        for t in range(length):
+        for t in range(length if order is None else order.shape[1]):
             available = remaining & mask
             live = available.any(1)  # (N,) False once the real items are exhausted
             # when no real item is left, padding is chosen in place so the order stays a permutation

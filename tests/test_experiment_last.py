@@ -32,3 +32,4 @@ def test_experiment_last_end_to_end(tmp_path):
     assert {r["seed"] for r in rows if r["study"] == "quality"} == {"0"}
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "oracle selection: test labels" in summary and "Lift over `generator greedy`" in summary
+    assert "online learning, delay 0" in summary and "## Delayed feedback" in summary

@@ -82,6 +82,10 @@ def test_decoding_gives_permutations_with_padding_last_and_consistent_log_probs(
         assert torch.all(log_p[:, :][~batch.mask] == 0)
         assert torch.equal(rank(order_scores(order, batch.mask), batch.mask), order)
     assert torch.equal(gen.decode(batch, noise=noise)[0], gen.decode(batch, noise=noise.clone())[0])
+    # teacher forcing of a prefix decodes only those steps, with the same log-probabilities
+    order, log_p = gen.decode(batch)
+    prefix, prefix_log_p = gen.net(gen.inputs(batch), batch.mask, order=order[:, :3])
+    assert torch.equal(prefix, order[:, :3]) and torch.allclose(prefix_log_p, log_p[:, :3], atol=1e-6)
 
 
 def test_sampling_follows_the_pointer_distribution():
@@ -215,6 +219,12 @@ def test_serial_respects_its_budget_and_bad_settings_are_errors():
     assert out.candidates.shape[1] == 6 and torch.all(out.value >= out.candidates[:, 0])
     timed = Last(gen, ev, LastConfig(mode="serial", serial_steps=1000, serial_seconds=0.05))(batch)
     assert 2 <= timed.candidates.shape[1] < 1000
+    short = Last(gen, ev, LastConfig(grad_steps=2))(batch, torch.Generator().manual_seed(0))
+    full = Last(gen, ev)(batch, torch.Generator().manual_seed(0))
+    assert torch.all(short.value >= short.candidates[:, 0])
+    assert torch.equal(short.candidates[:, :5], full.candidates[:, :5])  # greedy and pure samples do not depend on it
+    with pytest.raises(ValueError, match="non-negative"):
+        LastConfig(grad_steps=-1)
     for bad in ({"mode": "both"}, {"offsets": "embeddings"}, {"select": "labels"}):
         with pytest.raises(ValueError, match="LAST: unknown"):
             LastConfig(**bad)
