@@ -32,7 +32,8 @@ from relist.data.store import PreparedDataset
 from relist.metrics import evaluate_lists
 from relist.principled import PERTURBATIONS, PrincipledConfig, PrincipledObjective, obedience
 from relist.rerankers import REGISTRY, build_reranker, load_reranker
-from relist.rerankers.base import Reranker, atomic_save_tensors, atomic_write_text
+from relist.io import atomic_save_tensors, atomic_write_text
+from relist.rerankers.base import Reranker
 from relist.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("relist")

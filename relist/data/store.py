@@ -22,9 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -33,6 +30,7 @@ import numpy as np
 import torch
 
 from relist.batch import ListBatch
+from relist.io import atomic_directory
 
 FORMAT_VERSION = 1
 ARRAY_NAMES = ("offsets", "item_sparse", "item_dense", "label", "user_sparse", "hist_offsets", "user_hist")
@@ -171,9 +169,7 @@ def write_dataset(table: ListTable, out: str | Path, source: str, seed: int, ove
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "arrays").mkdir()
         (tmp / "splits").mkdir()
         (tmp / "vocab").mkdir()
@@ -201,12 +197,6 @@ def write_dataset(table: ListTable, out: str | Path, source: str, seed: int, ove
             write(tmp / name)
         with open(tmp / "manifest.json", "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, default=str)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from relist.batch import rank
 from relist.config import option
 from relist.data.store import ListTable, PreparedDataset, Schema, write_dataset
+from relist.io import atomic_directory
 from relist.metrics import evaluate_lists, logged_order_scores
 from relist.rankers import RANKER_CONFIGS, get_ranker_class
 from relist.runtime import resolve_device, seed_everything
@@ -128,20 +128,11 @@ def train_ranker(cfg: TrainRankerConfig) -> dict:
         result[split] = evaluate_lists(ranker.score, data.batches(split, 512), category_col=category)
         result[f"logged_{split}"] = evaluate_lists(logged_order_scores, data.batches(split, 512), category_col=category)
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         ranker.save(tmp)
         rerank = write_rerank_dataset(ranker, data, tmp / "rerank", cfg.list_len, cfg.seed)
         reranked = PreparedDataset(rerank)
         result["rerank_test"] = evaluate_lists(logged_order_scores, reranked.batches("test", 512), category_col=category)
         result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
 from relist.data.store import Schema
+from relist.io import atomic_save_tensors, atomic_write_text
 from relist.nn import LIST_LOSSES, NEG_INF, FeatureEmbedding, normalised_scores, symlog
 
 
@@ -157,20 +156,6 @@ class Reranker(nn.Module):
         atomic_save_tensors(state, directory / "model.safetensors")
         meta = {"model": self.name, "config": dataclasses.asdict(self.config), "schema": self.schema.to_json()}
         atomic_write_text(directory / "model.json", json.dumps(meta, indent=2))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 REGISTRY: dict[str, type[Reranker]] = {}

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from relist.rl.agents import AgentConfig, MultiStageAgent
 from relist.rl.replay import Replay
-from relist.sim.cascade_env import CascadeEnv, EnvState, default_actions, session_metrics
+from relist.sim.cascade_env import CascadeEnv, default_actions, session_metrics
 
 log = logging.getLogger("relist")
 RANK_STRIDE = 10_000_000  # user keys of rank r start at r * RANK_STRIDE

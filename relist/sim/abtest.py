@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from relist.config import option
+from relist.io import atomic_directory
 from relist.runtime import resolve_device
 from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_label
 from relist.sim.session import Simulator, outcomes
@@ -190,10 +190,7 @@ def run_abtest(cfg: ABTestConfig) -> dict:
     summary = markdown(rows, names, header)
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "policies": names,
               "rows": rows, "seconds": seconds, "summary": summary}
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "summary.md").write_text(summary)
         (tmp / "results.json").write_text(json.dumps(result, indent=2))
         fields = ["policy", "metric", "value", "ci_low", "ci_high", "lift", "lift_low", "lift_high", "significant", "seed_std", "n_units"]
@@ -207,10 +204,4 @@ def run_abtest(cfg: ABTestConfig) -> dict:
             for r in rows:
                 writer.writerows([s, r["policy"], r["metric"], v] for s, v in zip(seeds, r["per_seed"]))
         plot(rows, names, tmp / "abtest.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

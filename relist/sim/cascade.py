@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -44,9 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
-from relist.sim import rng
 from relist.sim.pool import history_share, take
-from relist.sim.session import Simulator, Users
+from relist.sim.session import Users
 
 STAGE_NAMES = {3: ("matching", "preranking", "ranking"), 4: ("matching", "preranking", "ranking", "reranking"),
                5: ("matching", "preranking", "coarse_ranking", "ranking", "reranking")}

@@ -20,7 +20,7 @@ own fitted target, i.e. MIND's per-user list count corrected for subsampling).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 

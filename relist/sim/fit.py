@@ -31,7 +31,7 @@ import torch
 
 from relist.data.store import PreparedDataset
 from relist.metrics import logged_order_scores
-from relist.sim.session import SessionParams, Simulator
+from relist.sim.session import Simulator
 
 log = logging.getLogger("relist")
 

@@ -13,8 +13,6 @@ stay where it was. Weights are safetensors; loading never unpickles.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relist.data.store import PreparedDataset, Schema
+from relist.io import atomic_write_text
 from relist.sim.pool import ListPool, unknown_ids
 from relist.sim.response import ClickModelConfig, FactorisedClickModel, TruthResponse
 from relist.sim.session import SessionParams, Simulator
@@ -35,10 +34,7 @@ def write_simulator(out: Path, config: dict, model: FactorisedClickModel | None 
     out = Path(out)
     if model is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
-    handle, tmp = tempfile.mkstemp(dir=out, prefix=".config.", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, default=str)
-    os.replace(tmp, out / CONFIG)
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str))
 
 
 def read_config(path: str | Path) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 
 from relist.config import option
 from relist.data.store import PreparedDataset
+from relist.io import atomic_directory
 from relist.metrics import auc, calibration_bins, expected_calibration_error, log_loss
 from relist.runtime import resolve_device, seed_everything
 from relist.sim.fit import fit_session
@@ -212,10 +212,7 @@ def _finish(cfg: SimBuildConfig, data: PreparedDataset, response, kind: str, res
     sim = Simulator(response, pool, _session_params(cfg), cfg.slate_size)
     result["session_fit"] = fit_session(sim, data, cfg.log_fraction, cfg.session_requests, seed=cfg.seed)
     result["session"] = asdict(sim.params)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         if test is not None:
             reliability_plot(test["prob"], test["label"], tmp / "reliability.png",
                              f"{kind} simulator, held-out test (ECE {result['test']['ece']:.4f})")
@@ -224,12 +221,6 @@ def _finish(cfg: SimBuildConfig, data: PreparedDataset, response, kind: str, res
                                   model.config if model is not None else None,
                                   build={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
         write_simulator(tmp, config, model)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
