@@ -200,12 +200,11 @@ def logged_order_scores(batch) -> Tensor:
     return -torch.arange(length, dtype=torch.float32, device=batch.mask.device).expand(batch.mask.shape)
 
 
-def evaluate_lists(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), category_col: int | None = None) -> dict[str, float]:
-    """``evaluate`` over many batches of different widths: means over every list, AUC over every pair.
-
-    ``score_fn(batch) -> (B, L)`` scores; ``category_col`` names the item sparse column holding
-    categories, which turns on the diversity metrics.
-    """
+def list_metrics(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10),
+                 category_col: int | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Per-list metrics over many batches of different widths, in batch order: (name -> (n_lists,),
+    the real items' scores, their labels). ``score_fn(batch) -> (B, L)`` scores; ``category_col`` names
+    the item sparse column holding categories, which turns on the diversity metrics."""
     per: dict[str, list[Tensor]] = {}
     flat_scores, flat_labels = [], []
     for batch in batches:
@@ -216,9 +215,15 @@ def evaluate_lists(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), categor
         flat_scores.append(scores[batch.mask].cpu())
         flat_labels.append(batch.label[batch.mask].cpu())
     if not per:
-        raise ValueError("evaluate_lists got no batches")
-    out = {name: float(torch.cat(values).mean()) for name, values in per.items()}
-    out["auc"] = auc(torch.cat(flat_scores), torch.cat(flat_labels))
+        raise ValueError("list_metrics got no batches")
+    return {name: torch.cat(values) for name, values in per.items()}, torch.cat(flat_scores), torch.cat(flat_labels)
+
+
+def evaluate_lists(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), category_col: int | None = None) -> dict[str, float]:
+    """Means of ``list_metrics`` over every list, and AUC over every (item, label) pair."""
+    per, scores, labels = list_metrics(score_fn, batches, ks, category_col)
+    out = {name: float(values.mean()) for name, values in per.items()}
+    out["auc"] = auc(scores, labels)
     return out
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from relist.config import option
 from relist.data.store import PreparedDataset
-from relist.metrics import evaluate_lists
+from relist.metrics import evaluate_lists, logged_order_scores
 from relist.principled import PERTURBATIONS, PrincipledConfig, PrincipledObjective, obedience
 from relist.rerankers import REGISTRY, build_reranker, load_reranker
 from relist.io import atomic_save_tensors, atomic_write_text
@@ -153,9 +153,7 @@ def _load_optimiser(optimiser: torch.optim.Optimizer, tensors: dict, meta: dict)
 
 def initial_order_metrics(data: PreparedDataset, split: str, ks=(1, 3, 5, 10)) -> dict[str, float]:
     """Metrics of the input order itself (the initial ranker's order in a re-ranking dataset)."""
-    def by_position(batch):
-        return -torch.arange(batch.list_len, dtype=torch.float32).expand(batch.size, -1).clone()
-    return evaluate_lists(by_position, data.batches(split, 1024), ks=ks)
+    return evaluate_lists(logged_order_scores, data.batches(split, 1024), ks=ks)
 
 
 class Trainer:

@@ -21,9 +21,29 @@ def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys
     assert all(0.0 <= float(r["test_ndcg@10"]) <= 1.0 for r in rows)
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "| initial ranker |" in summary and "| setrank | +P1+P2 |" in summary
+    against = summary[summary.index("Against the initial ranker on the same"):]
+    assert "| prm | +P2 window |" in against and "/1 |" in against
     assert (tmp_path / "exp" / "metrics.png").stat().st_size > 0 and (tmp_path / "exp" / "obedience.png").stat().st_size > 0
     assert (tmp_path / "exp" / "ranker" / "rerank" / "manifest.json").is_file()  # an initial ranker was trained first
     assert "relist: error" not in capsys.readouterr().err
+
+
+def test_resume_keeps_finished_runs_and_redoes_missing_ones(tmp_path):
+    prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=400, n_users=50, n_items=150, seed=3))
+    args = ["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "midnn", "--seeds", "1",
+            "--max-steps", "3", "--batch-size", "32", "--out", str(tmp_path / "exp"), "--no-progress"]
+    assert main(args) == 0
+    runs = tmp_path / "exp" / "runs" / "midnn"
+    kept = runs / "base" / "seed0" / "metrics.json"
+    before = kept.stat().st_mtime_ns, kept.read_text()
+    (runs / "+P2" / "seed0" / "metrics.json").unlink()  # as if the run had been interrupted
+    first = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
+    assert main(args) == 2  # an existing OUT is refused without --resume or --overwrite
+    assert main(args + ["--resume"]) == 0
+    assert (kept.stat().st_mtime_ns, kept.read_text()) == before  # finished runs are not trained again
+    assert (runs / "+P2" / "seed0" / "metrics.json").is_file()
+    again = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
+    assert [(r["variant"], r["test_ndcg@10"]) for r in again] == [(r["variant"], r["test_ndcg@10"]) for r in first]
 
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):

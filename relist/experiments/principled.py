@@ -1,10 +1,11 @@
 """`relist experiment principled`: every model × {base, +P1, +P2, +P1+P2} × seeds, with a summary.
 
 Writes ``results.csv`` (one row per model × variant × seed, every metric), ``summary.md`` (mean ± 95%
-CI over seeds, relative change against base, a paired t-test across seeds, the initial order's row),
-``metrics.png`` (bars with CIs) and ``obedience.png`` (P1 obedience on valid over training). With
-``--sweep-model M`` it also runs the paper's two open questions on M: the CS-loss weight and the
-perturbation strategy.
+CI over seeds, relative change against base, a paired t-test across seeds, the initial order's row, and
+each variant against the initial order: per-list metrics averaged over seeds, paired bootstrap over the
+test lists), ``metrics.png`` (bars with CIs) and ``obedience.png`` (P1 obedience on valid over
+training). With ``--sweep-model M`` it also runs the paper's two open questions on M: the CS-loss weight
+and the perturbation strategy. ``--resume`` keeps finished runs and continues an interrupted one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,7 +20,10 @@ import numpy as np
 
 from relist.config import option
 from relist.data.store import PreparedDataset
+from relist.metrics import list_metrics, logged_order_scores
 from relist.principled import PERTURBATIONS
+from relist.rerankers.base import load_reranker
+from relist.stats import paired_bootstrap, paired_t_p, t_ci95
 from relist.train import TrainConfig, initial_order_metrics, train
 
 log = logging.getLogger("relist")
@@ -48,23 +51,8 @@ class PrincipledExperimentConfig:
     use_user: bool = option(True, help="personalised re-ranking")
     sweep_model: str = option("", help="also sweep the CS weight and the perturbation on this model")
     overwrite: bool = option(False, help="replace OUT if it exists")
+    resume: bool = option(False, help="keep the finished runs in OUT and continue an interrupted one")
     progress: bool = option(True, help="show progress")
-
-
-def _ci95(values: list[float]) -> float:
-    from scipy import stats
-
-    if len(values) < 2:
-        return float("nan")
-    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
-
-
-def _paired_p(a: list[float], b: list[float]) -> float:
-    from scipy import stats
-
-    if len(a) < 2 or np.allclose(a, b):
-        return float("nan")
-    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
@@ -86,8 +74,8 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it or --resume to continue)")
     models = [m.strip() for m in cfg.models.split(",") if m.strip()]
     from relist.rerankers import reranker_class
 
@@ -97,7 +85,8 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     data_dir = _rerank_data(cfg)
     data = PreparedDataset(data_dir)
     base = TrainConfig(data=data_dir, out=out, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                       learning_rate=cfg.learning_rate, patience=cfg.patience, device=cfg.device, use_user=cfg.use_user, progress=False, overwrite=True)
+                       learning_rate=cfg.learning_rate, patience=cfg.patience, device=cfg.device, use_user=cfg.use_user,
+                       progress=False, overwrite=not cfg.resume, resume=cfg.resume)
     jobs = [(m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
             for m in models for v in VARIANTS for s in range(cfg.seeds)]
     if cfg.sweep_model:
@@ -107,10 +96,14 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         for strategy in PERTURBATIONS[1:]:
             jobs += [(cfg.sweep_model, f"+P2 {strategy}", cfg.seed + s, {"p2_weight": 1.0, "perturbation": strategy})
                      for s in range(cfg.seeds)]
-    rows = []
+    rows, per_list = [], {}
     for model, variant, seed, extra in tqdm(jobs, desc="runs", disable=not cfg.progress or None):
         run_dir = out / "runs" / model / variant.replace(" ", "_").replace("=", "") / f"seed{seed}"
-        result = train(replace(base, out=run_dir, model=model, seed=seed, **extra), data)
+        if cfg.resume and (run_dir / "metrics.json").is_file():
+            result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        else:
+            result = train(replace(base, out=run_dir, model=model, seed=seed, **extra), data)
+        per_list.setdefault((model, variant), []).append(_test_lists(load_reranker(run_dir / "best").score, data))
         row = {"model": model, "variant": variant, "seed": seed, "best_step": result["best_step"],
                "train_seconds": round(result["train_seconds"], 2)}
         row.update({f"test_{k}": v for k, v in result["test"].items()})
@@ -119,10 +112,38 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         rows.append(row)
         _write_csv(out / "results.csv", rows)
     initial = initial_order_metrics(data, "test")
-    summary = _summary(rows, initial, models, cfg)
+    summary = _summary(rows, initial, models, cfg) + _against_initial(per_list, _test_lists(logged_order_scores, data))
     (out / "summary.md").write_text(summary, encoding="utf-8")
     _plots(out, rows, initial, models)
     return {"rows": rows, "initial_test": initial, "summary": summary}
+
+
+def _test_lists(score_fn, data: PreparedDataset) -> dict[str, np.ndarray]:
+    """NDCG@10 and MAP@10 of every test list, in the store's order."""
+    per, _, _ = list_metrics(score_fn, data.batches("test", 512), ks=(10,))
+    return {k: per[k].numpy() for k in ("ndcg@10", "map@10")}
+
+
+def _against_initial(per_list: dict, initial: dict[str, np.ndarray]) -> str:
+    """Each variant against the input order on the same test lists: per-list metrics averaged over the
+    seeds, mean difference and its paired bootstrap 95% CI over lists (10,000 resamples)."""
+    n = len(initial["ndcg@10"])
+    lines = ["", f"Against the initial ranker on the same {n} test lists: per-list NDCG@10 / MAP@10 averaged over the "
+             "seeds minus the initial order's, with a paired bootstrap 95% CI over lists; 'seeds above' counts seeds "
+             "whose mean beats the initial order on both metrics.", "",
+             "| model | variant | Δ ndcg@10 | Δ map@10 | seeds above | verdict |", "|---|---|---|---|---|---|"]
+    for (model, variant), runs in per_list.items():
+        cells, lows, highs = [], [], []
+        for metric in ("ndcg@10", "map@10"):
+            mean, low, high = paired_bootstrap(np.mean([r[metric] for r in runs], axis=0), initial[metric])
+            cells.append(f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]")
+            lows.append(low)
+            highs.append(high)
+        above = sum(all(r[m].mean() > initial[m].mean() for m in ("ndcg@10", "map@10")) for r in runs)
+        verdict = ("beats the initial ranker" if min(lows) > 0 else
+                   "worse than the initial ranker" if max(highs) < 0 else "not distinguishable from the initial ranker")
+        lines.append(f"| {model} | {variant} | {cells[0]} | {cells[1]} | {above}/{len(runs)} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -156,12 +177,12 @@ def _summary(rows: list[dict], initial: dict, models: list[str], cfg: Principled
             cells = []
             for metric in REPORTED + OBEDIENCE:
                 values = _group(rows, model, variant, f"test_{metric}")
-                cell = f"{np.mean(values):.4f} ± {_ci95(values):.4f}"
+                cell = f"{np.mean(values):.4f} ± {t_ci95(values):.4f}"
                 if variant != "base" and metric in REPORTED:
                     base = _group(rows, model, "base", f"test_{metric}")
                     if base:
                         change = 100 * (np.mean(values) - np.mean(base)) / max(abs(np.mean(base)), 1e-12)
-                        cell += f" ({change:+.2f}%, p={_paired_p(values, base):.2g})"
+                        cell += f" ({change:+.2f}%, p={paired_t_p(values, base):.2g})"
                 cells.append(cell)
             lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Against the initial ranker (test NDCG@10 / MAP@10, mean over seeds):", ""]
@@ -186,7 +207,7 @@ def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> Non
     for ax, metric in zip(axes, ("ndcg@10", "map@10")):
         for k, variant in enumerate(VARIANTS):
             means = [np.mean(_group(rows, m, variant, f"test_{metric}") or [np.nan]) for m in models]
-            cis = [_ci95(_group(rows, m, variant, f"test_{metric}")) for m in models]
+            cis = [t_ci95(_group(rows, m, variant, f"test_{metric}")) for m in models]
             ax.bar(np.arange(len(models)) + k * width, means, width, yerr=np.nan_to_num(cis), label=variant, capsize=2)
         ax.axhline(initial[metric], color="black", linestyle="--", label="initial ranker")
         ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
