@@ -140,6 +140,51 @@ class PointerNet(nn.Module):
             step_input = states.gather(1, chosen[:, None, None].expand(-1, 1, states.shape[-1])).squeeze(1)
         return torch.stack(chosen_all, 1), torch.stack(log_p_all, 1)
 
+    def teacher_forced(self, states: Tensor, h: Tensor, mask: Tensor, order: Tensor, fused_gru: bool = True) -> Tensor:
+        """Per-step log-probabilities (N, T) of a known order's first T choices, in one pass over the steps.
+
+        Computes what ``decode(states, h, mask, order=order)[1]`` computes, up to float rounding: once the
+        order is known, the decoder's inputs are known (the start token, then the states of the items
+        chosen before), so the GRU runs over the whole input sequence, and the attention and the pointer of
+        every step are batched matrix products with an "already chosen before step t" mask (N, T, L) in
+        place of the loop's running mask. Only the GRU recurrence stays sequential, inside torch's fused
+        GRU op; ``fused_gru=False`` runs it as a loop of cells instead, for ``torch.func`` transforms (the
+        fused op has no batching rule under ``vmap``). Used for LAST's gradient, where the backward pass
+        through a Python loop of decoding steps dominated the cost of a request.
+        """
+        n, length, width = states.shape
+        steps = order.shape[1]
+        positions = torch.arange(length, device=mask.device)
+        picked = order[:, :, None] == positions  # (N, T, L): item chosen at step t
+        remaining = (picked.cumsum(1) - picked.long()) == 0  # not chosen before step t
+        available = remaining & mask[:, None, :]
+        live = available.any(2)  # (N, T)
+        allowed = torch.where(live[..., None], available, remaining)
+        previous = states.gather(1, order[:, :steps - 1, None].expand(-1, -1, width))  # inputs of steps 1..T-1
+        inputs = torch.cat([self.go.expand(n, 1, width), previous], 1)  # (N, T, H)
+        if fused_gru:  # the recurrence of ``_gru`` as one op: torch's GRU has the same gates in the same layout
+            weights = [self.gru_x.weight, self.gru_h.weight, self.gru_x.bias, self.gru_h.bias]
+            hs, _ = torch.gru(inputs, h[None].contiguous(), weights, True, 1, 0.0, False, False, True)  # (N, T, H)
+        else:
+            hs = []
+            for step_input in inputs.unbind(1):
+                h = self._gru(step_input, h)
+                hs.append(h)
+            hs = torch.stack(hs, 1)
+        d = width // self.heads
+        q = self.query(hs).view(n, steps, self.heads, d).transpose(1, 2)  # (N, heads, T, d)
+        k = self.key(states).view(n, length, self.heads, d).transpose(1, 2)  # (N, heads, L, d)
+        v = states.view(n, length, self.heads, d).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) / d ** 0.5  # (N, heads, T, L)
+        logits = logits.masked_fill(~available[:, None], NEG_INF)
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        context = (weights @ v).transpose(1, 2).reshape(n, steps, width)  # (N, T, H)
+        query = self.pointer_query(torch.cat([hs, context], dim=-1))
+        scores = self.pointer_out(torch.tanh(self.pointer_key(states)[:, None] + query[:, :, None])).squeeze(-1)  # (N, T, L)
+        scores = torch.where(live[..., None], scores, -positions.to(scores.dtype)).masked_fill(~allowed, NEG_INF)
+        step_log_p = torch.log_softmax(scores, dim=-1).gather(2, order[..., None]).squeeze(2)
+        return torch.where(live, step_log_p, torch.zeros_like(step_log_p))
+
 
 def ndcg_gains(labels_in_order: Tensor, mask_in_order: Tensor, ideal_labels: Tensor, ideal_mask: Tensor) -> Tensor:
     """Per-position NDCG contribution (2^y − 1) / log2(t + 2) / IDCG (N, L); 0 for lists without a click."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from relist.batch import ListBatch
@@ -101,7 +101,7 @@ class _Activations:
     def unit(self, delta: dict[str, Tensor], rows: Tensor, order: Tensor, advantage: Tensor) -> dict[str, Tensor]:
         states, init = (t.detach().requires_grad_() for t in self._base(delta, rows))
         with torch.enable_grad():
-            _, log_p = self.net.decode(states, init, self.mask[rows], order=order)
+            log_p = self.net.teacher_forced(states, init, self.mask[rows], order)
             g_states, g_init = torch.autograd.grad((advantage * log_p).sum(), (states, init))
         return {"states": _normalise(g_states, self.states[rows], self.scale),
                 "init": _normalise(g_init, self.init[rows], self.scale)}
@@ -116,6 +116,7 @@ class _Weights:
         self.names = [n for n in params if _in_subset(n, subset)]
         self.fixed = {n: p for n, p in params.items() if n not in self.names}
         self.base = {n: params[n] for n in self.names}
+        self.scorer = _TeacherForced(net)
 
     def zero(self, rows: Tensor) -> dict[str, Tensor]:
         return {n: torch.zeros((len(rows), *p.shape), dtype=p.dtype, device=p.device) for n, p in self.base.items()}
@@ -126,7 +127,7 @@ class _Weights:
 
     def _log_p_one(self, delta, x, mask, order, advantage):
         params = {**self.fixed, **{n: self.base[n] + delta[n] for n in self.names}}
-        _, log_p = functional_call(self.net, params, (x[None], mask[None]), {"order": order[None]})
+        log_p = functional_call(self.scorer, {f"net.{n}": p for n, p in params.items()}, (x[None], mask[None], order[None]))
         return (advantage * log_p[0]).sum()
 
     def decode(self, delta: dict[str, Tensor], rows: Tensor, noise: Tensor | None) -> Tensor:
@@ -138,6 +139,19 @@ class _Weights:
         with torch.enable_grad():
             grads = vmap(grad(self._log_p_one))(delta, self.x[rows], self.mask[rows], order, advantage)
         return {n: _normalise(grads[n], self.base[n].expand_as(grads[n]), self.scale) for n in self.names}
+
+
+class _TeacherForced(nn.Module):
+    """``net``'s per-step log-probabilities of a known order in one pass (``PointerNet.teacher_forced``), as a
+    module ``functional_call`` can run with per-request weights; the GRU runs as a loop of cells under ``vmap``."""
+
+    def __init__(self, net: PointerNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, mask: Tensor, order: Tensor) -> Tensor:
+        states, h = self.net.states(x, mask)
+        return self.net.teacher_forced(states, h, mask, order, fused_gru=False)
 
 
 def _in_subset(name: str, subset: str) -> bool:

@@ -212,6 +212,76 @@ def test_batched_exploration_equals_the_loop_and_weight_offsets_agree_at_zero_st
     assert not torch.allclose(moved.candidates[:, 2], still.candidates[:, 2])
 
 
+def _relative_error(a, b) -> float:
+    """max |a − b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _loop_gradients(net, states, init, mask, order, advantage, one_pass: bool, fused_gru: bool = True):
+    states, init = states.detach().clone().requires_grad_(), init.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        log_p = (net.teacher_forced(states, init, mask, order, fused_gru=fused_gru) if one_pass
+                 else net.decode(states, init, mask, order=order)[1])
+        return (log_p.detach(), *torch.autograd.grad((advantage * log_p).sum(), (states, init)))
+
+
+@pytest.mark.parametrize("fused_gru", [True, False])
+def test_one_pass_teacher_forcing_equals_the_decoding_loop(fused_gru):
+    """LAST's gradient comes from ``teacher_forced`` (all steps at once); it must equal the loop's, padding included."""
+    gen, _ = small_models(3)
+    net = gen.net.eval()
+    batch = random_batch(11, size=10, length=30)  # lists of 1 to 30 items
+    with torch.no_grad():
+        states, init = net.states(gen.inputs(batch), batch.mask)
+        greedy, _ = net.decode(states, init, batch.mask)
+        sampled, _ = net.decode(states, init, batch.mask, gumbel((10, 30, 30), torch.Generator().manual_seed(1)))
+    advantage = torch.randn(10, 30, generator=torch.Generator().manual_seed(2))
+    for order in (greedy, sampled):
+        for steps in (30, 7, 1):
+            loop = _loop_gradients(net, states, init, batch.mask, order[:, :steps], advantage[:, :steps], False)
+            fast = _loop_gradients(net, states, init, batch.mask, order[:, :steps], advantage[:, :steps], True, fused_gru)
+            for a, b in zip(loop, fast):  # log-probabilities, gradients of the states and of the initial state
+                assert torch.isfinite(b).all() and _relative_error(b, a) < 1e-4
+
+
+def test_last_with_the_one_pass_gradient_serves_what_the_loop_serves(monkeypatch):
+    """The same gradients and the same served lists as step-by-step teacher forcing, for each offset kind."""
+    from torch.func import grad, vmap
+
+    from relist.generator import PointerNet
+    from relist.last import _Weights
+
+    gen, ev = small_models(4)
+    batch = random_batch(12, size=12, length=20)
+    x, rows = gen.inputs(batch).detach(), torch.arange(12)
+    advantage = torch.randn(12, 20, generator=torch.Generator().manual_seed(3))
+    configs = [LastConfig(offsets=o) for o in ("activations", "pointer", "all")]
+    configs += [LastConfig(mode="serial", serial_steps=3), LastConfig(grad_steps=5)]
+
+    def run():
+        out = [Last(gen, ev, c)(batch, torch.Generator().manual_seed(6)) for c in configs]
+        with torch.no_grad():
+            space = _Weights(gen.net, x, batch.mask, 0.01, "all")
+            order = space.decode(space.zero(rows), rows, None)
+            with torch.enable_grad():  # raw gradients, before the per-tensor normalisation
+                grads = vmap(grad(space._log_p_one))(space.zero(rows), x, batch.mask, order, advantage)
+        return out, grads
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(PointerNet, "teacher_forced",
+                        lambda self, states, h, mask, order, fused_gru=True: self.decode(states, h, mask, order=order)[1])
+    slow, slow_grads = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.order, b.order) and torch.equal(a.winner, b.winner)
+        assert torch.allclose(a.candidates, b.candidates, atol=1e-6)
+    largest = max(g.abs().max().item() for g in slow_grads.values())
+    for name, a in fast_grads.items():
+        if name == "key.bias":  # 0 in exact arithmetic (a shift of every attention logit): both are rounding noise
+            assert a.abs().max() < 1e-6 * largest and slow_grads[name].abs().max() < 1e-6 * largest
+        else:
+            assert _relative_error(a, slow_grads[name]) < 1e-4, name
+
+
 def test_serial_respects_its_budget_and_bad_settings_are_errors():
     gen, ev = small_models(3)
     batch = random_batch(9)
