@@ -1,6 +1,6 @@
 """LAST serving speed: the batched exploration against a loop, and the HTTP service under load.
 
-    python benchmarks/bench_last.py [--requests 200] [--threads 1]
+    python benchmarks/bench_last.py [--requests 200] [--rounds 3] [--threads 1]
 
 1. Exploration: the K = 8 candidates decoded and evaluated in one batched pass against a loop over them
    (the same offsets and noise, checked to give the same lists), (a) for the exploration stage alone and
@@ -9,7 +9,9 @@
 2. Service: `relist serve` in its own process on loopback, this process as the load generator. p50/p99
    latency at one request at a time (batch size 1) and throughput with 16 concurrent clients, for
    generator-only decoding (``--mode greedy``), LAST parallel K = 8, and LAST-8 with the gradient taken
-   through the first 10 decoding steps only (``--grad-steps 10``), lists of 30 and 100.
+   through the first 10 decoding steps only (``--grad-steps 10``), lists of 30 and 100. The three servers
+   run side by side and every request body goes to each in turn, so the ratios are paired; the latency
+   measurement is repeated ``--rounds`` times and reported as median [min-max].
    Target: LAST-8 p50 at most 3× generator-only p50 at batch size 1.
 
 The models are untrained (speed does not depend on the weights), built on a small synthetic schema.
@@ -59,15 +61,15 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def candidates_only(gen, ev, batch, steps) -> tuple[float, float]:
-    """Seconds of the exploration stage alone (decode the K offset candidates, score them with the evaluator),
-    one batched pass against a loop over the candidates, with the same offsets and noise (checked equal)."""
+def candidates_only(gen, ev, batch, steps):
+    """The exploration stage alone (decode the K offset candidates, score them with the evaluator) as LAST runs
+    it, one batched pass and a loop over the candidates, with the same offsets and noise (checked equal)."""
     from relist.generator import gumbel
     from relist.last import _Activations
 
     size, length = batch.mask.shape
     k = len(steps)
-    with torch.no_grad():
+    with torch.inference_mode():
         space = _Activations(gen.net, gen.inputs(batch), batch.mask, 0.01)
         rows = torch.arange(size)
         greedy = space.decode(space.zero(rows), rows, None)
@@ -78,32 +80,42 @@ def candidates_only(gen, ev, batch, steps) -> tuple[float, float]:
         noise = gumbel((size * k, length, length), torch.Generator().manual_seed(0))
         cands = batch[rep]
 
-        def batched():
-            orders = space.decode(delta, rep, noise)
-            return orders, ev.click_probability(cands.reorder(orders))
+    @torch.inference_mode()
+    def batched():
+        orders = space.decode(delta, rep, noise)
+        return orders, ev.click_probability(cands.reorder(orders))
 
-        def looped():
-            out = []
-            for j in range(k):
-                pick = torch.arange(size) * k + j
-                order = space.decode({n: d[pick] for n, d in delta.items()}, rows, noise[pick])
-                out.append((order, ev.click_probability(batch.reorder(order))))
-            return out
+    @torch.inference_mode()
+    def looped():
+        out = []
+        for j in range(k):
+            pick = torch.arange(size) * k + j
+            order = space.decode({n: d[pick] for n, d in delta.items()}, rows, noise[pick])
+            out.append((order, ev.click_probability(batch.reorder(order))))
+        return out
 
-        a, b = batched()[0].view(size, k, length), torch.stack([o for o, _ in looped()], 1)
-        assert torch.equal(a, b), "batched and looped candidates disagree"
-        repeats = 5 if length == 30 else 2
-        return timed(batched, repeats), timed(looped, repeats)
+    a, b = batched()[0].view(size, k, length), torch.stack([o for o, _ in looped()], 1)
+    assert torch.equal(a, b), "batched and looped candidates disagree"
+    return batched, looped
 
 
-def exploration(gen, ev, data) -> None:
-    print("1a. exploration stage (decode + evaluate the K = 8 candidates): one batched pass vs a loop (same lists)")
+def compare(fast, slow, length: int, size: int, rounds: int) -> None:
+    """One row: median [min-max] over rounds of the batched and looped times and of their ratio."""
+    repeats = 5 if length == 30 else 2
+    times = np.array([(timed(fast, repeats), timed(slow, repeats)) for _ in range(rounds)]) * 1000
+    ratio = times[:, 1] / times[:, 0]
+    print(f"{length:>6} {size:>9} {np.median(times[:, 0]):>11.1f} {np.median(times[:, 1]):>9.1f} {np.median(ratio):>12.2f}x"
+          f"  [{ratio.min():.2f}-{ratio.max():.2f}]")
+
+
+def exploration(gen, ev, data, rounds: int) -> None:
+    print(f"1a. exploration stage (decode + evaluate the K = 8 candidates): one batched pass vs a loop (same lists); "
+          f"median over {rounds} rounds, [min-max] of the ratio")
     print(f"{'list':>6} {'requests':>9} {'batched ms':>11} {'loop ms':>9} {'loop/batched':>13}")
     for length in (30, 100):
         for size in (1, 32):
             batch = collate(random_examples(data, length, size, seed=length + size))
-            t_fast, t_slow = candidates_only(gen, ev, batch, OFFICIAL_STEPS)
-            print(f"{length:>6} {size:>9} {1000 * t_fast:>11.1f} {1000 * t_slow:>9.1f} {t_slow / t_fast:>12.2f}x")
+            compare(*candidates_only(gen, ev, batch, OFFICIAL_STEPS), length, size, rounds)
     print("\n1b. a whole LAST parallel call (greedy list, gradient, candidates, selection): batched vs looped candidates")
     print(f"{'list':>6} {'requests':>9} {'batched ms':>11} {'loop ms':>9} {'loop/batched':>13}")
     for length in (30, 100):
@@ -112,10 +124,8 @@ def exploration(gen, ev, data) -> None:
             fast, slow = Last(gen, ev, LastConfig()), Last(gen, ev, LastConfig(batched=False))
             a, b = fast(batch, torch.Generator().manual_seed(0)), slow(batch, torch.Generator().manual_seed(0))
             assert torch.equal(a.order, b.order), "batched and looped exploration disagree"
-            repeats = 5 if length == 30 else 2
-            t_fast = timed(lambda: fast(batch, torch.Generator().manual_seed(0)), repeats)
-            t_slow = timed(lambda: slow(batch, torch.Generator().manual_seed(0)), repeats)
-            print(f"{length:>6} {size:>9} {1000 * t_fast:>11.1f} {1000 * t_slow:>9.1f} {t_slow / t_fast:>12.2f}x")
+            compare(lambda: fast(batch, torch.Generator().manual_seed(0)), lambda: slow(batch, torch.Generator().manual_seed(0)),
+                    length, size, rounds)
 
 
 SERVERS = {"greedy": ["--mode", "greedy"], "LAST-8": ["--mode", "parallel"],
@@ -150,49 +160,68 @@ def request(length: int, k: int, vocab_sizes, dense_names) -> dict:
                       for i in rng.choice(np.arange(1, vocab_sizes["item_id"]), length, replace=False)]}
 
 
-def service(run: Path, data: PreparedDataset, n: int, threads: int) -> None:
+def service(run: Path, data: PreparedDataset, n: int, threads: int, rounds: int) -> None:
+    """All servers run at once; each request body goes to each server in turn (rotating which goes first), so
+    that the load of a shared machine falls on all of them alike and the ratios are paired."""
     import httpx
 
     sizes = {f.name: f.vocab for f in (*data.schema.item_sparse, *data.schema.user_sparse)}
-    print("\n2. service over HTTP on loopback (load generator in this process)")
-    print(f"{'server':>11} {'list':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s @1':>9} {'req/s @16':>10}")
-    p50 = {}
-    for mode, server_args in SERVERS.items():
-        proc, url = start_server(run, server_args, threads)
-        try:
-            with httpx.Client(timeout=60) as client:
-                for length in (30, 100):
-                    bodies = [request(length, k, sizes, data.schema.item_dense) for k in range(n)]
+    print(f"\n2. service over HTTP on loopback (load generator in this process), {n} requests x {rounds} rounds per "
+          "server and list length, one at a time, interleaved across the servers")
+    servers = {}
+    try:
+        for mode, server_args in SERVERS.items():
+            servers[mode] = start_server(run, server_args, threads)
+        modes = list(servers)
+        p50, p99, rate1, rate16 = {}, {}, {}, {}
+        with httpx.Client(timeout=60) as client:
+            for length in (30, 100):
+                bodies = [request(length, k, sizes, data.schema.item_dense) for k in range(n)]
+                for mode in modes:
                     for body in bodies[:5]:
-                        assert client.post(url + "/rerank", json=body).status_code == 200
-                    latencies = []
-                    started = time.perf_counter()
-                    for body in bodies:
-                        t = time.perf_counter()
-                        client.post(url + "/rerank", json=body).raise_for_status()
-                        latencies.append(time.perf_counter() - t)
-                    serial_rate = n / (time.perf_counter() - started)
+                        assert client.post(servers[mode][1] + "/rerank", json=body).status_code == 200
+                for r in range(rounds):
+                    latencies = {mode: [] for mode in modes}
+                    for i, body in enumerate(bodies):
+                        for j in range(len(modes)):
+                            mode = modes[(i + j) % len(modes)]
+                            t = time.perf_counter()
+                            client.post(servers[mode][1] + "/rerank", json=body).raise_for_status()
+                            latencies[mode].append(time.perf_counter() - t)
+                    for mode in modes:
+                        lat = np.array(latencies[mode]) * 1000
+                        p50.setdefault((mode, length), []).append(np.percentile(lat, 50))
+                        p99.setdefault((mode, length), []).append(np.percentile(lat, 99))
+                        rate1.setdefault((mode, length), []).append(1000 / lat.mean())
+                for mode in modes:
+                    url = servers[mode][1]
                     started = time.perf_counter()
                     with ThreadPoolExecutor(16) as pool:
                         list(pool.map(lambda b: httpx.post(url + "/rerank", json=b, timeout=120).raise_for_status(), bodies))
-                    rate = n / (time.perf_counter() - started)
-                    lat = np.array(latencies) * 1000
-                    p50[mode, length] = np.percentile(lat, 50)
-                    print(f"{mode:>11} {length:>5} {p50[mode, length]:>8.1f} {np.percentile(lat, 99):>8.1f} "
-                          f"{serial_rate:>9.1f} {rate:>10.1f}")
-        finally:
+                    rate16[mode, length] = n / (time.perf_counter() - started)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
+    spread = lambda v: f"{np.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]"  # noqa: E731 - median [min-max] over rounds
+    print("median [min-max] over the rounds")
+    print(f"{'server':>11} {'list':>5} {'p50 ms':>20} {'p99 ms':>20} {'req/s @1':>18} {'req/s @16':>10}")
     for length in (30, 100):
-        for mode in ("LAST-8", "LAST-8 g10"):
-            print(f"{mode} p50 / generator-only p50, lists of {length}: {p50[mode, length] / p50['greedy', length]:.2f}x "
-                  "(target <= 3x)")
+        for mode in modes:
+            key = mode, length
+            print(f"{mode:>11} {length:>5} {spread(p50[key]):>20} {spread(p99[key]):>20} {spread(rate1[key]):>18} {rate16[key]:>10.1f}")
+    for length in (30, 100):
+        for mode in modes[1:]:
+            ratios = np.array(p50[mode, length]) / np.array(p50["greedy", length])
+            print(f"{mode} p50 / generator-only p50, lists of {length}: {np.median(ratios):.2f}x, per round "
+                  f"{' '.join(f'{x:.2f}' for x in ratios)} (target <= 3x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of every measurement (spread)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,12 +230,12 @@ def main() -> None:
         data = PreparedDataset(root / "data")
         torch.manual_seed(0)
         gen, ev = Generator(data.schema), Evaluator(data.schema, EvaluatorConfig(max_len=128, dropout=0.0))
-        exploration(gen, ev, data)
+        exploration(gen, ev, data, args.rounds)
         run = root / "run"
         for part, model in (("generator", gen), ("evaluator", ev)):
             model.save(run / part / "best")
             (run / part / "config.json").write_text(json.dumps({"data": str(root / "data")}))
-        service(run, data, args.requests, args.threads)
+        service(run, data, args.requests, args.threads, args.rounds)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ long lists (the backward pass through every step costs 2–4 greedy decodes).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -99,9 +100,10 @@ class _Activations:
         return self.net.decode(states, init, self.mask[rows], noise)[0]
 
     def unit(self, delta: dict[str, Tensor], rows: Tensor, order: Tensor, advantage: Tensor) -> dict[str, Tensor]:
-        states, init = (t.detach().requires_grad_() for t in self._base(delta, rows))
-        with torch.enable_grad():
-            log_p = self.net.teacher_forced(states, init, self.mask[rows], order)
+        with _autograd():
+            states, init = (t.clone().requires_grad_() for t in self._base(delta, rows))
+            mask, order, advantage = _ordinary(self.mask[rows], order, advantage)
+            log_p = self.net.teacher_forced(states, init, mask, order)
             g_states, g_init = torch.autograd.grad((advantage * log_p).sum(), (states, init))
         return {"states": _normalise(g_states, self.states[rows], self.scale),
                 "init": _normalise(g_init, self.init[rows], self.scale)}
@@ -136,8 +138,9 @@ class _Weights:
         return vmap(self._decode_one)(delta, self.x[rows], self.mask[rows], noise)
 
     def unit(self, delta: dict[str, Tensor], rows: Tensor, order: Tensor, advantage: Tensor) -> dict[str, Tensor]:
-        with torch.enable_grad():
-            grads = vmap(grad(self._log_p_one))(delta, self.x[rows], self.mask[rows], order, advantage)
+        with _autograd():
+            delta = dict(zip(delta, _ordinary(*delta.values())))
+            grads = vmap(grad(self._log_p_one))(delta, *_ordinary(self.x[rows], self.mask[rows], order, advantage))
         return {n: _normalise(grads[n], self.base[n].expand_as(grads[n]), self.scale) for n in self.names}
 
 
@@ -152,6 +155,18 @@ class _TeacherForced(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, order: Tensor) -> Tensor:
         states, h = self.net.states(x, mask)
         return self.net.teacher_forced(states, h, mask, order, fused_gru=False)
+
+
+@contextmanager
+def _autograd():
+    """Gradients on: ``Last.__call__`` runs under ``torch.inference_mode``, which the gradient step leaves."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _ordinary(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Copies that autograd may save (tensors made under inference mode may not be)."""
+    return tuple(t.clone() for t in tensors)
 
 
 def _in_subset(name: str, subset: str) -> bool:
@@ -193,8 +208,12 @@ class Last:
         steps = self.config.grad_steps or order.shape[1]
         return space.unit(delta, rows, order[:, :steps], advantage[:, :steps])
 
-    @torch.no_grad()
     def __call__(self, batch: ListBatch, generator: torch.Generator | None = None) -> Reranked:
+        with torch.inference_mode():  # less per-operation overhead than no_grad; the gradient step leaves it
+            out = self._rerank(batch, generator)
+        return Reranked(*_ordinary(*out))  # ordinary tensors: callers may modify them in place
+
+    def _rerank(self, batch: ListBatch, generator: torch.Generator | None) -> Reranked:
         c = self.config
         device = next(self.generator.parameters()).device
         batch = batch.to(device)
@@ -205,8 +224,12 @@ class Last:
         rows = torch.arange(size, device=device)
         identity = rows.new_tensor(range(length)).expand(size, -1)
         greedy = space.decode(space.zero(rows), rows, None)
-        both = self._gains(batch, torch.cat([rows, rows]), torch.cat([identity, greedy]))
-        initial, greedy_gains = both[:size], both[size:]
+        if (c.mode == "parallel" and c.steps) or (c.mode == "serial" and c.serial_steps):
+            # the initial order's gains are the baseline of the advantages; evaluated with the greedy list's
+            both = self._gains(batch, torch.cat([rows, rows]), torch.cat([identity, greedy]))
+            initial, greedy_gains = both[:size], both[size:]
+        else:  # generator only: no gradient, so no advantage to take
+            greedy_gains = self._gains(batch, rows, greedy)
         orders, gains = [greedy], [greedy_gains]
         if c.mode == "parallel" and c.steps:
             unit = self._unit(space, space.zero(rows), rows, greedy, self._advantage(greedy_gains, initial, rows))
