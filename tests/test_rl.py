@@ -4,6 +4,8 @@ experiment command end to end, and a 2-process DDP job."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import os
@@ -91,6 +93,28 @@ def test_a_learned_agent_beats_random_fusion_weights(env, method, warm):
             weights = [torch.rand(1, m, generator=g) * 2 - 1 for m in env.cascade.action_dims]
             randoms.append(evaluate(env, fixed_policy(weights), loop, seed)["session_dwell"])
     assert min(results) > 1.15 * np.mean(randoms), (results, randoms)
+
+
+@pytest.mark.parametrize("method", ["unexrl", "unexrl_q1"])
+def test_global_critic_reads_downstream_observations_only_when_asked(env, method):
+    """The paper's global critic reads every stage's stored observation; ``critic_obs="first"`` (unexrl_q1)
+    reads the first only, so scrambling the stored downstream observations changes the first critic's loss
+    and not the second's."""
+    loop = LoopConfig(steps=8, n_envs=32, warmup=2, eval_every=1000, eval_users=4)
+    agent, _ = train_agent(env, method_config(method, batch_size=32, critic_warmup=1000), loop, seed=0)
+    batch = agent.replay.sample(32, torch.Generator().manual_seed(0))
+    first = env.cascade.obs_dims[0]
+    scrambled = dataclasses.replace(batch, obs=torch.cat([batch.obs[:, :first], torch.randn_like(batch.obs[:, first:])], 1),
+                                    next_obs=torch.randn_like(batch.next_obs))
+    state = copy.deepcopy(agent.critics.state_dict())
+    losses = []
+    for b in (batch, scrambled):
+        agent.critics.load_state_dict(state)
+        losses.append(agent.update(b, agent.replay)["critic_loss"])
+    if method == "unexrl":
+        assert losses[0] != pytest.approx(losses[1], rel=1e-4)
+    else:
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_td3_has_twin_critics_and_delays_its_actor(env):

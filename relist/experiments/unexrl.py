@@ -39,7 +39,8 @@ log = logging.getLogger("relist")
 ALL_METHODS = ("cem", *METHODS)
 LABELS = {"cem": "CEM", "ddpg": "DDPG (ranking stage)", "td3": "TD3 (ranking stage)", "iddpg": "independent DDPG",
           "unexrl_ctde": "UNEX-RL-CTDE", "unexrl": "UNEX-RL (CIC)", "unexrl_no_sg": "UNEX-RL w/o SG",
-          "unexrl_no_cqr": "UNEX-RL w/o CQR", "default": "hand-set weights", "random": "random weights"}
+          "unexrl_no_cqr": "UNEX-RL w/o CQR",
+          "unexrl_q1": "UNEX-RL, Q_g on o_1 only (ours)", "default": "hand-set weights", "random": "random weights"}
 PAPER = {"unexrl": (1056.2, 24.2), "unexrl_ctde": (887.2, 21.6), "td3": (763.2, 18.9), "ddpg": (732.6, 18.2), "cem": (654.0, 15.3)}
 METRICS = ("session_dwell", "session_length")
 
@@ -192,7 +193,7 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if ref:
         lines += ["", "Does UNEX-RL (CIC) beat each method, as in the paper? (mean difference over seeds, paired t-test)", ""]
-        for other in [m for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr") if m in methods]:
+        for other in [m for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1") if m in methods]:
             parts = []
             for metric in METRICS:
                 a, b = _values(rows, base_stages, ref, metric), _values(rows, base_stages, other, metric)

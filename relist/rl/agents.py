@@ -28,6 +28,18 @@ UNEX-RL's three parts, each a switch:
   divided by a fixed scale (the default weights' mean reward).
 
 ``twin`` adds TD3's clipped double Q, target-policy smoothing and delayed actor updates.
+
+``critic_obs`` (a deviation, off by default): the paper's global critic reads every stage's observation,
+Q_g(o_1..o_N, a_1..a_N). In a deterministic cascade o_{s+1} = C(o_1, a_1..a_s), so Q_g(o_1, a_1..a_N)
+(``critic_obs="first"``) holds the same information; the difference is the actors' gradient. With every
+observation as input and the cascading path stopped (SG), dQ_g/da_1 is a partial derivative *holding the
+downstream observations fixed*, yet matching's action acts on the reward only through those observations
+(the candidates it hands on), so the critic is free to explain the effect by o_2..o_N and the upstream
+actor follows whatever residual slope is left. On the synthetic environment this made every global-critic
+method (CTDE, UNEX-RL, with or without CQR) fall below the hand-set weights within 300 steps while
+independent DDPG improved; reading o_1 only, the same learners improved (docs/unexrl_mind.md). CIC still
+matters with ``critic_obs="first"``: the actor loss and the critic's target evaluate Q_g at the actions
+the current (target) actors take on the rebuilt o_2..o_N, and SG still cuts a_1 -> o_2 -> pi_2.
 """
 
 from __future__ import annotations
@@ -63,6 +75,7 @@ class AgentConfig:
     policy_delay: int = 2  # with twin only
     critic_warmup: int = 50  # updates of the critics alone before the actors follow their gradients
     warm_start: bool = True  # actors start at the hand-set weights (False: near zero weights, a near-random order)
+    critic_obs: str = "all"  # global critic's observations: "all" stages' (the paper) or the "first" only
     action_l2: float = 1.0  # penalty on the actors' pre-tanh outputs beyond +-2 (keeps them off tanh's flat tails)
 
 
@@ -75,6 +88,8 @@ METHODS: dict[str, dict] = {
     "unexrl": dict(acting="all", critic="global", cic=True, sg=True, cqr=True),
     "unexrl_no_sg": dict(acting="all", critic="global", cic=True, sg=False, cqr=True),
     "unexrl_no_cqr": dict(acting="all", critic="global", cic=True, sg=True, cqr=False),
+    # not in the paper: UNEX-RL with the global critic on the first observation only (see ``critic_obs``)
+    "unexrl_q1": dict(acting="all", critic="global", cic=True, sg=True, cqr=True, critic_obs="first"),
 }
 
 
@@ -128,6 +143,8 @@ class MultiStageAgent(nn.Module):
     def __init__(self, cascade: Cascade, config: AgentConfig, default: list[Tensor], generator: torch.Generator,
                  reward_scale: float = 1.0):
         super().__init__()
+        if config.critic_obs not in ("all", "first"):
+            raise ValueError(f"critic_obs must be 'all' or 'first', got {config.critic_obs!r}")
         if config.acting not in ("all", "last") or config.critic not in ("global", "local"):
             raise ValueError(f"acting must be 'all' or 'last' and critic 'global' or 'local', got {config.acting!r}, {config.critic!r}")
         self.cascade, self.config, self.generator, self.reward_scale = cascade, config, generator, reward_scale
@@ -143,7 +160,7 @@ class MultiStageAgent(nn.Module):
                                          for s in self.acting})
             n_q = 2 if config.twin else 1
             if config.critic == "global":
-                width = sum(self.obs_dims) + sum(self.act_dims)
+                width = (sum(self.obs_dims) if config.critic_obs == "all" else self.obs_dims[0]) + sum(self.act_dims)
                 self.critics = nn.ModuleList(nn.ModuleDict({"g": Critic(width, h)}) for _ in range(n_q))
             else:
                 self.critics = nn.ModuleList(nn.ModuleDict({str(s): Critic(self.obs_dims[s] + self.act_dims[s], h) for s in self.acting})
@@ -184,6 +201,9 @@ class MultiStageAgent(nn.Module):
 
         return act
 
+    def _global_obs(self, obs: list[Tensor]) -> Tensor:
+        return torch.cat(obs, 1) if self.config.critic_obs == "all" else obs[0]
+
     def split(self, x: Tensor, dims: list[int]) -> list[Tensor]:
         return list(x.split(dims, dim=1))
 
@@ -214,7 +234,7 @@ class MultiStageAgent(nn.Module):
                 obs, acts = out.obs, out.actions
             else:
                 obs, acts = next_obs, [target_act(s, o) for s, o in enumerate(next_obs)]
-            x, a = torch.cat(obs, 1), torch.cat(acts, 1)
+            x, a = self._global_obs(obs), torch.cat(acts, 1)
             return torch.stack([q["g"](x, a) for q in self.target_critics]).amin(0)  # (B,)
         values = []
         for s in self.acting:
@@ -231,7 +251,7 @@ class MultiStageAgent(nn.Module):
             keep = c.gamma * (1.0 - batch.done)
             target = reward + keep * next_value if next_value.dim() == 1 else reward[:, None] + keep[:, None] * next_value
         if c.critic == "global":
-            x, a = torch.cat(obs, 1), torch.cat(acts, 1)
+            x, a = self._global_obs(obs), torch.cat(acts, 1)
             critic_loss = sum(((q["g"](x, a) - target) ** 2).mean() for q in self.critics)
         else:
             critic_loss = sum(((q[str(s)](obs[s], acts[s]) - target[:, k]) ** 2).mean()
@@ -247,9 +267,9 @@ class MultiStageAgent(nn.Module):
         if c.critic == "global":
             if c.cic:  # the chain of current actors, rebuilt from the first observation
                 chain = self.cascade(batch.pop, batch.ctx, self.policy(train=True), relaxed=not c.sg)
-                x, a = torch.cat(chain.obs, 1), torch.cat(chain.actions, 1)
+                x, a = self._global_obs(chain.obs), torch.cat(chain.actions, 1)
             else:
-                x = torch.cat(obs, 1)
+                x = self._global_obs(obs)
                 a = torch.cat([self.policy(train=True)(s, o) for s, o in enumerate(obs)], 1)
             actor_loss = -first["g"](x, a).mean()
         else:
