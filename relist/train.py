@@ -189,6 +189,7 @@ class Trainer:
         model = build_reranker(c.model, self.data.schema, use_user=c.use_user,
                                **{"max_len": max(64, self.max_len or 0), **parse_model_args(c.model_args, c.model)})
         model.features.fit(self.data, "train")
+        model.calibrate_skip(self.data, "train")
         return model
 
     # ---- the loop -----------------------------------------------------------------------------

@@ -15,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from relist.data.prepare import PrepareConfig, prepare
+from relist.data.store import PreparedDataset
+from relist.nn import LIST_LOSSES
 from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.rerankers import build_reranker
 from relist.train import TrainConfig, parse_model_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +136,24 @@ def test_two_process_ddp_matches_one_process(rerank_data, tmp_path):
     # as small weight differences; the weights must still agree closely
     for key in w1:
         assert torch.allclose(w1[key], w2[key], atol=2e-3), key
+
+
+@pytest.mark.parametrize("name", ["prm", "midnn"])  # a listwise (softmax) and a pointwise (BCE) loss
+def test_calibrated_skip_minimises_the_loss_of_the_initial_score_alone(rerank_data, name):
+    """With the network off the logits are a·z + b; calibration puts (a, b) at the loss's minimum on the
+    train split, and the gate at gate_init·|a|."""
+    data = PreparedDataset(rerank_data)
+    model = build_reranker(name, data.schema)
+    model.features.fit(data, "train")
+    model.calibrate_skip(data, "train")
+    batch = data.batch(data.split("train"))
+    z = model.initial_logit(batch) * batch.mask
+    loss_fn = LIST_LOSSES[model.loss_kind]
+    params = torch.tensor([model.skip_weight.item(), model.skip_bias.item()], requires_grad=True)
+    loss = loss_fn(params[0] * z + params[1] * batch.mask, batch.label, batch.mask)
+    (grad,) = torch.autograd.grad(loss, params)
+    assert grad.abs().max() < 1e-3
+    for a, b in [(1.0, 0.0), (params[0].item() * 1.5, params[1].item()), (params[0].item() * 0.5, params[1].item() - 0.5)]:
+        assert loss_fn(a * z + b * batch.mask, batch.label, batch.mask) > loss.detach()
+    assert model.skip_weight.item() > 0  # the initial ranker's score points the right way on this data
+    assert model.gate.item() == pytest.approx(model.config.gate_init * model.skip_weight.item())
