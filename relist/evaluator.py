@@ -69,11 +69,17 @@ class Evaluator(Reranker):
         h = h * mask[..., None]
         pooled = h.sum(1, keepdim=True).expand(-1, length, -1)  # (B, L, d) sum-pooling channel
         fc = self.item_fc(h)  # (B, L, d)
-        attended, _ = self.attention(h, h, h, key_padding_mask=padding_mask(mask), need_weights=False)  # (B, L, d)
-        lengths = batch.lengths.clamp_min(1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
-        recurrent, _ = self.gru(packed)
-        recurrent, _ = nn.utils.rnn.pad_packed_sequence(recurrent, batch_first=True, total_length=length)  # (B, L, g)
+        # lists without padding (every list at serving time with one request per batch) skip the padding mask
+        # and the packing: the same values to float rounding, without the slower masked kernels
+        full = bool(mask.all())
+        attended, _ = self.attention(h, h, h, key_padding_mask=None if full else padding_mask(mask), need_weights=False)  # (B, L, d)
+        if full:
+            recurrent, _ = self.gru(h)  # (B, L, g)
+        else:
+            lengths = batch.lengths.clamp_min(1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+            recurrent, _ = self.gru(packed)
+            recurrent, _ = nn.utils.rnn.pad_packed_sequence(recurrent, batch_first=True, total_length=length)  # (B, L, g)
         pairs = torch.bmm(h, h.transpose(1, 2)) * mask[:, None, :] / h.shape[-1] ** 0.5  # (B, L, L)
         pairs = nn.functional.pad(pairs, (0, self.config.max_len - length))  # (B, L, max_len)
         features = torch.cat([x, pooled, fc, attended, recurrent, pairs], dim=-1)

@@ -49,6 +49,54 @@ def gumbel(shape: tuple[int, ...], generator: torch.Generator | None = None, dev
     return (-torch.log(-torch.log(u))).to(device)
 
 
+class GRUSequence(torch.autograd.Function):
+    """A GRU over a whole sequence, ``apply(inputs (N, T, H_in), h0 (N, H), w_ih, w_hh, b_ih, b_hh)`` → (N, T, H).
+
+    The gates of ``PointerNet._gru`` (and of ``torch.nn.GRU``, whose op runs the forward). The backward pass
+    needs no graph of the T steps: with the states known, the gates of every step are recomputed at once,
+    and so is each step's Jacobian M_t = ∂h_t/∂h_{t−1} (H × H); what stays sequential is the linear
+    recurrence G_{t−1} = g_{t−1} + M_tᵀ G_t of the total gradients, one batched matrix-vector product per
+    step instead of a dozen autograd nodes. Equal to autograd through the cells to float rounding (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, h0, w_ih, w_hh, b_ih, b_hh):
+        hs, _ = torch.gru(inputs, h0[None].contiguous(), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False, False, True)
+        ctx.save_for_backward(inputs, h0, w_ih, w_hh, b_ih, b_hh, hs)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        inputs, h0, w_ih, w_hh, b_ih, b_hh, hs = ctx.saved_tensors
+        n, steps, width = hs.shape
+        previous = torch.cat([h0[:, None], hs[:, :-1]], 1)  # h_{t−1} (N, T, H)
+        xr, xz, xn = (inputs @ w_ih.T + b_ih).chunk(3, dim=-1)
+        hr, hz, hn = (previous @ w_hh.T + b_hh).chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        new = torch.tanh(xn + r * hn)
+        # h_t = (1 − z) n + z h_{t−1}: gradients of the pre-activations per unit of gradient of h_t
+        d_n = (1 - z) * (1 - new * new)
+        d_z = (previous - new) * z * (1 - z)
+        d_r = d_n * hn * r * (1 - r)
+        d_hidden = torch.cat([d_r, d_z, d_n * r], -1)  # of the hidden projection (r, z, n blocks) (N, T, 3H)
+        # M_t[h, i] = z_t[h] 1[h = i] + Σ_g w_hh[g·H + i, h] d_hidden_t[g·H + i]: ∂h_t/∂h_{t−1}, transposed
+        jac = torch.einsum("gih,ntgi->nthi", w_hh.view(3, width, width), d_hidden.view(n, steps, 3, width))
+        jac = jac + torch.diag_embed(z)
+        total = [grad_hs[:, -1]]
+        for t in range(steps - 1, 0, -1):
+            total.append(grad_hs[:, t - 1] + (jac[:, t] @ total[-1][..., None]).squeeze(-1))
+        total = torch.stack(total[::-1], 1)  # G_t, the whole gradient of h_t (N, T, H)
+        grad_h0 = (jac[:, 0] @ total[:, 0, :, None]).squeeze(-1)
+        repeated = total.repeat(1, 1, 3)
+        grad_x = repeated * torch.cat([d_r, d_z, d_n], -1)  # of the input projection (N, T, 3H)
+        grad_h = repeated * d_hidden
+        need = ctx.needs_input_grad
+        return (grad_x @ w_ih if need[0] else None, grad_h0 if need[1] else None,
+                torch.einsum("ntg,nth->gh", grad_x, inputs) if need[2] else None,
+                torch.einsum("ntg,nth->gh", grad_h, previous) if need[3] else None,
+                grad_x.sum((0, 1)) if need[4] else None, grad_h.sum((0, 1)) if need[5] else None)
+
+
 class PointerNet(nn.Module):
     """Encoder + pointer decoder; ``forward(x, mask, noise, order, state_offset, init_offset)``.
 
@@ -89,14 +137,22 @@ class PointerNet(nn.Module):
 
     def _attend(self, h: Tensor, keys: Tensor, values: Tensor, available: Tensor) -> Tensor:
         """Multi-head attention of the state over the items still available: (N, H)."""
+        return self._attend_heads(h, *self._heads(keys, values), available)
+
+    def _heads(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (N, heads, H/heads, L) and values (N, heads, L, H/heads) split by head, done once per decode."""
         n, length, width = values.shape
-        q = self.query(h).view(n, self.heads, 1, width // self.heads)
-        k = keys.view(n, length, self.heads, -1).transpose(1, 2)  # (N, heads, L, H/heads)
-        v = values.view(n, length, self.heads, -1).transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2)) / (width // self.heads) ** 0.5  # (N, heads, 1, L)
+        k = keys.view(n, length, self.heads, -1).transpose(1, 2).transpose(-1, -2).contiguous()
+        v = values.view(n, length, self.heads, -1).transpose(1, 2).contiguous()
+        return k, v
+
+    def _attend_heads(self, h: Tensor, k: Tensor, v: Tensor, available: Tensor) -> Tensor:
+        n, heads, d, _ = k.shape
+        q = self.query(h).view(n, heads, 1, d)
+        logits = (q @ k) / d ** 0.5  # (N, heads, 1, L)
         logits = logits.masked_fill(~available[:, None, None, :], NEG_INF)
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        return (weights @ v).reshape(n, width)
+        return (weights @ v).reshape(n, heads * d)
 
     def forward(self, x: Tensor, mask: Tensor, noise: Tensor | None = None, order: Tensor | None = None,
                 state_offset: Tensor | None = None, init_offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -111,21 +167,23 @@ class PointerNet(nn.Module):
                order: Tensor | None = None) -> tuple[Tensor, Tensor]:
         n, length, _ = states.shape
         keys, pointer_keys = self.key(states), self.pointer_key(states)
+        k, v = self._heads(keys, states)
         remaining = torch.ones_like(mask)
         step_input = self.go.expand(n, -1)
         chosen_all, log_p_all = [], []
         positions = torch.arange(length, device=mask.device)
+        padding_order = -positions.to(pointer_keys.dtype)
         for t in range(length if order is None else order.shape[1]):
             available = remaining & mask
             live = available.any(1)  # (N,) False once the real items are exhausted
             # when no real item is left, padding is chosen in place so the order stays a permutation
             allowed = torch.where(live[:, None], available, remaining)
             h = self._gru(step_input, h)
-            context = self._attend(h, keys, states, available)
+            context = self._attend_heads(h, k, v, available)
             query = self.pointer_query(torch.cat([h, context], dim=-1))
             logits = self.pointer_out(torch.tanh(pointer_keys + query[:, None, :])).squeeze(-1)  # (N, L)
             # once only padding is left, take it in input order: the first remaining position wins
-            logits = torch.where(live[:, None], logits, -positions.to(logits.dtype)).masked_fill(~allowed, NEG_INF)
+            logits = torch.where(live[:, None], logits, padding_order).masked_fill(~allowed, NEG_INF)
             log_probs = torch.log_softmax(logits, dim=-1)
             if order is not None:
                 chosen = order[:, t]
@@ -147,10 +205,11 @@ class PointerNet(nn.Module):
         order is known, the decoder's inputs are known (the start token, then the states of the items
         chosen before), so the GRU runs over the whole input sequence, and the attention and the pointer of
         every step are batched matrix products with an "already chosen before step t" mask (N, T, L) in
-        place of the loop's running mask. Only the GRU recurrence stays sequential, inside torch's fused
-        GRU op; ``fused_gru=False`` runs it as a loop of cells instead, for ``torch.func`` transforms (the
-        fused op has no batching rule under ``vmap``). Used for LAST's gradient, where the backward pass
-        through a Python loop of decoding steps dominated the cost of a request.
+        place of the loop's running mask. Only the GRU recurrence stays sequential (``GRUSequence``: torch's
+        GRU op forward, one matrix-vector product per step backward); ``fused_gru=False`` runs it as a loop
+        of cells instead, for ``torch.func`` transforms (which have no batching rule for either). Used for
+        LAST's gradient, where the backward pass through a Python loop of decoding steps dominated the
+        cost of a request.
         """
         n, length, width = states.shape
         steps = order.shape[1]
@@ -162,9 +221,8 @@ class PointerNet(nn.Module):
         allowed = torch.where(live[..., None], available, remaining)
         previous = states.gather(1, order[:, :steps - 1, None].expand(-1, -1, width))  # inputs of steps 1..T-1
         inputs = torch.cat([self.go.expand(n, 1, width), previous], 1)  # (N, T, H)
-        if fused_gru:  # the recurrence of ``_gru`` as one op: torch's GRU has the same gates in the same layout
-            weights = [self.gru_x.weight, self.gru_h.weight, self.gru_x.bias, self.gru_h.bias]
-            hs, _ = torch.gru(inputs, h[None].contiguous(), weights, True, 1, 0.0, False, False, True)  # (N, T, H)
+        if fused_gru:  # the recurrence of ``_gru``: torch's GRU op forward, a linear recurrence backward
+            hs = GRUSequence.apply(inputs, h, self.gru_x.weight, self.gru_h.weight, self.gru_x.bias, self.gru_h.bias)
         else:
             hs = []
             for step_input in inputs.unbind(1):

@@ -19,11 +19,17 @@ every weight of the decoding network; the feature embeddings are never offset). 
 per request and candidate through ``torch.func.functional_call`` under ``vmap``; the module's own
 parameters are only read, so the deployed weights stay bit-identical whatever happens in a request.
 
+The gradient needs log π of a list whose order is already known, so it is computed by teacher forcing in
+one pass over the steps (``PointerNet.teacher_forced``: the GRU over the known inputs, the attention and
+the pointer of every step batched under an "already chosen" mask), not by replaying the decoding loop;
+the two agree to float rounding (tests check the gradients and the served lists). The whole call runs
+under ``torch.inference_mode`` except the gradient step.
+
 Selection is by the evaluator. ``select="oracle"`` picks by NDCG@L on the request's labels instead (what
 the official evaluation script does); it needs labels and is for analysis only, labelled as such.
 Deviations: the gradient is taken on the greedy list (the official code samples a list for it);
-``grad_steps = T`` (off by default) limits the gradient to the first T decoding steps, a speed option for
-long lists (the backward pass through every step costs 2–4 greedy decodes).
+``grad_steps = T`` (off by default) limits the gradient to the first T decoding steps, which changes the
+objective and now saves little time.
 """
 
 from __future__ import annotations

@@ -244,6 +244,27 @@ def test_one_pass_teacher_forcing_equals_the_decoding_loop(fused_gru):
                 assert torch.isfinite(b).all() and _relative_error(b, a) < 1e-4
 
 
+def test_gru_sequence_backward_is_the_gradient():
+    from relist.generator import GRUSequence
+
+    g = torch.Generator().manual_seed(0)
+    for steps in (1, 6):
+        args = [torch.randn(shape, generator=g, dtype=torch.double).requires_grad_()
+                for shape in ((3, steps, 5), (3, 4), (12, 5), (12, 4), (12,), (12,))]
+        assert torch.autograd.gradcheck(GRUSequence.apply, args)
+
+
+def test_evaluator_skips_the_padding_machinery_on_full_lists_with_the_same_values():
+    _, ev = small_models(5)
+    batch = random_batch(13, size=6, length=8)
+    full = batch[torch.nonzero(batch.mask.all(1)).flatten()]
+    with_padding = batch[torch.cat([torch.nonzero(batch.mask.all(1)).flatten(), torch.nonzero(~batch.mask.all(1)).flatten()[:1]])]
+    assert full.size >= 1 and not with_padding.mask.all()
+    with torch.no_grad():
+        a, b = ev.click_probability(full), ev.click_probability(with_padding)[:full.size]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_last_with_the_one_pass_gradient_serves_what_the_loop_serves(monkeypatch):
     """The same gradients and the same served lists as step-by-step teacher forcing, for each offset kind."""
     from torch.func import grad, vmap

@@ -20,7 +20,7 @@ class ServeSettings:
     offsets: str = option("activations", help="where LAST's offsets go", choices=OFFSETS)
     steps: str = option("0,0,0,0,6,7,8,9", help="parallel step sizes, one candidate each (comma-separated)")
     serial_steps: int = option(8, help="serial: generate-evaluate-update rounds")
-    grad_steps: int = option(0, help="decoding steps LAST's gradient flows through (0: all; fewer is faster on long lists)")
+    grad_steps: int = option(0, help="decoding steps LAST's gradient flows through (0: all, the paper's objective; T > 0 is a deviation)")
     window_ms: float = option(2.0, help="micro-batching window: how long a request waits for others")
     max_batch: int = option(64, help="most requests per micro-batch")
     max_body_bytes: int = option(1 << 20, help="largest accepted request body")
