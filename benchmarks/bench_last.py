@@ -5,7 +5,9 @@
 1. Exploration: the K = 8 candidates decoded and evaluated in one batched pass against a loop over them
    (the same offsets and noise, checked to give the same lists), (a) for the exploration stage alone and
    (b) for a whole LAST parallel call (``LastConfig(batched=False)`` loops), lists of 30 and 100 at 1 and
-   32 requests. Target: batched ≥ 4× faster.
+   32 requests. Target: batched ≥ 4× faster. (c) LAST's gradient step, teacher forcing replayed step by
+   step through the decoding loop against the one-pass ``PointerNet.teacher_forced`` (same gradients).
+   (d) LAST-8 against generator-only decoding as calls in this process, without HTTP.
 2. Service: `relist serve` in its own process on loopback, this process as the load generator. p50/p99
    latency at one request at a time (batch size 1) and throughput with 16 concurrent clients, for
    generator-only decoding (``--mode greedy``), LAST parallel K = 8, and LAST-8 with the gradient taken
@@ -128,6 +130,59 @@ def exploration(gen, ev, data, rounds: int) -> None:
                     length, size, rounds)
 
 
+def gradient(gen, data, rounds: int) -> None:
+    """The gradient step of LAST parallel (log π of the greedy list, backward to the activations): teacher
+    forcing step by step through the decoding loop against ``PointerNet.teacher_forced`` (one pass)."""
+    from relist.last import _Activations
+
+    print("\n1c. LAST's gradient step at one request: the decoding loop replayed vs one-pass teacher forcing")
+    print(f"{'list':>6} {'requests':>9} {'one-pass ms':>11} {'loop ms':>9} {'loop/one pass':>13}")
+    for length in (30, 100):
+        batch = collate(random_examples(data, length, 1, seed=length + 1))
+        with torch.inference_mode():
+            space = _Activations(gen.net, gen.inputs(batch), batch.mask, 0.01)
+            rows = torch.arange(1)
+            greedy = space.decode(space.zero(rows), rows, None)
+        advantage = torch.randn(1, length, generator=torch.Generator().manual_seed(0))
+
+        def step(one_pass: bool):
+            states, init = space.states.clone().requires_grad_(), space.init.clone().requires_grad_()
+            mask, order = batch.mask.clone(), greedy.clone()
+            log_p = (gen.net.teacher_forced(states, init, mask, order) if one_pass
+                     else gen.net.decode(states, init, mask, order=order)[1])
+            return torch.autograd.grad((advantage * log_p).sum(), (states, init))
+
+        fast, slow = step(True), step(False)
+        assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item()) for a, b in zip(fast, slow))
+        compare(lambda: step(True), lambda: step(False), length, 1, rounds)
+
+
+def in_process(gen, ev, data, rounds: int) -> None:
+    """LAST-8 against generator-only decoding as calls in this process (no HTTP, no JSON): the stricter ratio,
+    since the service's fixed per-request costs no longer dilute it. Calls alternate between the two."""
+    print("\n1d. one request in process: LAST parallel K = 8 vs generator-only (greedy list + its evaluator score), "
+          "alternating calls; median [min-max] of the per-round ratio of medians")
+    print(f"{'list':>6} {'greedy ms':>10} {'LAST-8 ms':>10} {'LAST/greedy':>12}")
+    for length in (30, 100):
+        batch = collate(random_examples(data, length, 1, seed=length + 2))
+        greedy, last = Last(gen, ev, LastConfig(steps=())), Last(gen, ev, LastConfig())
+        calls = 20 if length == 30 else 8
+        times = []
+        for r in range(rounds):
+            t = {0: [], 1: []}
+            for i in range(calls + 1):
+                for j, model in enumerate((greedy, last)):
+                    started = time.perf_counter()
+                    model(batch, torch.Generator().manual_seed(i))
+                    if i:  # the first call of each is a warm-up
+                        t[j].append(time.perf_counter() - started)
+            times.append((np.median(t[0]) * 1000, np.median(t[1]) * 1000))
+        times = np.array(times)
+        ratio = times[:, 1] / times[:, 0]
+        print(f"{length:>6} {np.median(times[:, 0]):>10.1f} {np.median(times[:, 1]):>10.1f} {np.median(ratio):>11.2f}x"
+              f"  [{ratio.min():.2f}-{ratio.max():.2f}]")
+
+
 SERVERS = {"greedy": ["--mode", "greedy"], "LAST-8": ["--mode", "parallel"],
            "LAST-8 g10": ["--mode", "parallel", "--grad-steps", "10"]}  # g10: gradient through the first 10 steps only
 
@@ -222,6 +277,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of every measurement (spread)")
+    parser.add_argument("--no-service", action="store_true", help="only the in-process measurements (1a-1d)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,11 +287,14 @@ def main() -> None:
         torch.manual_seed(0)
         gen, ev = Generator(data.schema), Evaluator(data.schema, EvaluatorConfig(max_len=128, dropout=0.0))
         exploration(gen, ev, data, args.rounds)
+        gradient(gen, data, args.rounds)
+        in_process(gen, ev, data, args.rounds)
         run = root / "run"
         for part, model in (("generator", gen), ("evaluator", ev)):
             model.save(run / part / "best")
             (run / part / "config.json").write_text(json.dumps({"data": str(root / "data")}))
-        service(run, data, args.requests, args.threads, args.rounds)
+        if not args.no_service:
+            service(run, data, args.requests, args.threads, args.rounds)
 
 
 if __name__ == "__main__":
