@@ -69,10 +69,11 @@ class Evaluator(Reranker):
         h = h * mask[..., None]
         pooled = h.sum(1, keepdim=True).expand(-1, length, -1)  # (B, L, d) sum-pooling channel
         fc = self.item_fc(h)  # (B, L, d)
-        # lists without padding (every list at serving time with one request per batch) skip the padding mask
-        # and the packing: the same values to float rounding, without the slower masked kernels
-        full = bool(mask.all())
-        attended, _ = self.attention(h, h, h, key_padding_mask=None if full else padding_mask(mask), need_weights=False)  # (B, L, d)
+        # in eval mode, batches without padding (a request served alone) skip the padding mask and the packing:
+        # the same values to float rounding, without the slower masked kernels; training is left as it was
+        full = not self.training and bool(mask.all())
+        key_padding = None if full else padding_mask(mask)
+        attended, _ = self.attention(h, h, h, key_padding_mask=key_padding, need_weights=False)  # (B, L, d)
         if full:
             recurrent, _ = self.gru(h)  # (B, L, g)
         else:

@@ -256,6 +256,7 @@ def test_gru_sequence_backward_is_the_gradient():
 
 def test_evaluator_skips_the_padding_machinery_on_full_lists_with_the_same_values():
     _, ev = small_models(5)
+    ev.eval()  # the shortcut is taken at serving time only
     batch = random_batch(13, size=6, length=8)
     full = batch[torch.nonzero(batch.mask.all(1)).flatten()]
     with_padding = batch[torch.cat([torch.nonzero(batch.mask.all(1)).flatten(), torch.nonzero(~batch.mask.all(1)).flatten()[:1]])]
