@@ -285,7 +285,7 @@ def main() -> None:
         prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=300, n_users=500, n_items=2000, seed=0))
         data = PreparedDataset(root / "data")
         torch.manual_seed(0)
-        gen, ev = Generator(data.schema), Evaluator(data.schema, EvaluatorConfig(max_len=128, dropout=0.0))
+        gen, ev = Generator(data.schema).eval(), Evaluator(data.schema, EvaluatorConfig(max_len=128, dropout=0.0)).eval()
         exploration(gen, ev, data, args.rounds)
         gradient(gen, data, args.rounds)
         in_process(gen, ev, data, args.rounds)
