@@ -3,7 +3,8 @@
 The official code's "CMR generator" without its hypernetwork: a per-item DNN encoder (200 units), a
 GRU decoder (32 units) whose state queries the encoder states through 2-head attention, and a pointer
 that scores every item not yet chosen (chosen items and padding are masked). It exposes the
-log-probability of any order (teacher forcing), greedy decoding and sampling.
+log-probability of any order (teacher forcing: step by step through the decoding loop, or in one pass
+over the steps with ``PointerNet.teacher_forced``, which LAST's gradient uses), greedy decoding and sampling.
 
 Training is reward-weighted cross-entropy: sample an order, reward each position by the change in
 NDCG gain against the initial order at that position, r_t = g(sampled)_t − g(initial)_t, and weight the
