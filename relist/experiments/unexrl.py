@@ -226,9 +226,10 @@ def _plots(out: Path, rows, curves, methods, base_stages) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for k, method in enumerate(methods):
         points = [c for c in curves if c["stages"] == base_stages and c["method"] == method]
-        xs = sorted({c["requests"] for c in points})
-        if xs:
-            mean = [np.mean([c["session_dwell"] for c in points if c["requests"] == x]) for x in xs]
+        steps = sorted({c["step"] for c in points})  # CEM's request counts differ by seed: group by step
+        if steps:
+            xs = [np.mean([c["requests"] for c in points if c["step"] == t]) for t in steps]
+            mean = [np.mean([c["session_dwell"] for c in points if c["step"] == t]) for t in steps]
             ax.plot(xs, mean, marker="o", ms=3, label=LABELS[method], color=f"C{k}")
     default = np.mean(_values(rows, base_stages, "default", "session_dwell"))
     ax.axhline(default, color="black", linestyle="--", label="hand-set weights")
