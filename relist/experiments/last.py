@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from relist.last_commands import TrainEvaluatorConfig, TrainGeneratorConfig, loa
 from relist.metrics import auc, per_list_metrics
 from relist.rerankers.base import load_reranker
 from relist.runtime import resolve_device
+from relist.stats import paired_t_p, t_ci95
 
 log = logging.getLogger("relist")
 OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "evaluator")
@@ -167,23 +167,6 @@ def evaluator_auc(evaluator, batch) -> float:
     with torch.no_grad():
         logits = evaluator.logits(batch) if isinstance(evaluator, NoisyEvaluator) else evaluator(batch)
     return auc(logits[batch.mask], batch.label[batch.mask])
-
-
-def _ci(values) -> float:
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan")
-    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-
-
-def _paired_p(a, b) -> float:
-    from scipy import stats
-
-    if len(a) < 2 or np.allclose(a, b):
-        return float("nan")
-    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def run_experiment(cfg: LastExperimentConfig) -> dict:
@@ -345,9 +328,9 @@ def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str) -> str
     methods = list(dict.fromkeys(r["method"] for r in rows if r["study"] == "offline"))
     best_of = next(m for m in methods if m.startswith("best-of"))
     for m in methods:
-        cells = [f"{np.mean(_by(rows, 'offline', m, key)):.4f} ± {_ci(_by(rows, 'offline', m, key)):.4f}" for key in OFFLINE]
-        p1 = _paired_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", "generator greedy", "evaluator"))
-        p2 = _paired_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", best_of, "evaluator"))
+        cells = [f"{np.mean(_by(rows, 'offline', m, key)):.4f} ± {t_ci95(_by(rows, 'offline', m, key)):.4f}" for key in OFFLINE]
+        p1 = paired_t_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", "generator greedy", "evaluator"))
+        p2 = paired_t_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", best_of, "evaluator"))
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {p1:.3g} | {p2:.3g} |")
     lines += ["", "## Online (A/B harness on the simulator)", "", online_md]
     for study, keys, title in (("quality", ("auc", "lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request"),
@@ -358,7 +341,7 @@ def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str) -> str
             continue
         lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for m in names:
-            lines.append(f"| {m} | " + " | ".join(f"{np.mean(_by(rows, study, m, key)):+.4f} ± {_ci(_by(rows, study, m, key)):.4f}"
+            lines.append(f"| {m} | " + " | ".join(f"{np.mean(_by(rows, study, m, key)):+.4f} ± {t_ci95(_by(rows, study, m, key)):.4f}"
                                                   for key in keys) + " |")
     return "\n".join(lines) + "\n"
 
@@ -388,7 +371,7 @@ def _plots(out: Path, rows: list[dict]) -> None:
     if offsets:
         names = list(dict.fromkeys(r["method"] for r in offsets))
         means = [np.mean([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
-        errors = [_ci([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
+        errors = [t_ci95([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
         fig, ax = plt.subplots(figsize=(10, 4))
         ax.bar(range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
@@ -401,7 +384,7 @@ def _plots(out: Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("ndcg@10", "evaluator")):
         means = [np.mean(_by(rows, "offline", n, key)) for n in names]
-        errors = [_ci(_by(rows, "offline", n, key)) for n in names]
+        errors = [t_ci95(_by(rows, "offline", n, key)) for n in names]
         ax.bar(range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3, color=[f"C{k}" for k in range(len(names))])
         ax.set_xticks(range(len(names)), [n[:28] for n in names], rotation=40, ha="right", fontsize=7)
         ax.set_title(key)
