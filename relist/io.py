@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import tempfile
@@ -26,6 +27,17 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[s
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of dicts as CSV (the union of their keys, in first-seen order), written atomically."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
     os.replace(tmp, path)
 
 

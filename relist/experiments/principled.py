@@ -10,7 +10,6 @@ and the perturbation strategy. ``--resume`` keeps finished runs and continues an
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ import numpy as np
 
 from relist.config import option
 from relist.data.store import PreparedDataset
+from relist.io import atomic_write_csv
 from relist.metrics import list_metrics, logged_order_scores
 from relist.principled import PERTURBATIONS
 from relist.rerankers.base import load_reranker
@@ -110,7 +110,7 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         row.update({f"valid_{k}": v for k, v in result["valid"].items()})
         row.update({f"test_{k}": v for k, v in result["obedience_test"].items()})
         rows.append(row)
-        _write_csv(out / "results.csv", rows)
+        atomic_write_csv(out / "results.csv", rows)
     initial = initial_order_metrics(data, "test")
     summary = _summary(rows, initial, models, cfg) + _against_initial(per_list, _test_lists(logged_order_scores, data))
     (out / "summary.md").write_text(summary, encoding="utf-8")
@@ -144,16 +144,6 @@ def _against_initial(per_list: dict, initial: dict[str, np.ndarray]) -> str:
                    "worse than the initial ranker" if max(highs) < 0 else "not distinguishable from the initial ranker")
         lines.append(f"| {model} | {variant} | {cells[0]} | {cells[1]} | {above}/{len(runs)} | {verdict} |")
     return "\n".join(lines) + "\n"
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def _group(rows, model, variant, key) -> list[float]:

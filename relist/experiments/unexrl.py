@@ -18,10 +18,8 @@ ordering), ``curves.png`` and ``stages.png``; ``env.json`` describes the calibra
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,10 +28,12 @@ import numpy as np
 import torch
 
 from relist.config import option
+from relist.io import atomic_write_csv
 from relist.rl.agents import METHODS, method_config
 from relist.rl.cem import CEMConfig, train_cem
 from relist.rl.loop import LoopConfig, evaluate, fixed_policy, greedy_policy, train_agent
 from relist.sim.cascade_env import CascadeEnvConfig, build_env
+from relist.stats import paired_t_p, t_ci95
 
 log = logging.getLogger("relist")
 ALL_METHODS = ("cem", *METHODS)
@@ -70,23 +70,6 @@ def stage_sizes(base: tuple[int, ...], n: int) -> tuple[int, ...]:
         return tuple(base)
     first, last = base[0], base[-1]
     return tuple(int(round(first * (last / first) ** (k / (n - 1)))) for k in range(n))
-
-
-def ci95(values) -> float:
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan")
-    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-
-
-def paired_p(a, b) -> float:
-    from scipy import stats
-
-    if len(a) < 2 or np.allclose(a, b):
-        return float("nan")
-    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> tuple[dict, list[dict]]:
@@ -145,23 +128,13 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
             curves += [{"stages": n_stages, "method": method, "seed": seed, **c} for c in curve]
             log.info("%d stages, %s, seed %d: session dwell %.1f, length %.2f", n_stages, method, seed,
                      row["session_dwell"], row["session_length"])
-            _write_csv(out / "results.csv", rows)
-            _write_csv(out / "curves.csv", curves)
+            atomic_write_csv(out / "results.csv", rows)
+            atomic_write_csv(out / "curves.csv", curves)
     (out / "env.json").write_text(json.dumps({n: info for n, (_, info) in envs.items()}, indent=2, default=str))
     summary = _summary(rows, methods, stage_methods, counts, len(env_cfg.sizes), cfg, envs)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     _plots(out, rows, curves, methods, len(env_cfg.sizes))
     return {"rows": rows, "summary": summary}
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def _values(rows, stages, method, metric) -> list[float]:
@@ -184,9 +157,9 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
         cells = []
         for metric in METRICS + ("clicks_per_request",):
             v = _values(rows, base_stages, method, metric)
-            cell = f"{np.mean(v):.4g} ± {ci95(v):.3g}"
+            cell = f"{np.mean(v):.4g} ± {t_ci95(v):.3g}"
             if ref and method not in (ref, "default", "random") and metric in METRICS:
-                cell += f" (p={paired_p(_values(rows, base_stages, ref, metric), v):.2g})"
+                cell += f" (p={paired_t_p(_values(rows, base_stages, ref, metric), v):.2g})"
             cells.append(cell)
         paper = PAPER.get(method)
         cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
@@ -197,7 +170,7 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
             parts = []
             for metric in METRICS:
                 a, b = _values(rows, base_stages, ref, metric), _values(rows, base_stages, other, metric)
-                diff, p = float(np.mean(a) - np.mean(b)), paired_p(a, b)
+                diff, p = float(np.mean(a) - np.mean(b)), paired_t_p(a, b)
                 verdict = "yes" if diff > 0 and p < 0.05 else ("no, worse" if diff < 0 and p < 0.05 else "not significantly")
                 parts.append(f"{metric.replace('_', ' ')} {diff:+.4g} (p={p:.2g}): {verdict}")
             lines.append(f"- vs {LABELS[other]}: " + "; ".join(parts))
@@ -213,7 +186,7 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
                 d, s = _values(rows, n, method, "session_dwell"), _values(rows, n, method, "session_length")
                 if d:
                     lines.append(f"| {n} | {' -> '.join(map(str, envs[n][1]['sizes']))} | {LABELS[method]} | "
-                                 f"{np.mean(d):.4g} ± {ci95(d):.3g} | {np.mean(s):.3g} ± {ci95(s):.2g} |")
+                                 f"{np.mean(d):.4g} ± {t_ci95(d):.3g} | {np.mean(s):.3g} ± {t_ci95(s):.2g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,7 +220,7 @@ def _plots(out: Path, rows, curves, methods, base_stages) -> None:
         if len(xs) < 2:
             continue
         means = [np.mean(_values(rows, n, method, "session_dwell")) for n in xs]
-        errs = [ci95(_values(rows, n, method, "session_dwell")) for n in xs]
+        errs = [t_ci95(_values(rows, n, method, "session_dwell")) for n in xs]
         ax.errorbar(xs, means, yerr=np.nan_to_num(errs), marker="o", capsize=3, label=LABELS[method], color=f"C{k}")
     ax.set_xlabel("stages")
     ax.set_ylabel("session dwell (s)")

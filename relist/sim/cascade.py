@@ -148,6 +148,25 @@ def synthetic_catalogue(truth, pool) -> Catalogue:
 
 
 @torch.no_grad()
+def _encode_items(response, schema, sparse: Tensor, dense: Tensor, chunk: int, device) -> tuple[Tensor, Tensor]:
+    """(item vectors (n, D), appeal biases (n,)) of the click model for items given as one-item lists of an
+    unknown user with no history, ``chunk`` items at a time."""
+    vecs, biases = [], []
+    for start in range(0, sparse.shape[0], chunk):
+        s, d = sparse[start:start + chunk].to(device), dense[start:start + chunk].to(device)
+        m = s.shape[0]
+        batch = ListBatch(item_sparse=s[:, None], item_dense=d[:, None], label=torch.zeros(m, 1, device=device),
+                          mask=torch.ones(m, 1, dtype=torch.bool, device=device),
+                          user_sparse=torch.zeros(m, len(schema.user_sparse), dtype=torch.long, device=device),
+                          user_hist=torch.zeros(m, 0, len(schema.user_hist), dtype=torch.long, device=device),
+                          list_id=torch.zeros(m, dtype=torch.long, device=device))
+        appeal, v = response.encode(batch)
+        vecs.append(v[:, 0])
+        biases.append(appeal[:, 0])
+    return torch.cat(vecs), torch.cat(biases)
+
+
+@torch.no_grad()
 def mind_catalogue(data, response, pool, category_field: str = "category", chunk: int = 2048) -> Catalogue:
     """Every item of a prepared MIND dataset's lists, with the learned click model's item vectors and biases.
 
@@ -170,18 +189,7 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     id_to_row[ids] = torch.arange(len(ids))
     # item vector and prior: encode every item as a one-item list of an unknown user with no history
     device = next(response.parameters()).device
-    vecs, biases = [], []
-    for start in range(0, len(ids), chunk):
-        s, d = sparse[start:start + chunk].to(device), dense[start:start + chunk].to(device)
-        m = s.shape[0]
-        batch = ListBatch(item_sparse=s[:, None], item_dense=d[:, None], label=torch.zeros(m, 1, device=device),
-                          mask=torch.ones(m, 1, dtype=torch.bool, device=device),
-                          user_sparse=torch.zeros(m, len(data.schema.user_sparse), dtype=torch.long, device=device),
-                          user_hist=torch.zeros(m, 0, len(data.schema.user_hist), dtype=torch.long, device=device),
-                          list_id=torch.zeros(m, dtype=torch.long, device=device))
-        appeal, v = response.encode(batch)
-        vecs.append(v[:, 0])
-        biases.append(appeal[:, 0])
+    vec, bias = _encode_items(response, data.schema, sparse, dense, chunk, device)
     # every item id that histories hold (most MIND history items were never impressed in the subset):
     # sparse fields from the history columns of the same names, dense features unknown (zeros)
     hist_all = torch.from_numpy(np.array(data.user_hist))
@@ -194,24 +202,13 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     hist_dense = torch.zeros(vocab, dense.shape[1])
     hist_sparse[ids], hist_dense[ids] = sparse, dense  # impressed items keep their own fields
     known = hist_sparse[:, 0] > 0
-    hv, hb = [], []
-    for start in range(0, vocab, chunk):
-        s, d = hist_sparse[start:start + chunk].to(device), hist_dense[start:start + chunk].to(device)
-        m = s.shape[0]
-        batch = ListBatch(item_sparse=s[:, None], item_dense=d[:, None], label=torch.zeros(m, 1, device=device),
-                          mask=torch.ones(m, 1, dtype=torch.bool, device=device),
-                          user_sparse=torch.zeros(m, len(data.schema.user_sparse), dtype=torch.long, device=device),
-                          user_hist=torch.zeros(m, 0, len(data.schema.user_hist), dtype=torch.long, device=device),
-                          list_id=torch.zeros(m, dtype=torch.long, device=device))
-        appeal, v = response.encode(batch)
-        hv.append(v[:, 0])
-        hb.append(appeal[:, 0])
+    hist_vec, hist_bias = _encode_items(response, data.schema, hist_sparse, hist_dense, chunk, device)
     cat_col = names.index(category_field)
-    return Catalogue(vec=torch.cat(vecs).to(pool.device), bias=torch.cat(biases).to(pool.device),
+    return Catalogue(vec=vec.to(pool.device), bias=bias.to(pool.device),
                      category=sparse[:, cat_col].to(pool.device), sparse=sparse.to(pool.device), dense=dense.to(pool.device),
                      user_sparse=pool.user_sparse, user_hist=pool.user_hist, id_to_row=id_to_row.to(pool.device),
-                     affinity=_affinity_columns(data), schema=data.schema, hist_vec=torch.cat(hv).to(pool.device),
-                     hist_bias=torch.cat(hb).to(pool.device), hist_known=known.to(pool.device))
+                     affinity=_affinity_columns(data), schema=data.schema, hist_vec=hist_vec.to(pool.device),
+                     hist_bias=hist_bias.to(pool.device), hist_known=known.to(pool.device))
 
 
 class StageTower(nn.Module):
