@@ -10,7 +10,9 @@ list, or per-item sigmoid). Training loss = base + λ1·L_CS(P, P') + λ2·L_CS(
 the model's scores on P give (treated as a constant, as the paper does) and P̂ a perturbation of P.
 
 Sharing: the model's order-free encoder runs once per batch; only its order-dependent layers run per
-presentation, and the two extra presentations go through them as one stacked batch.
+presentation, and the two extra presentations go through them as one stacked batch. A list that a
+presentation leaves in its input order adds exactly 0 to that term (every weight |pos_A − pos_B| is 0),
+so it is left out of the stacked batch; the mean is still over all lists.
 
 Perturbations (the paper uses the first; the others answer its open question):
 ``adjacent`` one random adjacent swap; ``pair`` one random pair swap; ``k_adjacent`` k adjacent swaps;
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from relist.batch import ListBatch, concat, rank
-from relist.rerankers.base import Reranker
+from relist.batch import ListBatch, rank
+from relist.rerankers.base import Encoded, Reranker
 
 PERTURBATIONS = ("adjacent", "pair", "k_adjacent", "window")
 
@@ -100,12 +102,26 @@ def inverse(perm: Tensor) -> Tensor:
     return torch.argsort(perm, dim=1)
 
 
-def cs_loss(scores_a: Tensor, scores_b: Tensor, pos_a: Tensor, pos_b: Tensor, mask: Tensor) -> Tensor:
+def cs_loss(scores_a: Tensor, scores_b: Tensor, pos_a: Tensor, pos_b: Tensor, mask: Tensor,
+            lists: int | None = None) -> Tensor:
     """Contrastive similarity: Σ_i |pos_A(i) − pos_B(i)| (R_A(i) − R_B(i))² per list, mean over lists.
 
-    All tensors are aligned per item (same item in the same column)."""
+    All tensors are aligned per item (same item in the same column). ``lists``: divide the sum by this
+    many lists rather than the number given (lists left out because they add 0 still count)."""
     weight = (pos_a - pos_b).abs().float() * mask
-    return (weight * (scores_a - scores_b) ** 2).sum(1).mean()
+    per_list = (weight * (scores_a - scores_b) ** 2).sum(1)
+    return per_list.mean() if lists is None else per_list.sum() / max(lists, 1)
+
+
+def present(encoded: Encoded, rows: Tensor, perm: Tensor) -> Encoded:
+    """The encodings of the lists ``rows`` presented in the orders ``perm`` (one row of ``perm`` each).
+
+    One ``index_select`` of item rows: its backward adds whole rows back, much cheaper than the
+    per-element scatter behind ``Encoded.reorder``'s ``gather`` and ``Encoded.concat``'s copies."""
+    size, length, width = encoded.items.shape
+    flat = (rows[:, None] * length + perm).reshape(-1)
+    items = encoded.items.reshape(size * length, width).index_select(0, flat).view(len(rows), length, width)
+    return Encoded(items, *(None if t is None else t.index_select(0, rows) for t in encoded[1:]))
 
 
 class PrincipledObjective(nn.Module):
@@ -113,6 +129,10 @@ class PrincipledObjective(nn.Module):
 
     ``forward(batch)`` returns named loss parts with ``"loss"`` the total, so that the module can be
     wrapped in DistributedDataParallel as a whole.
+
+    A list that a presentation leaves in its input order (P1 when the model already ranks it as given;
+    P2 when it has one item) adds exactly 0 to that CS term and to its gradient — every item keeps its
+    position, so every weight |pos_A − pos_B| is 0 — and is not run through the model again.
     """
 
     def __init__(self, model: Reranker, config: PrincipledConfig | None = None):
@@ -131,19 +151,26 @@ class PrincipledObjective(nn.Module):
             presentations.append(("loss_cs_p1", rank(logits.detach(), batch.mask), c.p1_weight))
         if c.p2_weight > 0:
             presentations.append(("loss_cs_p2", perturb(batch.mask, c, generator), c.p2_weight))
-        perms = [perm for _, perm, _ in presentations]
-        stacked_batch = concat([batch.reorder(p) for p in perms])
-        stacked_encoded = encoded.concat([encoded.reorder(p) for p in perms])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and c.cs_gradient == "both"):
-            stacked_logits, _ = model.logits(stacked_encoded, stacked_batch)
-        base_scores = model.normalise(logits, batch.mask)
+        moved = [(perm != identity).any(1).nonzero().squeeze(1) for _, perm, _ in presentations]  # lists reordered
+        rows = torch.cat(moved)
+        perms = torch.cat([perm[m] for (_, perm, _), m in zip(presentations, moved)])
         total = parts["loss"]
-        for k, (name, perm, weight) in enumerate(presentations):
-            rows = slice(k * batch.size, (k + 1) * batch.size)
-            scores = model.normalise(stacked_logits[rows], stacked_batch.mask[rows])
-            aligned = scores.gather(1, inverse(perm))  # back to the input's item columns
-            position = inverse(perm)  # where each input item sits in this presentation
-            parts[name] = cs_loss(base_scores, aligned, identity, position, batch.mask)
+        if len(rows):
+            stacked_batch = batch[rows].reorder(perms)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and c.cs_gradient == "both"):
+                stacked_logits, _ = model.logits(present(encoded, rows, perms), stacked_batch)
+            stacked_scores = model.normalise(stacked_logits, stacked_batch.mask)
+            base_scores = model.normalise(logits, batch.mask)
+        start = 0
+        for (name, _, weight), m in zip(presentations, moved):
+            if len(m):
+                at = slice(start, start + len(m))
+                position = inverse(perms[at])  # where each input item sits in this presentation
+                aligned = stacked_scores[at].gather(1, position)  # back to the input's item columns
+                parts[name] = cs_loss(base_scores[m], aligned, identity[m], position, batch.mask[m], lists=batch.size)
+                start += len(m)
+            else:
+                parts[name] = torch.zeros((), device=batch.device)
             total = total + weight * parts[name]
         parts["loss_base"] = parts["loss"]
         parts["loss"] = total

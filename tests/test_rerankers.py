@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from relist.batch import ListBatch, rank
+import relist.nn
 from relist.data.store import Schema, SparseField
-from relist.principled import PERTURBATIONS, PrincipledConfig, PrincipledObjective, cs_loss, inverse, obedience, perturb
+from relist.nn import Dropout, dropout
+from relist.principled import (PERTURBATIONS, PrincipledConfig, PrincipledObjective, cs_loss, inverse, obedience,
+                              perturb, present)
 from relist.rerankers import REGISTRY, build_reranker, check_reranker, load_reranker
 
 SCHEMA = Schema(
@@ -150,16 +153,100 @@ def test_consistency_losses_vanish_for_an_order_free_model():
     assert parts["loss_cs_p1"].item() < 1e-9 and parts["loss_cs_p2"].item() < 1e-9
 
 
-def test_shared_encoding_matches_separate_forward_passes():
+@pytest.mark.parametrize("name", ["prm", "setrank", "midnn"])
+def test_shared_encoding_matches_separate_forward_passes(name):
     """The stacked, encode-once path scores each presentation exactly as a separate forward pass would."""
     torch.manual_seed(6)
-    model = build_reranker("prm", SCHEMA).eval()
+    model = build_reranker(name, SCHEMA).eval()
     batch = random_batch(6)
     perm = perturb(batch.mask, PrincipledConfig(perturbation="pair"), torch.Generator().manual_seed(2))
     encoded = model.encode(batch)
     shared, _ = model.logits(encoded.reorder(perm), batch.reorder(perm))
     separate = model(batch.reorder(perm))
     assert torch.allclose(shared[batch.reorder(perm).mask], separate[batch.reorder(perm).mask], atol=1e-5)
+    rows = torch.tensor([3, 0, 3])  # ``present``: chosen lists, each in its own order, in one selection
+    n = int(batch.lengths[3])
+    backwards = torch.cat([torch.arange(n).flip(0), torch.arange(n, batch.list_len)])  # real items reversed
+    perms = torch.stack([perm[3], torch.arange(batch.list_len), backwards])
+    chosen = batch[rows].reorder(perms)
+    shared, _ = model.logits(present(encoded, rows, perms), chosen)
+    assert torch.allclose(shared[chosen.mask], model(chosen)[chosen.mask], atol=1e-5)
+
+
+def test_midnn_shared_first_layer_is_the_papers_network():
+    """MiDNN's encode-once split of its first layer gives the network on [x, extended(x)] + position."""
+    torch.manual_seed(9)
+    model = build_reranker("midnn", SCHEMA, initial_skip=False).eval()
+    batch = random_batch(9)
+    x, _ = model.item_inputs(batch)
+    real = batch.mask[..., None]
+    high = x.masked_fill(~real, float("-inf")).amax(1, keepdim=True)
+    low = x.masked_fill(~real, float("inf")).amin(1, keepdim=True)
+    extended = ((x - low) / (high - low).clamp_min(1e-6)).masked_fill(~real, 0.0)
+    h = torch.cat([x, extended], dim=-1) + model.position.weight[:batch.list_len]
+    direct = model.net(h).squeeze(-1)
+    assert torch.allclose(model(batch)[batch.mask], direct[batch.mask], atol=1e-5)
+
+
+def test_objective_matches_separate_presentations_and_skips_unmoved_lists():
+    """The objective's CS terms equal those of separate forward passes over every list, although lists a
+    presentation leaves in place (here: P1 for the lists the model already ranks as given) are not rerun."""
+    torch.manual_seed(10)
+    model = build_reranker("prm", SCHEMA).eval()
+    batch = random_batch(10, size=16)
+    first = rank(model(batch), batch.mask)
+    batch = batch.reorder(torch.where((torch.arange(16) % 3 == 0)[:, None], first, torch.arange(batch.list_len)))
+    config = PrincipledConfig(p1_weight=1, p2_weight=1)
+    parts = PrincipledObjective(model, config)(batch, torch.Generator().manual_seed(4))
+    p1 = rank(model(batch), batch.mask)
+    unmoved = (p1 == torch.arange(batch.list_len)).all(1)
+    assert 3 <= int(unmoved.sum()) < 16
+    p2 = perturb(batch.mask, config, torch.Generator().manual_seed(4))
+    base = model.normalise(model(batch), batch.mask)
+    identity = torch.arange(batch.list_len).expand(16, -1)
+    for name, perm in (("loss_cs_p1", p1), ("loss_cs_p2", p2)):
+        shown = batch.reorder(perm)
+        scores = model.normalise(model(shown), shown.mask).gather(1, inverse(perm))
+        expected = cs_loss(base, scores, identity, inverse(perm), batch.mask)
+        assert parts[name].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-9)
+
+
+def test_fast_dropout_keep_rate_scaling_and_independence():
+    torch.manual_seed(11)
+    x = torch.full((400, 1001), 2.0, requires_grad=True)  # odd size: the last 64-bit draw is half used
+    for p in (0.1, 0.5, 0.03):
+        y = dropout(x, p)
+        kept = y != 0
+        n = kept.numel()
+        assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+        assert torch.equal(y[kept], torch.full_like(y[kept], 2.0 / (1 - p)))  # inverted dropout scaling
+        # neighbours share a 64-bit draw (one 32-bit half each): they must be independent
+        both = (kept[:, :-1] & kept[:, 1:]).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
+        x.grad = None
+        y.backward(torch.ones_like(y))
+        assert torch.equal(x.grad, kept.float() / (1 - p))  # gradient through the same mask
+    assert not torch.equal(dropout(x, 0.5) != 0, dropout(x, 0.5) != 0)  # fresh masks
+    assert dropout(x, 0.5, training=False) is x and dropout(x, 0.0) is x
+    assert not dropout(x, 1.0).any()
+    torch.manual_seed(3)
+    a = dropout(x, 0.2)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout(x, 0.2))  # torch.manual_seed fixes the masks
+    layer = Dropout(0.2)
+    assert torch.equal(layer.eval()(x), x) and (layer.train()(x) == 0).any()
+
+
+def test_explicit_attention_is_scaled_dot_product_attention(monkeypatch):
+    """Training attention is written out so that its weights go through ``dropout``; without the dropout
+    it is ``scaled_dot_product_attention``."""
+    torch.manual_seed(12)
+    q, k, v = torch.randn(3, 5, 2, 7, 4).unbind(0)
+    attend = (torch.arange(7) < torch.tensor([7, 3, 1, 5, 7])[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    assert torch.allclose(relist.nn.attention(q, k, v, attend), expected, atol=1e-6)
+    monkeypatch.setattr(relist.nn, "dropout", lambda x, p, training=True: x)
+    assert torch.allclose(relist.nn.attention(q, k, v, attend, dropout_p=0.1), expected, atol=1e-6)
 
 
 def test_obedience_rates():

@@ -8,6 +8,10 @@ network then predicts each item's click, trained with log loss.
 Deviations: the extension is applied to the learned feature vector (embeddings ⊕ dense features ⊕ user),
 not only to raw dense features; an embedding of the input position is added, as the list-wise inputs of
 re-ranking benchmarks carry the initial rank — without it the model ignores the input order entirely.
+
+Cost: the extension depends only on which items share the list, not on their order, and the network's
+first layer is linear, so ``encode`` computes W·[x, extended(x)] once per batch and it travels with the
+items when a presentation reorders them; each presentation only adds W·position + b (the same result).
 """
 
 from __future__ import annotations
@@ -42,13 +46,23 @@ class MiDNN(Reranker):
         self.position = nn.Embedding(c.max_len, width) if c.position else None
         self.net = mlp([width, *c.hidden, 1], dropout=c.dropout)
 
-    def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
+    def output_layer(self) -> nn.Linear:
+        return self.net[-1]
+
+    def encode(self, batch: ListBatch) -> Encoded:
+        """Items carry the order-free part of the first layer: W·[x, extended(x)] (B, L, hidden[0])."""
+        encoded = super().encode(batch)
         x = encoded.items  # (B, L, D)
         real = batch.mask[..., None]
         high = x.masked_fill(~real, float("-inf")).amax(1, keepdim=True)
         low = x.masked_fill(~real, float("inf")).amin(1, keepdim=True)
         extended = ((x - low) / (high - low).clamp_min(1e-6)).masked_fill(~real, 0.0)
-        h = torch.cat([x, extended], dim=-1)  # (B, L, 2D)
-        if self.position is not None:
-            h = h + self.position(torch.arange(batch.list_len, device=batch.device))
-        return self.net(h).squeeze(-1)
+        return encoded._replace(items=nn.functional.linear(torch.cat([x, extended], dim=-1), self.net[0].weight))
+
+    def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
+        first = self.net[0]
+        if self.position is not None:  # W·(h + p) + b = W·h + (W·p + b)
+            h = encoded.items + first(self.position.weight[:batch.list_len])
+        else:
+            h = encoded.items + first.bias
+        return self.net[1:](h).squeeze(-1)

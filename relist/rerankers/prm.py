@@ -49,6 +49,9 @@ class PRM(Reranker):
         self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
         self.out = nn.Linear(c.d_model, 1)
 
+    def output_layer(self) -> nn.Linear:
+        return self.out
+
     def encode_items(self, items: Tensor) -> Tensor:
         x = self.project(items)  # (B, L, d_model)
         first = self.blocks[0].qkv
@@ -57,8 +60,9 @@ class PRM(Reranker):
     def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
         d = self.config.d_model
         position = self.position.weight[:batch.list_len]  # (L, d)
-        x = encoded.items[..., :d] + position
-        qkv = encoded.items[..., d:] + self.blocks[0].qkv(position)
+        x, qkv = encoded.items.split([d, 3 * d], dim=-1)  # one split: its backward is one cat, not two zero-fills
+        x = x + position
+        qkv = qkv + self.blocks[0].qkv(position)
         for k, block in enumerate(self.blocks):
             x = block(x, batch.mask, qkv if k == 0 else None)
         return self.out(x).squeeze(-1)  # (B, L)

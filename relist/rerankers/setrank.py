@@ -50,6 +50,9 @@ class SetRank(Reranker):
         self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
         self.out = nn.Linear(c.d_model, 1)
 
+    def output_layer(self) -> nn.Linear:
+        return self.out
+
     def encode_items(self, items: Tensor) -> Tensor:
         x = self.project(items)
         first = self.blocks[0].qkv
@@ -57,7 +60,8 @@ class SetRank(Reranker):
 
     def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
         d = self.config.d_model
-        x, qkv = encoded.items[..., :d], encoded.items[..., d:] + self.blocks[0].qkv.bias
+        x, qkv = encoded.items.split([d, 3 * d], dim=-1)  # one split: its backward is one cat, not two zero-fills
+        qkv = qkv + self.blocks[0].qkv.bias
         if self.ordinal is not None:
             ordinal = self.ordinal.weight[:batch.list_len]  # (L, d)
             x = x + ordinal
