@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -52,6 +53,8 @@ class TrainConfig:
     batch_size: int = option(128, help="lists per optimiser step (split across processes under torchrun)")
     learning_rate: float = option(1e-3, help="Adam learning rate")
     weight_decay: float = option(0.0, help="Adam weight decay")
+    ema_decay: float = option(0.95, help="validate, select and save an exponential moving average of the weights, "
+                                         "with this decay per step (0: the weights themselves)")
     eval_every: int = option(0, help="validate (and checkpoint) every N steps; 0 = once per epoch")
     patience: int = option(5, help="stop after this many validations without improvement")
     select_metric: str = option("ndcg@10", help="validation metric that selects the best checkpoint")
@@ -207,6 +210,7 @@ class Trainer:
             if dist.world > 1:
                 trained = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
             optimiser = torch.optim.Adam(model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+            average = WeightAverage(model, c.ema_decay)
             perturb_rng = torch.Generator().manual_seed(c.seed + 7919)
             train_index = self.data.split("train")
             steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
@@ -214,7 +218,7 @@ class Trainer:
             state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -math.inf, "best_step": 0, "stale": 0,
                      "done": False, "history": []}
             if resuming:
-                state = self._load_checkpoint(model, optimiser, perturb_rng)
+                state = self._load_checkpoint(model, optimiser, perturb_rng, average)
                 log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
             total_steps = c.epochs * steps_per_epoch if not c.max_steps else min(c.max_steps, c.epochs * steps_per_epoch)
             bar = tqdm(total=total_steps, initial=state["step"], desc=f"{c.model}", disable=not (c.progress and dist.main) or None,
@@ -224,7 +228,7 @@ class Trainer:
             started = time.perf_counter()
             if state["step"] == 0 and not state["history"]:
                 # the untrained model is a candidate too: with the initial skip it serves the initial order
-                self._validate(model, state, {}, writer, bar)
+                self._validate(average.model, state, {}, writer, bar)
             while not state["done"] and state["epoch"] < c.epochs:
                 order = np.random.default_rng([c.seed, state["epoch"]]).permutation(train_index)
                 for b in range(state["batch_in_epoch"], steps_per_epoch):
@@ -237,6 +241,7 @@ class Trainer:
                     optimiser.zero_grad(set_to_none=True)
                     parts["loss"].backward()
                     optimiser.step()
+                    average.update()
                     for key, value in parts.items():
                         running[key] = running.get(key, 0.0) + float(value.detach())
                     running["_n"] = running.get("_n", 0) + 1
@@ -246,14 +251,14 @@ class Trainer:
                     if state["step"] % eval_every == 0 or b + 1 == steps_per_epoch:
                         train_parts = dist.mean({k: v / running["_n"] for k, v in running.items() if k != "_n"})
                         running = {}
-                        self._validate(model, state, train_parts, writer, bar)
+                        self._validate(average.model, state, train_parts, writer, bar)
                         if b + 1 == steps_per_epoch:
                             state["epoch"] += 1
                             state["batch_in_epoch"] = 0
                         if state["stale"] >= c.patience or (c.max_steps and state["step"] >= c.max_steps):
                             state["done"] = True
                         if dist.main:
-                            self._save_checkpoint(model, optimiser, perturb_rng, state)
+                            self._save_checkpoint(model, optimiser, perturb_rng, state, average)
                         dist.barrier()
                     if state["done"]:
                         break
@@ -298,7 +303,8 @@ class Trainer:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.out / "tensorboard"))
 
-    def _save_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict) -> None:
+    def _save_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict,
+                         average: "WeightAverage") -> None:
         """A complete checkpoint in its own folder, then the ``latest`` pointer moved to it atomically, so a
         kill at any moment leaves a consistent checkpoint behind."""
         root = self.out / "checkpoint"
@@ -306,6 +312,8 @@ class Trainer:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         model.save(folder)
+        if average.active:
+            average.model.save(folder / "average")
         tensors, meta = _optimiser_tensors(optimiser)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.perturb"] = perturb_rng.get_state()
@@ -320,10 +328,11 @@ class Trainer:
         pointer = self.out / "checkpoint" / "latest"
         return self.out / "checkpoint" / pointer.read_text().strip() if pointer.is_file() else None
 
-    def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator) -> dict:
+    def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, average: "WeightAverage") -> dict:
         folder = self._latest_checkpoint()
-        saved = load_reranker(folder)
-        model.load_state_dict(saved.state_dict())
+        model.load_state_dict(load_reranker(folder).state_dict())
+        if average.active:
+            average.model.load_state_dict(load_reranker(folder / "average").state_dict())
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "optimiser.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
@@ -350,6 +359,34 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
         atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2, default=str))
         return result
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging): after every optimiser step,
+    w̄ ← decay·w̄ + (1 − decay)·w, buffers copied. With ``decay`` 0 it is the model itself.
+
+    On small re-ranking sets the weights wander from step to step, and selecting the best checkpoint on a
+    few hundred valid lists picks that noise; the average moves smoothly, so validation compares
+    models that differ by what training learned rather than by the last mini-batch."""
+
+    def __init__(self, model: Reranker, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+        self.decay, self.source = decay, model
+        self.model = copy.deepcopy(model) if decay else model
+
+    @property
+    def active(self) -> bool:
+        return self.decay > 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if not self.active:
+            return
+        for mine, theirs in zip(self.model.parameters(), self.source.parameters()):
+            mine.lerp_(theirs, 1.0 - self.decay)
+        for mine, theirs in zip(self.model.buffers(), self.source.buffers()):
+            mine.copy_(theirs)
 
 
 def train(config: TrainConfig, data: PreparedDataset | None = None) -> dict:

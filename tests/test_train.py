@@ -19,7 +19,7 @@ from relist.data.store import PreparedDataset
 from relist.nn import LIST_LOSSES
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import build_reranker
-from relist.train import TrainConfig, parse_model_args, train
+from relist.train import TrainConfig, WeightAverage, parse_model_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,22 @@ def test_training_selects_on_valid_and_reports_test(rerank_data, tmp_path):
     assert 0 <= result["obedience_test"]["obedience_p1@full"] <= 1
     # the consistency losses are what training lowers, along with the base loss
     assert history[-1]["train"]["loss"] < history[1]["train"]["loss"]
+
+
+def test_the_weight_average_follows_the_weights_by_its_decay(rerank_data):
+    torch.manual_seed(0)
+    model = build_reranker("midnn", PreparedDataset(rerank_data).schema)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update()
+    for (key, mine), theirs in zip(average.model.named_parameters(), model.parameters()):
+        assert torch.allclose(mine, 0.9 * before[key] + 0.1 * theirs), key
+    assert WeightAverage(model, 0.0).model is model  # no average: the model itself
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(model, 1.0)
 
 
 def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):
@@ -104,10 +120,11 @@ def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
     again = json.loads((run / "metrics.json").read_text())
     assert again["steps"] == whole["steps"] > killed_at
     final = lambda d: load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "model.safetensors"))  # noqa: E731
-    a, b = final(tmp_path / "whole"), final(run)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    average = lambda d: load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "average" / "model.safetensors"))  # noqa: E731
+    for a, b in ((final(tmp_path / "whole"), final(run)), (average(tmp_path / "whole"), average(run))):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert again["test"] == pytest.approx(whole["test"], abs=1e-6)
 
 

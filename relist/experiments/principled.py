@@ -47,6 +47,7 @@ class PrincipledExperimentConfig:
     batch_size: int = option(128, help="lists per step")
     learning_rate: float = option(1e-3, help="Adam learning rate")
     patience: int = option(5, help="validations without improvement before stopping")
+    ema_decay: float = option(0.95, help="decay per step of the weight average that is validated and kept (0: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
     use_user: bool = option(True, help="personalised re-ranking")
     sweep_model: str = option("", help="also sweep the CS weight and the perturbation on this model")
@@ -85,7 +86,7 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     data_dir = _rerank_data(cfg)
     data = PreparedDataset(data_dir)
     base = TrainConfig(data=data_dir, out=out, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                       learning_rate=cfg.learning_rate, patience=cfg.patience, device=cfg.device, use_user=cfg.use_user,
+                       learning_rate=cfg.learning_rate, patience=cfg.patience, ema_decay=cfg.ema_decay, device=cfg.device, use_user=cfg.use_user,
                        progress=False, overwrite=not cfg.resume, resume=cfg.resume)
     jobs = [(m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
             for m in models for v in VARIANTS for s in range(cfg.seeds)]
