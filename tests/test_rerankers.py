@@ -213,7 +213,7 @@ def test_objective_matches_separate_presentations_and_skips_unmoved_lists():
 
 def test_fast_dropout_keep_rate_scaling_and_independence():
     torch.manual_seed(11)
-    x = torch.full((400, 1001), 2.0, requires_grad=True)  # odd size: the last 64-bit draw is half used
+    x = torch.full((401, 1001), 2.0, requires_grad=True)  # odd size: the last 64-bit draw is half used
     for p in (0.1, 0.5, 0.03):
         y = dropout(x, p)
         kept = y != 0
