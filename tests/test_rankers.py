@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,3 +84,31 @@ def test_train_ranker_refuses_existing_output(synthetic, tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(FileExistsError):
         train_ranker(TrainRankerConfig(data=synthetic[0], out=tmp_path / "r", progress=False))
+
+
+def test_cross_fitting_adds_the_ranker_lists_scored_out_of_fold(synthetic, tmp_path):
+    data_dir, seed = synthetic
+    if seed:
+        pytest.skip("one synthetic dataset is enough")
+    plain = train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "plain", seed=0, n_estimators=30, progress=False))
+    train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "cf", seed=0, n_estimators=30, cross_fit=3, progress=False))
+    data, cf = PreparedDataset(data_dir), PreparedDataset(tmp_path / "cf" / "rerank")
+    n_train, n_ranker = len(data.split("train")), len(data.split("ranker"))
+    assert len(cf.split("train")) == n_train + n_ranker
+    plain_rerank = PreparedDataset(tmp_path / "plain" / "rerank")
+    for split in ("valid", "test"):  # still ordered by the one ranker fitted on the whole ranker split
+        a, b = plain_rerank.batch(plain_rerank.split(split)), cf.batch(cf.split(split))
+        assert torch.equal(a.item_sparse, b.item_sparse) and torch.equal(a.item_dense, b.item_dense)
+    # the added lists are the ranker split's, ordered and scored by rankers that did not see them: their
+    # scores differ from the main ranker's, which was fitted on them
+    added = cf.batch(cf.split("train")[n_train:])
+    source = data.batch(data.split("ranker"))
+    assert sorted(added.user_sparse[:, 0].tolist()) == sorted(source.user_sparse[:, 0].tolist())
+    init = added.item_dense[..., -1].masked_fill(~added.mask, float("-inf"))
+    assert (init[:, :-1] >= init[:, 1:]).all()  # each in its own ranker's order
+    main = load_ranker(tmp_path / "cf")
+    rescored = main.score(dataclasses.replace(added, item_dense=added.item_dense[..., :-1]))
+    assert not torch.allclose(rescored[added.mask], added.item_dense[..., -1][added.mask])
+    with pytest.raises(ValueError, match="cross_fit"):
+        train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "bad", seed=0, n_estimators=5, cross_fit=1, progress=False))
+    assert plain["test"] == pytest.approx(json.loads((tmp_path / "cf" / "metrics.json").read_text())["test"])

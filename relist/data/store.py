@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,12 @@ class PreparedDataset:
         """Recompute the content hash and compare with the manifest's."""
         hashed = [f"arrays/{n}.npy" for n in ARRAY_NAMES] + [f"splits/{n}.npy" for n in sorted(self.splits)]
         return _hash_dir(self.root, hashed) == self.manifest["content_hash"]
+
+    def with_splits(self, **splits: np.ndarray) -> "PreparedDataset":
+        """The same lists with some splits replaced or added (a view: nothing is copied or written)."""
+        view = copy.copy(self)
+        view.splits = {**self.splits, **{name: np.asarray(rows, dtype=np.int64) for name, rows in splits.items()}}
+        return view
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:

@@ -47,6 +47,8 @@ class PrincipledExperimentConfig:
     batch_size: int = option(128, help="lists per step")
     learning_rate: float = option(1e-3, help="Adam learning rate")
     patience: int = option(5, help="validations without improvement before stopping")
+    cross_fit: int = option(0, help="initial ranker: also train re-rankers on the ranker split's lists, scored out of "
+                                     "fold by K rankers (relist train ranker --cross-fit; 0: off)")
     ema_decay: float = option(0.95, help="decay per step of the weight average that is validated and kept (0: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
     use_user: bool = option(True, help="personalised re-ranking")
@@ -67,7 +69,7 @@ def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     if not (ranker_dir / "rerank" / "manifest.json").is_file():
         log.info("training the LambdaMART initial ranker into %s", ranker_dir)
         train_ranker(TrainRankerConfig(data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed,
-                                       overwrite=True, progress=False))
+                                       cross_fit=cfg.cross_fit, overwrite=True, progress=False))
     return ranker_dir / "rerank"
 
 

@@ -5,6 +5,12 @@ early stopping reads ``valid``; metrics are reported on valid and test, next to 
 then every list of the train / valid / test splits is ordered by the ranker, cut to ``list_len``
 items and written as a prepared dataset under ``OUT/rerank`` with the ranker's score appended as the
 dense feature ``init_score``. Re-rankers train on that dataset's train split.
+
+Cross-fitting (``cross_fit=K``): the ranker split's lists join the re-ranking train split too, each ordered
+and scored by a ranker fitted on the other K−1 folds of the ranker split, so that no list is scored by a
+ranker that saw its labels (out-of-fold stacking, Wolpert 1992). Without it the re-rankers learn from half
+the labelled lists the initial ranker learned from; on MIND that, not the models, limited them. Valid and
+test lists are still ordered by the one ranker fitted on the whole ranker split.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class TrainRankerConfig:
     model: str = option("lambdamart", help="initial ranker", choices=("lambdamart", "dnn"))
     seed: int = option(0, help="random seed")
     list_len: int = option(10, help="lists of the re-ranking splits are cut to this many items (papers: 10)")
+    cross_fit: int = option(0, help="also add the ranker split's lists to the re-ranking train split, each scored by "
+                                     "a ranker fitted on the other K-1 of K folds (0: off)")
     device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
     overwrite: bool = option(False, help="replace OUT if it exists")
     progress: bool = option(True, help="show progress")
@@ -58,31 +66,49 @@ def _model_config(cfg: TrainRankerConfig):
     return config
 
 
-def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int, seed: int, batch_size: int = 512) -> Path:
-    """Order every list of the re-ranking splits by ``ranker``, cut to ``list_len``, append ``init_score``."""
+def fit_out_of_fold(cfg: "TrainRankerConfig", data: PreparedDataset, device) -> list[tuple[object, np.ndarray]]:
+    """``cfg.cross_fit`` (ranker, held-out rows) pairs: the ranker split in K folds, one ranker per fold
+    fitted on the others (early stopping on valid, as the main ranker)."""
+    rows = data.split("ranker")
+    fold = np.random.default_rng(cfg.seed).permutation(len(rows)) % cfg.cross_fit
+    pairs = []
+    for k in range(cfg.cross_fit):
+        ranker = get_ranker_class(cfg.model)(data.schema, _model_config(cfg))
+        ranker.fit(data.with_splits(ranker=rows[fold != k]), seed=cfg.seed + 1 + k, device=device)
+        pairs.append((ranker, np.sort(rows[fold == k])))
+    return pairs
+
+
+def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int, seed: int, batch_size: int = 512,
+                         cross_fitted: list[tuple[object, np.ndarray]] = ()) -> Path:
+    """Order every list of the re-ranking splits by ``ranker``, cut to ``list_len``, append ``init_score``;
+    ``cross_fitted`` (ranker, rows) pairs add those rows to the train split, ordered by their own ranker."""
     pieces = {k: [] for k in ("lengths", "sparse", "dense", "label", "user", "hist_lengths", "hist")}
     splits, start = {}, 0
     for split in RERANK_SPLITS:
         n = 0
-        for batch in data.batches(split, batch_size):
-            scores = ranker.score(batch)
-            order = rank(scores, batch.mask)
-            ordered = batch.reorder(order).truncate(list_len)
-            kept_scores = scores.gather(1, order)[:, :list_len]
-            mask = ordered.mask
-            pieces["lengths"].append(mask.sum(1).numpy())
-            pieces["sparse"].append(ordered.item_sparse[mask].numpy())
-            dense = torch.cat([ordered.item_dense, kept_scores.unsqueeze(-1)], dim=-1)
-            pieces["dense"].append(dense[mask].numpy())
-            pieces["label"].append(ordered.label[mask].numpy())
-            pieces["user"].append(ordered.user_sparse.numpy())
-            if ordered.user_hist.shape[-1]:
-                hist_mask = ordered.user_hist[..., 0] > 0
-            else:  # a source without history fields (LibRerank's files)
-                hist_mask = torch.zeros(ordered.user_hist.shape[:2], dtype=torch.bool)
-            pieces["hist_lengths"].append(hist_mask.sum(1).numpy())
-            pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
-            n += batch.size
+        sources = [(ranker, data.split(split))] + (list(cross_fitted) if split == "train" else [])
+        for scorer, rows in sources:
+            for lo in range(0, len(rows), batch_size):
+                batch = data.batch(rows[lo:lo + batch_size])
+                scores = scorer.score(batch)
+                order = rank(scores, batch.mask)
+                ordered = batch.reorder(order).truncate(list_len)
+                kept_scores = scores.gather(1, order)[:, :list_len]
+                mask = ordered.mask
+                pieces["lengths"].append(mask.sum(1).numpy())
+                pieces["sparse"].append(ordered.item_sparse[mask].numpy())
+                dense = torch.cat([ordered.item_dense, kept_scores.unsqueeze(-1)], dim=-1)
+                pieces["dense"].append(dense[mask].numpy())
+                pieces["label"].append(ordered.label[mask].numpy())
+                pieces["user"].append(ordered.user_sparse.numpy())
+                if ordered.user_hist.shape[-1]:
+                    hist_mask = ordered.user_hist[..., 0] > 0
+                else:  # a source without history fields (LibRerank's files)
+                    hist_mask = torch.zeros(ordered.user_hist.shape[:2], dtype=torch.bool)
+                pieces["hist_lengths"].append(hist_mask.sum(1).numpy())
+                pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
+                n += batch.size
         splits[split] = np.arange(start, start + n)
         start += n
     lengths = np.concatenate(pieces["lengths"])
@@ -100,7 +126,8 @@ def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int
         splits=splits,
         vocabs={p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((data.root / "vocab").glob("*.txt"))},
         info={"derived_from": str(data.root), "parent_content_hash": data.manifest["content_hash"],
-              "initial_ranker": ranker.name, "list_len": list_len},
+              "initial_ranker": ranker.name, "list_len": list_len,
+              "cross_fitted_train_lists": int(sum(len(rows) for _, rows in cross_fitted))},
     )
     return write_dataset(table, out, source=f"{data.manifest['source']}+{ranker.name}", seed=seed, overwrite=True)
 
@@ -114,6 +141,9 @@ def train_ranker(cfg: TrainRankerConfig) -> dict:
     for split in ("ranker", "valid", "test"):
         if split not in data.splits or len(data.split(split)) == 0:
             raise ValueError(f"{cfg.data} has no {split!r} lists; prepare it with a non-zero share for {split}")
+    n_ranker = len(data.split("ranker"))
+    if cfg.cross_fit and not 2 <= cfg.cross_fit <= n_ranker:
+        raise ValueError(f"cross_fit must be 0 (off) or between 2 and the {n_ranker} ranker lists, got {cfg.cross_fit}")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     ranker = get_ranker_class(cfg.model)(data.schema, _model_config(cfg))
@@ -128,9 +158,10 @@ def train_ranker(cfg: TrainRankerConfig) -> dict:
         result[split] = evaluate_lists(ranker.score, data.batches(split, 512), category_col=category)
         result[f"logged_{split}"] = evaluate_lists(logged_order_scores, data.batches(split, 512), category_col=category)
 
+    cross_fitted = fit_out_of_fold(cfg, data, device) if cfg.cross_fit else []
     with atomic_directory(out) as tmp:
         ranker.save(tmp)
-        rerank = write_rerank_dataset(ranker, data, tmp / "rerank", cfg.list_len, cfg.seed)
+        rerank = write_rerank_dataset(ranker, data, tmp / "rerank", cfg.list_len, cfg.seed, cross_fitted=cross_fitted)
         reranked = PreparedDataset(rerank)
         result["rerank_test"] = evaluate_lists(logged_order_scores, reranked.batches("test", 512), category_col=category)
         result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
