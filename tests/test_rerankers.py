@@ -233,6 +233,8 @@ def test_fast_dropout_keep_rate_scaling_and_independence():
     a = dropout(x, 0.2)
     torch.manual_seed(3)
     assert torch.equal(a, dropout(x, 0.2))  # torch.manual_seed fixes the masks
+    wide = dropout(x.double(), 0.5)  # other dtypes: the built-in
+    assert wide.dtype == torch.float64 and set(wide.unique().tolist()) == {0.0, 4.0}
     layer = Dropout(0.2)
     assert torch.equal(layer.eval()(x), x) and (layer.train()(x) == 0).any()
 
