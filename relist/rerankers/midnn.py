@@ -46,9 +46,6 @@ class MiDNN(Reranker):
         self.position = nn.Embedding(c.max_len, width) if c.position else None
         self.net = mlp([width, *c.hidden, 1], dropout=c.dropout)
 
-    def output_layer(self) -> nn.Linear:
-        return self.net[-1]
-
     def encode(self, batch: ListBatch) -> Encoded:
         """Items carry the order-free part of the first layer: W·[x, extended(x)] (B, L, hidden[0])."""
         encoded = super().encode(batch)

@@ -50,9 +50,6 @@ class SetRank(Reranker):
         self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
         self.out = nn.Linear(c.d_model, 1)
 
-    def output_layer(self) -> nn.Linear:
-        return self.out
-
     def encode_items(self, items: Tensor) -> Tensor:
         x = self.project(items)
         first = self.blocks[0].qkv
