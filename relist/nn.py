@@ -140,7 +140,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if not 0.0 < p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if p == 1.0 or x.device.type != "cpu" or x.dtype != torch.float32:
+    if p >= 1.0 - 2.0 ** -33 or x.device.type != "cpu" or x.dtype != torch.float32:  # (the threshold fits int32)
         return nn.functional.dropout(x, p, True)
     n = x.numel()
     seed = torch.empty(2, dtype=torch.int64).random_().tolist()
@@ -175,11 +175,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attend: Tensor, dropout_p: float 
     product written out, so that the weights go through ``dropout``: on the CPU the built-in with
     dropout costs three to four times its forward without, this about 1.6 times.
     """
-    if not dropout_p:
-        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    if not dropout_p or q.device.type != "cpu" or q.dtype != torch.float32:  # the fused kernels elsewhere
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
     size, heads, length, width = q.shape
     q, k, v = (t.reshape(size * heads, length, width) for t in (q, k, v))
-    bias = torch.zeros(size, heads, 1, length, device=q.device).masked_fill_(~attend, NEG_INF)
+    bias = q.new_zeros(size, heads, 1, length).masked_fill_(~attend, NEG_INF)
     scores = torch.baddbmm(bias.view(size * heads, 1, length), q, k.transpose(1, 2), alpha=width ** -0.5)
     return torch.bmm(dropout(torch.softmax(scores, dim=-1), dropout_p), v).view(size, heads, length, width)
 

@@ -117,7 +117,7 @@ def present(encoded: Encoded, rows: Tensor, perm: Tensor) -> Encoded:
     """The encodings of the lists ``rows`` presented in the orders ``perm`` (one row of ``perm`` each).
 
     One ``index_select`` of item rows: its backward adds whole rows back, much cheaper than the
-    per-element scatter behind ``Encoded.reorder``'s ``gather`` and ``Encoded.concat``'s copies."""
+    per-element scatter behind ``Encoded.reorder``'s ``gather`` and a concatenation's copies."""
     size, length, width = encoded.items.shape
     flat = (rows[:, None] * length + perm).reshape(-1)
     items = encoded.items.reshape(size * length, width).index_select(0, flat).view(len(rows), length, width)

@@ -332,7 +332,11 @@ class Trainer:
         folder = self._latest_checkpoint()
         model.load_state_dict(load_reranker(folder).state_dict())
         if average.active:
-            average.model.load_state_dict(load_reranker(folder / "average").state_dict())
+            if (folder / "average").is_dir():
+                average.model.load_state_dict(load_reranker(folder / "average").state_dict())
+            else:  # a checkpoint written without a weight average: start it from the weights
+                log.warning("%s has no weight average; starting it from the checkpoint's weights", folder)
+                average.model.load_state_dict(model.state_dict())
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "optimiser.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))

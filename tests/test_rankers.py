@@ -112,3 +112,25 @@ def test_cross_fitting_adds_the_ranker_lists_scored_out_of_fold(synthetic, tmp_p
     with pytest.raises(ValueError, match="cross_fit"):
         train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "bad", seed=0, n_estimators=5, cross_fit=1, progress=False))
     assert plain["test"] == pytest.approx(json.loads((tmp_path / "cf" / "metrics.json").read_text())["test"])
+
+
+def test_no_fold_ranker_scores_a_list_it_was_fitted_on(synthetic, monkeypatch):
+    data_dir, seed = synthetic
+    from relist.rankers.lambdamart import LambdaMART
+    from relist.rankers.train import fit_out_of_fold
+
+    fitted = LambdaMART.fit
+
+    def recording_fit(self, data, *args, **kwargs):
+        self.fitted_rows = set(data.split("ranker").tolist())
+        return fitted(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(LambdaMART, "fit", recording_fit)
+    data = PreparedDataset(data_dir)
+    pairs = fit_out_of_fold(TrainRankerConfig(data=data_dir, out=data_dir, seed=seed, n_estimators=5, cross_fit=4), data,
+                            torch.device("cpu"))
+    held = [set(rows.tolist()) for _, rows in pairs]
+    assert set().union(*held) == set(data.split("ranker").tolist()) and sum(map(len, held)) == len(data.split("ranker"))
+    for ranker, rows in pairs:
+        assert not ranker.fitted_rows & set(rows.tolist())
+        assert len(ranker.fitted_rows) + len(rows) == len(data.split("ranker"))

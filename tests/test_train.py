@@ -61,12 +61,24 @@ def test_the_weight_average_follows_the_weights_by_its_decay(rerank_data):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
+    model.features.dense_mean.add_(3.0)
     average.update()
     for (key, mine), theirs in zip(average.model.named_parameters(), model.parameters()):
         assert torch.allclose(mine, 0.9 * before[key] + 0.1 * theirs), key
+    assert torch.equal(average.model.features.dense_mean, model.features.dense_mean)  # buffers are copied
     assert WeightAverage(model, 0.0).model is model  # no average: the model itself
     with pytest.raises(ValueError, match="ema_decay"):
         WeightAverage(model, 1.0)
+
+
+def test_resume_from_a_checkpoint_without_a_weight_average(rerank_data, tmp_path, caplog):
+    train(small(rerank_data, tmp_path / "run", max_steps=5, ema_decay=0.0))
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert not (checkpoint / (checkpoint / "latest").read_text() / "average").exists()
+    (tmp_path / "run" / "metrics.json").unlink()
+    with caplog.at_level("WARNING", logger="relist"):
+        result = train(small(rerank_data, tmp_path / "run", max_steps=5, resume=True))  # ema_decay 0.95
+    assert "no weight average" in caplog.text and result["steps"] == 5
 
 
 def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):

@@ -19,9 +19,9 @@ preparation never leaves a half-written dataset behind.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

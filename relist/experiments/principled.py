@@ -58,6 +58,15 @@ class PrincipledExperimentConfig:
     progress: bool = option(True, help="show progress")
 
 
+def _same_ranker(ranker_dir: Path, cfg: PrincipledExperimentConfig) -> bool:
+    """Whether ``ranker_dir`` holds a finished initial ranker trained with this experiment's settings."""
+    metrics = ranker_dir / "metrics.json"
+    if not (metrics.is_file() and (ranker_dir / "rerank" / "manifest.json").is_file()):
+        return False
+    saved = json.loads(metrics.read_text(encoding="utf-8")).get("config", {})
+    return (saved.get("seed"), saved.get("cross_fit", 0), saved.get("data")) == (cfg.seed, cfg.cross_fit, str(cfg.data))
+
+
 def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     data = PreparedDataset(cfg.data)
     if "init_score" in data.schema.item_dense or len(data.splits.get("ranker", ())) == 0:
@@ -66,7 +75,7 @@ def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     from relist.rankers.train import TrainRankerConfig, train_ranker
 
     ranker_dir = Path(cfg.out) / "ranker"
-    if not (ranker_dir / "rerank" / "manifest.json").is_file():
+    if not _same_ranker(ranker_dir, cfg):
         log.info("training the LambdaMART initial ranker into %s", ranker_dir)
         train_ranker(TrainRankerConfig(data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed,
                                        cross_fit=cfg.cross_fit, overwrite=True, progress=False))

@@ -55,11 +55,6 @@ class Encoded(NamedTuple):
         index = perm.unsqueeze(-1).expand(-1, -1, self.items.shape[-1])
         return self._replace(items=self.items.gather(1, index))
 
-    @staticmethod
-    def concat(parts: list["Encoded"]) -> "Encoded":
-        return Encoded(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
-                         for f in Encoded._fields))
-
 
 class Reranker(nn.Module):
     """Base class: subclasses set ``name``, ``config_class``, ``loss_kind`` and implement ``context``."""
