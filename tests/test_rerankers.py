@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from relist.batch import ListBatch, rank
 import relist.nn
+from relist.batch import ListBatch, rank
 from relist.data.store import Schema, SparseField
 from relist.nn import Dropout, dropout
 from relist.principled import (PERTURBATIONS, PrincipledConfig, PrincipledObjective, cs_loss, inverse, obedience,
@@ -252,8 +252,12 @@ def test_explicit_attention_is_scaled_dot_product_attention(monkeypatch):
     attend = (torch.arange(7) < torch.tensor([7, 3, 1, 5, 7])[:, None])[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
     assert torch.allclose(relist.nn.attention(q, k, v, attend), expected, atol=1e-6)
-    monkeypatch.setattr(relist.nn, "dropout", lambda x, p, training=True: x)
+    seen = []
+    monkeypatch.setattr(relist.nn, "dropout", lambda x, p, training=True: seen.append((x, p)) or x)
     assert torch.allclose(relist.nn.attention(q, k, v, attend, dropout_p=0.1), expected, atol=1e-6)
+    (weights, p), = seen  # dropout ran once, on the attention weights: softmax rows over the allowed keys
+    assert p == 0.1 and torch.allclose(weights.sum(-1), torch.ones(()))
+    assert (weights.view(5, 2, 7, 7)[~attend.expand(-1, 2, 7, -1)] == 0).all()
 
 
 def test_obedience_rates():

@@ -80,6 +80,27 @@ def fit_out_of_fold(cfg: "TrainRankerConfig", data: PreparedDataset, device) -> 
     return pairs
 
 
+def _append_ordered(pieces: dict[str, list], batch, scores, list_len: int) -> None:
+    """Append ``batch``'s lists to ``pieces``, each ordered by ``scores``, cut to ``list_len``, with its
+    score as the last dense feature."""
+    order = rank(scores, batch.mask)
+    ordered = batch.reorder(order).truncate(list_len)
+    kept_scores = scores.gather(1, order)[:, :list_len]
+    mask = ordered.mask
+    pieces["lengths"].append(mask.sum(1).numpy())
+    pieces["sparse"].append(ordered.item_sparse[mask].numpy())
+    dense = torch.cat([ordered.item_dense, kept_scores.unsqueeze(-1)], dim=-1)
+    pieces["dense"].append(dense[mask].numpy())
+    pieces["label"].append(ordered.label[mask].numpy())
+    pieces["user"].append(ordered.user_sparse.numpy())
+    if ordered.user_hist.shape[-1]:
+        hist_mask = ordered.user_hist[..., 0] > 0
+    else:  # a source without history fields (LibRerank's files)
+        hist_mask = torch.zeros(ordered.user_hist.shape[:2], dtype=torch.bool)
+    pieces["hist_lengths"].append(hist_mask.sum(1).numpy())
+    pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
+
+
 def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int, seed: int, batch_size: int = 512,
                          cross_fitted: list[tuple[object, np.ndarray]] = ()) -> Path:
     """Order every list of the re-ranking splits by ``ranker``, cut to ``list_len``, append ``init_score``;
@@ -92,23 +113,7 @@ def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int
         for scorer, rows in sources:
             for lo in range(0, len(rows), batch_size):
                 batch = data.batch(rows[lo:lo + batch_size])
-                scores = scorer.score(batch)
-                order = rank(scores, batch.mask)
-                ordered = batch.reorder(order).truncate(list_len)
-                kept_scores = scores.gather(1, order)[:, :list_len]
-                mask = ordered.mask
-                pieces["lengths"].append(mask.sum(1).numpy())
-                pieces["sparse"].append(ordered.item_sparse[mask].numpy())
-                dense = torch.cat([ordered.item_dense, kept_scores.unsqueeze(-1)], dim=-1)
-                pieces["dense"].append(dense[mask].numpy())
-                pieces["label"].append(ordered.label[mask].numpy())
-                pieces["user"].append(ordered.user_sparse.numpy())
-                if ordered.user_hist.shape[-1]:
-                    hist_mask = ordered.user_hist[..., 0] > 0
-                else:  # a source without history fields (LibRerank's files)
-                    hist_mask = torch.zeros(ordered.user_hist.shape[:2], dtype=torch.bool)
-                pieces["hist_lengths"].append(hist_mask.sum(1).numpy())
-                pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
+                _append_ordered(pieces, batch, scorer.score(batch), list_len)
                 n += batch.size
         splits[split] = np.arange(start, start + n)
         start += n

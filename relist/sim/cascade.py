@@ -187,9 +187,6 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     vocab = data.schema.item_sparse[0].vocab
     id_to_row = torch.full((vocab,), -1, dtype=torch.long)
     id_to_row[ids] = torch.arange(len(ids))
-    # item vector and prior: encode every item as a one-item list of an unknown user with no history
-    device = next(response.parameters()).device
-    vec, bias = _encode_items(response, data.schema, sparse, dense, chunk, device)
     # every item id that histories hold (most MIND history items were never impressed in the subset):
     # sparse fields from the history columns of the same names, dense features unknown (zeros)
     hist_all = torch.from_numpy(np.array(data.user_hist))
@@ -202,7 +199,11 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     hist_dense = torch.zeros(vocab, dense.shape[1])
     hist_sparse[ids], hist_dense[ids] = sparse, dense  # impressed items keep their own fields
     known = hist_sparse[:, 0] > 0
+    # item vector and prior of every id, impressed or not, encoded once: each as a one-item list of an
+    # unknown user with no history; the impressed items' rows are those of their ids
+    device = next(response.parameters()).device
     hist_vec, hist_bias = _encode_items(response, data.schema, hist_sparse, hist_dense, chunk, device)
+    vec, bias = hist_vec[ids], hist_bias[ids]
     cat_col = names.index(category_field)
     return Catalogue(vec=vec.to(pool.device), bias=bias.to(pool.device),
                      category=sparse[:, cat_col].to(pool.device), sparse=sparse.to(pool.device), dense=dense.to(pool.device),
