@@ -65,6 +65,8 @@ def test_unknown_names_and_settings_are_errors():
         build_reranker("nope", SCHEMA)
     with pytest.raises(ValueError, match="unknown setting"):
         build_reranker("prm", SCHEMA, d_modle=8)
+    with pytest.raises(ValueError, match="prm: unknown loss 'hinge'; valid: softmax, bce"):
+        build_reranker("prm", SCHEMA, loss="hinge")
 
 
 def test_setrank_without_ordinals_is_permutation_equivariant():

@@ -38,14 +38,16 @@ def small(rerank_data: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_training_selects_on_valid_and_reports_test(rerank_data, tmp_path):
-    result = train(small(rerank_data, tmp_path / "run", p1_weight=1.0, p2_weight=1.0))
+@pytest.mark.parametrize("metric, pick", [("list_ce", min), ("ndcg@10", max)])
+def test_training_selects_on_valid_and_reports_test(rerank_data, tmp_path, metric, pick):
+    result = train(small(rerank_data, tmp_path / "run", p1_weight=1.0, p2_weight=1.0, select_metric=metric))
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["test"] == pytest.approx(result["test"])
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    best = max(history, key=lambda r: r["valid"]["ndcg@10"])
+    best = pick(history, key=lambda r: r["valid"][metric])
     assert result["best_step"] == best["step"]
-    assert result["valid"]["ndcg@10"] == pytest.approx(best["valid"]["ndcg@10"], abs=1e-6)
+    assert result["valid"][metric] == pytest.approx(best["valid"][metric], abs=1e-6)
+    assert result["valid"]["list_ce"] == pytest.approx(best["valid"]["list_ce"], abs=1e-6)
     assert history[0]["step"] == 0 and history[0]["train"] == {}  # the untrained model is a candidate too
     assert {"loss_cs_p1", "loss_cs_p2", "loss_base"} <= set(history[1]["train"])
     assert 0 <= result["obedience_test"]["obedience_p1@full"] <= 1
@@ -87,6 +89,11 @@ def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         train(small(rerank_data, tmp_path / "run"))
     assert (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_an_unknown_selection_metric_is_named(rerank_data, tmp_path):
+    with pytest.raises(ValueError, match="'ndcg@7' is not a validation metric.*list_ce"):
+        train(small(rerank_data, tmp_path / "run", select_metric="ndcg@7", max_steps=1))
 
 
 def test_model_args_are_typed_and_checked():
@@ -167,12 +174,13 @@ def test_two_process_ddp_matches_one_process(rerank_data, tmp_path):
         assert torch.allclose(w1[key], w2[key], atol=2e-3), key
 
 
-@pytest.mark.parametrize("name", ["prm", "midnn"])  # a listwise (softmax) and a pointwise (BCE) loss
-def test_calibrated_skip_minimises_the_loss_of_the_initial_score_alone(rerank_data, name):
+@pytest.mark.parametrize("name, loss", [("prm", "softmax"), ("midnn", "bce"), ("raise", "bce"), ("raise", "softmax")])
+def test_calibrated_skip_minimises_the_loss_of_the_initial_score_alone(rerank_data, name, loss):
     """With the network off the logits are a·z + b; calibration puts (a, b) at the loss's minimum on the
-    train split, and the gate at gate_init·|a|."""
+    train split, and the gate at gate_init·|a|. Listwise and pointwise losses, chosen by ``loss``."""
     data = PreparedDataset(rerank_data)
-    model = build_reranker(name, data.schema)
+    model = build_reranker(name, data.schema, loss=loss)
+    assert model.loss_kind == loss
     model.features.fit(data, "train")
     model.calibrate_skip(data, "train")
     batch = data.batch(data.split("train"))

@@ -124,7 +124,8 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         rows.append(row)
         atomic_write_csv(out / "results.csv", rows)
     initial = initial_order_metrics(data, "test")
-    summary = _summary(rows, initial, models, cfg) + _against_initial(per_list, _test_lists(logged_order_scores, data))
+    ties = random_tie_metrics(data, "test", seed=cfg.seed)
+    summary = _summary(rows, initial, models, cfg, ties) + _against_initial(per_list, _test_lists(logged_order_scores, data))
     (out / "summary.md").write_text(summary, encoding="utf-8")
     _plots(out, rows, initial, models)
     return {"rows": rows, "initial_test": initial, "summary": summary}
@@ -162,7 +163,32 @@ def _group(rows, model, variant, key) -> list[float]:
     return [r[key] for r in sorted(rows, key=lambda r: r["seed"]) if r["model"] == model and r["variant"] == variant]
 
 
-def _summary(rows: list[dict], initial: dict, models: list[str], cfg: PrincipledExperimentConfig) -> str:
+def random_tie_metrics(data: PreparedDataset, split: str, draws: int = 50, seed: int = 0) -> dict[str, tuple[float, float]] | None:
+    """The initial ranker's metrics on ``split`` with tied initial scores put in random order: metric ->
+    (mean, standard deviation) over ``draws`` draws; None without an ``init_score`` feature.
+
+    A ranker that gives many items the same score (LambdaMART on items with identical features) leaves
+    their order to the input's tie-break; any re-ranker breaks those ties its own way, which moves
+    NDCG@10 by about as much as re-ranking gains on MIND's few hundred test lists."""
+    if "init_score" not in data.schema.item_dense:
+        return None
+    import torch
+
+    column = data.schema.item_dense.index("init_score")
+    generator = torch.Generator().manual_seed(seed)
+    values: dict[str, list[float]] = {}
+    for _ in range(draws):
+        def scores(batch):
+            initial = batch.item_dense[..., column]  # ranks as the input order does, up to ties
+            return initial + 1e-6 * initial.abs().clamp_min(1.0) * torch.rand(batch.mask.shape, generator=generator)
+        per_list, _, _ = list_metrics(scores, data.batches(split, 1024), ks=(5, 10))
+        for name, per in per_list.items():
+            values.setdefault(name, []).append(float(per.mean()))
+    return {name: (float(np.mean(v)), float(np.std(v, ddof=1))) for name, v in values.items()}
+
+
+def _summary(rows: list[dict], initial: dict, models: list[str], cfg: PrincipledExperimentConfig,
+             ties: dict[str, tuple[float, float]] | None = None) -> str:
     seeds = cfg.seeds
     lines = [f"# Principled learning: {', '.join(models)}", "",
              f"Test metrics, mean ± 95% CI (t) over {seeds} seed(s); Δ% against the same model's base; "
@@ -171,6 +197,9 @@ def _summary(rows: list[dict], initial: dict, models: list[str], cfg: Principled
     lines += [head, "|" + "---|" * (2 + len(REPORTED) + len(OBEDIENCE))]
     lines.append("| initial ranker | (input order) | " + " | ".join(
         f"{initial[m]:.4f}" if m in initial else "-" for m in REPORTED) + " | - | - |")
+    if ties:
+        lines.append("| initial ranker | ties in random order (mean ± sd, 50 draws) | " + " | ".join(
+            f"{ties[m][0]:.4f} ± {ties[m][1]:.4f}" if m in ties else "-" for m in REPORTED) + " | - | - |")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for model in dict.fromkeys(r["model"] for r in rows):
         for variant in variants:
@@ -193,8 +222,12 @@ def _summary(rows: list[dict], initial: dict, models: list[str], cfg: Principled
             nd, mp = _group(rows, model, variant, "test_ndcg@10"), _group(rows, model, variant, "test_map@10")
             if nd:
                 verdict = "beats" if np.mean(nd) > initial["ndcg@10"] and np.mean(mp) > initial["map@10"] else "does NOT beat"
-                lines.append(f"- {model} {variant}: {np.mean(nd):.4f} / {np.mean(mp):.4f} vs "
-                             f"{initial['ndcg@10']:.4f} / {initial['map@10']:.4f}: {verdict} the initial ranker")
+                line = (f"- {model} {variant}: {np.mean(nd):.4f} / {np.mean(mp):.4f} vs "
+                        f"{initial['ndcg@10']:.4f} / {initial['map@10']:.4f}: {verdict} the initial ranker")
+                if ties:
+                    above = np.mean(nd) > ties["ndcg@10"][0] and np.mean(mp) > ties["map@10"][0]
+                    line += f"; {'above' if above else 'NOT above'} its random-tie mean"
+                lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ class RerankerConfig:
     min_id_count: int = 5  # ids seen fewer times in the training split share the "no id" embedding
     initial_skip: bool = True  # add the initial ranker's score to the logits: the network learns a correction
     gate_init: float = 0.3  # initial weight of the network's correction (0: serve the initial order at first)
+    loss: str = ""  # training loss: "" for the model's own (its paper's), "softmax" (listwise) or "bce" (pointwise)
 
 
 class Encoded(NamedTuple):
@@ -71,6 +72,10 @@ class Reranker(nn.Module):
         self.config = config or self.config_class()
         if self.config.max_len < 1:
             raise ValueError(f"max_len must be positive, got {self.config.max_len}")
+        if self.config.loss:
+            if self.config.loss not in LIST_LOSSES:
+                raise ValueError(f"{self.name}: unknown loss {self.config.loss!r}; valid: {', '.join(LIST_LOSSES)}")
+            self.loss_kind = self.config.loss
         self.features = FeatureEmbedding(schema, self.config.embedding_dim, self.config.use_user,
                                          self.config.min_id_count)
         # A re-ranker refines the order it is given: with the skip, logits = a·z + b + g·network, where z is
