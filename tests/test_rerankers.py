@@ -14,6 +14,7 @@ from relist.nn import Dropout, dropout
 from relist.principled import (PERTURBATIONS, PrincipledConfig, PrincipledObjective, cs_loss, inverse, obedience,
                               perturb, present)
 from relist.rerankers import REGISTRY, build_reranker, check_reranker, load_reranker
+from relist.rerankers.base import length_groups
 
 SCHEMA = Schema(
     item_sparse=(SparseField("item_id", 60), SparseField("category", 6)),
@@ -173,6 +174,43 @@ def test_shared_encoding_matches_separate_forward_passes(name):
     chosen = batch[rows].reorder(perms)
     shared, _ = model.logits(present(encoded, rows, perms), chosen)
     assert torch.allclose(shared[chosen.mask], model(chosen)[chosen.mask], atol=1e-5)
+
+
+def test_length_groups_cover_every_list_once_and_only_cut_padding():
+    lengths = torch.tensor([3, 30, 7, 30, 2, 18, 30, 5, 30, 30, 4, 29, 30, 6, 30, 3] * 4)
+    mask = torch.arange(30)[None, :] < lengths[:, None]
+    groups = length_groups(mask)
+    assert groups is not None and 2 <= len(groups) <= 3
+    rows = torch.cat([r for r, _ in groups])
+    assert torch.equal(rows.sort().values, torch.arange(len(lengths)))
+    assert all(int(lengths[r].max()) == width for r, width in groups)
+    assert length_groups(torch.ones(8, 30, dtype=torch.bool)) is None  # nothing to cut
+    assert length_groups(mask[:, [29, *range(1, 29), 0]]) is None  # padding before a real item: never cut
+    short = torch.arange(30)[None, :] < torch.tensor([10, 12, 11, 12])[:, None]
+    assert [w for _, w in length_groups(short)] == [12]  # one group, cut to the longest list
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in REGISTRY.items() if cls.trims_padding))
+def test_cutting_padding_by_length_group_changes_no_logit_or_gradient(name, monkeypatch):
+    """A model that trims padding scores, and learns, exactly as it would on the full padded batch."""
+    torch.manual_seed(4)
+    model = build_reranker(name, SCHEMA, dropout=0.0)
+    batch = random_batch(4, size=40, length=12)
+    assert length_groups(batch.mask) is not None
+
+    def run():
+        model.zero_grad()
+        logits = model(batch)
+        relist.nn.softmax_list_loss(logits, batch.label, batch.mask).backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    cut_logits, cut_grads = run()
+    monkeypatch.setattr(type(model), "trims_padding", False)
+    full_logits, full_grads = run()
+    assert torch.allclose(cut_logits[batch.mask], full_logits[batch.mask], atol=1e-5)
+    assert len(cut_grads) == len(full_grads)
+    for a, b in zip(cut_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_midnn_shared_first_layer_is_the_papers_network():

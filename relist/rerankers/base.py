@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -65,6 +66,9 @@ class Reranker(nn.Module):
     loss_kind: ClassVar[str] = "softmax"  # "softmax" (listwise) or "bce" (pointwise)
     uses_history: ClassVar[bool] = False  # encode() also embeds the history sequence
     order_sensitive: ClassVar[bool] = True  # whether scores may depend on the presentation order
+    # whether a real item's logit never depends on padding behind it (masked attention, per-item layers):
+    # then ``logits`` runs ``context`` on groups of similar length, each cut to its longest list
+    trims_padding: ClassVar[bool] = False
 
     def __init__(self, schema: Schema, config: RerankerConfig | None = None):
         super().__init__()
@@ -120,11 +124,27 @@ class Reranker(nn.Module):
         """Logits (B, L) of one presentation and any auxiliary loss parts the context produced."""
         if batch.list_len > self.config.max_len:
             raise ValueError(f"lists of {batch.list_len} items are longer than this model's max_len {self.config.max_len}")
-        out = self.context(encoded, batch)
-        logits, aux = out if isinstance(out, tuple) else (out, {})
+        groups = length_groups(batch.mask) if self.trims_padding else None
+        if groups is None:
+            out = self.context(encoded, batch)
+            logits, aux = out if isinstance(out, tuple) else (out, {})
+        else:
+            logits, aux = self._context_by_length(encoded, batch, groups), {}
         if self.skip_weight is not None:
             logits = self.gate * logits + (self.skip_weight * self.initial_logit(batch) + self.skip_bias) * batch.mask
         return logits, aux
+
+    def _context_by_length(self, encoded: Encoded, batch: ListBatch, groups: list[tuple[Tensor, int]]) -> Tensor:
+        """``context`` run once per group of lists (rows, width), each cut to its ``width`` positions, and the
+        logits put back in the batch's row order with zeros on the cut padding."""
+        parts, rows_in_order = [], []
+        for rows, width in groups:
+            part = Encoded(encoded.items.index_select(0, rows)[:, :width],
+                           *(None if t is None else t.index_select(0, rows) for t in encoded[1:]))
+            logits = self.context(part, batch[rows].truncate(width))
+            parts.append(nn.functional.pad(logits, (0, batch.list_len - width)))
+            rows_in_order.append(rows)
+        return torch.cat(parts).index_select(0, torch.argsort(torch.cat(rows_in_order)))
 
     def initial_logit(self, batch: ListBatch) -> Tensor:
         """z: the initial ranker's score, symlog'd and standardised like every dense feature (B, L)."""
@@ -196,6 +216,42 @@ class Reranker(nn.Module):
         atomic_save_tensors(state, directory / "model.safetensors")
         meta = {"model": self.name, "config": dataclasses.asdict(self.config), "schema": self.schema.to_json()}
         atomic_write_text(directory / "model.json", json.dumps(meta, indent=2))
+
+
+def length_groups(mask: Tensor, group_cost: int = 4) -> list[tuple[Tensor, int]] | None:
+    """At most three groups of lists by length, chosen so that cutting each group to its longest list
+    computes the fewest positions: [(rows, width), ...]; None when the whole batch at full width is best,
+    or when some list's padding is not all at its end. An extra group costs as much as ``group_cost`` full
+    lists (the fixed cost of one more pass). On MIND at list length 30 (mean length 20) this takes 7–10%
+    off a consistency-trained PRM or SetRank step and 2–4% off a plain one; MiDNN, whose context is one
+    small MLP per item, was slower with it and does not use it."""
+    size, length = mask.shape
+    lengths = mask.sum(1)
+    if size < 2 or not torch.equal(mask, torch.arange(length, device=mask.device) < lengths[:, None]):
+        return None
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].cpu().numpy()
+    top = int(sorted_lengths[-1])
+    # a cut at index i puts sorted rows [.., i) in a group as wide as its last list
+    cuts = np.flatnonzero(np.diff(sorted_lengths)) + 1
+    best_cost, best = size * length, ()
+    if top < length:
+        best_cost, best = size * top, ()
+    for i in cuts:  # two groups
+        cost = i * sorted_lengths[i - 1] + (size - i) * top + group_cost * length
+        if cost < best_cost:
+            best_cost, best = cost, (i,)
+    if len(cuts) >= 2:  # three groups
+        i, j = np.meshgrid(cuts, cuts, indexing="ij")
+        cost = i * sorted_lengths[i - 1] + (j - i) * sorted_lengths[j - 1] + (size - j) * top + 2 * group_cost * length
+        cost = np.where(j > i, cost, np.iinfo(np.int64).max)
+        k = np.unravel_index(np.argmin(cost), cost.shape)
+        if cost[k] < best_cost:
+            best_cost, best = cost[k], (int(i[k]), int(j[k]))
+    if not best and top == length:
+        return None
+    bounds = (0, *best, size)
+    return [(order[a:b], max(int(sorted_lengths[b - 1]), 1)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 REGISTRY: dict[str, type[Reranker]] = {}

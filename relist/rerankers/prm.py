@@ -38,6 +38,7 @@ class PRM(Reranker):
     name = "prm"
     config_class = PRMConfig
     loss_kind = "softmax"
+    trims_padding = True
 
     def __init__(self, schema, config: PRMConfig | None = None):
         super().__init__(schema, config)

@@ -38,6 +38,7 @@ class SetRank(Reranker):
     name = "setrank"
     config_class = SetRankConfig
     loss_kind = "softmax"
+    trims_padding = True
 
     def __init__(self, schema, config: SetRankConfig | None = None):
         super().__init__(schema, config)
