@@ -11,10 +11,10 @@ Deviations:
   gives the paper's). With BCE on MIND's 2,000 training lists the base model never improved the
   listwise cross-entropy on valid over the untrained network (step 0 kept in 5 of 5 seeds), and the
   listwise loss reached a lower one (docs/principled_mind.md).
-- The list-level task is off by default (``list_weight=0``; any positive weight gives the paper's two-task
-  loss, and 0.1 was the default before). On MIND, where a
-  third of the re-ranked lists hold no click, it lowered valid NDCG@10 and raised the valid listwise
-  cross-entropy of both the base and the +P1+P2 model (5 seeds each; docs/principled_mind.md).
+- The list-level task is off by default (``list_weight=0``; a positive weight gives the paper's two-task
+  loss; 0.1 was the default before). On MIND, where a third of the re-ranked lists hold no click, it
+  lowered valid NDCG@10 and raised the valid listwise cross-entropy of both the base and the +P1+P2
+  model (5 seeds each; docs/principled_mind.md).
 - The history holds clicked items only (the paper's history also carries behaviour types and
   timestamps, absent here).
 - Feature-level interaction is the shared embedding space of history and candidates rather than a
