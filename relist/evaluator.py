@@ -44,6 +44,7 @@ class Evaluator(Reranker):
     name = "evaluator"
     config_class = EvaluatorConfig
     loss_kind = "bce"
+    loss_fixed = True
 
     def __init__(self, schema, config: EvaluatorConfig | None = None):
         super().__init__(schema, config)

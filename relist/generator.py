@@ -270,6 +270,7 @@ class Generator(Reranker):
     name = "generator"
     config_class = GeneratorConfig
     loss_kind = "softmax"
+    loss_fixed = True
 
     def __init__(self, schema, config: GeneratorConfig | None = None):
         super().__init__(schema, config)

@@ -165,6 +165,11 @@ def initial_order_metrics(data: PreparedDataset, split: str, ks=(1, 3, 5, 10)) -
 LOWER_IS_BETTER = frozenset({"list_ce"})
 
 
+def _settings(model: Reranker) -> dict:
+    """A model's settings with its loss resolved (an empty ``loss`` means the model's own)."""
+    return {**dataclasses.asdict(model.config), "loss": model.loss_kind}
+
+
 def better(metric: str, value: float, best: float | None) -> bool:
     """Whether ``value`` of validation ``metric`` beats ``best`` (None or infinite: nothing yet)."""
     if best is None or not math.isfinite(best):
@@ -179,7 +184,8 @@ def list_cross_entropy(model: Reranker, batches) -> float:
     The checkpoint-selection criterion: it reads every item's score rather than the few lists whose top
     ten a checkpoint changes, so it is far steadier than NDCG@10 on a few hundred valid lists. It is the
     training loss of the listwise models; pointwise (BCE) models are judged on their scores' ranking, not
-    their calibration, which BCE keeps improving long after the order stops improving."""
+    their calibration, which BCE keeps improving long after the order stops improving. Lists without a
+    click add 0 and still count in the mean, as in training."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -248,7 +254,7 @@ class Trainer:
             train_index = self.data.split("train")
             steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
             eval_every = c.eval_every or steps_per_epoch
-            state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": 0, "stale": 0,
+            state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "select_metric": c.select_metric, "best_step": 0, "stale": 0,
                      "done": False, "history": []}
             if resuming:
                 state = self._load_checkpoint(model, optimiser, perturb_rng, average)
@@ -367,7 +373,12 @@ class Trainer:
 
     def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, average: "WeightAverage") -> dict:
         folder = self._latest_checkpoint()
-        model.load_state_dict(load_reranker(folder).state_dict())
+        saved = load_reranker(folder)
+        if _settings(saved) != _settings(model):
+            changed = sorted(k for k, v in _settings(saved).items() if _settings(model).get(k) != v)
+            raise ValueError(f"{folder} was trained with other model settings ({', '.join(changed)}: "
+                             f"{ {k: _settings(saved)[k] for k in changed} }); pass them in --model-args to resume")
+        model.load_state_dict(saved.state_dict())
         if average.active:
             if (folder / "average").is_dir():
                 average.model.load_state_dict(load_reranker(folder / "average").state_dict())
@@ -375,6 +386,9 @@ class Trainer:
                 log.warning("%s has no weight average; starting it from the checkpoint's weights", folder)
                 average.model.load_state_dict(model.state_dict())
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        selected_on = meta.setdefault("select_metric", "ndcg@10")  # checkpoints from before list_ce selected on NDCG@10
+        if selected_on != self.config.select_metric:
+            raise ValueError(f"{folder} selects its best checkpoint on {selected_on}; resume with --select-metric {selected_on}")
         tensors = load_file(str(folder / "optimiser.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
         perturb_rng.set_state(tensors.pop("rng.perturb"))

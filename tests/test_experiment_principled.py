@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
+
+import torch
 
 from relist.cli import main
 from relist.data.prepare import PrepareConfig, prepare
+from relist.experiments.principled import random_tie_scores
 
 
 def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys):
@@ -44,6 +48,24 @@ def test_resume_keeps_finished_runs_and_redoes_missing_ones(tmp_path):
     assert (runs / "+P2" / "seed0" / "metrics.json").is_file()
     again = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
     assert [(r["variant"], r["test_ndcg@10"]) for r in again] == [(r["variant"], r["test_ndcg@10"]) for r in first]
+    metrics = json.loads(kept.read_text())  # a finished run selected on another metric is never mixed in
+    metrics["config"]["select_metric"] = "ndcg@10"
+    kept.write_text(json.dumps(metrics))
+    assert main(args + ["--resume"]) == 2
+
+
+def test_random_tie_scores_shuffle_ties_only():
+    generator = torch.Generator().manual_seed(0)
+    initial = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 0.0], [3.0, 2.0, 2.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    tops = torch.zeros(4)
+    for _ in range(2000):
+        scores = random_tie_scores(initial, mask, generator)
+        assert scores[0, 4] < scores[0, :4].min()  # untied items keep their place
+        assert scores[1, 0] > scores[1, 1:4].max() and scores[1, 3] < scores[1, 1:3].min()
+        assert len(set(scores[0, :5].tolist())) == 5  # a strict order
+        tops[int(scores[0].argmax())] += 1
+    assert (tops / 2000 - 0.25).abs().max() < 0.04  # each of the four tied items is first a quarter of the time
 
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -68,6 +69,17 @@ def test_unknown_names_and_settings_are_errors():
         build_reranker("prm", SCHEMA, d_modle=8)
     with pytest.raises(ValueError, match="prm: unknown loss 'hinge'; valid: softmax, bce"):
         build_reranker("prm", SCHEMA, loss="hinge")
+    with pytest.raises(ValueError, match="evaluator: its loss is 'bce' and cannot be changed"):
+        build_reranker("evaluator", SCHEMA, loss="softmax")
+
+
+def test_a_model_saved_without_a_loss_setting_loads_with_its_papers_loss(tmp_path):
+    """Files written before the ``loss`` setting existed were trained with the model's own (paper's) loss."""
+    build_reranker("midnn", SCHEMA).save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["config"].pop("loss") == "softmax"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert load_reranker(tmp_path / "m").loss_kind == "bce"
 
 
 def test_setrank_without_ordinals_is_permutation_equivariant():

@@ -91,6 +91,15 @@ def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):
     assert (tmp_path / "run" / "keep.txt").exists()
 
 
+def test_resume_refuses_other_settings_than_the_checkpoints(rerank_data, tmp_path):
+    train(small(rerank_data, tmp_path / "run", max_steps=5))
+    with pytest.raises(ValueError, match="selects its best checkpoint on list_ce; resume with --select-metric list_ce"):
+        train(small(rerank_data, tmp_path / "run", max_steps=10, resume=True, select_metric="ndcg@10"))
+    with pytest.raises(ValueError, match="other model settings \\(loss: .*'softmax'"):
+        train(small(rerank_data, tmp_path / "run", max_steps=10, resume=True,
+                    model_args="d_model=16,n_blocks=1,d_ffn=32,loss=bce"))
+
+
 def test_an_unknown_selection_metric_is_named(rerank_data, tmp_path):
     with pytest.raises(ValueError, match="'ndcg@7' is not a validation metric.*list_ce"):
         train(small(rerank_data, tmp_path / "run", select_metric="ndcg@7", max_steps=1))

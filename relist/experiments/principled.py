@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from relist.config import option
 from relist.data.store import PreparedDataset
@@ -113,6 +115,10 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         run_dir = out / "runs" / model / variant.replace(" ", "_").replace("=", "") / f"seed{seed}"
         if cfg.resume and (run_dir / "metrics.json").is_file():
             result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+            selected_on = result["config"].get("select_metric", "ndcg@10")
+            if selected_on != base.select_metric:
+                raise ValueError(f"{run_dir} was selected on {selected_on}, this experiment selects on "
+                                 f"{base.select_metric}; run it again without --resume")
         else:
             result = train(replace(base, out=run_dir, model=model, seed=seed, **extra), data)
         per_list.setdefault((model, variant), []).append(_test_lists(load_reranker(run_dir / "best").score, data))
@@ -163,7 +169,20 @@ def _group(rows, model, variant, key) -> list[float]:
     return [r[key] for r in sorted(rows, key=lambda r: r["seed"]) if r["model"] == model and r["variant"] == variant]
 
 
-def random_tie_metrics(data: PreparedDataset, split: str, draws: int = 50, seed: int = 0) -> dict[str, tuple[float, float]] | None:
+TIE_DRAWS = 50
+
+
+def random_tie_scores(initial: Tensor, mask: Tensor, generator: torch.Generator) -> Tensor:
+    """Scores (B, L) that rank each list by ``initial``, descending, with equal scores in random order:
+    a stable sort by score of a random permutation of the items."""
+    shuffle = torch.argsort(torch.rand(mask.shape, generator=generator), dim=1)
+    shuffled = initial.masked_fill(~mask, float("-inf")).gather(1, shuffle)
+    ranked = shuffle.gather(1, torch.argsort(shuffled, dim=1, descending=True, stable=True))
+    positions = torch.arange(mask.shape[1], dtype=torch.float32).expand(mask.shape)
+    return torch.empty(mask.shape).scatter_(1, ranked, -positions)
+
+
+def random_tie_metrics(data: PreparedDataset, split: str, draws: int = TIE_DRAWS, seed: int = 0) -> dict[str, tuple[float, float]] | None:
     """The initial ranker's metrics on ``split`` with tied initial scores put in random order: metric ->
     (mean, standard deviation) over ``draws`` draws; None without an ``init_score`` feature.
 
@@ -172,15 +191,13 @@ def random_tie_metrics(data: PreparedDataset, split: str, draws: int = 50, seed:
     NDCG@10 by about as much as re-ranking gains on MIND's few hundred test lists."""
     if "init_score" not in data.schema.item_dense:
         return None
-    import torch
-
+    if draws < 2:
+        raise ValueError(f"draws must be at least 2 for a standard deviation, got {draws}")
     column = data.schema.item_dense.index("init_score")
     generator = torch.Generator().manual_seed(seed)
     values: dict[str, list[float]] = {}
     for _ in range(draws):
-        def scores(batch):
-            initial = batch.item_dense[..., column]  # ranks as the input order does, up to ties
-            return initial + 1e-6 * initial.abs().clamp_min(1.0) * torch.rand(batch.mask.shape, generator=generator)
+        scores = lambda batch: random_tie_scores(batch.item_dense[..., column], batch.mask, generator)  # noqa: E731
         per_list, _, _ = list_metrics(scores, data.batches(split, 1024), ks=(5, 10))
         for name, per in per_list.items():
             values.setdefault(name, []).append(float(per.mean()))
@@ -198,7 +215,7 @@ def _summary(rows: list[dict], initial: dict, models: list[str], cfg: Principled
     lines.append("| initial ranker | (input order) | " + " | ".join(
         f"{initial[m]:.4f}" if m in initial else "-" for m in REPORTED) + " | - | - |")
     if ties:
-        lines.append("| initial ranker | ties in random order (mean ± sd, 50 draws) | " + " | ".join(
+        lines.append(f"| initial ranker | ties in random order (mean ± sd, {TIE_DRAWS} draws) | " + " | ".join(
             f"{ties[m][0]:.4f} ± {ties[m][1]:.4f}" if m in ties else "-" for m in REPORTED) + " | - | - |")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -69,6 +69,7 @@ class Reranker(nn.Module):
     # whether a real item's logit never depends on padding behind it (masked attention, per-item layers):
     # then ``logits`` runs ``context`` on groups of similar length, each cut to its longest list
     trims_padding: ClassVar[bool] = False
+    loss_fixed: ClassVar[bool] = False  # the model's loss is part of what it is (an evaluator's click probability)
 
     def __init__(self, schema: Schema, config: RerankerConfig | None = None):
         super().__init__()
@@ -76,7 +77,9 @@ class Reranker(nn.Module):
         self.config = config or self.config_class()
         if self.config.max_len < 1:
             raise ValueError(f"max_len must be positive, got {self.config.max_len}")
-        if self.config.loss:
+        if self.config.loss and self.config.loss != self.loss_kind:
+            if self.loss_fixed:
+                raise ValueError(f"{self.name}: its loss is {self.loss_kind!r} and cannot be changed")
             if self.config.loss not in LIST_LOSSES:
                 raise ValueError(f"{self.name}: unknown loss {self.config.loss!r}; valid: {', '.join(LIST_LOSSES)}")
             self.loss_kind = self.config.loss
@@ -124,7 +127,8 @@ class Reranker(nn.Module):
         """Logits (B, L) of one presentation and any auxiliary loss parts the context produced."""
         if batch.list_len > self.config.max_len:
             raise ValueError(f"lists of {batch.list_len} items are longer than this model's max_len {self.config.max_len}")
-        groups = length_groups(batch.mask) if self.trims_padding else None
+        # measured on the CPU only; on a GPU the grouping's host synchronisations may cost more than padding
+        groups = length_groups(batch.mask) if self.trims_padding and batch.mask.device.type == "cpu" else None
         if groups is None:
             out = self.context(encoded, batch)
             logits, aux = out if isinstance(out, tuple) else (out, {})
@@ -142,6 +146,8 @@ class Reranker(nn.Module):
             part = Encoded(encoded.items.index_select(0, rows)[:, :width],
                            *(None if t is None else t.index_select(0, rows) for t in encoded[1:]))
             logits = self.context(part, batch[rows].truncate(width))
+            if isinstance(logits, tuple):
+                raise TypeError(f"{self.name}: a model whose context returns loss parts cannot trim padding")
             parts.append(nn.functional.pad(logits, (0, batch.list_len - width)))
             rows_in_order.append(rows)
         return torch.cat(parts).index_select(0, torch.argsort(torch.cat(rows_in_order)))
@@ -287,6 +293,7 @@ def load_reranker(directory: str | Path) -> Reranker:
         raise FileNotFoundError(f"{directory} holds no re-ranker (no model.json)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     cls = reranker_class(meta["model"])
+    meta["config"].setdefault("loss", "")  # saved before the setting existed: trained with the model's own loss
     config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
     model = cls(Schema.from_json(meta["schema"]), config)
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
