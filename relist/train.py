@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -171,31 +170,33 @@ def _settings(model: Reranker) -> dict:
 
 
 def better(metric: str, value: float, best: float | None) -> bool:
-    """Whether ``value`` of validation ``metric`` beats ``best`` (None or infinite: nothing yet)."""
-    if best is None or not math.isfinite(best):
+    """Whether ``value`` of validation ``metric`` beats ``best`` (None: nothing yet)."""
+    if best is None:
         return True
     return value < best if metric in LOWER_IS_BETTER else value > best
 
 
-@torch.no_grad()
-def list_cross_entropy(model: Reranker, batches) -> float:
-    """Mean over lists of the listwise cross-entropy between softmax(scores) and the normalised clicks.
+def scored_metrics(model: Reranker, batches, ks=(1, 3, 5, 10)) -> dict[str, float]:
+    """``evaluate_lists``'s metrics of ``model.score`` and ``list_ce``, from one scoring pass.
 
-    The checkpoint-selection criterion: it reads every item's score rather than the few lists whose top
-    ten a checkpoint changes, so it is far steadier than NDCG@10 on a few hundred valid lists. It is the
-    training loss of the listwise models; pointwise (BCE) models are judged on their scores' ranking, not
-    their calibration, which BCE keeps improving long after the order stops improving. Lists without a
-    click add 0 and still count in the mean, as in training."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    ``list_ce``, the mean over lists of the listwise cross-entropy between softmax(scores) and the
+    normalised clicks, is the checkpoint-selection criterion: it reads every item's score rather than
+    the few lists whose top ten a checkpoint changes, so it is far steadier than NDCG@10 on a few hundred
+    valid lists. It is the training loss of the listwise models; pointwise (BCE) models are judged on
+    their scores' ranking, not their calibration, which BCE keeps improving long after the order stops
+    improving. Lists without a click add 0 and still count in the mean, as in training."""
     total, lists = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        total += float(softmax_list_loss(model(batch), batch.label, batch.mask)) * batch.size
+
+    def score(batch):
+        nonlocal total, lists
+        scores = model.score(batch)  # -inf on padding, which the loss masks anyway
+        total += float(softmax_list_loss(scores, batch.label, batch.mask)) * batch.size
         lists += batch.size
-    model.train(was_training)
-    return total / max(lists, 1)
+        return scores
+
+    metrics = evaluate_lists(score, batches, ks=ks)
+    metrics["list_ce"] = total / max(lists, 1)
+    return metrics
 
 
 class Trainer:
@@ -254,8 +255,8 @@ class Trainer:
             train_index = self.data.split("train")
             steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
             eval_every = c.eval_every or steps_per_epoch
-            state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "select_metric": c.select_metric, "best_step": 0, "stale": 0,
-                     "done": False, "history": []}
+            state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": 0, "stale": 0,
+                     "select_metric": c.select_metric, "done": False, "history": []}
             if resuming:
                 state = self._load_checkpoint(model, optimiser, perturb_rng, average)
                 log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
@@ -317,8 +318,7 @@ class Trainer:
     def _validate(self, model: Reranker, state: dict, train_parts: dict, writer, bar) -> None:
         c = self.config
         batches = lambda: self.data.batches("valid", 512, max_len=self.max_len)  # noqa: E731
-        valid = evaluate_lists(model.score, batches(), ks=(5, 10))
-        valid["list_ce"] = list_cross_entropy(model, batches())
+        valid = scored_metrics(model, batches(), ks=(5, 10))
         valid.update(obedience(model.score, batches(), ks=(5,), seed=c.seed))
         if c.select_metric not in valid:
             raise ValueError(f"select_metric {c.select_metric!r} is not a validation metric; valid: {', '.join(sorted(valid))}")
@@ -374,10 +374,11 @@ class Trainer:
     def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, average: "WeightAverage") -> dict:
         folder = self._latest_checkpoint()
         saved = load_reranker(folder)
-        if _settings(saved) != _settings(model):
-            changed = sorted(k for k, v in _settings(saved).items() if _settings(model).get(k) != v)
-            raise ValueError(f"{folder} was trained with other model settings ({', '.join(changed)}: "
-                             f"{ {k: _settings(saved)[k] for k in changed} }); pass them in --model-args to resume")
+        then, now = _settings(saved), _settings(model)
+        changed = {k: v for k, v in then.items() if now.get(k) != v}
+        if changed:
+            raise ValueError(f"{folder} was trained with other model settings ({', '.join(sorted(changed))}: "
+                             f"{changed}); pass them in --model-args to resume")
         model.load_state_dict(saved.state_dict())
         if average.active:
             if (folder / "average").is_dir():
@@ -404,8 +405,8 @@ class Trainer:
             "best_step": state["best_step"],
             "steps": state["step"],
             "train_seconds": seconds,
-            "valid": {**evaluate_lists(best.score, batches("valid")), "list_ce": list_cross_entropy(best, batches("valid"))},
-            "test": {**evaluate_lists(best.score, batches("test")), "list_ce": list_cross_entropy(best, batches("test"))},
+            "valid": scored_metrics(best, batches("valid")),
+            "test": scored_metrics(best, batches("test")),
             "obedience_test": obedience(best.score, batches("test"), seed=self.config.seed),
             "initial_test": initial_order_metrics(self.data, "test"),
         }

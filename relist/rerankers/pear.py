@@ -39,7 +39,7 @@ class PEARConfig(RerankerConfig):
     n_heads: int = 4
     n_blocks: int = 1
     d_ffn: int = 128
-    list_weight: float = 0.0  # weight of the list-level task; the paper's is 0.1 (module docstring)
+    list_weight: float = 0.0  # weight of the list-level task; 0 turns it off (module docstring)
     loss: str = "softmax"  # the paper's item loss is "bce"; see the module docstring
 
 
