@@ -38,8 +38,8 @@ import torch
 from relist.batch import collate
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.evaluator import Evaluator, EvaluatorConfig
-from relist.generator import Generator
+from relist.rerankers.evaluator import Evaluator, EvaluatorConfig
+from relist.rerankers.generator import Generator
 from relist.last import OFFICIAL_STEPS, Last, LastConfig
 
 
@@ -66,7 +66,7 @@ def timed(fn, repeats: int) -> float:
 def candidates_only(gen, ev, batch, steps):
     """The exploration stage alone (decode the K offset candidates, score them with the evaluator) as LAST runs
     it, one batched pass and a loop over the candidates, with the same offsets and noise (checked equal)."""
-    from relist.generator import gumbel
+    from relist.rerankers.generator import gumbel
     from relist.last import _Activations
 
     size, length = batch.mask.shape

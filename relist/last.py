@@ -44,7 +44,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from relist.batch import ListBatch
-from relist.generator import Generator, PointerNet, discounted_returns, gumbel, ndcg_gains, order_scores
+from relist.rerankers.generator import (
+    Generator,
+    PointerNet,
+    discounted_returns,
+    gumbel,
+    ndcg_gains,
+    order_scores,
+)
 
 OFFSETS = ("activations", "pointer", "decoder", "all")
 MODES = ("parallel", "serial")

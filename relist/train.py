@@ -1,5 +1,8 @@
 """One trainer for every re-ranker: mini-batches, validation, early stopping, checkpoints, resume, DDP.
 
+``train`` fits any registered re-ranker; ``train_evaluator`` and ``train_generator`` are the same trainer
+with the settings LAST's evaluator and generator fix (their selection metric, the generator's reward).
+
 - Model selection uses the ``valid`` split only; ``test`` is evaluated once, on the best checkpoint.
 - Checkpoints are safetensors + JSON written atomically: ``OUT/checkpoint/step-N`` (the latest state:
   model, optimiser, random-number states, position in the data; ``OUT/checkpoint/latest`` names it) after
@@ -29,15 +32,24 @@ from tqdm.auto import tqdm
 
 from relist.config import option
 from relist.data.store import PreparedDataset
+from relist.io import atomic_save_tensors, atomic_write_text
 from relist.metrics import evaluate_lists, logged_order_scores
 from relist.nn import softmax_list_loss
-from relist.principled import PERTURBATIONS, PrincipledConfig, PrincipledObjective, obedience
+from relist.principled import (
+    PERTURBATIONS,
+    PrincipledConfig,
+    PrincipledObjective,
+    obedience,
+)
 from relist.rerankers import REGISTRY, build_reranker, load_reranker
-from relist.io import atomic_save_tensors, atomic_write_text
 from relist.rerankers.base import Reranker
+from relist.rerankers.evaluator import load_evaluator
+from relist.rerankers.generator import REWARDS
 from relist.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("relist")
+# what a run writes before its first checkpoint: --resume may start such a run afresh
+UNSTARTED_RUN_FILES = {"config.json", "vocab", "tensorboard"}
 
 
 @dataclass
@@ -213,19 +225,42 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------
     def _prepare_out(self, dist: _Distributed) -> bool:
-        """Create OUT; returns True when resuming from a checkpoint."""
+        """Create OUT; returns True when resuming from a checkpoint.
+
+        ``--resume`` on a directory without a checkpoint starts afresh only when the directory is empty or
+        holds nothing but this trainer's own files from a run that had not saved a checkpoint yet; anything
+        else is refused, never deleted (only ``--overwrite`` replaces a directory)."""
         c = self.config
         if c.resume and self._latest_checkpoint() is not None:
             return True
         if dist.main:
             if self.out.exists() and any(self.out.iterdir()):
-                if not (c.overwrite or c.resume):
-                    raise FileExistsError(f"{self.out} already exists (pass --overwrite to replace it or --resume to continue)")
-                shutil.rmtree(self.out)
+                if c.overwrite:
+                    shutil.rmtree(self.out)
+                elif not c.resume:
+                    raise FileExistsError(f"{self.out} already exists (pass --overwrite to replace it or --resume to "
+                                          "continue)")
+                else:
+                    foreign = sorted(p.name for p in self.out.iterdir() if p.name not in UNSTARTED_RUN_FILES)
+                    if foreign:
+                        raise FileExistsError(f"--resume: {self.out} holds no checkpoint to resume and other files "
+                                              f"({', '.join(foreign[:5])}); nothing was changed (pass --overwrite "
+                                              "to replace the directory)")
             self.out.mkdir(parents=True, exist_ok=True)
+            self._write_vocabularies()
             atomic_write_text(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2, default=str))
         dist.barrier()
         return False
+
+    def _write_vocabularies(self) -> None:
+        """Copy the raw-id vocabularies of the schema's sparse fields into OUT/vocab, so the run (and a
+        service loading it) maps raw ids without the training data."""
+        schema = self.data.schema
+        (self.out / "vocab").mkdir(exist_ok=True)
+        for f in (*schema.item_sparse, *schema.user_sparse, *schema.user_hist):
+            source = self.data.root / "vocab" / f"{f.name}.txt"
+            if source.is_file():
+                atomic_write_text(self.out / "vocab" / source.name, source.read_text(encoding="utf-8"))
 
     def build_model(self) -> Reranker:
         c = self.config
@@ -451,3 +486,89 @@ def train(config: TrainConfig, data: PreparedDataset | None = None) -> dict:
     if config.model not in REGISTRY:
         raise ValueError(f"unknown re-ranker {config.model!r}; valid: {', '.join(sorted(REGISTRY))}")
     return Trainer(config, data).fit()
+
+
+# ---- LAST's evaluator and generator: the same trainer, with the settings they fix ------------------------
+@dataclass
+class TrainEvaluatorConfig:
+    data: Path = option(help="prepared re-ranking dataset (the rerank/ folder written by `relist train ranker`)")
+    out: Path = option(help="run directory: checkpoints, best/, history, metrics")
+    model_args: str = option("", help="evaluator settings as key=value,... (d_model, heads, gru, hidden=512/256/128)")
+    train_fraction: float = option(1.0, help="share of the train lists used (a random subset by seed): weaker evaluators")
+    seed: int = option(0, help="seed of initialisation, data order and the train subset")
+    device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
+    epochs: int = option(30, help="maximum passes over the train split")
+    batch_size: int = option(128, help="lists per step")
+    learning_rate: float = option(1e-3, help="Adam learning rate")
+    patience: int = option(5, help="stop after this many validations without improvement (AUC on valid)")
+    max_steps: int = option(0, help="stop after this many steps (0: no limit)")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+    progress: bool = option(True, help="show a progress bar")
+
+
+@dataclass
+class TrainGeneratorConfig:
+    data: Path = option(help="prepared re-ranking dataset (the rerank/ folder written by `relist train ranker`)")
+    out: Path = option(help="run directory: checkpoints, best/, history, metrics")
+    reward: str = option("ndcg", help="per-position reward: NDCG gain on the labels, or the evaluator's click "
+                                      "probability", choices=REWARDS)
+    evaluator: Path | None = option(None, help="evaluator run directory (its best/), needed for --reward evaluator")
+    model_args: str = option("", help="generator settings as key=value,... (encoder, hidden, heads, gamma, samples)")
+    seed: int = option(0, help="seed of initialisation, data order and sampling")
+    device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
+    epochs: int = option(30, help="maximum passes over the train split")
+    batch_size: int = option(128, help="lists per step")
+    learning_rate: float = option(1e-3, help="Adam learning rate")
+    patience: int = option(5, help="stop after this many validations without improvement (NDCG@10 on valid)")
+    max_steps: int = option(0, help="stop after this many steps (0: no limit)")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+    progress: bool = option(True, help="show a progress bar")
+
+
+def _trainer_config(cfg, model: str, select_metric: str, model_args: str) -> TrainConfig:
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shared}
+    return TrainConfig(**{**values, "model": model, "select_metric": select_metric, "model_args": model_args})
+
+
+def subset_train(data: PreparedDataset, fraction: float, seed: int) -> PreparedDataset:
+    """``data`` with its train split cut to a random ``fraction`` of the lists (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction < 1:
+        train_lists = data.split("train")
+        keep = max(1, int(round(fraction * len(train_lists))))
+        chosen = np.random.default_rng([seed, 1]).choice(train_lists, keep, replace=False)
+        data.splits = {**data.splits, "train": np.sort(chosen)}
+    return data
+
+
+def train_evaluator(cfg: TrainEvaluatorConfig) -> dict:
+    """LAST's evaluator: BCE on the clicks, selected on valid AUC."""
+    data = subset_train(PreparedDataset(cfg.data), cfg.train_fraction, cfg.seed)
+    return Trainer(_trainer_config(cfg, "evaluator", "auc", cfg.model_args), data).fit()
+
+
+class GeneratorTrainer(Trainer):
+    """The trainer with the reward evaluator attached to every generator it builds."""
+
+    def __init__(self, config: TrainConfig, evaluator: Reranker | None):
+        super().__init__(config)
+        self.evaluator = evaluator
+
+    def build_model(self) -> Reranker:
+        model = super().build_model()
+        if self.evaluator is not None:
+            model.use_evaluator(self.evaluator.to(self.device))
+        return model
+
+
+def train_generator(cfg: TrainGeneratorConfig) -> dict:
+    """LAST's generator: reward-weighted cross-entropy, selected on valid NDCG@10 of greedy decoding."""
+    evaluator = None
+    if cfg.reward == "evaluator":
+        if cfg.evaluator is None:
+            raise ValueError("--reward evaluator needs --evaluator DIR (a `relist train evaluator` run)")
+        evaluator = load_evaluator(cfg.evaluator)
+    args = ",".join(a for a in (cfg.model_args, f"reward={cfg.reward}") if a)
+    return GeneratorTrainer(_trainer_config(cfg, "generator", "ndcg@10", args), evaluator).fit()

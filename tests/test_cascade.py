@@ -157,11 +157,19 @@ def test_gymnasium_single_agent_api(env):
 
     gym_env = CascadeGymEnv(env, stage=-1, seed=0)
     check_env(gym_env, skip_render_check=True)
-    obs, _ = gym_env.reset(seed=1)
-    total, done = 0.0, False
-    for _ in range(200):
-        obs, reward, done, _, info = gym_env.step(np.array([1.0, 0.5, 0.25], np.float32))
-        total += reward
-        if done:
-            break
-    assert done and total >= 0
+
+    def episode(action, seed):
+        gym_env.reset(seed=seed)
+        rewards = []
+        for _ in range(200):
+            _, reward, done, _, _ = gym_env.step(action)
+            rewards.append(reward)
+            if done:
+                return rewards
+        raise AssertionError("a session did not end within 200 requests")
+
+    hand_set, reversed_ = np.array([1.0, 0.5, 0.25], np.float32), np.array([-1.0, 0.5, 0.25], np.float32)
+    runs = [episode(hand_set, seed) for seed in range(3)]
+    assert runs == [episode(hand_set, seed) for seed in range(3)]  # a seed replays its user's session
+    assert any(sum(r) > 0 for r in runs)  # users click and dwell
+    assert runs != [episode(reversed_, seed) for seed in range(3)]  # the stage's action reaches the user

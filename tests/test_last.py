@@ -13,10 +13,10 @@ from relist.batch import rank
 from relist.cli import main
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.evaluator import Evaluator, EvaluatorConfig
-from relist.generator import Generator, GeneratorConfig, discounted_returns, gumbel, ndcg_gains, order_scores
+from relist.rerankers.evaluator import Evaluator, EvaluatorConfig
+from relist.rerankers.generator import Generator, GeneratorConfig, discounted_returns, gumbel, ndcg_gains, order_scores
 from relist.last import Last, LastConfig
-from relist.last_commands import load_evaluator
+from relist.rerankers.evaluator import load_evaluator
 from relist.metrics import per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers.base import check_reranker, load_reranker
@@ -245,7 +245,7 @@ def test_one_pass_teacher_forcing_equals_the_decoding_loop(fused_gru):
 
 
 def test_gru_sequence_backward_is_the_gradient():
-    from relist.generator import GRUSequence
+    from relist.rerankers.generator import GRUSequence
 
     g = torch.Generator().manual_seed(0)
     for steps in (1, 6):
@@ -270,7 +270,7 @@ def test_last_with_the_one_pass_gradient_serves_what_the_loop_serves(monkeypatch
     """The same gradients and the same served lists as step-by-step teacher forcing, for each offset kind."""
     from torch.func import grad, vmap
 
-    from relist.generator import PointerNet
+    from relist.rerankers.generator import PointerNet
     from relist.last import _Weights
 
     gen, ev = small_models(4)

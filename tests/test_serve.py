@@ -19,7 +19,7 @@ from relist.batch import collate
 from relist.cli import main
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.last_commands import load_evaluator
+from relist.rerankers.evaluator import load_evaluator
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.serve.requests import RequestParser
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from relist.config import option
+from relist.data import librerank, mind, prm_public, synthetic, taobao_ad
 from relist.data.store import ListTable, parse_fractions, write_dataset
 
 log = logging.getLogger("relist")
@@ -35,14 +36,10 @@ class PrepareConfig:
 
 
 def _mind(cfg: PrepareConfig):
-    from relist.data import mind
-
     return mind.build(_src(cfg), cfg.seed, parse_fractions(cfg.splits), max_hist=cfg.max_hist), {}
 
 
 def _synthetic(cfg: PrepareConfig):
-    from relist.data import synthetic
-
     params = replace(synthetic.SyntheticParams(), n_users=cfg.n_users, n_items=cfg.n_items)
     config = synthetic.SyntheticConfig(n_lists=cfg.n_lists, min_len=cfg.min_len, max_len=cfg.max_len,
                                        logged_order=cfg.logged_order, params=params)
@@ -51,22 +48,16 @@ def _synthetic(cfg: PrepareConfig):
 
 
 def _taobao(cfg: PrepareConfig):
-    from relist.data import taobao_ad
-
     table = taobao_ad.build(_src(cfg), cfg.seed, parse_fractions(cfg.splits),
                             window_seconds=cfg.window_seconds, keep_last=cfg.keep_last)
     return table, {}
 
 
 def _prm(cfg: PrepareConfig):
-    from relist.data import prm_public
-
     return prm_public.build(_src(cfg), cfg.seed, parse_fractions(cfg.splits), sample=cfg.sample), {}
 
 
 def _librerank(cfg: PrepareConfig):
-    from relist.data import librerank
-
     return librerank.build(_src(cfg), cfg.seed, valid_share=cfg.valid_share), {}
 
 

@@ -180,8 +180,7 @@ def write_dataset(table: ListTable, out: str | Path, source: str, seed: int, ove
         for name, index in table.splits.items():
             np.save(tmp / "splits" / f"{name}.npy", np.asarray(index, dtype=np.int64))
         for name, values in table.vocabs.items():
-            with open(tmp / "vocab" / f"{name}.txt", "w", encoding="utf-8") as handle:
-                handle.writelines(f"{v}\n" for v in values)
+            write_vocab(tmp / "vocab" / f"{name}.txt", values)
         hashed = [f"arrays/{n}.npy" for n in ARRAY_NAMES] + [f"splits/{n}.npy" for n in sorted(table.splits)]
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -199,6 +198,20 @@ def write_dataset(table: ListTable, out: str | Path, source: str, seed: int, ove
         with open(tmp / "manifest.json", "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, default=str)
     return out
+
+
+def write_vocab(path: Path, values: Sequence[str]) -> None:
+    """One raw value per line, line k holding id k."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.writelines(f"{v}\n" for v in values)
+
+
+def read_vocab(path: Path) -> list[str]:
+    """The values ``write_vocab`` wrote. Lines end at "\n" only (``str.splitlines`` would also split at
+    "\r", "\x1c", "\u2028" and others, which ids may hold, and shift every later id)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        text = handle.read()
+    return text.split("\n")[:-1] if text else []
 
 
 class PreparedDataset:
@@ -230,7 +243,7 @@ class PreparedDataset:
         path = self.root / "vocab" / f"{field_name}.txt"
         if not path.is_file():
             raise KeyError(f"{self.root} has no vocabulary for field {field_name!r}")
-        return path.read_text(encoding="utf-8").splitlines()
+        return read_vocab(path)
 
     def verify(self) -> bool:
         """Recompute the content hash and compare with the manifest's."""

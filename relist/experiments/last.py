@@ -29,14 +29,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from relist.batch import rank
 from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.last import OFFICIAL_STEPS, Last, LastConfig
-from relist.last_commands import TrainEvaluatorConfig, TrainGeneratorConfig, load_evaluator, train_evaluator, train_generator
 from relist.metrics import auc, per_list_metrics
-from relist.rerankers.base import load_reranker
+from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.rerankers import load_reranker
+from relist.rerankers.evaluator import load_evaluator
+from relist.rerankers.generator import order_scores
 from relist.runtime import resolve_device
+from relist.sim.abtest import markdown, simulate, summarise
+from relist.sim.policies import PolicyContext, RerankPolicy, _load_ranker
+from relist.sim.store import load_simulator
 from relist.stats import paired_t_p, t_ci95
+from relist.train import (
+    TrainConfig,
+    TrainEvaluatorConfig,
+    TrainGeneratorConfig,
+    train,
+    train_evaluator,
+    train_generator,
+)
 
 log = logging.getLogger("relist")
 OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "evaluator")
@@ -116,8 +130,6 @@ class DelayedFeedbackLearner:
         self.updates = 0
 
     def score(self, top):
-        from relist.generator import order_scores
-
         with torch.no_grad():
             order, _ = self.generator.decode(top)
             shown = top.reorder(order)
@@ -142,7 +154,6 @@ class DelayedFeedbackLearner:
 def _ranker_dir(cfg: LastExperimentConfig) -> Path:
     if cfg.ranker is not None:
         return Path(cfg.ranker)
-    from relist.rankers.train import TrainRankerConfig, train_ranker
 
     ranker_dir = Path(cfg.out) / "ranker"
     if not (ranker_dir / "rerank" / "manifest.json").is_file():
@@ -153,8 +164,6 @@ def _ranker_dir(cfg: LastExperimentConfig) -> Path:
 
 def offline(scores: torch.Tensor, batch, judge) -> dict[str, float]:
     """NDCG/MAP on labels and the judge evaluator's mean click probability of the order ``scores`` give."""
-    from relist.batch import rank
-
     metrics = per_list_metrics(scores.double(), batch.label.double(), batch.mask, ks=(5, 10))
     out = {k: float(metrics[k].mean()) for k in OFFLINE if k in metrics}
     with torch.no_grad():
@@ -170,11 +179,6 @@ def evaluator_auc(evaluator, batch) -> float:
 
 
 def run_experiment(cfg: LastExperimentConfig) -> dict:
-    from relist.sim.abtest import markdown, simulate, summarise
-    from relist.sim.policies import PolicyContext, RerankPolicy, _load_ranker
-    from relist.sim.store import load_simulator
-    from relist.train import TrainConfig, train
-
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")

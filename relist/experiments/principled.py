@@ -24,6 +24,8 @@ from relist.data.store import PreparedDataset
 from relist.io import atomic_write_csv
 from relist.metrics import list_metrics, logged_order_scores
 from relist.principled import PERTURBATIONS
+from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.rerankers import reranker_class
 from relist.rerankers.base import load_reranker
 from relist.stats import paired_bootstrap, paired_t_p, t_ci95
 from relist.train import TrainConfig, initial_order_metrics, train
@@ -74,7 +76,6 @@ def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     if "init_score" in data.schema.item_dense or len(data.splits.get("ranker", ())) == 0:
         # already in initial-ranker order (a rerank/ folder, or LibRerank's files, whose input order is theirs)
         return Path(cfg.data)
-    from relist.rankers.train import TrainRankerConfig, train_ranker
 
     ranker_dir = Path(cfg.out) / "ranker"
     if not _same_ranker(ranker_dir, cfg):
@@ -91,7 +92,6 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it or --resume to continue)")
     models = [m.strip() for m in cfg.models.split(",") if m.strip()]
-    from relist.rerankers import reranker_class
 
     for name in models + ([cfg.sweep_model] if cfg.sweep_model else []):
         reranker_class(name)  # unknown names fail before any work

@@ -31,7 +31,13 @@ from relist.config import option
 from relist.io import atomic_write_csv
 from relist.rl.agents import METHODS, method_config
 from relist.rl.cem import CEMConfig, train_cem
-from relist.rl.loop import LoopConfig, evaluate, fixed_policy, greedy_policy, train_agent
+from relist.rl.loop import (
+    LoopConfig,
+    evaluate,
+    fixed_policy,
+    greedy_policy,
+    train_agent,
+)
 from relist.sim.cascade_env import CascadeEnvConfig, build_env
 from relist.stats import paired_t_p, t_ci95
 

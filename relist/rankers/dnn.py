@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from relist.batch import ListBatch
 from relist.data.store import PreparedDataset, Schema
 from relist.metrics import evaluate_lists
+from relist.nn import symlog
 
 log = logging.getLogger("relist")
 
@@ -65,15 +66,11 @@ class DNNRanker(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
 
-    @staticmethod
-    def _symlog(x: torch.Tensor) -> torch.Tensor:
-        return torch.sign(x) * torch.log1p(x.abs())
-
     def forward(self, batch: ListBatch) -> torch.Tensor:
         """Click logits (B, L); -inf on padding."""
         size, length = batch.mask.shape
         parts = [table(batch.item_sparse[..., k]) for k, table in enumerate(self.item_tables)]  # each (B, L, E)
-        dense = (self._symlog(batch.item_dense) - self.dense_mean) / self.dense_std
+        dense = (symlog(batch.item_dense) - self.dense_mean) / self.dense_std
         parts.append(dense)
         if self.config.use_user:
             for k, table in enumerate(self.user_tables):
@@ -109,7 +106,7 @@ class DNNRanker(nn.Module):
         rows = data.split(split)
         starts, ends = data.offsets[rows], data.offsets[rows + 1]
         dense = torch.cat([torch.from_numpy(data.item_dense[s:e].copy()) for s, e in zip(starts[:2000], ends[:2000])])
-        dense = self._symlog(dense)
+        dense = symlog(dense)
         self.dense_mean.copy_(dense.mean(dim=0))
         self.dense_std.copy_(dense.std(dim=0).clamp_min(1e-6))
 

@@ -25,8 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from relist.batch import collate
-from relist.data.store import PreparedDataset
+from relist.data.store import read_vocab
 from relist.last import Last
+from relist.rerankers import load_reranker
+from relist.rerankers.evaluator import load_evaluator
 from relist.serve.metrics import ServiceMetrics
 from relist.serve.requests import BadRequest, RequestParser, parse_json
 from relist.serve.settings import ServeSettings
@@ -35,13 +37,23 @@ log = logging.getLogger("relist")
 SETTINGS_ENV = "RELIST_SERVE_SETTINGS"
 
 
+def run_vocabularies(run: Path, names: set[str]) -> dict[str, list[str] | None]:
+    """The raw-id vocabularies a training run carries in ``RUN/vocab`` (None for a field kept as integers).
+
+    Runs written before runs carried them fall back to the training dataset named in their config.json."""
+    vocab = run / "vocab"
+    if not vocab.is_dir():
+        data = Path(json.loads((run / "config.json").read_text())["data"])
+        if not (data / "vocab").is_dir():
+            raise FileNotFoundError(f"{run} carries no vocab/ and its training data {data} is not there")
+        vocab = data / "vocab"
+    return {name: read_vocab(vocab / f"{name}.txt") if (vocab / f"{name}.txt").is_file() else None for name in names}
+
+
 class Service:
     """The loaded models, the request parser and LAST."""
 
     def __init__(self, settings: ServeSettings):
-        from relist.last_commands import load_evaluator
-        from relist.rerankers.base import load_reranker
-
         run = Path(settings.run)
         for part in ("generator", "evaluator"):
             if not (run / part).is_dir():
@@ -52,10 +64,9 @@ class Service:
         self.evaluator = load_evaluator(run / "evaluator")
         if self.generator.schema != self.evaluator.schema:
             raise ValueError(f"{run}: the generator and the evaluator were trained on different feature schemas")
-        data = PreparedDataset(json.loads((gen_dir / "config.json").read_text())["data"])
         schema = self.generator.schema
         names = {f.name for f in (*schema.item_sparse, *schema.user_sparse, *schema.user_hist)}
-        vocabs = {name: data.vocab(name) if (data.root / "vocab" / f"{name}.txt").is_file() else None for name in names}
+        vocabs = run_vocabularies(gen_dir, names)
         limit = self.evaluator.config.max_len
         max_items = min(settings.max_items or limit, limit)
         self.parser = RequestParser(schema, vocabs, max_items)
@@ -180,10 +191,6 @@ def app_from_env() -> FastAPI:
     """The app a uvicorn worker process builds (``workers > 1``): settings come through the environment."""
     raw = json.loads(os.environ[SETTINGS_ENV])
     return create_app(ServeSettings(**{**raw, "run": Path(raw["run"])}))
-
-
-def load_service(settings: ServeSettings) -> Service:
-    return Service(settings)
 
 
 def serve(settings: ServeSettings) -> None:

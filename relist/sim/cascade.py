@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
-from relist.sim.pool import history_share, take
+from relist.sim.pool import _affinity_columns, history_share, take
 from relist.sim.session import Users
 
 STAGE_NAMES = {3: ("matching", "preranking", "ranking"), 4: ("matching", "preranking", "ranking", "reranking"),
@@ -172,8 +172,6 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
 
     Item-level dense features are averaged over the item's rows; user-item features (category affinity)
     are recomputed per user when a slate is shown. Users come from ``pool`` (the simulator's ``ListPool``)."""
-    from relist.sim.pool import _affinity_columns
-
     sparse_all = torch.from_numpy(np.array(data.item_sparse))
     dense_all = torch.from_numpy(np.array(data.item_dense, dtype=np.float32))
     ids, inverse = torch.unique(sparse_all[:, 0], return_inverse=True)

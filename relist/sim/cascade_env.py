@@ -27,8 +27,20 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from relist.sim.cascade import Cascade, CascadeConfig, CascadeOutput, mind_catalogue, synthetic_catalogue
+from relist.data.store import PreparedDataset
+from relist.data.synthetic import SyntheticClickModel, SyntheticParams
+from relist.runtime import resolve_device
+from relist.sim.cascade import (
+    Cascade,
+    CascadeConfig,
+    CascadeOutput,
+    mind_catalogue,
+    synthetic_catalogue,
+)
+from relist.sim.pool import synthetic_item_pool
+from relist.sim.response import TruthResponse
 from relist.sim.session import SessionParams, Simulator, Step, Users
+from relist.sim.store import load_simulator, read_config
 
 REWARDS = ("dwell", "clicks")
 
@@ -172,24 +184,15 @@ def calibrate_sessions(env: CascadeEnv, target: float, n_users: int = 512, seed:
 
 def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
     """The environment ``cfg`` describes, with its sessions calibrated; and a description of it."""
-    from relist.runtime import resolve_device
-
     device = resolve_device(cfg.device)
     cascade_cfg = CascadeConfig(sizes=tuple(cfg.sizes), matching=cfg.matching, seed=cfg.seed)
     if cfg.source == "synthetic":
-        from relist.data.synthetic import SyntheticClickModel, SyntheticParams
-        from relist.sim.pool import synthetic_item_pool
-        from relist.sim.response import TruthResponse
-
         truth = SyntheticClickModel.sample(replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=cfg.seed)
         pool = synthetic_item_pool(truth, width=cfg.sizes[-1], device=device, seed=cfg.seed)
         catalogue = synthetic_catalogue(truth, pool)
         sim = Simulator(TruthResponse(truth, device), pool, SessionParams(max_sessions=cfg.max_sessions), cfg.sizes[-1])
         target = cfg.session_requests or 4.0
     elif cfg.source == "sim":
-        from relist.data.store import PreparedDataset
-        from relist.sim.store import load_simulator, read_config
-
         if not cfg.sim:
             raise ValueError("source 'sim' needs sim: a directory written by `relist sim train`")
         sim = load_simulator(cfg.sim, device)

@@ -29,6 +29,7 @@ import logging
 import numpy as np
 import torch
 
+from relist.batch import rank
 from relist.data.store import PreparedDataset
 from relist.metrics import logged_order_scores
 from relist.sim.session import Simulator
@@ -73,7 +74,6 @@ def expected_logged_clicks(sim: Simulator, n_users: int = 4096, seed: int = 0) -
     """Mean expected clicks of the first request's list in the logged order, over simulated users."""
     users = sim.start(torch.arange(n_users), seed)
     candidates = sim.candidates(users)
-    from relist.batch import rank
 
     shown = candidates.reorder(rank(logged_order_scores(candidates), candidates.mask)).truncate(sim.slate_size)
     return float(sim.response.respond(shown).prob.sum(1).mean())

@@ -12,6 +12,7 @@ kind (LAST, say), add one ``POLICIES`` entry: a factory
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -20,7 +21,12 @@ import torch
 from torch import Tensor
 
 from relist.batch import ListBatch, rank
+from relist.data.store import PreparedDataset
+from relist.last import Last, LastConfig
 from relist.metrics import logged_order_scores
+from relist.rankers import load_ranker
+from relist.rerankers import load_reranker
+from relist.rerankers.evaluator import load_evaluator
 from relist.sim import rng
 
 
@@ -57,8 +63,6 @@ def _logged(arg: str | None, ctx: PolicyContext) -> Policy:
 
 
 def _load_ranker(arg: str | None, ctx: PolicyContext):
-    from relist.rankers import load_ranker
-
     if not arg:
         raise ValueError("policy 'ranker' needs a directory: ranker:DIR (written by `relist train ranker`)")
     if not (Path(arg) / "config.json").is_file():
@@ -99,11 +103,6 @@ class RerankPolicy:
 
 
 def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
-    import json
-
-    from relist.data.store import PreparedDataset
-    from relist.rerankers.base import load_reranker
-
     if not arg:
         raise ValueError("policy 'reranker' needs a directory: reranker:DIR (written by `relist train reranker`)")
     run = Path(arg)
@@ -133,13 +132,6 @@ class LastScorer:
 
 
 def _last(arg: str | None, ctx: PolicyContext) -> Policy:
-    import json
-
-    from relist.data.store import PreparedDataset
-    from relist.last import Last, LastConfig
-    from relist.last_commands import load_evaluator
-    from relist.rerankers.base import load_reranker
-
     if not arg:
         raise ValueError("policy 'last' needs a directory: last:DIR holding generator/ and evaluator/ runs")
     run = Path(arg)

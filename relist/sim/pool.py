@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from relist.batch import ListBatch
-from relist.data.store import PreparedDataset, Schema
+from relist.data.store import PreparedDataset, Schema, SparseField
 from relist.sim import rng
 
 # dense feature -> the sparse field whose history share it is (mind.py's definition)
@@ -186,8 +186,6 @@ def synthetic_item_pool(truth, width: int = 10, hist_len: int = 10, device: torc
 
 
 def _synthetic_schema(p) -> Schema:
-    from relist.data.store import SparseField
-
     return Schema(
         item_sparse=(SparseField("item_id", p.n_items + 1), SparseField("category", p.n_categories + 1)),
         item_dense=tuple(f"z{k}" for k in range(p.dim)) + ("log_popularity",),

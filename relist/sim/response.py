@@ -36,28 +36,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
 from relist.data.store import Schema
+from relist.nn import symlog
+from relist.data.synthetic import SyntheticClickModel
+from relist.sim.pool import history_share
 
 
 class Response(NamedTuple):
     prob: Tensor  # (B, L) click probability per displayed position, 0 on padding
     appeal: Tensor  # (B, L) order-free appeal of each item to its user
-
-
-class ResponseModel(Protocol):
-    def respond(self, shown: ListBatch) -> Response: ...
-
-    def appeal(self, batch: ListBatch) -> Tensor: ...
-
-
-def symlog(x: Tensor) -> Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
 
 
 @dataclass
@@ -116,8 +109,6 @@ class FactorisedClickModel(nn.Module):
         self.dense_std.copy_(x.std(dim=0).clamp_min(1e-6))
 
     def _shares(self, batch: ListBatch) -> Tensor:
-        from relist.sim.pool import history_share
-
         if not self.share_pairs or batch.user_hist.shape[1] == 0:
             return batch.item_dense.new_zeros(*batch.mask.shape, len(self.share_pairs))
         return torch.stack([history_share(batch.item_sparse[..., k], batch.user_hist[..., h], unk, self.schema.item_sparse[k].vocab)
@@ -197,8 +188,6 @@ class TruthResponse:
     """The synthetic source's ground truth behind the response contract (ids are 1-based in the data)."""
 
     def __init__(self, truth, device: torch.device | str = "cpu"):
-        from relist.data.synthetic import SyntheticClickModel
-
         tensors = {k: v.to(device) for k, v in vars(truth).items() if isinstance(v, Tensor)}
         self.truth = SyntheticClickModel(truth.params, tensors)
 

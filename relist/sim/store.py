@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relist.data.store import PreparedDataset, Schema
+from relist.data.synthetic import SyntheticClickModel
 from relist.io import atomic_write_text
 from relist.sim.pool import ListPool, unknown_ids
 from relist.sim.response import ClickModelConfig, FactorisedClickModel, TruthResponse
@@ -46,8 +47,6 @@ def read_config(path: str | Path) -> dict:
 
 def build_response(config: dict, data: PreparedDataset, device: torch.device | str = "cpu", weights: Path | None = None):
     if config["kind"] == "truth":
-        from relist.data.synthetic import SyntheticClickModel
-
         truth_path = data.root / "truth.safetensors"
         if not truth_path.is_file():
             raise FileNotFoundError(f"{data.root} has no truth.safetensors: a truth simulator needs a prepared synthetic dataset")

@@ -23,6 +23,7 @@ linear layers so that ``torch.func.vmap`` can batch them over per-request weight
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 

@@ -1,11 +1,18 @@
-"""The simulator's `relist` commands (merged into the command table of `relist.cli`)."""
+"""`relist sim train`, `relist sim truth` and `relist abtest`."""
 
 from __future__ import annotations
 
 import torch
 
 from relist.sim.abtest import ABTestConfig
-from relist.sim.train import SimBuildConfig, TrainSimConfig
+from relist.sim.abtest import run_abtest as abtest
+from relist.sim.train import (
+    SimBuildConfig,
+    TrainSimConfig,
+    train_simulator,
+    truth_simulator,
+)
+from relist.tables import metrics_table
 
 REPORT_COLUMNS = ("log_loss", "auc", "ece", "ece_uniform", "mean_predicted", "click_rate")
 
@@ -16,11 +23,7 @@ def _threads(n: int) -> None:
 
 
 def _table(rows: dict[str, dict]) -> str:
-    width = max(len(n) for n in rows) + 2
-    lines = ["".ljust(width) + "".join(c.rjust(15) for c in REPORT_COLUMNS)]
-    for name, values in rows.items():
-        lines.append(name.ljust(width) + "".join(f"{values[c]:.5f}".rjust(15) for c in REPORT_COLUMNS))
-    return "\n".join(lines)
+    return metrics_table(rows, REPORT_COLUMNS, digits=5)
 
 
 def _session_lines(result: dict) -> list[str]:
@@ -30,13 +33,12 @@ def _session_lines(result: dict) -> list[str]:
         f"lists per user in the data: {counts['observed_mean']:.3f} over {counts['n_users']} users; "
         f"in the full log (log fraction {counts['log_fraction']}): {counts['fitted_mean']:.3f}",
         f"session fit: ref_clicks {fit['ref_clicks']:.3f}, leave_bias {fit['leave_bias']:.3f} -> "
-        f"{fit['logged_requests_per_session']:.2f} requests per session under the logged order (target {fit['target_requests_per_session']:.2f})",
+        f"{fit['logged_requests_per_session']:.2f} requests per session under the logged order "
+        f"(target {fit['target_requests_per_session']:.2f})",
     ]
 
 
 def run_sim_train(cfg: TrainSimConfig) -> None:
-    from relist.sim.train import train_simulator
-
     _threads(cfg.threads)
     result = train_simulator(cfg)
     top = f"test_first_{cfg.slate_size}_positions"
@@ -51,8 +53,6 @@ def run_sim_train(cfg: TrainSimConfig) -> None:
 
 
 def run_sim_truth(cfg: SimBuildConfig) -> None:
-    from relist.sim.train import truth_simulator
-
     _threads(cfg.threads)
     result = truth_simulator(cfg)
     print(f"ground truth on held-out test lists ({result['test']['n']} pairs): the best any response model can do")
@@ -62,16 +62,7 @@ def run_sim_truth(cfg: SimBuildConfig) -> None:
 
 
 def run_abtest(cfg: ABTestConfig) -> None:
-    from relist.sim.abtest import run_abtest as run
-
     _threads(cfg.threads)
-    result = run(cfg)
+    result = abtest(cfg)
     print(result["summary"])
     print(f"wrote {cfg.out} (summary.md, results.csv, per_seed.csv, results.json, abtest.png)")
-
-
-COMMANDS: dict = {
-    ("sim", "train"): (TrainSimConfig, run_sim_train, "fit a click response model on logs and write a user simulator", ()),
-    ("sim", "truth"): (SimBuildConfig, run_sim_truth, "write a user simulator backed by a synthetic dataset's true click model", ()),
-    ("abtest",): (ABTestConfig, run_abtest, "compare policies on simulated users (common random numbers, paired CIs)", ()),
-}

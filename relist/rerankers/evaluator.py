@@ -4,8 +4,8 @@ The official code's "CMR evaluator": each item's features ⊕ the tiled user vec
 channels — sum-pooling over the list, a per-item fully connected layer, multi-head self-attention, a GRU
 read in display order, and the row of pairwise dot products with the other items — whose outputs,
 concatenated with the input, feed an MLP (512/256/128) ending in one logit per position; trained with
-binary cross-entropy on the clicks of logged lists. The list's score is the mean (or sum) of the
-per-position click probabilities.
+binary cross-entropy on the clicks of logged lists. LAST scores a list by the mean of the per-position
+click probabilities (``relist.last``).
 
 It is a re-ranker in the sense of ``relist.rerankers.base`` (``score`` gives one logit per item of the
 list in the order given), so the one ``Trainer`` fits it, with the ``bce`` loss and AUC on ``valid`` as
@@ -21,13 +21,20 @@ the lists of a re-ranking dataset in their stored order (the initial ranker's or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from relist.batch import ListBatch
 from relist.nn import mlp, padding_mask
-from relist.rerankers.base import Encoded, Reranker, RerankerConfig, register
+from relist.rerankers.base import (
+    Encoded,
+    Reranker,
+    RerankerConfig,
+    load_reranker,
+    register,
+)
 
 
 @dataclass
@@ -91,14 +98,11 @@ class Evaluator(Reranker):
         """Per-position click probability (B, L) of each list as shown, 0 on padding (keeps gradients)."""
         return torch.sigmoid(self(batch)).masked_fill(~batch.mask, 0.0)
 
-    @torch.no_grad()
-    def list_score(self, batch: ListBatch, reduce: str = "mean") -> Tensor:
-        """E(u, L) per list (B,): mean or sum of the per-position click probabilities, in eval mode."""
-        if reduce not in ("mean", "sum"):
-            raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-        was_training = self.training
-        self.eval()
-        prob = self.click_probability(batch)
-        self.train(was_training)
-        total = prob.sum(1)
-        return total / batch.lengths.clamp_min(1) if reduce == "mean" else total
+
+def load_evaluator(run: str | Path) -> Evaluator:
+    """The best evaluator of a `relist train evaluator` run (or a model directory), in eval mode."""
+    run = Path(run)
+    model = load_reranker(run / "best" if (run / "best").is_dir() else run)
+    if model.name != "evaluator":
+        raise ValueError(f"{run} holds a {model.name!r} model, not an evaluator")
+    return model.eval()
