@@ -31,7 +31,9 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relist-bench-"))
     try:
-        prepare(PrepareConfig(source="synthetic", out=workdir / "data", n_lists=args.lists, n_users=20_000, n_items=100_000))
+        prepare(
+            PrepareConfig(source="synthetic", out=workdir / "data", n_lists=args.lists, n_users=20_000, n_items=100_000)
+        )
         data = PreparedDataset(workdir / "data")
         index = data.split("train")
         full = data.batch(index)  # the reference holds every list padded in memory
@@ -47,7 +49,7 @@ def main() -> None:
             order = torch.from_numpy(np.random.default_rng(seed).permutation(len(index)))
             n = 0
             for start in range(0, len(index), args.batch_size):
-                rows = order[start:start + args.batch_size]
+                rows = order[start : start + args.batch_size]
                 parts = [t[rows] for t in tensors]
                 n += parts[0].shape[0]
             return n

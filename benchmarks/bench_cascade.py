@@ -63,7 +63,9 @@ class NaiveCascade(Cascade):
         return torch.stack([rel, prior, self._diversity(rows, rel + prior)], dim=2)
 
 
-def measure(env: CascadeEnv, batch: int, steps: int, repeats: int, seed: int = 0) -> tuple[float, float, dict[str, float]]:
+def measure(
+    env: CascadeEnv, batch: int, steps: int, repeats: int, seed: int = 0
+) -> tuple[float, float, dict[str, float]]:
     """Best user-requests per second (wall clock) over ``repeats`` runs of ``steps`` requests of ``batch`` users,
     the best per second of this process's CPU time (what an idle machine would give with one thread: other
     processes do not inflate it), and the time shares of the best wall-clock run."""
@@ -118,9 +120,15 @@ def main() -> None:
     fast = Cascade(catalogue, CascadeConfig(sizes=sizes, matching="ivf", nprobe=args.nprobe))
     build = time.perf_counter() - started
     naive = NaiveCascade(catalogue, CascadeConfig(sizes=sizes, matching="exact"))
-    print(f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes slow every figure down)")
-    print(f"catalogue {args.items:,} items, {args.users:,} users; stages {' -> '.join(map(str, sizes))}; batch {args.batch}; "
-          f"index build + item towers {build:.1f} s (once)")
+    print(
+        f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes "
+        "slow every figure down)"
+    )
+    print(
+        f"catalogue {args.items:,} items, {args.users:,} users; stages {' -> '.join(map(str, sizes))}; batch "
+        f"{args.batch}; "
+        f"index build + item towers {build:.1f} s (once)"
+    )
     # agreement: same users, same actions
     state = CascadeEnv(fast, sim).start(torch.arange(args.batch), 0)
     pop, ctx = CascadeEnv(fast, sim).first(state)
@@ -129,7 +137,10 @@ def main() -> None:
         a, b = fast(pop, ctx, acts), naive(pop, ctx, acts)
     hit = (a.stages[0].rows[:, :, None] == b.stages[0].rows[:, None, :]).any(2).float().mean()
     slate = (a.slate[:, :, None] == b.slate[:, None, :]).any(2).float().mean()
-    print(f"IVF matching recall of the exact top-{sizes[0]}: {hit:.4f} (nprobe {args.nprobe}); shown-slate overlap {slate:.4f}")
+    print(
+        f"IVF matching recall of the exact top-{sizes[0]}: {hit:.4f} (nprobe {args.nprobe}); shown-slate "
+        f"overlap {slate:.4f}"
+    )
     print(f"{'version':<18}{'threads':>8}{'user-requests/s':>17}{'per CPU-second':>16}   time shares")
     for n in threads:
         torch.set_num_threads(n)
@@ -138,9 +149,14 @@ def main() -> None:
         for name, cascade in (("indexed cascade", fast), ("naive cascade", naive)):
             rate, cpu_rate, shares = measure(CascadeEnv(cascade, sim), args.batch, args.steps, args.repeats)
             rates.append((rate, cpu_rate))
-            print(f"{name:<18}{n:>8}{rate:>17,.0f}{cpu_rate:>16,.0f}   " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
-        print(f"ratio indexed / naive at {n} thread(s): {rates[0][0] / rates[1][0]:.1f}x wall clock, "
-              f"{rates[0][1] / rates[1][1]:.1f}x per CPU-second")
+            print(
+                f"{name:<18}{n:>8}{rate:>17,.0f}{cpu_rate:>16,.0f}   "
+                + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
+            )
+        print(
+            f"ratio indexed / naive at {n} thread(s): {rates[0][0] / rates[1][0]:.1f}x wall clock, "
+            f"{rates[0][1] / rates[1][1]:.1f}x per CPU-second"
+        )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ import torch
 from relist.batch import collate
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
+from relist.last import OFFICIAL_STEPS, Last, LastConfig
 from relist.rerankers.evaluator import Evaluator, EvaluatorConfig
 from relist.rerankers.generator import Generator
-from relist.last import OFFICIAL_STEPS, Last, LastConfig
 
 
 def random_examples(data: PreparedDataset, length: int, count: int, seed: int) -> list[dict]:
@@ -49,9 +49,14 @@ def random_examples(data: PreparedDataset, length: int, count: int, seed: int) -
     out = []
     for _ in range(count):
         sparse = np.stack([rng.integers(1, f.vocab, length) for f in schema.item_sparse], 1)
-        out.append({"item_sparse": sparse, "item_dense": rng.normal(size=(length, len(schema.item_dense))).astype("float32"),
-                    "user_sparse": np.array([rng.integers(1, f.vocab) for f in schema.user_sparse]),
-                    "user_hist": np.zeros((0, len(schema.user_hist)), dtype=np.int64)})
+        out.append(
+            {
+                "item_sparse": sparse,
+                "item_dense": rng.normal(size=(length, len(schema.item_dense))).astype("float32"),
+                "user_sparse": np.array([rng.integers(1, f.vocab) for f in schema.user_sparse]),
+                "user_hist": np.zeros((0, len(schema.user_hist)), dtype=np.int64),
+            }
+        )
     return out
 
 
@@ -66,8 +71,8 @@ def timed(fn, repeats: int) -> float:
 def candidates_only(gen, ev, batch, steps):
     """The exploration stage alone (decode the K offset candidates, score them with the evaluator) as LAST runs
     it, one batched pass and a loop over the candidates, with the same offsets and noise (checked equal)."""
-    from relist.rerankers.generator import gumbel
     from relist.last import _Activations
+    from relist.rerankers.generator import gumbel
 
     size, length = batch.mask.shape
     k = len(steps)
@@ -106,19 +111,26 @@ def compare(fast, slow, length: int, size: int, rounds: int) -> None:
     repeats = 5 if length == 30 else 2
     times = np.array([(timed(fast, repeats), timed(slow, repeats)) for _ in range(rounds)]) * 1000
     ratio = times[:, 1] / times[:, 0]
-    print(f"{length:>6} {size:>9} {np.median(times[:, 0]):>11.1f} {np.median(times[:, 1]):>9.1f} {np.median(ratio):>12.2f}x"
-          f"  [{ratio.min():.2f}-{ratio.max():.2f}]")
+    print(
+        f"{length:>6} {size:>9} {np.median(times[:, 0]):>11.1f} {np.median(times[:, 1]):>9.1f} "
+        f"{np.median(ratio):>12.2f}x"
+        f"  [{ratio.min():.2f}-{ratio.max():.2f}]"
+    )
 
 
 def exploration(gen, ev, data, rounds: int) -> None:
-    print(f"1a. exploration stage (decode + evaluate the K = 8 candidates): one batched pass vs a loop (same lists); "
-          f"median over {rounds} rounds, [min-max] of the ratio")
+    print(
+        f"1a. exploration stage (decode + evaluate the K = 8 candidates): one batched pass vs a loop (same lists); "
+        f"median over {rounds} rounds, [min-max] of the ratio"
+    )
     print(f"{'list':>6} {'requests':>9} {'batched ms':>11} {'loop ms':>9} {'loop/batched':>13}")
     for length in (30, 100):
         for size in (1, 32):
             batch = collate(random_examples(data, length, size, seed=length + size))
             compare(*candidates_only(gen, ev, batch, OFFICIAL_STEPS), length, size, rounds)
-    print("\n1b. a whole LAST parallel call (greedy list, gradient, candidates, selection): batched vs looped candidates")
+    print(
+        "\n1b. a whole LAST parallel call (greedy list, gradient, candidates, selection): batched vs looped candidates"
+    )
     print(f"{'list':>6} {'requests':>9} {'batched ms':>11} {'loop ms':>9} {'loop/batched':>13}")
     for length in (30, 100):
         for size in (1, 32):
@@ -126,8 +138,13 @@ def exploration(gen, ev, data, rounds: int) -> None:
             fast, slow = Last(gen, ev, LastConfig()), Last(gen, ev, LastConfig(batched=False))
             a, b = fast(batch, torch.Generator().manual_seed(0)), slow(batch, torch.Generator().manual_seed(0))
             assert torch.equal(a.order, b.order), "batched and looped exploration disagree"
-            compare(lambda: fast(batch, torch.Generator().manual_seed(0)), lambda: slow(batch, torch.Generator().manual_seed(0)),
-                    length, size, rounds)
+            compare(
+                lambda: fast(batch, torch.Generator().manual_seed(0)),
+                lambda: slow(batch, torch.Generator().manual_seed(0)),
+                length,
+                size,
+                rounds,
+            )
 
 
 def gradient(gen, data, rounds: int) -> None:
@@ -148,8 +165,11 @@ def gradient(gen, data, rounds: int) -> None:
         def step(one_pass: bool):
             states, init = space.states.clone().requires_grad_(), space.init.clone().requires_grad_()
             mask, order = batch.mask.clone(), greedy.clone()
-            log_p = (gen.net.teacher_forced(states, init, mask, order) if one_pass
-                     else gen.net.decode(states, init, mask, order=order)[1])
+            log_p = (
+                gen.net.teacher_forced(states, init, mask, order)
+                if one_pass
+                else gen.net.decode(states, init, mask, order=order)[1]
+            )
             return torch.autograd.grad((advantage * log_p).sum(), (states, init))
 
         fast, slow = step(True), step(False)
@@ -160,8 +180,10 @@ def gradient(gen, data, rounds: int) -> None:
 def in_process(gen, ev, data, rounds: int) -> None:
     """LAST-8 against generator-only decoding as calls in this process (no HTTP, no JSON): the stricter ratio,
     since the service's fixed per-request costs no longer dilute it. Calls alternate between the two."""
-    print("\n1d. one request in process: LAST parallel K = 8 vs generator-only (greedy list + its evaluator score), "
-          "alternating calls; median [min-max] of the per-round ratio of medians")
+    print(
+        "\n1d. one request in process: LAST parallel K = 8 vs generator-only (greedy list + its evaluator score), "
+        "alternating calls; median [min-max] of the per-round ratio of medians"
+    )
     print(f"{'list':>6} {'greedy ms':>10} {'LAST-8 ms':>10} {'LAST/greedy':>12}")
     for length in (30, 100):
         batch = collate(random_examples(data, length, 1, seed=length + 2))
@@ -179,12 +201,17 @@ def in_process(gen, ev, data, rounds: int) -> None:
             times.append((np.median(t[0]) * 1000, np.median(t[1]) * 1000))
         times = np.array(times)
         ratio = times[:, 1] / times[:, 0]
-        print(f"{length:>6} {np.median(times[:, 0]):>10.1f} {np.median(times[:, 1]):>10.1f} {np.median(ratio):>11.2f}x"
-              f"  [{ratio.min():.2f}-{ratio.max():.2f}]")
+        print(
+            f"{length:>6} {np.median(times[:, 0]):>10.1f} {np.median(times[:, 1]):>10.1f} {np.median(ratio):>11.2f}x"
+            f"  [{ratio.min():.2f}-{ratio.max():.2f}]"
+        )
 
 
-SERVERS = {"greedy": ["--mode", "greedy"], "LAST-8": ["--mode", "parallel"],
-           "LAST-8 g10": ["--mode", "parallel", "--grad-steps", "10"]}  # g10: gradient through the first 10 steps only
+SERVERS = {
+    "greedy": ["--mode", "greedy"],
+    "LAST-8": ["--mode", "parallel"],
+    "LAST-8 g10": ["--mode", "parallel", "--grad-steps", "10"],
+}  # g10: gradient through the first 10 steps only
 
 
 def start_server(run: Path, args: list[str], threads: int):
@@ -192,9 +219,27 @@ def start_server(run: Path, args: list[str], threads: int):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "relist.cli", "serve", str(run), "--port", str(port), *args,
-                             "--threads", str(threads), "--max-items", "128", "--window-ms", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relist.cli",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            *args,
+            "--threads",
+            str(threads),
+            "--max-items",
+            "128",
+            "--window-ms",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     import httpx
 
     url = f"http://127.0.0.1:{port}"
@@ -210,9 +255,13 @@ def start_server(run: Path, args: list[str], threads: int):
 
 def request(length: int, k: int, vocab_sizes, dense_names) -> dict:
     rng = np.random.default_rng(k)
-    return {"user": {"id": str(int(rng.integers(1, vocab_sizes["user_id"])))},
-            "items": [{"id": str(int(i)), "features": {n: float(rng.normal()) for n in dense_names}}
-                      for i in rng.choice(np.arange(1, vocab_sizes["item_id"]), length, replace=False)]}
+    return {
+        "user": {"id": str(int(rng.integers(1, vocab_sizes["user_id"])))},
+        "items": [
+            {"id": str(int(i)), "features": {n: float(rng.normal()) for n in dense_names}}
+            for i in rng.choice(np.arange(1, vocab_sizes["item_id"]), length, replace=False)
+        ],
+    }
 
 
 def service(run: Path, data: PreparedDataset, n: int, threads: int, rounds: int) -> None:
@@ -221,8 +270,10 @@ def service(run: Path, data: PreparedDataset, n: int, threads: int, rounds: int)
     import httpx
 
     sizes = {f.name: f.vocab for f in (*data.schema.item_sparse, *data.schema.user_sparse)}
-    print(f"\n2. service over HTTP on loopback (load generator in this process), {n} requests x {rounds} rounds per "
-          "server and list length, one at a time, interleaved across the servers")
+    print(
+        f"\n2. service over HTTP on loopback (load generator in this process), {n} requests x {rounds} rounds per "
+        "server and list length, one at a time, interleaved across the servers"
+    )
     servers = {}
     try:
         for mode, server_args in SERVERS.items():
@@ -252,7 +303,11 @@ def service(run: Path, data: PreparedDataset, n: int, threads: int, rounds: int)
                     url = servers[mode][1]
                     started = time.perf_counter()
                     with ThreadPoolExecutor(16) as pool:
-                        list(pool.map(lambda b: httpx.post(url + "/rerank", json=b, timeout=120).raise_for_status(), bodies))
+                        list(
+                            pool.map(
+                                lambda b: httpx.post(url + "/rerank", json=b, timeout=120).raise_for_status(), bodies
+                            )
+                        )
                     rate16[mode, length] = n / (time.perf_counter() - started)
     finally:
         for proc, _ in servers.values():
@@ -264,12 +319,17 @@ def service(run: Path, data: PreparedDataset, n: int, threads: int, rounds: int)
     for length in (30, 100):
         for mode in modes:
             key = mode, length
-            print(f"{mode:>11} {length:>5} {spread(p50[key]):>20} {spread(p99[key]):>20} {spread(rate1[key]):>18} {rate16[key]:>10.1f}")
+            print(
+                f"{mode:>11} {length:>5} {spread(p50[key]):>20} {spread(p99[key]):>20} "
+                f"{spread(rate1[key]):>18} {rate16[key]:>10.1f}"
+            )
     for length in (30, 100):
         for mode in modes[1:]:
             ratios = np.array(p50[mode, length]) / np.array(p50["greedy", length])
-            print(f"{mode} p50 / generator-only p50, lists of {length}: {np.median(ratios):.2f}x, per round "
-                  f"{' '.join(f'{x:.2f}' for x in ratios)} (target <= 3x)")
+            print(
+                f"{mode} p50 / generator-only p50, lists of {length}: {np.median(ratios):.2f}x, per round "
+                f"{' '.join(f'{x:.2f}' for x in ratios)} (target <= 3x)"
+            )
 
 
 def main() -> None:
@@ -285,7 +345,10 @@ def main() -> None:
         prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=300, n_users=500, n_items=2000, seed=0))
         data = PreparedDataset(root / "data")
         torch.manual_seed(0)
-        gen, ev = Generator(data.schema).eval(), Evaluator(data.schema, EvaluatorConfig(max_len=128, dropout=0.0)).eval()
+        gen, ev = (
+            Generator(data.schema).eval(),
+            Evaluator(data.schema, EvaluatorConfig(max_len=128, dropout=0.0)).eval(),
+        )
         exploration(gen, ev, data, args.rounds)
         gradient(gen, data, args.rounds)
         in_process(gen, ev, data, args.rounds)

@@ -55,6 +55,7 @@ def trainer_step(model, objective):
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+
     return step
 
 
@@ -75,6 +76,7 @@ def naive_step(model):
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+
     return step
 
 
@@ -106,8 +108,10 @@ def main() -> None:
             print(f"{name:<12}" + "".join(f"{c:>12.0f}" for c in cells))
 
     print("\n2. principled overhead at L=30 (time per step of +P1+P2 / base, interleaved in one run)")
-    print(f"{'model':<10}{'base ms':>10}{'+P1+P2 ms':>11}{'ratio':>8}{'input-grad ms':>15}{'ratio':>8}"
-          f"{'naive ms':>10}{'naive ratio':>13}")
+    print(
+        f"{'model':<10}{'base ms':>10}{'+P1+P2 ms':>11}{'ratio':>8}{'input-grad ms':>15}{'ratio':>8}"
+        f"{'naive ms':>10}{'naive ratio':>13}"
+    )
     work = batches(data, 30, args.batch_size, args.steps, seed=30)
     for name in ("prm", "setrank", "midnn"):
         times = {"base": [], "p": [], "input": [], "naive": []}
@@ -123,9 +127,10 @@ def main() -> None:
             model = build_reranker(name, data.schema)
             times["naive"].append(step_time(naive_step(model), work, 1))
         base, principled, inputs, naive = (float(np.median(times[k])) * 1000 for k in ("base", "p", "input", "naive"))
-        print(f"{name:<10}{base:>10.1f}{principled:>11.1f}{principled / base:>8.2f}{inputs:>15.1f}{inputs / base:>8.2f}"
-              f"{naive:>10.1f}{naive / base:>13.2f}")
-
+        print(
+            f"{name:<10}{base:>10.1f}{principled:>11.1f}{principled / base:>8.2f}{inputs:>15.1f}{inputs / base:>8.2f}"
+            f"{naive:>10.1f}{naive / base:>13.2f}"
+        )
 
     if args.rerank30:
         epoch_overhead(args)
@@ -137,17 +142,28 @@ def epoch_overhead(args) -> None:
     from relist.train import TrainConfig, train
 
     rerank = PreparedDataset(args.rerank30)
-    print(f"\n3. time per epoch through the Trainer at L={rerank.counts['list_len']['max']} "
-          f"({rerank.counts['splits']['train']['n_lists']} training lists, validation every epoch)")
+    print(
+        f"\n3. time per epoch through the Trainer at L={rerank.counts['list_len']['max']} "
+        f"({rerank.counts['splits']['train']['n_lists']} training lists, validation every epoch)"
+    )
     print(f"{'model':<10}{'base s/epoch':>14}{'+P1+P2 s/epoch':>16}{'ratio':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("prm", "setrank", "midnn"):
             times = {"base": [], "p": []}
             for repeat in range(args.repeats):
                 for variant, weights in (("base", 0.0), ("p", 1.0)):
-                    config = TrainConfig(data=args.rerank30, out=f"{tmp}/{name}-{variant}", model=name, seed=repeat,
-                                         epochs=args.epochs, patience=10 ** 6, p1_weight=weights, p2_weight=weights,
-                                         progress=False, overwrite=True)
+                    config = TrainConfig(
+                        data=args.rerank30,
+                        out=f"{tmp}/{name}-{variant}",
+                        model=name,
+                        seed=repeat,
+                        epochs=args.epochs,
+                        patience=10**6,
+                        p1_weight=weights,
+                        p2_weight=weights,
+                        progress=False,
+                        overwrite=True,
+                    )
                     times[variant].append(train(config, rerank)["train_seconds"] / args.epochs)
             base, principled = float(np.median(times["base"])), float(np.median(times["p"]))
             print(f"{name:<10}{base:>14.2f}{principled:>16.2f}{principled / base:>8.2f}")

@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--list-len", type=int, default=10)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--loop-steps", type=int, default=300, help="user-steps of the per-user reference loop")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions; the best is reported (others share the machine)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repetitions; the best is reported (others share the machine)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -90,11 +92,19 @@ def main() -> None:
     pool = synthetic_item_pool(truth, width=args.list_len, device=device)
     learned = FactorisedClickModel(pool.schema, ClickModelConfig()).to(device).eval()
     session = SessionParams(ref_clicks=1.0, leave_bias=-1.0)
-    print(f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes slow every figure down)")
-    print(f"pool: {args.items:,} items, {args.users:,} users; lists of {args.list_len}; batch {args.batch}; "
-          f"device {device}; torch threads {torch.get_num_threads()}")
+    print(
+        f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes "
+        "slow every figure down)"
+    )
+    print(
+        f"pool: {args.items:,} items, {args.users:,} users; lists of {args.list_len}; batch {args.batch}; "
+        f"device {device}; torch threads {torch.get_num_threads()}"
+    )
     print(f"{'response model':<28}{'batched steps/s':>18}{'per-user steps/s':>18}{'ratio':>9}")
-    for name, response in (("synthetic ground truth", TruthResponse(truth, device)), ("learned factorised model", learned)):
+    for name, response in (
+        ("synthetic ground truth", TruthResponse(truth, device)),
+        ("learned factorised model", learned),
+    ):
         sim = Simulator(response, pool, session, slate_size=args.list_len)
         with torch.no_grad():
             batched = batched_rate(sim, args.batch, args.steps, args.repeats)

@@ -116,7 +116,9 @@ def collate(examples: Sequence[Mapping[str, np.ndarray | Tensor | int]], max_len
     item_dense = torch.zeros(size, width, n_dense, dtype=torch.float32)
     label = torch.zeros(size, width, dtype=torch.float32)
     mask = torch.zeros(size, width, dtype=torch.bool)
-    hists = [torch.as_tensor(np.asarray(e["user_hist"]), dtype=torch.long) if "user_hist" in e else None for e in examples]
+    hists = [
+        torch.as_tensor(np.asarray(e["user_hist"]), dtype=torch.long) if "user_hist" in e else None for e in examples
+    ]
     hist_width = max((h.shape[0] for h in hists if h is not None), default=0)
     hist_fields = next((h.shape[1] for h in hists if h is not None and h.dim() == 2), 0)
     user_hist = torch.zeros(size, hist_width, hist_fields, dtype=torch.long)
@@ -135,4 +137,6 @@ def collate(examples: Sequence[Mapping[str, np.ndarray | Tensor | int]], max_len
 
 def concat(batches: Sequence[ListBatch]) -> ListBatch:
     """Stack batches of the same list length along the request dimension."""
-    return ListBatch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(ListBatch)})
+    return ListBatch(
+        **{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(ListBatch)}
+    )

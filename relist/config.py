@@ -35,7 +35,9 @@ def _base_type(tp: Any) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of option values (command-line options win)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="YAML file of option values (command-line options win)"
+    )
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
@@ -47,12 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
             continue
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: {default})"
+            )
         else:
             shown = "required" if required else f"default: {default}"
-            parser.add_argument(flag, type=tp, choices=choices, default=None, dest=f.name,
-                                metavar=f.metadata.get("metavar", tp.__name__.upper()), help=f"{help_text} ({shown})")
+            parser.add_argument(
+                flag,
+                type=tp,
+                choices=choices,
+                default=None,
+                dest=f.name,
+                metavar=f.metadata.get("metavar", tp.__name__.upper()),
+                help=f"{help_text} ({shown})",
+            )
 
 
 def build(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser) -> T:
@@ -74,8 +84,11 @@ def build(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParse
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         parser.error("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cls(**values)

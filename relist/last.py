@@ -74,8 +74,11 @@ class LastConfig:
     batched: bool = True  # parallel: all candidates in one pass; False loops over them (same lists; a reference)
 
     def __post_init__(self):
-        for name, value, valid in (("mode", self.mode, MODES), ("offsets", self.offsets, OFFSETS),
-                                   ("select", self.select, SELECTIONS)):
+        for name, value, valid in (
+            ("mode", self.mode, MODES),
+            ("offsets", self.offsets, OFFSETS),
+            ("select", self.select, SELECTIONS),
+        ):
             if value not in valid:
                 raise ValueError(f"LAST: unknown {name} {value!r}; valid: {', '.join(valid)}")
         if self.serial_steps < 0 or self.serial_seconds < 0 or self.scale < 0 or self.grad_steps < 0:
@@ -118,8 +121,10 @@ class _Activations:
             mask, order, advantage = _ordinary(self.mask[rows], order, advantage)
             log_p = self.net.teacher_forced(states, init, mask, order)
             g_states, g_init = torch.autograd.grad((advantage * log_p).sum(), (states, init))
-        return {"states": _normalise(g_states, self.states[rows], self.scale),
-                "init": _normalise(g_init, self.init[rows], self.scale)}
+        return {
+            "states": _normalise(g_states, self.states[rows], self.scale),
+            "init": _normalise(g_init, self.init[rows], self.scale),
+        }
 
 
 class _Weights:
@@ -142,7 +147,9 @@ class _Weights:
 
     def _log_p_one(self, delta, x, mask, order, advantage):
         params = {**self.fixed, **{n: self.base[n] + delta[n] for n in self.names}}
-        log_p = functional_call(self.scorer, {f"net.{n}": p for n, p in params.items()}, (x[None], mask[None], order[None]))
+        log_p = functional_call(
+            self.scorer, {f"net.{n}": p for n, p in params.items()}, (x[None], mask[None], order[None])
+        )
         return (advantage * log_p[0]).sum()
 
     def decode(self, delta: dict[str, Tensor], rows: Tensor, noise: Tensor | None) -> Tensor:
@@ -216,7 +223,9 @@ class Last:
     def _advantage(self, gains: Tensor, initial: Tensor, rows: Tensor) -> Tensor:
         return discounted_returns(gains - initial[rows], self.config.gamma)
 
-    def _unit(self, space, delta: dict[str, Tensor], rows: Tensor, order: Tensor, advantage: Tensor) -> dict[str, Tensor]:
+    def _unit(
+        self, space, delta: dict[str, Tensor], rows: Tensor, order: Tensor, advantage: Tensor
+    ) -> dict[str, Tensor]:
         """The unit offset from the gradient of Σ_t A_t log π(a_t), over the first ``grad_steps`` steps if set."""
         steps = self.config.grad_steps or order.shape[1]
         return space.unit(delta, rows, order[:, :steps], advantage[:, :steps])
@@ -232,8 +241,11 @@ class Last:
         batch = batch.to(device)
         size, length = batch.mask.shape
         x = self.generator.inputs(batch)
-        space = (_Activations(self.generator.net, x, batch.mask, c.scale) if c.offsets == "activations"
-                 else _Weights(self.generator.net, x, batch.mask, c.scale, c.offsets))
+        space = (
+            _Activations(self.generator.net, x, batch.mask, c.scale)
+            if c.offsets == "activations"
+            else _Weights(self.generator.net, x, batch.mask, c.scale, c.offsets)
+        )
         rows = torch.arange(size, device=device)
         identity = rows.new_tensor(range(length)).expand(size, -1)
         greedy = space.decode(space.zero(rows), rows, None)
@@ -254,8 +266,17 @@ class Last:
             if c.batched:
                 sampled = space.decode(delta, rep, noise)
             else:  # one candidate at a time, with the same offsets and noise
-                sampled = torch.stack([space.decode({n: d.view(size, k, *d.shape[1:])[:, j] for n, d in delta.items()}, rows,
-                                                    noise.view(size, k, length, length)[:, j]) for j in range(k)], 1)
+                sampled = torch.stack(
+                    [
+                        space.decode(
+                            {n: d.view(size, k, *d.shape[1:])[:, j] for n, d in delta.items()},
+                            rows,
+                            noise.view(size, k, length, length)[:, j],
+                        )
+                        for j in range(k)
+                    ],
+                    1,
+                )
                 sampled = sampled.view(size * k, length)
             sampled_gains = self._gains(batch, rep, sampled)
             orders += list(sampled.view(size, k, length).unbind(1))

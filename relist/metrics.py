@@ -60,20 +60,30 @@ def auc(scores, labels, mask=None) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate(scores, labels, mask, ks: Iterable[int] = (1, 3, 5, 10), categories=None, embeddings=None,
-             alpha: float = 0.5) -> dict[str, float]:
+def evaluate(
+    scores, labels, mask, ks: Iterable[int] = (1, 3, 5, 10), categories=None, embeddings=None, alpha: float = 0.5
+) -> dict[str, float]:
     """Metrics of ranking each list by ``scores``: (B, L) scores, labels and mask; see the module doc."""
     scores, labels, mask = _as_tensor(scores).double(), _as_tensor(labels).double(), _as_tensor(mask).bool()
     if scores.shape != labels.shape or scores.shape != mask.shape:
-        raise ValueError(f"scores {tuple(scores.shape)}, labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must match")
+        raise ValueError(
+            f"scores {tuple(scores.shape)}, labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must match"
+        )
     per_list = per_list_metrics(scores, labels, mask, ks, categories, embeddings, alpha)
     out = {name: float(values.mean()) for name, values in per_list.items()}
     out["auc"] = auc(scores, labels, mask)
     return out
 
 
-def per_list_metrics(scores: Tensor, labels: Tensor, mask: Tensor, ks: Iterable[int] = (1, 3, 5, 10),
-                     categories=None, embeddings=None, alpha: float = 0.5) -> dict[str, Tensor]:
+def per_list_metrics(
+    scores: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    ks: Iterable[int] = (1, 3, 5, 10),
+    categories=None,
+    embeddings=None,
+    alpha: float = 0.5,
+) -> dict[str, Tensor]:
     """Each metric of ``evaluate`` per list: name -> (B,) tensor."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
@@ -91,8 +101,8 @@ def per_list_metrics(scores: Tensor, labels: Tensor, mask: Tensor, ks: Iterable[
         gold = torch.nn.functional.pad(gold, (0, pad))
         real_sorted = torch.nn.functional.pad(real_sorted, (0, pad))
     discount = _discounts(width, labels.device)
-    dcg = torch.cumsum((2.0 ** click - 1.0) * discount, dim=1)  # (B, W)
-    idcg = torch.cumsum((2.0 ** gold - 1.0) * discount, dim=1)
+    dcg = torch.cumsum((2.0**click - 1.0) * discount, dim=1)  # (B, W)
+    idcg = torch.cumsum((2.0**gold - 1.0) * discount, dim=1)
     hit = (click > 0).double()
     hits = torch.cumsum(hit, dim=1)
     precision_at = hits / torch.arange(1, width + 1, device=labels.device, dtype=torch.float64)
@@ -135,16 +145,20 @@ def _same_above(cat: Tensor, relevant: Tensor) -> Tensor:
     return (same.double() * relevant[:, None, :]).sum(dim=2)
 
 
-def _alpha_ndcg(cat_sorted: Tensor, label_sorted: Tensor, category: Tensor, labels: Tensor, k: int, alpha: float) -> Tensor:
+def _alpha_ndcg(
+    cat_sorted: Tensor, label_sorted: Tensor, category: Tensor, labels: Tensor, k: int, alpha: float
+) -> Tensor:
     relevant = (label_sorted > 0).double()
     discount = _discounts(cat_sorted.shape[1], cat_sorted.device)
     gain = relevant * (1.0 - alpha) ** _same_above(cat_sorted, relevant)
     dcg = (gain * discount)[:, :k].sum(dim=1)
     # Greedy ideal over the list's own clicked items: at each position take the largest marginal gain.
-    rel = (labels > 0)
+    rel = labels > 0
     taken = torch.zeros_like(rel)
-    seen = torch.zeros(category.shape, dtype=torch.float64, device=category.device)  # per item: same-category picks so far
-    same_cat = (category[:, :, None] == category[:, None, :])
+    seen = torch.zeros(
+        category.shape, dtype=torch.float64, device=category.device
+    )  # per item: same-category picks so far
+    same_cat = category[:, :, None] == category[:, None, :]
     ideal = torch.zeros(category.shape[0], dtype=torch.float64, device=category.device)
     for i in range(min(k, category.shape[1])):
         marginal = torch.where(rel & ~taken, (1.0 - alpha) ** seen, torch.zeros_like(seen))
@@ -160,7 +174,7 @@ def _alpha_ndcg(cat_sorted: Tensor, label_sorted: Tensor, category: Tensor, labe
 def _err_ia(cat_sorted: Tensor, label_sorted: Tensor, k: int) -> Tensor:
     cat, lab = cat_sorted[:, :k], label_sorted[:, :k]
     max_label = label_sorted.max(dim=1, keepdim=True).values.clamp_min(1.0)
-    r = (2.0 ** lab - 1.0) / 2.0 ** max_label  # (B, k): stop probability of an item for its own category
+    r = (2.0**lab - 1.0) / 2.0**max_label  # (B, k): stop probability of an item for its own category
     width = cat.shape[1]
     above = torch.tril(torch.ones(width, width, dtype=torch.bool, device=cat.device), diagonal=-1)
     same = (cat[:, :, None] == cat[:, None, :]) & above
@@ -171,8 +185,11 @@ def _err_ia(cat_sorted: Tensor, label_sorted: Tensor, k: int) -> Tensor:
     # Intents: categories of the clicked items of the whole list, each weighted 1 / number of intents.
     full_cat, relevant = cat_sorted, label_sorted > 0
     width_full = full_cat.shape[1]
-    first = ~((full_cat[:, :, None] == full_cat[:, None, :]) & relevant[:, None, :]
-              & torch.tril(torch.ones(width_full, width_full, dtype=torch.bool, device=cat.device), diagonal=-1)).any(dim=2)
+    first = ~(
+        (full_cat[:, :, None] == full_cat[:, None, :])
+        & relevant[:, None, :]
+        & torch.tril(torch.ones(width_full, width_full, dtype=torch.bool, device=cat.device), diagonal=-1)
+    ).any(dim=2)
     n_intents = (relevant & first).sum(dim=1).double()
     return torch.where(n_intents > 0, err_per_item.sum(dim=1) / n_intents.clamp_min(1.0), 0.0)
 
@@ -200,8 +217,9 @@ def logged_order_scores(batch) -> Tensor:
     return -torch.arange(length, dtype=torch.float32, device=batch.mask.device).expand(batch.mask.shape)
 
 
-def list_metrics(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10),
-                 category_col: int | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+def list_metrics(
+    score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), category_col: int | None = None
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Per-list metrics over many batches of different widths, in batch order: (name -> (n_lists,),
     the real items' scores, their labels). ``score_fn(batch) -> (B, L)`` scores; ``category_col`` names
     the item sparse column holding categories, which turns on the diversity metrics."""
@@ -219,7 +237,9 @@ def list_metrics(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10),
     return {name: torch.cat(values) for name, values in per.items()}, torch.cat(flat_scores), torch.cat(flat_labels)
 
 
-def evaluate_lists(score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), category_col: int | None = None) -> dict[str, float]:
+def evaluate_lists(
+    score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), category_col: int | None = None
+) -> dict[str, float]:
     """Means of ``list_metrics`` over every list, and AUC over every (item, label) pair."""
     per, scores, labels = list_metrics(score_fn, batches, ks, category_col)
     out = {name: float(values.mean()) for name, values in per.items()}

@@ -38,8 +38,9 @@ class FeatureEmbedding(nn.Module):
         self.user_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0) for f in schema.user_sparse)
         names = [f.name for f in schema.item_sparse]
         self.hist_to_item = [names.index(f.name) if f.name in names else -1 for f in schema.user_hist]
-        self.hist_tables = nn.ModuleList(nn.Embedding(f.vocab, dim, padding_idx=0)
-                                         for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0)
+        self.hist_tables = nn.ModuleList(
+            nn.Embedding(f.vocab, dim, padding_idx=0) for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0
+        )
         for table in [*self.item_tables, *self.user_tables, *self.hist_tables]:
             # small initial embeddings: N(0, 1) entries would drown the standardised dense features
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
@@ -74,31 +75,40 @@ class FeatureEmbedding(nn.Module):
         self.dense_std.copy_(dense.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
         if self.min_id_count <= 1:
             return
-        item_rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.zeros(0, np.int64)
-        hist_rows = np.concatenate([np.arange(data.hist_offsets[k], data.hist_offsets[k + 1]) for k in rows]) \
-            if len(rows) else np.zeros(0, np.int64)
+        item_rows = (
+            np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.zeros(0, np.int64)
+        )
+        hist_rows = (
+            np.concatenate([np.arange(data.hist_offsets[k], data.hist_offsets[k + 1]) for k in rows])
+            if len(rows)
+            else np.zeros(0, np.int64)
+        )
         for k, f in enumerate(self.schema.item_sparse):
             counts = np.bincount(np.asarray(data.item_sparse[item_rows, k]), minlength=f.vocab)
             for h, item_k in enumerate(self.hist_to_item):  # a clicked item in a history counts too
                 if item_k == k and len(hist_rows):
                     counts = counts + np.bincount(np.asarray(data.user_hist[hist_rows, h]), minlength=f.vocab)
-            getattr(self, f"item_keep_{k}").copy_(torch.from_numpy(counts[:f.vocab] >= self.min_id_count))
+            getattr(self, f"item_keep_{k}").copy_(torch.from_numpy(counts[: f.vocab] >= self.min_id_count))
         for k, f in enumerate(self.schema.user_sparse):
             counts = np.bincount(np.asarray(data.user_sparse[rows, k]), minlength=f.vocab)
-            getattr(self, f"user_keep_{k}").copy_(torch.from_numpy(counts[:f.vocab] >= self.min_id_count))
+            getattr(self, f"user_keep_{k}").copy_(torch.from_numpy(counts[: f.vocab] >= self.min_id_count))
 
     def _item_ids(self, ids: Tensor, k: int) -> Tensor:
         return ids * getattr(self, f"item_keep_{k}")[ids]
 
     def items(self, batch: ListBatch) -> Tensor:
-        parts = [table(self._item_ids(batch.item_sparse[..., k], k)) for k, table in enumerate(self.item_tables)]  # (B, L, E)
+        parts = [
+            table(self._item_ids(batch.item_sparse[..., k], k)) for k, table in enumerate(self.item_tables)
+        ]  # (B, L, E)
         parts.append((symlog(batch.item_dense) - self.dense_mean) / self.dense_std)
         return torch.cat(parts, dim=-1) * batch.mask[..., None]  # (B, L, item_dim)
 
     def history(self, batch: ListBatch) -> tuple[Tensor, Tensor]:
         """History embeddings (B, H, dim·fields) and their mask (B, H)."""
         size, width = batch.user_hist.shape[:2]
-        hist_mask = batch.user_hist[..., 0] > 0 if width else torch.zeros(size, 0, dtype=torch.bool, device=batch.device)
+        hist_mask = (
+            batch.user_hist[..., 0] > 0 if width else torch.zeros(size, 0, dtype=torch.bool, device=batch.device)
+        )
         own = iter(self.hist_tables)
         parts = []
         for k, item_k in enumerate(self.hist_to_item):
@@ -115,8 +125,10 @@ class FeatureEmbedding(nn.Module):
         size = batch.size
         if not self.use_user:
             return torch.zeros(size, self.user_dim, device=batch.device)
-        parts = [table(batch.user_sparse[:, k] * getattr(self, f"user_keep_{k}")[batch.user_sparse[:, k]])
-                 for k, table in enumerate(self.user_tables)]
+        parts = [
+            table(batch.user_sparse[:, k] * getattr(self, f"user_keep_{k}")[batch.user_sparse[:, k]])
+            for k, table in enumerate(self.user_tables)
+        ]
         hist, hist_mask = self.history(batch)
         if hist.shape[-1]:
             pooled = (hist * hist_mask[..., None]).sum(1) / hist_mask.sum(1, keepdim=True).clamp_min(1)
@@ -140,14 +152,14 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if not 0.0 < p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if p >= 1.0 - 2.0 ** -33 or x.device.type != "cpu" or x.dtype != torch.float32:  # (the threshold fits int32)
+    if p >= 1.0 - 2.0**-33 or x.device.type != "cpu" or x.dtype != torch.float32:  # (the threshold fits int32)
         return nn.functional.dropout(x, p, True)
     n = x.numel()
     seed = torch.empty(2, dtype=torch.int64).random_().tolist()
     words = np.random.SFC64(seed).random_raw((n + 1) // 2)  # uniform 64-bit words: two int32 lanes each
     lanes = torch.from_numpy(words.view(np.int32))[:n].view(x.shape)
     keep = lanes.view(torch.float32)  # the same memory: each lane becomes 0.0 or 1.0 where it lies
-    torch.ge(lanes, round(p * 2 ** 32) - 2 ** 31, out=keep)  # lanes are uniform on [−2³¹, 2³¹)
+    torch.ge(lanes, round(p * 2**32) - 2**31, out=keep)  # lanes are uniform on [−2³¹, 2³¹)
     return x * keep.mul_(1.0 / (1.0 - p))
 
 
@@ -180,7 +192,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attend: Tensor, dropout_p: float 
     size, heads, length, width = q.shape
     q, k, v = (t.reshape(size * heads, length, width) for t in (q, k, v))
     bias = q.new_zeros(size, heads, 1, length).masked_fill_(~attend, NEG_INF)
-    scores = torch.baddbmm(bias.view(size * heads, 1, length), q, k.transpose(1, 2), alpha=width ** -0.5)
+    scores = torch.baddbmm(bias.view(size * heads, 1, length), q, k.transpose(1, 2), alpha=width**-0.5)
     return torch.bmm(dropout(torch.softmax(scores, dim=-1), dropout_p), v).view(size, heads, length, width)
 
 

@@ -102,8 +102,9 @@ def inverse(perm: Tensor) -> Tensor:
     return torch.argsort(perm, dim=1)
 
 
-def cs_loss(scores_a: Tensor, scores_b: Tensor, pos_a: Tensor, pos_b: Tensor, mask: Tensor,
-            lists: int | None = None) -> Tensor:
+def cs_loss(
+    scores_a: Tensor, scores_b: Tensor, pos_a: Tensor, pos_b: Tensor, mask: Tensor, lists: int | None = None
+) -> Tensor:
     """Contrastive similarity: Σ_i |pos_A(i) − pos_B(i)| (R_A(i) − R_B(i))² per list, mean over lists.
 
     All tensors are aligned per item (same item in the same column). ``lists``: divide the sum by this

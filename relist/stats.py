@@ -26,7 +26,9 @@ def paired_t_p(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of ``a - b`` and its 95% percentile-bootstrap interval, resampling the paired units (e.g. lists)."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if diff.ndim != 1 or len(diff) == 0:

@@ -6,9 +6,10 @@ with the settings LAST's evaluator and generator fix (their selection metric, th
 - Model selection uses the ``valid`` split only; ``test`` is evaluated once, on the best checkpoint.
 - Checkpoints are safetensors + JSON written atomically: ``OUT/checkpoint/step-N`` (the latest state:
   model, optimiser, random-number states, position in the data; ``OUT/checkpoint/latest`` names it) after
-  every validation, ``OUT/best`` (the model with the best validation metric). ``resume=True`` continues an interrupted run from ``OUT/checkpoint``;
-  because the data order is a function of (seed, epoch) and the random states are restored, a resumed
-  run ends with the same weights as an uninterrupted one.
+  every validation, ``OUT/best`` (the model with the best validation metric). ``resume=True`` continues
+  an interrupted run from ``OUT/checkpoint``; because the data order is a function of (seed, epoch) and
+  the random states are restored, a resumed run ends with the same weights as an uninterrupted one.
+- The run carries the raw-id vocabularies of its data (``OUT/vocab``), so it can be served without it.
 - Under ``torchrun`` (WORLD_SIZE > 1) the objective is wrapped in DistributedDataParallel; every global
   batch is split evenly across the processes, so the gradient equals the single-process one.
 """
@@ -65,22 +66,33 @@ class TrainConfig:
     batch_size: int = option(128, help="lists per optimiser step (split across processes under torchrun)")
     learning_rate: float = option(1e-3, help="Adam learning rate")
     weight_decay: float = option(0.0, help="Adam weight decay")
-    ema_decay: float = option(0.95, help="validate, select and save an exponential moving average of the weights, "
-                                         "with this decay per step (0: the weights themselves)")
+    ema_decay: float = option(
+        0.95,
+        help="validate, select and save an exponential moving average of the weights, "
+        "with this decay per step (0: the weights themselves)",
+    )
     eval_every: int = option(0, help="validate (and checkpoint) every N steps; 0 = once per epoch")
     patience: int = option(5, help="stop after this many validations without improvement")
-    select_metric: str = option("list_ce", help="validation metric that selects the best checkpoint: list_ce (the "
-                                                 "listwise cross-entropy of the scores, lower is better) or a ranking "
-                                                 "metric such as ndcg@10 (higher is better)")
+    select_metric: str = option(
+        "list_ce",
+        help="validation metric that selects the best checkpoint: list_ce (the "
+        "listwise cross-entropy of the scores, lower is better) or a ranking "
+        "metric such as ndcg@10 (higher is better)",
+    )
     p1_weight: float = option(0.0, help="λ1: weight of the convergence-consistency (P1) loss")
     p2_weight: float = option(0.0, help="λ2: weight of the adversarial-consistency (P2) loss")
     perturbation: str = option("adjacent", help="P2 perturbation", choices=PERTURBATIONS)
-    cs_gradient: str = option("both", help="CS-loss gradients through both presentations (the paper) or only the "
-                                           "input one (cheaper)", choices=("both", "input"))
+    cs_gradient: str = option(
+        "both",
+        help="CS-loss gradients through both presentations (the paper) or only the input one (cheaper)",
+        choices=("both", "input"),
+    )
     max_steps: int = option(0, help="stop after this many optimiser steps (0: no limit)")
     resume: bool = option(False, help="continue an interrupted run from OUT/checkpoint")
     overwrite: bool = option(False, help="replace OUT if it exists")
-    tensorboard: bool = option(False, help="also write TensorBoard logs to OUT/tensorboard (needs the tensorboard package)")
+    tensorboard: bool = option(
+        False, help="also write TensorBoard logs to OUT/tensorboard (needs the tensorboard package)"
+    )
     progress: bool = option(True, help="show a progress bar")
 
 
@@ -219,8 +231,12 @@ class Trainer:
         self.data = data or PreparedDataset(config.data)
         self.device = resolve_device(config.device)
         self.out = Path(config.out)
-        self.principled = PrincipledConfig(p1_weight=config.p1_weight, p2_weight=config.p2_weight,
-                                           perturbation=config.perturbation, cs_gradient=config.cs_gradient)
+        self.principled = PrincipledConfig(
+            p1_weight=config.p1_weight,
+            p2_weight=config.p2_weight,
+            perturbation=config.perturbation,
+            cs_gradient=config.cs_gradient,
+        )
         self.max_len = int(self.data.counts.get("list_len", {}).get("max", 0)) or None
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -238,14 +254,17 @@ class Trainer:
                 if c.overwrite:
                     shutil.rmtree(self.out)
                 elif not c.resume:
-                    raise FileExistsError(f"{self.out} already exists (pass --overwrite to replace it or --resume to "
-                                          "continue)")
+                    raise FileExistsError(
+                        f"{self.out} already exists (pass --overwrite to replace it or --resume to continue)"
+                    )
                 else:
                     foreign = sorted(p.name for p in self.out.iterdir() if p.name not in UNSTARTED_RUN_FILES)
                     if foreign:
-                        raise FileExistsError(f"--resume: {self.out} holds no checkpoint to resume and other files "
-                                              f"({', '.join(foreign[:5])}); nothing was changed (pass --overwrite "
-                                              "to replace the directory)")
+                        raise FileExistsError(
+                            f"--resume: {self.out} holds no checkpoint to resume and other files "
+                            f"({', '.join(foreign[:5])}); nothing was changed (pass --overwrite "
+                            "to replace the directory)"
+                        )
             self.out.mkdir(parents=True, exist_ok=True)
             self._write_vocabularies()
             atomic_write_text(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2, default=str))
@@ -264,8 +283,12 @@ class Trainer:
 
     def build_model(self) -> Reranker:
         c = self.config
-        model = build_reranker(c.model, self.data.schema, use_user=c.use_user,
-                               **{"max_len": max(64, self.max_len or 0), **parse_model_args(c.model_args, c.model)})
+        model = build_reranker(
+            c.model,
+            self.data.schema,
+            use_user=c.use_user,
+            **{"max_len": max(64, self.max_len or 0), **parse_model_args(c.model_args, c.model)},
+        )
         model.features.fit(self.data, "train")
         model.calibrate_skip(self.data, "train")
         return model
@@ -290,14 +313,30 @@ class Trainer:
             train_index = self.data.split("train")
             steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
             eval_every = c.eval_every or steps_per_epoch
-            state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": 0, "stale": 0,
-                     "select_metric": c.select_metric, "done": False, "history": []}
+            state = {
+                "step": 0,
+                "epoch": 0,
+                "batch_in_epoch": 0,
+                "best": None,
+                "best_step": 0,
+                "stale": 0,
+                "select_metric": c.select_metric,
+                "done": False,
+                "history": [],
+            }
             if resuming:
                 state = self._load_checkpoint(model, optimiser, perturb_rng, average)
                 log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
-            total_steps = c.epochs * steps_per_epoch if not c.max_steps else min(c.max_steps, c.epochs * steps_per_epoch)
-            bar = tqdm(total=total_steps, initial=state["step"], desc=f"{c.model}", disable=not (c.progress and dist.main) or None,
-                       leave=False)
+            total_steps = (
+                c.epochs * steps_per_epoch if not c.max_steps else min(c.max_steps, c.epochs * steps_per_epoch)
+            )
+            bar = tqdm(
+                total=total_steps,
+                initial=state["step"],
+                desc=f"{c.model}",
+                disable=not (c.progress and dist.main) or None,
+                leave=False,
+            )
             writer = self._tensorboard() if (c.tensorboard and dist.main) else None
             running: dict[str, float] = {}
             started = time.perf_counter()
@@ -307,9 +346,9 @@ class Trainer:
             while not state["done"] and state["epoch"] < c.epochs:
                 order = np.random.default_rng([c.seed, state["epoch"]]).permutation(train_index)
                 for b in range(state["batch_in_epoch"], steps_per_epoch):
-                    rows = order[b * c.batch_size:(b + 1) * c.batch_size]
+                    rows = order[b * c.batch_size : (b + 1) * c.batch_size]
                     share = len(rows) // dist.world if len(rows) >= dist.world else len(rows)
-                    mine = rows[dist.rank * share:(dist.rank + 1) * share] if dist.world > 1 else rows
+                    mine = rows[dist.rank * share : (dist.rank + 1) * share] if dist.world > 1 else rows
                     batch = self.data.batch(mine, max_len=self.max_len).to(self.device)
                     model.train()
                     parts = trained(batch, perturb_rng)
@@ -356,7 +395,9 @@ class Trainer:
         valid = scored_metrics(model, batches(), ks=(5, 10))
         valid.update(obedience(model.score, batches(), ks=(5,), seed=c.seed))
         if c.select_metric not in valid:
-            raise ValueError(f"select_metric {c.select_metric!r} is not a validation metric; valid: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"select_metric {c.select_metric!r} is not a validation metric; valid: {', '.join(sorted(valid))}"
+            )
         metric = valid[c.select_metric]
         record = {"step": state["step"], "epoch": state["epoch"], "train": train_parts, "valid": valid}
         state["history"].append(record)
@@ -372,7 +413,14 @@ class Trainer:
                 writer.add_scalar(f"train/{key}", value, state["step"])
             for key, value in valid.items():
                 writer.add_scalar(f"eval/{key}", value, state["step"])
-        log.info("step %d: valid %s %.4f (best %.4f at %d)", state["step"], c.select_metric, metric, state["best"], state["best_step"])
+        log.info(
+            "step %d: valid %s %.4f (best %.4f at %d)",
+            state["step"],
+            c.select_metric,
+            metric,
+            state["best"],
+            state["best_step"],
+        )
 
     def _tensorboard(self):
         try:
@@ -381,8 +429,9 @@ class Trainer:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.out / "tensorboard"))
 
-    def _save_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict,
-                         average: "WeightAverage") -> None:
+    def _save_checkpoint(
+        self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict, average: "WeightAverage"
+    ) -> None:
         """A complete checkpoint in its own folder, then the ``latest`` pointer moved to it atomically, so a
         kill at any moment leaves a consistent checkpoint behind."""
         root = self.out / "checkpoint"
@@ -406,14 +455,18 @@ class Trainer:
         pointer = self.out / "checkpoint" / "latest"
         return self.out / "checkpoint" / pointer.read_text().strip() if pointer.is_file() else None
 
-    def _load_checkpoint(self, model: Reranker, optimiser, perturb_rng: torch.Generator, average: "WeightAverage") -> dict:
+    def _load_checkpoint(
+        self, model: Reranker, optimiser, perturb_rng: torch.Generator, average: "WeightAverage"
+    ) -> dict:
         folder = self._latest_checkpoint()
         saved = load_reranker(folder)
         then, now = _settings(saved), _settings(model)
         changed = {k: v for k, v in then.items() if now.get(k) != v}
         if changed:
-            raise ValueError(f"{folder} was trained with other model settings ({', '.join(sorted(changed))}: "
-                             f"{changed}); pass them in --model-args to resume")
+            raise ValueError(
+                f"{folder} was trained with other model settings ({', '.join(sorted(changed))}: "
+                f"{changed}); pass them in --model-args to resume"
+            )
         model.load_state_dict(saved.state_dict())
         if average.active:
             if (folder / "average").is_dir():
@@ -424,7 +477,9 @@ class Trainer:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         selected_on = meta.setdefault("select_metric", "ndcg@10")  # checkpoints from before list_ce selected on NDCG@10
         if selected_on != self.config.select_metric:
-            raise ValueError(f"{folder} selects its best checkpoint on {selected_on}; resume with --select-metric {selected_on}")
+            raise ValueError(
+                f"{folder} selects its best checkpoint on {selected_on}; resume with --select-metric {selected_on}"
+            )
         tensors = load_file(str(folder / "optimiser.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
         perturb_rng.set_state(tensors.pop("rng.perturb"))
@@ -494,7 +549,9 @@ class TrainEvaluatorConfig:
     data: Path = option(help="prepared re-ranking dataset (the rerank/ folder written by `relist train ranker`)")
     out: Path = option(help="run directory: checkpoints, best/, history, metrics")
     model_args: str = option("", help="evaluator settings as key=value,... (d_model, heads, gru, hidden=512/256/128)")
-    train_fraction: float = option(1.0, help="share of the train lists used (a random subset by seed): weaker evaluators")
+    train_fraction: float = option(
+        1.0, help="share of the train lists used (a random subset by seed): weaker evaluators"
+    )
     seed: int = option(0, help="seed of initialisation, data order and the train subset")
     device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
     epochs: int = option(30, help="maximum passes over the train split")
@@ -510,8 +567,11 @@ class TrainEvaluatorConfig:
 class TrainGeneratorConfig:
     data: Path = option(help="prepared re-ranking dataset (the rerank/ folder written by `relist train ranker`)")
     out: Path = option(help="run directory: checkpoints, best/, history, metrics")
-    reward: str = option("ndcg", help="per-position reward: NDCG gain on the labels, or the evaluator's click "
-                                      "probability", choices=REWARDS)
+    reward: str = option(
+        "ndcg",
+        help="per-position reward: NDCG gain on the labels, or the evaluator's click probability",
+        choices=REWARDS,
+    )
     evaluator: Path | None = option(None, help="evaluator run directory (its best/), needed for --reward evaluator")
     model_args: str = option("", help="generator settings as key=value,... (encoder, hidden, heads, gamma, samples)")
     seed: int = option(0, help="seed of initialisation, data order and sampling")

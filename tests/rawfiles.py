@@ -8,7 +8,10 @@ import numpy as np
 
 SAMPLE_HEADER = "user,time_stamp,adgroup_id,pid,nonclk,clk"
 AD_HEADER = "adgroup_id,cate_id,campaign_id,customer,brand,price"
-PROFILE_HEADER = "userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,new_user_class_level "
+PROFILE_HEADER = (
+    "userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,"
+    "new_user_class_level "
+)
 
 
 def write_taobao(folder: Path, seed: int, n_users: int = 60, n_ads: int = 40) -> dict:
@@ -50,7 +53,9 @@ def write_prm(path: Path, seed: int, n_lists: int = 40, n_null: int = 3) -> list
         for k in range(n_lists + n_null):
             n = int(rng.integers(3, 31))
             profile = [int(rng.integers(0, 5)), int(rng.integers(0, 3)), int(rng.integers(0, 9))]
-            spar = [[int(rng.integers(1, 200)), int(rng.integers(1, 20)), 7, int(rng.integers(1, 4)), 2] for _ in range(n)]
+            spar = [
+                [int(rng.integers(1, 200)), int(rng.integers(1, 20)), 7, int(rng.integers(1, 4)), 2] for _ in range(n)
+            ]
             d1 = [[round(float(v), 4) for v in rng.normal(size=10)] for _ in range(n)]
             d2 = [[round(float(v), 4) for v in rng.normal(size=9)] for _ in range(n)]
             label = [int(v) for v in rng.random(n) < 0.15]
@@ -58,7 +63,15 @@ def write_prm(path: Path, seed: int, n_lists: int = 40, n_null: int = 3) -> list
             if k >= n_lists:
                 fields[1] = "[null, 1, 2]"
             else:
-                lists.append({"uid": 1000 + k, "profile": profile, "spar": spar, "dense": [a + b for a, b in zip(d1, d2)], "label": label})
+                lists.append(
+                    {
+                        "uid": 1000 + k,
+                        "profile": profile,
+                        "spar": spar,
+                        "dense": [a + b for a, b in zip(d1, d2)],
+                        "label": label,
+                    }
+                )
             f.write("|".join(fields) + "\n")
     return lists
 
@@ -80,8 +93,17 @@ def write_librerank(folder: Path, seed: int, sizes=(30, 40, 10)) -> dict:
             lines.append([int(rng.integers(1, 10**6)), profile, spar, dens, label])
         (folder / f"data.{name}").write_text("".join("\t".join(str(x) for x in line) + "\n" for line in lines))
         written[name] = lines
-    stat = {"item_num": 400, "cate_num": 50, "ft_num": ft_num, "profile_fnum": 8, "train_num": sizes[0],
-            "val_num": sizes[1], "test_num": sizes[2], "itm_spar_fnum": 5, "itm_dens_fnum": 1}
+    stat = {
+        "item_num": 400,
+        "cate_num": 50,
+        "ft_num": ft_num,
+        "profile_fnum": 8,
+        "train_num": sizes[0],
+        "val_num": sizes[1],
+        "test_num": sizes[2],
+        "itm_spar_fnum": 5,
+        "itm_dens_fnum": 1,
+    }
     import json
 
     (folder / "data.stat").write_text(json.dumps(stat))

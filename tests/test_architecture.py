@@ -99,16 +99,22 @@ def test_no_import_cycle_among_relist_modules():
 
 
 def test_only_the_cli_imports_the_cli():
-    offenders = sorted(m for m, targets in import_graph().items()
-                       if not (m == "relist.cli" or m.startswith("relist.cli."))
-                       and any(t == "relist.cli" or t.startswith("relist.cli.") for t in targets))
+    offenders = sorted(
+        m
+        for m, targets in import_graph().items()
+        if not (m == "relist.cli" or m.startswith("relist.cli."))
+        and any(t == "relist.cli" or t.startswith("relist.cli.") for t in targets)
+    )
     assert offenders == []
 
 
-@pytest.mark.parametrize("code", [
-    "from relist.rerankers import REGISTRY; print(sorted(REGISTRY))",
-    "from relist.rerankers.base import REGISTRY; print(sorted(REGISTRY))",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from relist.rerankers import REGISTRY; print(sorted(REGISTRY))",
+        "from relist.rerankers.base import REGISTRY; print(sorted(REGISTRY))",
+    ],
+)
 def test_the_reranker_registry_is_complete_on_import(code):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for name in ("dlcm", "evaluator", "generator", "gsf", "midnn", "pear", "prm", "raise", "seq2slate", "setrank"):
@@ -116,7 +122,9 @@ def test_the_reranker_registry_is_complete_on_import(code):
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys; from relist.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'relist --help imported torch'")
+    code = (
+        "import sys; from relist.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'relist --help imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

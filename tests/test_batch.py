@@ -26,9 +26,15 @@ def identity_batch(seed, size=6, width=7, n_sparse=3, n_dense=2):
     item_sparse = torch.stack([ids * (f + 1) for f in range(n_sparse)], dim=-1)
     item_dense = torch.stack([ids.float() + 0.25 * f for f in range(n_dense)], dim=-1) * mask[..., None]
     label = (ids % 3 == 0).float()
-    return ListBatch(item_sparse=item_sparse, item_dense=item_dense, label=label, mask=mask,
-                     user_sparse=torch.arange(size)[:, None] + 1, user_hist=torch.ones(size, 2, 1, dtype=torch.long),
-                     list_id=torch.arange(size) + 10)
+    return ListBatch(
+        item_sparse=item_sparse,
+        item_dense=item_dense,
+        label=label,
+        mask=mask,
+        user_sparse=torch.arange(size)[:, None] + 1,
+        user_hist=torch.ones(size, 2, 1, dtype=torch.long),
+        list_id=torch.arange(size) + 10,
+    )
 
 
 def assert_batches_equal(a: ListBatch, b: ListBatch):
@@ -218,7 +224,7 @@ def check_batch_against_arrays(data: PreparedDataset, batch: ListBatch, index, m
         assert np.array_equal(batch.label[b, :n].numpy(), data.label[start:stop])
         assert np.array_equal(batch.user_sparse[b].numpy(), data.user_sparse[i])
         h = hist_offsets[i + 1] - hist_offsets[i]
-        assert np.array_equal(batch.user_hist[b, :h].numpy(), data.user_hist[hist_offsets[i]:hist_offsets[i + 1]])
+        assert np.array_equal(batch.user_hist[b, :h].numpy(), data.user_hist[hist_offsets[i] : hist_offsets[i + 1]])
         assert (batch.user_hist[b, h:] == 0).all()
     assert batch.list_len == width
     pad = ~batch.mask
@@ -265,8 +271,11 @@ def test_batches_cover_each_list_of_the_split_once(synthetic, split, shuffle, se
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batches_drop_last(synthetic, seed):
     index = synthetic.split("ranker")
-    seen = [i for batch in synthetic.batches("ranker", 7, shuffle=True, seed=seed, drop_last=True)
-            for i in batch.list_id.tolist()]
+    seen = [
+        i
+        for batch in synthetic.batches("ranker", 7, shuffle=True, seed=seed, drop_last=True)
+        for i in batch.list_id.tolist()
+    ]
     assert len(seen) == len(index) - len(index) % 7 == len(set(seen))
     assert set(seen) <= set(index.tolist())
 
@@ -278,13 +287,22 @@ def test_splits_partition_the_lists(synthetic):
 
 
 def test_batch_with_empty_history_in_last_list(tmp_path):
-    schema = Schema(item_sparse=(SparseField("item_id", 10),), item_dense=("x",),
-                    user_sparse=(SparseField("user_id", 3),), user_hist=(SparseField("item_id", 10),))
+    schema = Schema(
+        item_sparse=(SparseField("item_id", 10),),
+        item_dense=("x",),
+        user_sparse=(SparseField("user_id", 3),),
+        user_hist=(SparseField("item_id", 10),),
+    )
     table = ListTable(
-        offsets=np.array([0, 2, 5]), item_sparse=np.array([[1], [2], [3], [4], [5]]),
-        item_dense=np.ones((5, 1), np.float32), label=np.array([0, 1, 0, 0, 1], np.float32),
-        user_sparse=np.array([[1], [2]]), hist_offsets=np.array([0, 2, 2]), user_hist=np.array([[6], [7]]),
-        schema=schema, splits={"ranker": np.array([0]), "train": np.array([1])},
+        offsets=np.array([0, 2, 5]),
+        item_sparse=np.array([[1], [2], [3], [4], [5]]),
+        item_dense=np.ones((5, 1), np.float32),
+        label=np.array([0, 1, 0, 0, 1], np.float32),
+        user_sparse=np.array([[1], [2]]),
+        hist_offsets=np.array([0, 2, 2]),
+        user_hist=np.array([[6], [7]]),
+        schema=schema,
+        splits={"ranker": np.array([0]), "train": np.array([1])},
     )
     data = PreparedDataset(write_dataset(table, tmp_path / "data", source="test", seed=0))
     batch = data.batch(np.array([0, 1]))

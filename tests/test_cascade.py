@@ -1,4 +1,5 @@
-"""The cascade simulator: determinism given actions, matching through the index, scores, CQR, PettingZoo and Gymnasium."""
+"""The cascade simulator: determinism given actions, matching through the index, scores, CQR, PettingZoo
+and Gymnasium."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def env():
-    built, _ = build_env(CascadeEnvConfig(source="synthetic", n_items=1500, n_users=300, sizes=(150, 40, 8), session_requests=3.0))
+    built, _ = build_env(
+        CascadeEnvConfig(source="synthetic", n_items=1500, n_users=300, sizes=(150, 40, 8), session_requests=3.0)
+    )
     return built
 
 
@@ -107,7 +110,9 @@ def test_ivf_matching_probing_every_cell_is_exact():
     a, b = exact._match(pop, weights), ivf._match(pop, weights)
     overlap = (a.sort(1).values[:, :, None] == b[:, None, :]).any(2).float().mean()
     assert overlap > 0.999  # the MIPS -> L2 transform loses nothing when every cell is scanned
-    partial = Cascade(catalogue, CascadeConfig(sizes=(200, 50, 10), matching="ivf", nlist=32, nprobe=4))._match(pop, weights)
+    partial = Cascade(catalogue, CascadeConfig(sizes=(200, 50, 10), matching="ivf", nlist=32, nprobe=4))._match(
+        pop, weights
+    )
     assert (a[:, :, None] == partial[:, None, :]).any(2).float().mean() < overlap  # probing fewer cells is approximate
 
 
@@ -131,7 +136,9 @@ def test_same_seed_same_sessions_and_default_beats_random_weights(env):
     default, rnd = session_metrics(a), []
     for seed in range(3):
         weights = random_actions(env.cascade, 1, seed)
-        rnd.append(session_metrics(env.evaluate(lambda s, obs: weights[s].expand(obs.shape[0], -1), 200, 5))["session_dwell"])
+        rnd.append(
+            session_metrics(env.evaluate(lambda s, obs: weights[s].expand(obs.shape[0], -1), 200, 5))["session_dwell"]
+        )
     assert default["session_dwell"] > np.mean(rnd)
     assert 1.0 <= default["session_length"] < 20
 

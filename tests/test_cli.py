@@ -60,8 +60,12 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_installed_command_runs_the_demo(tmp_path):
     relist = [sys.executable, "-m", "relist.cli"]
-    done = subprocess.run([*relist, "demo", "--out", str(tmp_path / "demo"), "--n-lists", "1500", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*relist, "demo", "--out", str(tmp_path / "demo"), "--n-lists", "1500", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(line.startswith("logged order (test)") for line in lines)

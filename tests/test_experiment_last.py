@@ -16,12 +16,57 @@ from relist.rankers.train import TrainRankerConfig, train_ranker
 def test_experiment_last_end_to_end(tmp_path):
     torch.set_num_threads(1)
     prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=800, n_users=120, n_items=300, seed=4))
-    train_ranker(TrainRankerConfig(data=tmp_path / "data", out=tmp_path / "ranker", seed=4, n_estimators=20, progress=False))
-    assert main(["sim", "truth", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "sim"), "--session-requests", "2",
-                 "--max-sessions", "1", "--seed", "4"]) == 0
-    assert main(["experiment", "last", "--data", str(tmp_path / "data"), "--ranker", str(tmp_path / "ranker"), "--sim",
-                 str(tmp_path / "sim"), "--out", str(tmp_path / "exp"), "--seeds", "2", "--epochs", "1", "--users", "40",
-                 "--sweep-seeds", "1", "--fractions", "0.1,1", "--noise", "1"]) == 0
+    train_ranker(
+        TrainRankerConfig(data=tmp_path / "data", out=tmp_path / "ranker", seed=4, n_estimators=20, progress=False)
+    )
+    assert (
+        main(
+            [
+                "sim",
+                "truth",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "sim"),
+                "--session-requests",
+                "2",
+                "--max-sessions",
+                "1",
+                "--seed",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "experiment",
+                "last",
+                "--data",
+                str(tmp_path / "data"),
+                "--ranker",
+                str(tmp_path / "ranker"),
+                "--sim",
+                str(tmp_path / "sim"),
+                "--out",
+                str(tmp_path / "exp"),
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+                "--users",
+                "40",
+                "--sweep-seeds",
+                "1",
+                "--fractions",
+                "0.1,1",
+                "--noise",
+                "1",
+            ]
+        )
+        == 0
+    )
     for name in ("results.csv", "summary.md", "online.md", "offline.png", "quality.png", "offsets.png"):
         assert (tmp_path / "exp" / name).is_file(), name
     with open(tmp_path / "exp" / "results.csv", newline="") as handle:

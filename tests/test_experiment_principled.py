@@ -14,9 +14,27 @@ from relist.experiments.principled import random_tie_scores
 
 def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys):
     prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=800, n_users=100, n_items=300, seed=1))
-    code = main(["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "prm,setrank",
-                 "--seeds", "1", "--max-steps", "4", "--batch-size", "64", "--out", str(tmp_path / "exp"),
-                 "--sweep-model", "prm", "--no-progress"])
+    code = main(
+        [
+            "experiment",
+            "principled",
+            "--data",
+            str(tmp_path / "data"),
+            "--models",
+            "prm,setrank",
+            "--seeds",
+            "1",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "exp"),
+            "--sweep-model",
+            "prm",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
     variants = {(r["model"], r["variant"]) for r in rows}
@@ -25,17 +43,34 @@ def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys
     assert all(0.0 <= float(r["test_ndcg@10"]) <= 1.0 for r in rows)
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "| initial ranker |" in summary and "| setrank | +P1+P2 |" in summary
-    against = summary[summary.index("Against the initial ranker on the same"):]
+    against = summary[summary.index("Against the initial ranker on the same") :]
     assert "| prm | +P2 window |" in against and "/1 |" in against
-    assert (tmp_path / "exp" / "metrics.png").stat().st_size > 0 and (tmp_path / "exp" / "obedience.png").stat().st_size > 0
+    assert (tmp_path / "exp" / "metrics.png").stat().st_size > 0 and (
+        tmp_path / "exp" / "obedience.png"
+    ).stat().st_size > 0
     assert (tmp_path / "exp" / "ranker" / "rerank" / "manifest.json").is_file()  # an initial ranker was trained first
     assert "relist: error" not in capsys.readouterr().err
 
 
 def test_resume_keeps_finished_runs_and_redoes_missing_ones(tmp_path):
     prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=400, n_users=50, n_items=150, seed=3))
-    args = ["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "midnn", "--seeds", "1",
-            "--max-steps", "3", "--batch-size", "32", "--out", str(tmp_path / "exp"), "--no-progress"]
+    args = [
+        "experiment",
+        "principled",
+        "--data",
+        str(tmp_path / "data"),
+        "--models",
+        "midnn",
+        "--seeds",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path / "exp"),
+        "--no-progress",
+    ]
     assert main(args) == 0
     runs = tmp_path / "exp" / "runs" / "midnn"
     kept = runs / "base" / "seed0" / "metrics.json"
@@ -70,8 +105,18 @@ def test_random_tie_scores_shuffle_ties_only():
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):
     prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=200, n_users=20, n_items=50, seed=1))
-    code = main(["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "prm,nope",
-                 "--out", str(tmp_path / "exp")])
+    code = main(
+        [
+            "experiment",
+            "principled",
+            "--data",
+            str(tmp_path / "data"),
+            "--models",
+            "prm,nope",
+            "--out",
+            str(tmp_path / "exp"),
+        ]
+    )
     assert code == 2
     assert "unknown re-ranker 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "exp" / "ranker").exists()
@@ -83,8 +128,25 @@ def test_librerank_files_run_through_the_experiment(tmp_path):
 
     write_librerank(tmp_path / "raw", seed=2, sizes=(120, 150, 40))
     prepare(PrepareConfig(source="librerank", src=tmp_path / "raw", out=tmp_path / "data", seed=2))
-    code = main(["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "dlcm",
-                 "--seeds", "1", "--max-steps", "3", "--batch-size", "32", "--out", str(tmp_path / "exp"), "--no-progress"])
+    code = main(
+        [
+            "experiment",
+            "principled",
+            "--data",
+            str(tmp_path / "data"),
+            "--models",
+            "dlcm",
+            "--seeds",
+            "1",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "exp"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
     assert {r["variant"] for r in rows} == {"base", "+P1", "+P2", "+P1+P2"}

@@ -13,13 +13,12 @@ from relist.batch import rank
 from relist.cli import main
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.rerankers.evaluator import Evaluator, EvaluatorConfig
-from relist.rerankers.generator import Generator, GeneratorConfig, discounted_returns, gumbel, ndcg_gains, order_scores
 from relist.last import Last, LastConfig
-from relist.rerankers.evaluator import load_evaluator
 from relist.metrics import per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers.base import check_reranker, load_reranker
+from relist.rerankers.evaluator import Evaluator, EvaluatorConfig, load_evaluator
+from relist.rerankers.generator import Generator, GeneratorConfig, discounted_returns, gumbel, ndcg_gains, order_scores
 from tests.test_rerankers import SCHEMA, random_batch
 
 
@@ -39,8 +38,23 @@ def runs(tmp_path_factory):
     train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=5, n_estimators=40, progress=False))
     data = root / "ranker" / "rerank"
     common = ["--data", str(data), "--epochs", "4", "--batch-size", "64", "--no-progress"]
-    assert main(["train", "evaluator", *common, "--out", str(root / "ev"), "--model-args", "d_model=16,heads=2,gru=16,hidden=64/32"]) == 0
-    assert main(["train", "generator", *common, "--out", str(root / "gen"), "--model-args", "encoder=32,hidden=16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "evaluator",
+                *common,
+                "--out",
+                str(root / "ev"),
+                "--model-args",
+                "d_model=16,heads=2,gru=16,hidden=64/32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train", "generator", *common, "--out", str(root / "gen"), "--model-args", "encoder=32,hidden=16"]) == 0
+    )
     return root
 
 
@@ -64,7 +78,9 @@ def test_contract_and_persistence(cls, tmp_path):
 def test_evaluator_depends_on_the_display_order():
     _, ev = small_models()
     batch = random_batch(4)
-    flipped = torch.where(batch.mask, batch.lengths[:, None] - 1 - torch.arange(batch.list_len), torch.arange(batch.list_len))
+    flipped = torch.where(
+        batch.mask, batch.lengths[:, None] - 1 - torch.arange(batch.list_len), torch.arange(batch.list_len)
+    )
     a = ev.click_probability(batch)
     b = ev.click_probability(batch.reorder(flipped)).gather(1, torch.argsort(flipped, 1))  # back to item columns
     assert not torch.allclose(a[batch.mask], b[batch.mask], atol=1e-4)
@@ -104,15 +120,20 @@ def test_sampling_follows_the_pointer_distribution():
 
 def test_rewards_match_the_metric_module():
     batch = random_batch(7, size=30)
-    order = torch.argsort(torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(~batch.mask, 2), 1)
+    order = torch.argsort(
+        torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(~batch.mask, 2), 1
+    )
     shown = batch.reorder(order)
     gains = ndcg_gains(shown.label, shown.mask.float(), batch.label, batch.mask.float())
-    reference = per_list_metrics(order_scores(order, batch.mask).double(), batch.label.double(), batch.mask, ks=(batch.list_len,))
+    reference = per_list_metrics(
+        order_scores(order, batch.mask).double(), batch.label.double(), batch.mask, ks=(batch.list_len,)
+    )
     assert torch.allclose(gains.sum(1).double(), reference[f"ndcg@{batch.list_len}"], atol=1e-5)
     rewards = torch.tensor([[1.0, 0.0, -2.0, 4.0]])
     g = 0.3
-    assert torch.allclose(discounted_returns(rewards, g),
-                          torch.tensor([[1 - 2 * g**2 + 4 * g**3, -2 * g + 4 * g**2, -2 + 4 * g, 4.0]]))
+    assert torch.allclose(
+        discounted_returns(rewards, g), torch.tensor([[1 - 2 * g**2 + 4 * g**3, -2 * g + 4 * g**2, -2 + 4 * g, 4.0]])
+    )
 
 
 def test_trained_models_learn_from_the_data(runs):
@@ -146,8 +167,15 @@ def test_deployed_weights_stay_bit_identical(runs):
     requests, failures = 0, 0
     rng = torch.Generator().manual_seed(0)
     test = data.split("test")
-    for k, (mode, offsets) in enumerate([("parallel", "activations"), ("parallel", "decoder"), ("serial", "activations"),
-                                         ("serial", "pointer"), ("parallel", "all")]):
+    for k, (mode, offsets) in enumerate(
+        [
+            ("parallel", "activations"),
+            ("parallel", "decoder"),
+            ("serial", "activations"),
+            ("serial", "pointer"),
+            ("parallel", "all"),
+        ]
+    ):
         last = Last(gen, ev, LastConfig(mode=mode, offsets=offsets, serial_steps=3))
         for start in range(0, 3 * len(test), 75):
             batch = data.batch(test[[(start + j) % len(test) for j in range(75)]])
@@ -189,7 +217,11 @@ def test_parallel_picks_the_best_candidate_and_never_loses_to_greedy(runs):
     assert torch.equal(greedy.order, gen.decode(batch)[0]) and torch.all(greedy.winner == 0)
     oracle = Last(gen, ev, LastConfig(select="oracle"))(batch, torch.Generator().manual_seed(3))
     assert "oracle" in LastConfig(select="oracle").label
-    ndcg = lambda o: per_list_metrics(order_scores(o, batch.mask).double(), batch.label.double(), batch.mask, ks=(10,))["ndcg@10"]  # noqa: E731
+
+    def ndcg(order):
+        scores = order_scores(order, batch.mask).double()
+        return per_list_metrics(scores, batch.label.double(), batch.mask, ks=(10,))["ndcg@10"]
+
     assert ndcg(oracle.order).mean() >= ndcg(out.order).mean()
 
 
@@ -202,8 +234,10 @@ def test_batched_exploration_equals_the_loop_and_weight_offsets_agree_at_zero_st
         assert torch.equal(a.order, b.order) and torch.allclose(a.candidates, b.candidates, atol=1e-6)
     # with step sizes 0 every offset kind is plain sampling: the same noise gives the same lists
     zero = (0.0, 0.0, 0.0)
-    lists = [Last(gen, ev, LastConfig(offsets=o, steps=zero))(batch, torch.Generator().manual_seed(5)).candidates
-             for o in ("activations", "pointer", "all")]
+    lists = [
+        Last(gen, ev, LastConfig(offsets=o, steps=zero))(batch, torch.Generator().manual_seed(5)).candidates
+        for o in ("activations", "pointer", "all")
+    ]
     assert torch.allclose(lists[0], lists[1], atol=1e-6) and torch.allclose(lists[0], lists[2], atol=1e-6)
     # and a non-zero step moves the guided candidates
     moved = Last(gen, ev, LastConfig(offsets="all", steps=(0.0, 50.0)))(batch, torch.Generator().manual_seed(5))
@@ -220,8 +254,11 @@ def _relative_error(a, b) -> float:
 def _loop_gradients(net, states, init, mask, order, advantage, one_pass: bool, fused_gru: bool = True):
     states, init = states.detach().clone().requires_grad_(), init.detach().clone().requires_grad_()
     with torch.enable_grad():
-        log_p = (net.teacher_forced(states, init, mask, order, fused_gru=fused_gru) if one_pass
-                 else net.decode(states, init, mask, order=order)[1])
+        log_p = (
+            net.teacher_forced(states, init, mask, order, fused_gru=fused_gru)
+            if one_pass
+            else net.decode(states, init, mask, order=order)[1]
+        )
         return (log_p.detach(), *torch.autograd.grad((advantage * log_p).sum(), (states, init)))
 
 
@@ -239,7 +276,9 @@ def test_one_pass_teacher_forcing_equals_the_decoding_loop(fused_gru):
     for order in (greedy, sampled):
         for steps in (30, 7, 1):
             loop = _loop_gradients(net, states, init, batch.mask, order[:, :steps], advantage[:, :steps], False)
-            fast = _loop_gradients(net, states, init, batch.mask, order[:, :steps], advantage[:, :steps], True, fused_gru)
+            fast = _loop_gradients(
+                net, states, init, batch.mask, order[:, :steps], advantage[:, :steps], True, fused_gru
+            )
             for a, b in zip(loop, fast):  # log-probabilities, gradients of the states and of the initial state
                 assert torch.isfinite(b).all() and _relative_error(b, a) < 1e-4
 
@@ -249,8 +288,10 @@ def test_gru_sequence_backward_is_the_gradient():
 
     g = torch.Generator().manual_seed(0)
     for steps in (1, 6):
-        args = [torch.randn(shape, generator=g, dtype=torch.double).requires_grad_()
-                for shape in ((3, steps, 5), (3, 4), (12, 5), (12, 4), (12,), (12,))]
+        args = [
+            torch.randn(shape, generator=g, dtype=torch.double).requires_grad_()
+            for shape in ((3, steps, 5), (3, 4), (12, 5), (12, 4), (12,), (12,))
+        ]
         assert torch.autograd.gradcheck(GRUSequence.apply, args)
 
 
@@ -259,10 +300,12 @@ def test_evaluator_skips_the_padding_machinery_on_full_lists_with_the_same_value
     ev.eval()  # the shortcut is taken at serving time only
     batch = random_batch(13, size=6, length=8)
     full = batch[torch.nonzero(batch.mask.all(1)).flatten()]
-    with_padding = batch[torch.cat([torch.nonzero(batch.mask.all(1)).flatten(), torch.nonzero(~batch.mask.all(1)).flatten()[:1]])]
+    with_padding = batch[
+        torch.cat([torch.nonzero(batch.mask.all(1)).flatten(), torch.nonzero(~batch.mask.all(1)).flatten()[:1]])
+    ]
     assert full.size >= 1 and not with_padding.mask.all()
     with torch.no_grad():
-        a, b = ev.click_probability(full), ev.click_probability(with_padding)[:full.size]
+        a, b = ev.click_probability(full), ev.click_probability(with_padding)[: full.size]
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -270,8 +313,8 @@ def test_last_with_the_one_pass_gradient_serves_what_the_loop_serves(monkeypatch
     """The same gradients and the same served lists as step-by-step teacher forcing, for each offset kind."""
     from torch.func import grad, vmap
 
-    from relist.rerankers.generator import PointerNet
     from relist.last import _Weights
+    from relist.rerankers.generator import PointerNet
 
     gen, ev = small_models(4)
     batch = random_batch(12, size=12, length=20)
@@ -290,8 +333,11 @@ def test_last_with_the_one_pass_gradient_serves_what_the_loop_serves(monkeypatch
         return out, grads
 
     fast, fast_grads = run()
-    monkeypatch.setattr(PointerNet, "teacher_forced",
-                        lambda self, states, h, mask, order, fused_gru=True: self.decode(states, h, mask, order=order)[1])
+    monkeypatch.setattr(
+        PointerNet,
+        "teacher_forced",
+        lambda self, states, h, mask, order, fused_gru=True: self.decode(states, h, mask, order=order)[1],
+    )
     slow, slow_grads = run()
     for a, b in zip(fast, slow):
         assert torch.equal(a.order, b.order) and torch.equal(a.winner, b.winner)
@@ -325,8 +371,25 @@ def test_serial_respects_its_budget_and_bad_settings_are_errors():
 
 @pytest.fixture(scope="module")
 def truth_sim(runs):
-    assert main(["sim", "truth", "--data", str(runs / "data"), "--out", str(runs / "sim"), "--session-requests", "2",
-                 "--max-sessions", "1", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "sim",
+                "truth",
+                "--data",
+                str(runs / "data"),
+                "--out",
+                str(runs / "sim"),
+                "--session-requests",
+                "2",
+                "--max-sessions",
+                "1",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     return runs / "sim"
 
 
@@ -335,8 +398,19 @@ def test_last_is_a_simulator_policy(runs, truth_sim, tmp_path):
     run.mkdir()
     (run / "generator").symlink_to(runs / "gen")
     (run / "evaluator").symlink_to(runs / "ev")
-    args = ["abtest", "--sim", str(truth_sim), "--policies", f"ranker:{runs / 'ranker'},last:{run}", "--users", "60",
-            "--seeds", "1", "--out", str(tmp_path / "ab")]
+    args = [
+        "abtest",
+        "--sim",
+        str(truth_sim),
+        "--policies",
+        f"ranker:{runs / 'ranker'},last:{run}",
+        "--users",
+        "60",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "ab"),
+    ]
     assert main(args) == 0
     rows = (tmp_path / "ab" / "results.csv").read_text()
     assert "last:run,clicks_per_request" in rows
@@ -354,7 +428,7 @@ def test_delayed_feedback_learner_waits_for_its_delay_and_leaves_the_generator_a
     gen = load_reranker(runs / "gen" / "best")
     before = weights_hash(gen)
     data = PreparedDataset(runs / "ranker" / "rerank")
-    batches = [data.batch(data.split("test")[k:k + 30]) for k in range(0, 120, 30)]
+    batches = [data.batch(data.split("test")[k : k + 30]) for k in range(0, 120, 30)]
     patient = DelayedFeedbackLearner(gen, sim, delay=10_000, seed=0)
     for batch in batches:  # nothing has arrived yet: it serves the deployed generator's greedy lists
         assert torch.equal(rank(patient.score(batch), batch.mask), gen.decode(batch)[0])

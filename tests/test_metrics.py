@@ -83,7 +83,7 @@ def ref_err_ia(scores, labels, cats, k):
     for c in intents:
         err, reach = 0.0, 1.0
         for pos, i in enumerate(order[:k]):
-            r = (2.0 ** labels[i] - 1.0) / 2.0 ** max_label if cats[i] == c else 0.0
+            r = (2.0 ** labels[i] - 1.0) / 2.0**max_label if cats[i] == c else 0.0
             err += reach * r / (pos + 1)
             reach *= 1.0 - r
         total += err / len(intents)
@@ -92,7 +92,7 @@ def ref_err_ia(scores, labels, cats, k):
 
 def ref_ilad(scores, k, distance):
     top = predicted_order(scores)[:k]
-    pairs = [(a, b) for x, a in enumerate(top) for b in top[x + 1:]]
+    pairs = [(a, b) for x, a in enumerate(top) for b in top[x + 1 :]]
     if not pairs:
         return 0.0
     return sum(distance(a, b) for a, b in pairs) / len(pairs)
@@ -118,8 +118,12 @@ def reference(lists, ks=KS, alpha=0.5, with_categories=True, with_embeddings=Fal
     for lst in lists:
         s, y = lst["scores"], lst["labels"]
         for k in ks:
-            values = {f"ndcg@{k}": ref_ndcg(s, y, k), f"map@{k}": ref_map(s, y, k),
-                      f"clicks@{k}": ref_clicks(s, y, k), f"p@{k}": ref_precision(s, y, k)}
+            values = {
+                f"ndcg@{k}": ref_ndcg(s, y, k),
+                f"map@{k}": ref_map(s, y, k),
+                f"clicks@{k}": ref_clicks(s, y, k),
+                f"p@{k}": ref_precision(s, y, k),
+            }
             if with_categories:
                 values[f"alpha_ndcg@{k}"] = ref_alpha_ndcg(s, y, lst["cats"], k, alpha)
                 values[f"err_ia@{k}"] = ref_err_ia(s, y, lst["cats"], k)
@@ -148,8 +152,14 @@ def random_lists(seed, n_lists=40, width=8, graded=False):
             labels = [float(v) for v in (rng.random(n) < 0.35)]
         if b % 5 == 0:
             labels = [0.0] * n  # no click at all
-        lists.append({"scores": scores, "labels": labels, "cats": [int(v) for v in rng.integers(1, 4, size=n)],
-                      "emb": [[float(x) for x in rng.normal(size=5)] for _ in range(n)]})
+        lists.append(
+            {
+                "scores": scores,
+                "labels": labels,
+                "cats": [int(v) for v in rng.integers(1, 4, size=n)],
+                "emb": [[float(x) for x in rng.normal(size=5)] for _ in range(n)],
+            }
+        )
     return lists
 
 
@@ -175,8 +185,9 @@ def pad(lists, width, seed):
 def assert_same(got: dict, expected: dict):
     assert set(got) == set(expected)
     for name, values in expected.items():
-        np.testing.assert_allclose(np.asarray(got[name], dtype=np.float64), np.asarray(values), rtol=1e-9, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(got[name], dtype=np.float64), np.asarray(values), rtol=1e-9, atol=1e-12, err_msg=name
+        )
 
 
 # --------------------------------------------------------------------------- per-list metrics vs reference
@@ -250,7 +261,9 @@ def test_auc_matches_sklearn_with_ties(seed):
     labels[~mask] = 1.0  # padding labels must not count
     expected = roc_auc_score(labels[mask], scores[mask])
     assert auc(scores, labels, mask) == pytest.approx(expected, rel=1e-12)
-    assert auc(torch.as_tensor(scores), torch.as_tensor(labels), torch.as_tensor(mask)) == pytest.approx(expected, rel=1e-12)
+    assert auc(torch.as_tensor(scores), torch.as_tensor(labels), torch.as_tensor(mask)) == pytest.approx(
+        expected, rel=1e-12
+    )
     # without a mask every pair counts
     assert auc(scores, labels) == pytest.approx(roc_auc_score(labels.ravel(), scores.ravel()), rel=1e-12)
 
@@ -383,13 +396,15 @@ def test_evaluate_lists_over_batches_equals_one_padded_batch(seed):
     for b in range(37):
         n = int(rng.integers(1, 16))
         labels = (rng.random(n) < 0.3).astype(np.float32) if b % 4 else np.zeros(n, np.float32)
-        examples.append({
-            "item_sparse": np.stack([rng.integers(1, 100, n), rng.integers(1, 5, n)], axis=1),
-            "item_dense": rng.integers(0, 4, size=(n, 2)).astype(np.float32),  # tied scores
-            "label": labels,
-            "user_sparse": np.array([b + 1]),
-            "list_id": b,
-        })
+        examples.append(
+            {
+                "item_sparse": np.stack([rng.integers(1, 100, n), rng.integers(1, 5, n)], axis=1),
+                "item_dense": rng.integers(0, 4, size=(n, 2)).astype(np.float32),  # tied scores
+                "label": labels,
+                "user_sparse": np.array([b + 1]),
+                "list_id": b,
+            }
+        )
 
     def score_fn(batch):
         return batch.item_dense[..., 0] - 0.5 * batch.item_dense[..., 1]
@@ -407,8 +422,14 @@ def test_evaluate_lists_over_batches_equals_one_padded_batch(seed):
         for name in expected:
             assert got[name] == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
     # and both agree with the reference
-    lists = [{"scores": [float(x[0] - 0.5 * x[1]) for x in e["item_dense"]], "labels": [float(v) for v in e["label"]],
-              "cats": [int(c) for c in e["item_sparse"][:, 1]]} for e in examples]
+    lists = [
+        {
+            "scores": [float(x[0] - 0.5 * x[1]) for x in e["item_dense"]],
+            "labels": [float(v) for v in e["label"]],
+            "cats": [int(c) for c in e["item_sparse"][:, 1]],
+        }
+        for e in examples
+    ]
     for name, values in reference(lists).items():
         assert got[name] == pytest.approx(float(np.mean(values)), rel=1e-9, abs=1e-12), name
 

@@ -48,7 +48,13 @@ def prepared(tmp_path_factory):
 def test_counts(prepared):
     data = prepared()
     c = data.counts
-    assert (c["n_lists"], c["n_labelled"], c["n_clicks"], c["n_users"], c["n_items"]) == (5000, 189359, 7542, 4637, 7457)
+    assert (c["n_lists"], c["n_labelled"], c["n_clicks"], c["n_users"], c["n_items"]) == (
+        5000,
+        189359,
+        7542,
+        4637,
+        7457,
+    )
     # the manifest agrees with the arrays
     assert data.n_lists == 5000 and len(data.label) == 189359 and int((np.asarray(data.label) > 0).sum()) == 7542
     assert len(np.unique(data.user_sparse[:, 0])) == 4637 and len(np.unique(data.item_sparse[:, 0])) == 7457
@@ -98,7 +104,7 @@ def test_every_list_is_in_logged_order(prepared):
         assert data.label[rows].tolist() == [float(t[1]) for t in tokens], k
         assert users[int(data.user_sparse[k, 0])] == fields[1], k
         history = fields[3].split()[-50:]  # the last max_hist clicked items, oldest first
-        hist = data.user_hist[data.hist_offsets[k]:data.hist_offsets[k + 1], 0]
+        hist = data.user_hist[data.hist_offsets[k] : data.hist_offsets[k + 1], 0]
         assert vocab[hist].tolist() == history, k
 
 
@@ -135,7 +141,7 @@ def test_labels_outside_the_ranker_split_do_not_leak_into_features(prepared, tmp
     offsets = np.asarray(base.offsets)
     held_rows = np.zeros(len(base.label), dtype=bool)
     for k in held_out:
-        held_rows[offsets[k]:offsets[k + 1]] = True
+        held_rows[offsets[k] : offsets[k + 1]] = True
     assert np.array_equal(np.asarray(flipped.label)[held_rows], 1 - np.asarray(base.label)[held_rows])
     assert np.array_equal(np.asarray(flipped.label)[~held_rows], np.asarray(base.label)[~held_rows])
     # ... but no dense feature of any row did
@@ -168,8 +174,10 @@ GOOD = [
     b"1\tU1\t11/12/2019 2:14:46 PM\tN1 N2\tN1-0 N2-1 N3-0\n",
     b"2\tU2\t11/13/2019 5:53:12 AM\t\tN3-1 N1-0\n",
 ]
-NEWS = (b"N1\tnews\tsports\tA title\tAn abstract\thttps://x/N1\t[]\t[]\n"
-        b"N2\tfinance\tmarkets\tB title\tB abstract\thttps://x/N2\t[]\t[]\n")
+NEWS = (
+    b"N1\tnews\tsports\tA title\tAn abstract\thttps://x/N1\t[]\t[]\n"
+    b"N2\tfinance\tmarkets\tB title\tB abstract\thttps://x/N2\t[]\t[]\n"
+)
 TIME = b"11/12/2019 2:14:46 PM"
 
 # name -> (bad line, its 1-based line number once written, the field named, a phrase of the message)

@@ -26,7 +26,9 @@ def synthetic(request, tmp_path_factory):
 @pytest.mark.parametrize("model, extra", [("lambdamart", {}), ("dnn", {})])
 def test_ranker_beats_logged_order_and_writes_rerank_data(synthetic, tmp_path, model, extra):
     data_dir, seed = synthetic
-    result = train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "r", model=model, seed=seed, progress=False, **extra))
+    result = train_ranker(
+        TrainRankerConfig(data=data_dir, out=tmp_path / "r", model=model, seed=seed, progress=False, **extra)
+    )
     on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert on_disk["test"] == result["test"]
     # the logged display order of synthetic data is random, the truth is learnable from the features
@@ -65,8 +67,14 @@ def test_saved_ranker_scores_identically(synthetic, tmp_path, model, extra):
 
 def test_same_seed_same_ranker(synthetic, tmp_path):
     data_dir, seed = synthetic
-    runs = [train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / f"r{k}", model="dnn", seed=seed, progress=False, max_epochs=1))
-            for k in range(2)]
+    runs = [
+        train_ranker(
+            TrainRankerConfig(
+                data=data_dir, out=tmp_path / f"r{k}", model="dnn", seed=seed, progress=False, max_epochs=1
+            )
+        )
+        for k in range(2)
+    ]
     assert runs[0]["test"] == runs[1]["test"]
 
 
@@ -77,7 +85,9 @@ def test_logged_order_scores_reproduce_the_input_order(synthetic):
     # scoring the true logged labels themselves can only be as good or better
     oracle = evaluate_lists(lambda b: b.label, batches)
     assert oracle["ndcg@10"] >= logged["ndcg@10"]
-    assert oracle["ndcg@10"] == pytest.approx(1.0 * np.mean([bool(b.label[i].sum() > 0) for b in batches for i in range(b.size)]))
+    assert oracle["ndcg@10"] == pytest.approx(
+        1.0 * np.mean([bool(b.label[i].sum() > 0) for b in batches for i in range(b.size)])
+    )
 
 
 def test_train_ranker_refuses_existing_output(synthetic, tmp_path):
@@ -90,8 +100,12 @@ def test_cross_fitting_adds_the_ranker_lists_scored_out_of_fold(synthetic, tmp_p
     data_dir, seed = synthetic
     if seed:
         pytest.skip("one synthetic dataset is enough")
-    plain = train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "plain", seed=0, n_estimators=30, progress=False))
-    train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "cf", seed=0, n_estimators=30, cross_fit=3, progress=False))
+    plain = train_ranker(
+        TrainRankerConfig(data=data_dir, out=tmp_path / "plain", seed=0, n_estimators=30, progress=False)
+    )
+    train_ranker(
+        TrainRankerConfig(data=data_dir, out=tmp_path / "cf", seed=0, n_estimators=30, cross_fit=3, progress=False)
+    )
     data, cf = PreparedDataset(data_dir), PreparedDataset(tmp_path / "cf" / "rerank")
     n_train, n_ranker = len(data.split("train")), len(data.split("ranker"))
     assert len(cf.split("train")) == n_train + n_ranker
@@ -110,7 +124,9 @@ def test_cross_fitting_adds_the_ranker_lists_scored_out_of_fold(synthetic, tmp_p
     rescored = main.score(dataclasses.replace(added, item_dense=added.item_dense[..., :-1]))
     assert not torch.allclose(rescored[added.mask], added.item_dense[..., -1][added.mask])
     with pytest.raises(ValueError, match="cross_fit"):
-        train_ranker(TrainRankerConfig(data=data_dir, out=tmp_path / "bad", seed=0, n_estimators=5, cross_fit=1, progress=False))
+        train_ranker(
+            TrainRankerConfig(data=data_dir, out=tmp_path / "bad", seed=0, n_estimators=5, cross_fit=1, progress=False)
+        )
     assert plain["test"] == pytest.approx(json.loads((tmp_path / "cf" / "metrics.json").read_text())["test"])
 
 
@@ -127,8 +143,11 @@ def test_no_fold_ranker_scores_a_list_it_was_fitted_on(synthetic, monkeypatch):
 
     monkeypatch.setattr(LambdaMART, "fit", recording_fit)
     data = PreparedDataset(data_dir)
-    pairs = fit_out_of_fold(TrainRankerConfig(data=data_dir, out=data_dir, seed=seed, n_estimators=5, cross_fit=4), data,
-                            torch.device("cpu"))
+    pairs = fit_out_of_fold(
+        TrainRankerConfig(data=data_dir, out=data_dir, seed=seed, n_estimators=5, cross_fit=4),
+        data,
+        torch.device("cpu"),
+    )
     held = [set(rows.tolist()) for _, rows in pairs]
     assert set().union(*held) == set(data.split("ranker").tolist()) and sum(map(len, held)) == len(data.split("ranker"))
     for ranker, rows in pairs:

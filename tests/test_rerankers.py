@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,8 +14,16 @@ import relist.nn
 from relist.batch import ListBatch, rank
 from relist.data.store import Schema, SparseField
 from relist.nn import Dropout, dropout
-from relist.principled import (PERTURBATIONS, PrincipledConfig, PrincipledObjective, cs_loss, inverse, obedience,
-                              perturb, present)
+from relist.principled import (
+    PERTURBATIONS,
+    PrincipledConfig,
+    PrincipledObjective,
+    cs_loss,
+    inverse,
+    obedience,
+    perturb,
+    present,
+)
 from relist.rerankers import REGISTRY, build_reranker, check_reranker, load_reranker
 from relist.rerankers.base import length_groups
 
@@ -38,9 +48,15 @@ def random_batch(seed: int, size: int = 12, length: int = 8, hist: int = 5) -> L
     h_ids = torch.randint(1, 60, (size, hist), generator=g)
     h_ids[1] = 0  # a user without history
     user_hist = torch.stack([h_ids, (h_ids % 5 + 1) * (h_ids > 0)], dim=-1)
-    return ListBatch(item_sparse=item_sparse, item_dense=dense, label=label, mask=mask,
-                     user_sparse=torch.randint(1, 20, (size, 1), generator=g), user_hist=user_hist,
-                     list_id=torch.arange(size))
+    return ListBatch(
+        item_sparse=item_sparse,
+        item_dense=dense,
+        label=label,
+        mask=mask,
+        user_sparse=torch.randint(1, 20, (size, 1), generator=g),
+        user_hist=user_hist,
+        list_id=torch.arange(size),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -60,6 +76,26 @@ def test_save_then_load_gives_the_same_scores(name, tmp_path):
     loaded = load_reranker(tmp_path / name)
     assert type(loaded) is type(model)
     assert torch.equal(model.score(batch), loaded.score(batch))
+
+
+@pytest.mark.parametrize("name", ["evaluator", "generator"])
+def test_a_saved_last_model_loads_by_name_in_a_fresh_interpreter(name, tmp_path):
+    """Nothing but ``relist.rerankers`` is imported there: the registry must already know LAST's models."""
+    torch.manual_seed(3)
+    model = build_reranker(name, SCHEMA).eval()
+    model.save(tmp_path / name)
+    torch.save(random_batch(3), tmp_path / "batch.pt")
+    torch.save(model.score(random_batch(3)), tmp_path / "scores.pt")
+    code = (
+        "import sys, torch\n"
+        "from relist.rerankers import load_reranker\n"
+        f"model = load_reranker({str(tmp_path / name)!r}).eval()\n"
+        f"batch = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=False)\n"
+        f"assert model.name == {name!r}, model.name\n"
+        f"assert torch.equal(model.score(batch), torch.load({str(tmp_path / 'scores.pt')!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_unknown_names_and_settings_are_errors():
@@ -132,14 +168,19 @@ def test_principled_objective_adds_both_consistency_losses(name):
     model = build_reranker(name, SCHEMA)
     batch = random_batch(4)
     base = PrincipledObjective(model, PrincipledConfig())(batch)
-    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=2.0))(batch, torch.Generator().manual_seed(0))
+    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=2.0))(
+        batch, torch.Generator().manual_seed(0)
+    )
     assert {"loss_cs_p1", "loss_cs_p2", "loss_base"} <= set(parts)
     model.eval()  # no dropout: the base part is deterministic
     base = PrincipledObjective(model, PrincipledConfig())(batch)["loss"]
-    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=2.0))(batch, torch.Generator().manual_seed(0))
+    parts = PrincipledObjective(model, PrincipledConfig(p1_weight=1.0, p2_weight=2.0))(
+        batch, torch.Generator().manual_seed(0)
+    )
     assert parts["loss_base"].item() == pytest.approx(base.item(), rel=1e-5)
     assert parts["loss"].item() == pytest.approx(
-        (parts["loss_base"] + parts["loss_cs_p1"] + 2.0 * parts["loss_cs_p2"]).item(), rel=1e-5)
+        (parts["loss_base"] + parts["loss_cs_p1"] + 2.0 * parts["loss_cs_p2"]).item(), rel=1e-5
+    )
     assert parts["loss_cs_p1"] > 0 and parts["loss_cs_p2"] > 0
     parts["loss"].backward()
 
@@ -148,9 +189,12 @@ def test_input_only_gradients_keep_the_loss_values():
     torch.manual_seed(8)
     model = build_reranker("prm", SCHEMA).eval()
     batch = random_batch(8)
-    both = PrincipledObjective(model, PrincipledConfig(p1_weight=1, p2_weight=1))(batch, torch.Generator().manual_seed(3))
+    both = PrincipledObjective(model, PrincipledConfig(p1_weight=1, p2_weight=1))(
+        batch, torch.Generator().manual_seed(3)
+    )
     inputs = PrincipledObjective(model, PrincipledConfig(p1_weight=1, p2_weight=1, cs_gradient="input"))(
-        batch, torch.Generator().manual_seed(3))
+        batch, torch.Generator().manual_seed(3)
+    )
     for key in ("loss", "loss_cs_p1", "loss_cs_p2"):
         assert inputs[key].item() == pytest.approx(both[key].item(), rel=1e-6)
     grads = []
@@ -235,7 +279,7 @@ def test_midnn_shared_first_layer_is_the_papers_network():
     high = x.masked_fill(~real, float("-inf")).amax(1, keepdim=True)
     low = x.masked_fill(~real, float("inf")).amin(1, keepdim=True)
     extended = ((x - low) / (high - low).clamp_min(1e-6)).masked_fill(~real, 0.0)
-    h = torch.cat([x, extended], dim=-1) + model.position.weight[:batch.list_len]
+    h = torch.cat([x, extended], dim=-1) + model.position.weight[: batch.list_len]
     direct = model.net(h).squeeze(-1)
     assert torch.allclose(model(batch)[batch.mask], direct[batch.mask], atol=1e-5)
 
@@ -307,7 +351,7 @@ def test_explicit_attention_is_scaled_dot_product_attention(monkeypatch):
     seen = []
     monkeypatch.setattr(relist.nn, "dropout", lambda x, p, training=True: seen.append((x, p)) or x)
     assert torch.allclose(relist.nn.attention(q, k, v, attend, dropout_p=0.1), expected, atol=1e-6)
-    (weights, p), = seen  # dropout ran once, on the attention weights: softmax rows over the allowed keys
+    ((weights, p),) = seen  # dropout ran once, on the attention weights: softmax rows over the allowed keys
     assert p == 0.1 and torch.allclose(weights.sum(-1), torch.ones(()))
     assert (weights.view(5, 2, 7, 7)[~attend.expand(-1, 2, 7, -1)] == 0).all()
 
@@ -324,7 +368,9 @@ def test_obedience_rates():
     assert rates["obedience_p1@full"] == pytest.approx(1 - several)
     # ranking is stable: a re-ranked list re-ranked by the same scores is a fixed point
     order = rank(by_feature(batch), batch.mask)
-    assert torch.equal(rank(by_feature(batch.reorder(order)), batch.mask), torch.arange(batch.list_len).expand(batch.size, -1))
+    assert torch.equal(
+        rank(by_feature(batch.reorder(order)), batch.mask), torch.arange(batch.list_len).expand(batch.size, -1)
+    )
 
 
 def test_bad_principled_settings_are_errors():

@@ -83,7 +83,9 @@ def test_a_learned_agent_beats_random_fusion_weights(env, method, warm):
     loop = LoopConfig(steps=80, n_envs=64, warmup=10, eval_every=80, eval_users=300)
     results, randoms = [], []
     for seed in (0, 1):
-        agent, curve = train_agent(env, method_config(method, batch_size=128, warm_start=warm, critic_warmup=10), loop, seed=seed)
+        agent, curve = train_agent(
+            env, method_config(method, batch_size=128, warm_start=warm, critic_warmup=10), loop, seed=seed
+        )
         assert agent.updates > 10
         if not warm:
             assert curve[-1]["session_dwell"] > 1.1 * curve[0]["session_dwell"]
@@ -104,8 +106,11 @@ def test_global_critic_reads_downstream_observations_only_when_asked(env, method
     agent, _ = train_agent(env, method_config(method, batch_size=32, critic_warmup=1000), loop, seed=0)
     batch = agent.replay.sample(32, torch.Generator().manual_seed(0))
     first = env.cascade.obs_dims[0]
-    scrambled = dataclasses.replace(batch, obs=torch.cat([batch.obs[:, :first], torch.randn_like(batch.obs[:, first:])], 1),
-                                    next_obs=torch.randn_like(batch.next_obs))
+    scrambled = dataclasses.replace(
+        batch,
+        obs=torch.cat([batch.obs[:, :first], torch.randn_like(batch.obs[:, first:])], 1),
+        next_obs=torch.randn_like(batch.next_obs),
+    )
     state = copy.deepcopy(agent.critics.state_dict())
     losses = []
     for b in (batch, scrambled):
@@ -134,9 +139,36 @@ def test_experiment_command_end_to_end(env_yaml, tmp_path):
     out = tmp_path / "exp"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["experiment", "unexrl", "--env", str(env_yaml), "--out", str(out), "--seeds", "2", "--methods", "cem,ddpg,unexrl",
-                     "--stages", "3,4", "--stage-methods", "unexrl", "--stage-seeds", "1", "--steps", "12", "--n-envs", "32", "--eval-every", "6",
-                     "--eval-users", "40", "--cem-iterations", "2"])
+        code = main(
+            [
+                "experiment",
+                "unexrl",
+                "--env",
+                str(env_yaml),
+                "--out",
+                str(out),
+                "--seeds",
+                "2",
+                "--methods",
+                "cem,ddpg,unexrl",
+                "--stages",
+                "3,4",
+                "--stage-methods",
+                "unexrl",
+                "--stage-seeds",
+                "1",
+                "--steps",
+                "12",
+                "--n-envs",
+                "32",
+                "--eval-every",
+                "6",
+                "--eval-users",
+                "40",
+                "--cem-iterations",
+                "2",
+            ]
+        )
     assert code == 0
     import csv
 
@@ -154,10 +186,41 @@ def test_experiment_command_end_to_end(env_yaml, tmp_path):
 def test_two_process_ddp_training(env_yaml, tmp_path):
     """torchrun with 2 CPU (gloo) processes: each simulates its own users, DDP keeps the learners identical."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["rl", "train", "--env", str(env_yaml), "--method", "unexrl", "--steps", "10", "--n-envs", "32",
-            "--eval-every", "10", "--eval-users", "20"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "relist.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    args = [
+        "rl",
+        "train",
+        "--env",
+        str(env_yaml),
+        "--method",
+        "unexrl",
+        "--steps",
+        "10",
+        "--n-envs",
+        "32",
+        "--eval-every",
+        "10",
+        "--eval-users",
+        "20",
+    ]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "relist.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     result = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert result["world_size"] == 2 and result["ranks_in_sync"] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from relist.batch import collate
 from relist.cli import main
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.rerankers.evaluator import load_evaluator
 from relist.rankers.train import TrainRankerConfig, train_ranker
+from relist.rerankers.evaluator import load_evaluator
 from relist.serve.requests import RequestParser
 
 
@@ -30,9 +31,34 @@ def run_dir(tmp_path_factory) -> Path:
     prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=600, n_users=100, n_items=200, seed=2))
     train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=2, n_estimators=20, progress=False))
     common = ["--data", str(root / "ranker" / "rerank"), "--max-steps", "6", "--batch-size", "32", "--no-progress"]
-    assert main(["train", "evaluator", *common, "--out", str(root / "run" / "evaluator"),
-                 "--model-args", "d_model=16,heads=2,gru=16,hidden=32"]) == 0
-    assert main(["train", "generator", *common, "--out", str(root / "run" / "generator"), "--model-args", "encoder=16,hidden=8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "evaluator",
+                *common,
+                "--out",
+                str(root / "run" / "evaluator"),
+                "--model-args",
+                "d_model=16,heads=2,gru=16,hidden=32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "generator",
+                *common,
+                "--out",
+                str(root / "run" / "generator"),
+                "--model-args",
+                "encoder=16,hidden=8",
+            ]
+        )
+        == 0
+    )
     return root / "run"
 
 
@@ -45,8 +71,12 @@ def free_port() -> int:
 def start_server(run: Path, *args: str, wait: float = 60):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "relist.cli", "serve", str(run), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relist.cli", "serve", str(run), "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + wait
     while time.time() < deadline:
@@ -85,10 +115,16 @@ def request_body(data: PreparedDataset, k: int) -> dict:
     start, end = int(data.offsets[index]), int(data.offsets[index + 1])
     sparse = [f.name for f in data.schema.item_sparse]
     vocab = {name: vocabulary(data, name) for name in sparse}
-    items = [{"id": vocab[sparse[0]][int(data.item_sparse[r, 0])],
-              "features": {**{n: vocab[n][int(data.item_sparse[r, j])] for j, n in enumerate(sparse) if j},
-                           **{n: float(data.item_dense[r, j]) for j, n in enumerate(data.schema.item_dense)}}}
-             for r in range(start, end)]
+    items = [
+        {
+            "id": vocab[sparse[0]][int(data.item_sparse[r, 0])],
+            "features": {
+                **{n: vocab[n][int(data.item_sparse[r, j])] for j, n in enumerate(sparse) if j},
+                **{n: float(data.item_dense[r, j]) for j, n in enumerate(data.schema.item_dense)},
+            },
+        }
+        for r in range(start, end)
+    ]
     user = {"id": vocabulary(data, data.schema.user_sparse[0].name)[int(data.user_sparse[index, 0])]}
     return {"user": user, "items": items}
 
@@ -118,7 +154,7 @@ def test_rerank_answers_with_a_reordered_list_scored_by_the_evaluator(run_dir, s
 
 BAD = [
     (b'{"items": [', 400, "malformed JSON"),
-    (b'[1, 2]', 422, "expected a JSON object"),
+    (b"[1, 2]", 422, "expected a JSON object"),
     (b'{"items": []}', 422, "empty"),
     (b'{"items": "N1"}', 422, "expected a list"),
     (b'{"items": [{"id": 7}]}', 422, "expected a string id"),
@@ -151,7 +187,11 @@ def test_concurrent_requests_are_micro_batched_and_counted(run_dir, server):
     bodies = [request_body(data, k % 20) for k in range(24)]
 
     def metric(text: str, name: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
 
     before = httpx.get(server + "/metrics").text
     with ThreadPoolExecutor(12) as pool:
@@ -163,7 +203,10 @@ def test_concurrent_requests_are_micro_batched_and_counted(run_dir, server):
     requests = metric(after, "relist_batched_requests_total") - metric(before, "relist_batched_requests_total")
     batches = metric(after, "relist_batches_total") - metric(before, "relist_batches_total")
     assert requests == 24 and batches < 24  # some requests shared a batch
-    assert metric(after, "relist_rerank_latency_seconds_count") - metric(before, "relist_rerank_latency_seconds_count") == 24
+    assert (
+        metric(after, "relist_rerank_latency_seconds_count") - metric(before, "relist_rerank_latency_seconds_count")
+        == 24
+    )
     assert 'relist_requests_total{path="/rerank",status="200"}' in after
 
 
@@ -178,3 +221,30 @@ def test_two_workers_serve_the_same_checkpoint(run_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_copied_run_serves_the_same_answers_without_its_training_data(run_dir, tmp_path):
+    """The run carries its vocabularies: copied elsewhere, with the training data moved away, a fresh server
+    with the same seed answers the same requests (sent one at a time) with the same lists and scores."""
+    data_dir = Path(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    data = PreparedDataset(data_dir)
+    bodies = [request_body(data, k) for k in range(8)]
+
+    def answers(run: Path) -> list[dict]:
+        proc, url = start_server(run, "--seed", "7")
+        try:
+            return [httpx.post(url + "/rerank", json=body, timeout=30).json() for body in bodies]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+    before = answers(run_dir)
+    assert all("order" in a for a in before), before
+    shutil.copytree(run_dir, tmp_path / "copied-run")
+    moved = data_dir.with_name(data_dir.name + "-moved")
+    data_dir.rename(moved)
+    try:
+        after = answers(tmp_path / "copied-run")
+    finally:
+        moved.rename(data_dir)
+    assert after == before

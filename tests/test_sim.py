@@ -56,7 +56,9 @@ def learned(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("siml") / "sim"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["sim", "train", "--data", str(synthetic), "--out", str(out), "--epochs", "2", "--session-requests", "3"])
+        code = main(
+            ["sim", "train", "--data", str(synthetic), "--out", str(out), "--epochs", "2", "--session-requests", "3"]
+        )
     assert code == 0
     return out, printed.getvalue()
 
@@ -93,7 +95,9 @@ def test_uniforms_are_uniform_independent_and_keyed():
     for v in (other_stream, other_seed):
         assert abs(float(torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1])) < 0.01
     assert torch.equal(u, rng.uniform(1, rng.CLICK, users, 7, slots))
-    assert torch.equal(u[17], rng.uniform(1, rng.CLICK, torch.tensor([17]), 7, slots)[0])  # a row does not depend on the batch
+    assert torch.equal(
+        u[17], rng.uniform(1, rng.CLICK, torch.tensor([17]), 7, slots)[0]
+    )  # a row does not depend on the batch
     z = rng.normal(1, rng.DWELL, users, 7, slots)
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
 
@@ -108,8 +112,11 @@ def test_log_loss_and_calibration_error_against_references():
     assert log_loss(prob, label) == pytest.approx(sk_log_loss(label, prob), rel=1e-9)
     # equal-width bins by hand
     bins = np.minimum((prob * 10).astype(int), 9)
-    expected = sum((bins == b).sum() / len(prob) * abs(prob[bins == b].mean() - label[bins == b].mean())
-                   for b in range(10) if (bins == b).any())
+    expected = sum(
+        (bins == b).sum() / len(prob) * abs(prob[bins == b].mean() - label[bins == b].mean())
+        for b in range(10)
+        if (bins == b).any()
+    )
     assert expected_calibration_error(prob, label, n_bins=10, strategy="uniform") == pytest.approx(expected)
     quantile = calibration_bins(prob, label, n_bins=10)
     assert quantile["count"].tolist() == [300.0] * 10
@@ -128,7 +135,10 @@ def test_simulators_keep_the_contract(kind, synthetic, learned):
 
 
 def test_same_seed_same_outcomes_whatever_the_batching(synthetic, learned):
-    for sim_a, sim_b in ((truth_sim(synthetic), truth_sim(synthetic)), (load_simulator(learned[0]), load_simulator(learned[0]))):
+    for sim_a, sim_b in (
+        (truth_sim(synthetic), truth_sim(synthetic)),
+        (load_simulator(learned[0]), load_simulator(learned[0])),
+    ):
         first = simulate(sim_a, RandomPolicy(3), 300, seed=5, batch_size=300)
         again = simulate(sim_b, RandomPolicy(3), 300, seed=5, batch_size=64)
         other = simulate(sim_a, RandomPolicy(3), 300, seed=6, batch_size=300)
@@ -186,20 +196,29 @@ def test_leaving_rises_as_lists_disappoint(synthetic):
     assert worst.leave_prob.mean() > best.leave_prob.mean() + 0.1
     # whole sessions: good lists keep users longer, bad ones send them away
     one = replace_params(sim, max_sessions=1)
-    lengths = {name: simulate(one, policy, 400, 2, 400)["requests"].mean()
-               for name, policy in (("best", sim.response.appeal), ("random", RandomPolicy(2)),
-                                    ("worst", lambda b: -sim.response.appeal(b)))}
+    lengths = {
+        name: simulate(one, policy, 400, 2, 400)["requests"].mean()
+        for name, policy in (
+            ("best", sim.response.appeal),
+            ("random", RandomPolicy(2)),
+            ("worst", lambda b: -sim.response.appeal(b)),
+        )
+    }
     assert lengths["best"] > 1.5 * lengths["random"] > 1.5 * lengths["worst"]
     # the mechanism is the satisfaction term: without it, list quality does not change leaving
     flat = replace_params(sim, leave_sensitivity=0.0, max_sessions=1)
     u_best, u_worst = flat.start(torch.arange(400), 1), flat.start(torch.arange(400), 1)
-    assert torch.equal(flat.step(u_best, candidates, appeal).leave_prob, flat.step(u_worst, candidates, -appeal).leave_prob)
+    assert torch.equal(
+        flat.step(u_best, candidates, appeal).leave_prob, flat.step(u_worst, candidates, -appeal).leave_prob
+    )
 
 
 def test_returning_follows_satisfaction_and_the_horizon(synthetic):
     sim = truth_sim(synthetic, max_sessions=4)
-    sessions = {bias: simulate(replace_params(sim, return_bias=bias), RandomPolicy(0), 300, 0, 300)["sessions"]
-                for bias in (-2.0, 0.0, 2.0)}
+    sessions = {
+        bias: simulate(replace_params(sim, return_bias=bias), RandomPolicy(0), 300, 0, 300)["sessions"]
+        for bias in (-2.0, 0.0, 2.0)
+    }
     assert sessions[-2.0].mean() < sessions[0.0].mean() < sessions[2.0].mean()
     assert all(s.max() <= 4 and s.min() >= 1 for s in sessions.values())
     good = simulate(sim, sim.response.appeal, 300, 0, 300)["sessions"].mean()

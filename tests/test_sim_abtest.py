@@ -31,8 +31,25 @@ def truth_sim(tmp_path_factory):
     root = tmp_path_factory.mktemp("ab")
     prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=1500, n_users=200, n_items=500, seed=1))
     train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=1, n_estimators=40, progress=False))
-    assert main(["sim", "truth", "--data", str(root / "data"), "--out", str(root / "sim"), "--session-requests", "3",
-                 "--max-sessions", "2", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "sim",
+                "truth",
+                "--data",
+                str(root / "data"),
+                "--out",
+                str(root / "sim"),
+                "--session-requests",
+                "3",
+                "--max-sessions",
+                "2",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -43,8 +60,17 @@ def read_rows(path):
 
 def test_abtest_end_to_end(truth_sim, tmp_path, capsys):
     capsys.readouterr()
-    args = ["abtest", "--sim", str(truth_sim / "sim"), "--policies", f"random,logged,ranker:{truth_sim / 'ranker'},oracle",
-            "--users", "250", "--seeds", "2"]
+    args = [
+        "abtest",
+        "--sim",
+        str(truth_sim / "sim"),
+        "--policies",
+        f"random,logged,ranker:{truth_sim / 'ranker'},oracle",
+        "--users",
+        "250",
+        "--seeds",
+        "2",
+    ]
     assert main([*args, "--out", str(tmp_path / "ab")]) == 0
     printed = capsys.readouterr().out
     assert "| policy | clicks / request |" in printed and "Lift over `random`" in printed
@@ -57,7 +83,9 @@ def test_abtest_end_to_end(truth_sim, tmp_path, capsys):
     for name in ("ranker:ranker", "oracle"):  # both know something true about the users; random knows nothing
         row = by[name, "clicks_per_request"]
         assert float(row["lift_low"]) > 0.05 and row["significant"] == "True"
-    assert float(by["oracle", "clicks_per_request"]["value"]) > float(by["ranker:ranker", "clicks_per_request"]["value"])
+    assert float(by["oracle", "clicks_per_request"]["value"]) > float(
+        by["ranker:ranker", "clicks_per_request"]["value"]
+    )
     for r in rows:
         assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])
     per_seed = read_rows(tmp_path / "ab" / "per_seed.csv")
@@ -70,7 +98,9 @@ def test_abtest_end_to_end(truth_sim, tmp_path, capsys):
 
 
 def test_unknown_policy_is_a_clear_error(truth_sim, tmp_path, capsys):
-    code = main(["abtest", "--sim", str(truth_sim / "sim"), "--policies", "random,bogus", "--out", str(tmp_path / "ab")])
+    code = main(
+        ["abtest", "--sim", str(truth_sim / "sim"), "--policies", "random,bogus", "--out", str(tmp_path / "ab")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown policy 'bogus'" in err and "valid: random" in err and "ranker" in err
@@ -133,7 +163,9 @@ def test_reranker_policy_reorders_the_initial_rankers_top(truth_sim, tmp_path):
     model.save(tmp_path / "run" / "best")
     (tmp_path / "run" / "config.json").write_text(json.dumps({"data": str(rerank_dir)}))
     sim = load_simulator(truth_sim / "sim")
-    policy = make_policy("reranker", str(tmp_path / "run"), PolicyContext(seed=0, device=torch.device("cpu"), simulator=sim))
+    policy = make_policy(
+        "reranker", str(tmp_path / "run"), PolicyContext(seed=0, device=torch.device("cpu"), simulator=sim)
+    )
     candidates = sim.candidates(sim.start(torch.arange(32), 0))
     shown = candidates.reorder(rank(policy(candidates), candidates.mask)).truncate(10)
     ranker = load_ranker(truth_sim / "ranker")

@@ -16,8 +16,7 @@ from relist.sim.pool import ListPool
 from relist.sim.response import ClickModelConfig, FactorisedClickModel, TruthResponse
 from relist.sim.session import SessionParams, Simulator
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,11 @@ def data(tmp_path_factory):
 
 def truth_sim(data: PreparedDataset, device: str) -> Simulator:
     truth = SyntheticClickModel.load(data.root / "truth.safetensors")
-    return Simulator(TruthResponse(truth, device), ListPool.from_dataset(data, "test", device=device),
-                     SessionParams(ref_clicks=2.3, leave_bias=-1.0))
+    return Simulator(
+        TruthResponse(truth, device),
+        ListPool.from_dataset(data, "test", device=device),
+        SessionParams(ref_clicks=2.3, leave_bias=-1.0),
+    )
 
 
 def test_keyed_draws_are_the_same_integers_on_cuda():

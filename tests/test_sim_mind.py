@@ -21,7 +21,9 @@ if not (MIND / "behaviors.tsv").is_file():
 
 @pytest.fixture(scope="module")
 def mind(tmp_path_factory):
-    return PreparedDataset(prepare(PrepareConfig(source="mind", src=MIND, out=tmp_path_factory.mktemp("mind") / "data")))
+    return PreparedDataset(
+        prepare(PrepareConfig(source="mind", src=MIND, out=tmp_path_factory.mktemp("mind") / "data"))
+    )
 
 
 def test_requests_recompute_the_history_shares_for_their_user(mind):
@@ -31,8 +33,12 @@ def test_requests_recompute_the_history_shares_for_their_user(mind):
     columns = [names.index("category_affinity"), names.index("subcategory_affinity")]
     assert len(pool.affinity) == 2
     # mind.py shares over the whole history; the dataset keeps the last max_hist items: compare where nothing was cut
-    history = [len(line.split(b"\t")[3].split()) for line in (MIND / "behaviors.tsv").read_bytes().splitlines() if line.strip()]
-    index = torch.tensor([k for k, i in enumerate(mind.split("test")) if history[i] <= mind.manifest["info"]["max_hist"]])
+    history = [
+        len(line.split(b"\t")[3].split()) for line in (MIND / "behaviors.tsv").read_bytes().splitlines() if line.strip()
+    ]
+    index = torch.tensor(
+        [k for k, i in enumerate(mind.split("test")) if history[i] <= mind.manifest["info"]["max_hist"]]
+    )
     assert len(index) > 200
     own = pool.compose(index, index)
     stored = pool.item_dense[index]
@@ -47,13 +53,32 @@ def test_requests_recompute_the_history_shares_for_their_user(mind):
 @pytest.mark.slow
 def test_sim_train_and_abtest_on_mind(mind, tmp_path, capsys):
     assert main(["train", "ranker", "--data", str(mind.root), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
-    assert main(["sim", "train", "--data", str(mind.root), "--out", str(tmp_path / "sim"), "--log-fraction", "0.0319"]) == 0
+    assert (
+        main(["sim", "train", "--data", str(mind.root), "--out", str(tmp_path / "sim"), "--log-fraction", "0.0319"])
+        == 0
+    )
     metrics = json.loads((tmp_path / "sim" / "metrics.json").read_text())
     test, refs = metrics["test"], metrics["references"]
     assert test["log_loss"] < refs["rate per position"]["log_loss"] - 0.005
     assert test["auc"] > refs["rate per position"]["auc"] + 0.03 and test["ece"] < 0.01
-    assert main(["abtest", "--sim", str(tmp_path / "sim"), "--policies", f"random,logged,ranker:{tmp_path / 'r'}",
-                 "--users", "2000", "--seeds", "2", "--out", str(tmp_path / "ab")]) == 0
+    assert (
+        main(
+            [
+                "abtest",
+                "--sim",
+                str(tmp_path / "sim"),
+                "--policies",
+                f"random,logged,ranker:{tmp_path / 'r'}",
+                "--users",
+                "2000",
+                "--seeds",
+                "2",
+                "--out",
+                str(tmp_path / "ab"),
+            ]
+        )
+        == 0
+    )
     rows = {(r["policy"], r["metric"]): r for r in json.loads((tmp_path / "ab" / "results.json").read_text())["rows"]}
     ranker = rows["ranker:r", "clicks_per_request"]
     assert ranker["significant"] and ranker["lift"] > 0.1  # offline NDCG@10: LambdaMART 0.37 against 0.29-0.30

@@ -44,7 +44,9 @@ def librerank_lists(rows, window=300, keep=30):
 def test_taobao_lists_match_librerank_construction(tmp_path, seed):
     raw = write_taobao(tmp_path / "raw", seed)
     expected = librerank_lists(raw["rows"])
-    data = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out", seed=seed)))
+    data = PreparedDataset(
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out", seed=seed))
+    )
     item_vocab, user_vocab = data.vocab("item_id"), data.vocab("user_id")
     got = {}
     for k in range(data.n_lists):
@@ -80,11 +82,14 @@ def test_taobao_features_and_missing_values(tmp_path):
     assert (np.asarray(data.item_dense) > 0).all()
 
 
-@pytest.mark.parametrize("damage, field", [
-    (lambda s: s.replace("430548_1007,1,0", "430548_1007,1,x", 1), "clk"),
-    (lambda s: s.replace(",430548_1007,", ",430548_1007,1,", 1), None),
-    (lambda s: s[: s.rindex(",")], None),
-])
+@pytest.mark.parametrize(
+    "damage, field",
+    [
+        (lambda s: s.replace("430548_1007,1,0", "430548_1007,1,x", 1), "clk"),
+        (lambda s: s.replace(",430548_1007,", ",430548_1007,1,", 1), None),
+        (lambda s: s[: s.rindex(",")], None),
+    ],
+)
 def test_taobao_bad_rows_name_file_and_line(tmp_path, damage, field):
     write_taobao(tmp_path / "raw", 0)
     path = tmp_path / "raw" / "raw_sample.csv"
@@ -114,17 +119,22 @@ def test_prm_public_reads_lists_and_skips_null_lines(tmp_path):
 
 def test_prm_public_sample_keeps_a_share(tmp_path):
     write_prm(tmp_path / "part1.txt", 1, n_lists=400, n_null=0)
-    data = PreparedDataset(prepare(PrepareConfig(source="prm-public", src=tmp_path / "part1.txt", out=tmp_path / "out", sample=0.25)))
+    data = PreparedDataset(
+        prepare(PrepareConfig(source="prm-public", src=tmp_path / "part1.txt", out=tmp_path / "out", sample=0.25))
+    )
     assert 60 <= data.n_lists <= 140
 
 
-@pytest.mark.parametrize("field, value, expected_field", [
-    ("label", "[0, x, 1]", "label"),  # unparsable label
-    ("label", "[]", "label"),  # empty list
-    ("label", "[0, 2, 1]", "label"),  # not a click label
-    ("dens_ft1", "[[0.1, 0.2]]", "dens_ft1"),  # wrong number of items
-    ("spar_ft", "[[1, 2]", "spar_ft"),  # truncated literal
-])
+@pytest.mark.parametrize(
+    "field, value, expected_field",
+    [
+        ("label", "[0, x, 1]", "label"),  # unparsable label
+        ("label", "[]", "label"),  # empty list
+        ("label", "[0, 2, 1]", "label"),  # not a click label
+        ("dens_ft1", "[[0.1, 0.2]]", "dens_ft1"),  # wrong number of items
+        ("spar_ft", "[[1, 2]", "spar_ft"),  # truncated literal
+    ],
+)
 def test_prm_public_bad_fields(tmp_path, field, value, expected_field):
     write_prm(tmp_path / "p.txt", 2, n_null=0)
     path = tmp_path / "p.txt"
@@ -152,7 +162,9 @@ def test_prm_public_truncated_last_line(tmp_path):
 
 def test_librerank_files_keep_ids_and_split(tmp_path):
     written = write_librerank(tmp_path / "lr", 0)
-    data = PreparedDataset(prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "out", valid_share=0.25)))
+    data = PreparedDataset(
+        prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "out", valid_share=0.25))
+    )
     splits = {k: len(v) for k, v in data.splits.items()}
     assert splits["ranker"] == 30 and splits["test"] == 10 and splits["train"] + splits["valid"] == 40
     assert splits["valid"] > 0

@@ -32,7 +32,11 @@ def test_t_interval_and_paired_t():
     assert np.isnan(t_ci95([1.0]))
     assert t_ci95([1.0, 2.0, 3.0]) == pytest.approx(4.302653 * 1.0 / np.sqrt(3), rel=1e-5)
     assert np.isnan(paired_t_p([1.0, 2.0], [1.0, 2.0]))
-    assert paired_t_p([1.1, 2.1, 3.2, 4.2], [1.0, 2.0, 3.0, 4.0]) < 0.05 < paired_t_p([1.1, 1.9, 3.2, 3.9], [1.0, 2.0, 3.0, 4.0])
+    assert (
+        paired_t_p([1.1, 2.1, 3.2, 4.2], [1.0, 2.0, 3.0, 4.0])
+        < 0.05
+        < paired_t_p([1.1, 1.9, 3.2, 3.9], [1.0, 2.0, 3.0, 4.0])
+    )
 
 
 def test_paired_bootstrap_rejects_unequal_samples():

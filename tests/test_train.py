@@ -33,8 +33,17 @@ def rerank_data(tmp_path_factory) -> Path:
 
 
 def small(rerank_data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=rerank_data, out=out, model="prm", model_args="d_model=16,n_blocks=1,d_ffn=32",
-                batch_size=64, epochs=3, eval_every=5, progress=False, seed=11)
+    base = dict(
+        data=rerank_data,
+        out=out,
+        model="prm",
+        model_args="d_model=16,n_blocks=1,d_ffn=32",
+        batch_size=64,
+        epochs=3,
+        eval_every=5,
+        progress=False,
+        seed=11,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -96,8 +105,15 @@ def test_resume_refuses_other_settings_than_the_checkpoints(rerank_data, tmp_pat
     with pytest.raises(ValueError, match="selects its best checkpoint on list_ce; resume with --select-metric list_ce"):
         train(small(rerank_data, tmp_path / "run", max_steps=10, resume=True, select_metric="ndcg@10"))
     with pytest.raises(ValueError, match="other model settings \\(loss: .*'softmax'"):
-        train(small(rerank_data, tmp_path / "run", max_steps=10, resume=True,
-                    model_args="d_model=16,n_blocks=1,d_ffn=32,loss=bce"))
+        train(
+            small(
+                rerank_data,
+                tmp_path / "run",
+                max_steps=10,
+                resume=True,
+                model_args="d_model=16,n_blocks=1,d_ffn=32,loss=bce",
+            )
+        )
 
 
 def test_an_unknown_selection_metric_is_named(rerank_data, tmp_path):
@@ -119,9 +135,32 @@ def cli(*args: str) -> list[str]:
 
 
 def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "reranker", "--data", str(data), "--out", str(out), "--model", "prm",
-            "--model-args", "d_model=16,n_blocks=1,d_ffn=32", "--batch-size", "32", "--epochs", "4",
-            "--eval-every", "3", "--seed", "5", "--no-progress", "--p2-weight", "1", "--patience", "100", *extra]
+    return [
+        "train",
+        "reranker",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "prm",
+        "--model-args",
+        "d_model=16,n_blocks=1,d_ffn=32",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "4",
+        "--eval-every",
+        "3",
+        "--seed",
+        "5",
+        "--no-progress",
+        "--p2-weight",
+        "1",
+        "--patience",
+        "100",
+        *extra,
+    ]
 
 
 def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
@@ -130,7 +169,9 @@ def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
     assert reference.returncode == 0, reference.stderr
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*cli_args(rerank_data, run)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli(*cli_args(rerank_data, run)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     pointer = run / "checkpoint" / "latest"
     while time.time() < deadline:
@@ -147,8 +188,14 @@ def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     again = json.loads((run / "metrics.json").read_text())
     assert again["steps"] == whole["steps"] > killed_at
-    final = lambda d: load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "model.safetensors"))  # noqa: E731
-    average = lambda d: load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "average" / "model.safetensors"))  # noqa: E731
+
+    def final(d):
+        return load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "model.safetensors"))
+
+    def average(d):
+        latest = d / "checkpoint" / (d / "checkpoint" / "latest").read_text()
+        return load_file(str(latest / "average" / "model.safetensors"))
+
     for a, b in ((final(tmp_path / "whole"), final(run)), (average(tmp_path / "whole"), average(run))):
         assert a.keys() == b.keys()
         for key in a:
@@ -158,15 +205,54 @@ def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
 
 def test_two_process_ddp_matches_one_process(rerank_data, tmp_path):
     """torchrun with 2 CPU (gloo) processes, each on half of every batch, follows the 1-process run."""
-    common = ["--model-args", "d_model=16,n_blocks=1,d_ffn=32,dropout=0", "--batch-size", "64", "--epochs", "1",
-              "--eval-every", "4", "--seed", "2", "--no-progress", "--max-steps", "8", "--patience", "100"]
+    common = [
+        "--model-args",
+        "d_model=16,n_blocks=1,d_ffn=32,dropout=0",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "4",
+        "--seed",
+        "2",
+        "--no-progress",
+        "--max-steps",
+        "8",
+        "--patience",
+        "100",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(cli("train", "reranker", "--data", str(rerank_data), "--out", str(tmp_path / "one"), *common),
-                         env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        cli("train", "reranker", "--data", str(rerank_data), "--out", str(tmp_path / "one"), *common),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "relist.cli", "train", "reranker", "--data", str(rerank_data),
-                          "--out", str(tmp_path / "two"), *common], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "relist.cli",
+            "train",
+            "reranker",
+            "--data",
+            str(rerank_data),
+            "--out",
+            str(tmp_path / "two"),
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     h1 = [json.loads(x) for x in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
     h2 = [json.loads(x) for x in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
@@ -199,7 +285,11 @@ def test_calibrated_skip_minimises_the_loss_of_the_initial_score_alone(rerank_da
     loss = loss_fn(params[0] * z + params[1] * batch.mask, batch.label, batch.mask)
     (grad,) = torch.autograd.grad(loss, params)
     assert grad.abs().max() < 1e-3
-    for a, b in [(1.0, 0.0), (params[0].item() * 1.5, params[1].item()), (params[0].item() * 0.5, params[1].item() - 0.5)]:
+    for a, b in [
+        (1.0, 0.0),
+        (params[0].item() * 1.5, params[1].item()),
+        (params[0].item() * 0.5, params[1].item() - 0.5),
+    ]:
         assert loss_fn(a * z + b * batch.mask, batch.label, batch.mask) > loss.detach()
     assert model.skip_weight.item() > 0  # the initial ranker's score points the right way on this data
     assert model.gate.item() == pytest.approx(model.config.gate_init * model.skip_weight.item())

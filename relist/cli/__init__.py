@@ -26,45 +26,94 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[tuple[str, ...], Command] = {
-    ("data", "prepare"): Command("relist.data.prepare:PrepareConfig", "relist.cli.data:run_prepare",
-                                 "turn raw files into a prepared dataset", ("source",)),
-    ("data", "stats"): Command("relist.cli.data:StatsConfig", "relist.cli.data:run_stats",
-                               "print a prepared dataset's counts as JSON", ("data",)),
-    ("train", "ranker"): Command("relist.rankers.train:TrainRankerConfig", "relist.cli.train:run_train_ranker",
-                                 "train an initial ranker and write the re-ranking splits"),
-    ("train", "reranker"): Command("relist.train:TrainConfig", "relist.cli.train:run_train_reranker",
-                                   "train a re-ranker (optionally with the P1/P2 consistency losses)"),
-    ("train", "evaluator"): Command("relist.train:TrainEvaluatorConfig", "relist.cli.train:run_train_evaluator",
-                                    "train LAST's list evaluator (per-position click probability, BCE)"),
-    ("train", "generator"): Command("relist.train:TrainGeneratorConfig", "relist.cli.train:run_train_generator",
-                                    "train LAST's pointer-network generator (reward-weighted cross-entropy)"),
-    ("serve",): Command("relist.serve.settings:ServeSettings", "relist.cli.serve:run_serve",
-                        "serve a generator + evaluator with LAST over HTTP", ("run",)),
-    ("sim", "train"): Command("relist.sim.train:TrainSimConfig", "relist.cli.sim:run_sim_train",
-                              "fit a click response model on logs and write a user simulator"),
-    ("sim", "truth"): Command("relist.sim.train:SimBuildConfig", "relist.cli.sim:run_sim_truth",
-                              "write a user simulator backed by a synthetic dataset's true click model"),
-    ("abtest",): Command("relist.sim.abtest:ABTestConfig", "relist.cli.sim:run_abtest",
-                         "compare policies on simulated users (common random numbers, paired CIs)"),
-    ("rl", "train"): Command("relist.rl.loop:RLTrainConfig", "relist.cli.rl:run_rl_train",
-                             "train one cascade agent (UNEX-RL or a baseline); runs under torchrun"),
+    ("data", "prepare"): Command(
+        "relist.data.prepare:PrepareConfig",
+        "relist.cli.data:run_prepare",
+        "turn raw files into a prepared dataset",
+        ("source",),
+    ),
+    ("data", "stats"): Command(
+        "relist.cli.data:StatsConfig",
+        "relist.cli.data:run_stats",
+        "print a prepared dataset's counts as JSON",
+        ("data",),
+    ),
+    ("train", "ranker"): Command(
+        "relist.rankers.train:TrainRankerConfig",
+        "relist.cli.train:run_train_ranker",
+        "train an initial ranker and write the re-ranking splits",
+    ),
+    ("train", "reranker"): Command(
+        "relist.train:TrainConfig",
+        "relist.cli.train:run_train_reranker",
+        "train a re-ranker (optionally with the P1/P2 consistency losses)",
+    ),
+    ("train", "evaluator"): Command(
+        "relist.train:TrainEvaluatorConfig",
+        "relist.cli.train:run_train_evaluator",
+        "train LAST's list evaluator (per-position click probability, BCE)",
+    ),
+    ("train", "generator"): Command(
+        "relist.train:TrainGeneratorConfig",
+        "relist.cli.train:run_train_generator",
+        "train LAST's pointer-network generator (reward-weighted cross-entropy)",
+    ),
+    ("serve",): Command(
+        "relist.serve.settings:ServeSettings",
+        "relist.cli.serve:run_serve",
+        "serve a generator + evaluator with LAST over HTTP",
+        ("run",),
+    ),
+    ("sim", "train"): Command(
+        "relist.sim.train:TrainSimConfig",
+        "relist.cli.sim:run_sim_train",
+        "fit a click response model on logs and write a user simulator",
+    ),
+    ("sim", "truth"): Command(
+        "relist.sim.train:SimBuildConfig",
+        "relist.cli.sim:run_sim_truth",
+        "write a user simulator backed by a synthetic dataset's true click model",
+    ),
+    ("abtest",): Command(
+        "relist.sim.abtest:ABTestConfig",
+        "relist.cli.sim:run_abtest",
+        "compare policies on simulated users (common random numbers, paired CIs)",
+    ),
+    ("rl", "train"): Command(
+        "relist.rl.loop:RLTrainConfig",
+        "relist.cli.rl:run_rl_train",
+        "train one cascade agent (UNEX-RL or a baseline); runs under torchrun",
+    ),
     ("experiment", "principled"): Command(
-        "relist.experiments.principled:PrincipledExperimentConfig", "relist.cli.experiment:run_principled",
-        "re-rankers with and without the P1/P2 consistency losses, over seeds"),
+        "relist.experiments.principled:PrincipledExperimentConfig",
+        "relist.cli.experiment:run_principled",
+        "re-rankers with and without the P1/P2 consistency losses, over seeds",
+    ),
     ("experiment", "last"): Command(
-        "relist.experiments.last:LastExperimentConfig", "relist.cli.experiment:run_last",
+        "relist.experiments.last:LastExperimentConfig",
+        "relist.cli.experiment:run_last",
         "LAST against generator greedy, best-of-K and a principled re-ranker, offline and in the simulator; "
-        "evaluator-quality and offset studies"),
+        "evaluator-quality and offset studies",
+    ),
     ("experiment", "unexrl"): Command(
-        "relist.experiments.unexrl:UnexrlExperimentConfig", "relist.cli.experiment:run_unexrl",
-        "UNEX-RL's table on a simulated cascade: methods x seeds, learning curves, 3/4/5 stages"),
-    ("demo",): Command("relist.cli.demo:DemoConfig", "relist.cli.demo:run_demo",
-                       "prepare synthetic data, train an initial ranker, print its metrics"),
+        "relist.experiments.unexrl:UnexrlExperimentConfig",
+        "relist.cli.experiment:run_unexrl",
+        "UNEX-RL's table on a simulated cascade: methods x seeds, learning curves, 3/4/5 stages",
+    ),
+    ("demo",): Command(
+        "relist.cli.demo:DemoConfig",
+        "relist.cli.demo:run_demo",
+        "prepare synthetic data, train an initial ranker, print its metrics",
+    ),
 }
 
-GROUP_HELP = {"data": "prepared datasets", "train": "train rankers, re-rankers and LAST's models",
-              "sim": "user simulators", "rl": "reinforcement learning on the cascade",
-              "experiment": "the papers' studies, over seeds"}
+GROUP_HELP = {
+    "data": "prepared datasets",
+    "train": "train rankers, re-rankers and LAST's models",
+    "sim": "user simulators",
+    "rl": "reinforcement learning on the cascade",
+    "experiment": "the papers' studies, over seeds",
+}
 
 
 def resolve(ref: str):
@@ -87,8 +136,9 @@ def make_parser(full: tuple[str, ...] | None | bool = True) -> argparse.Argument
     for ``full`` (a command path, or True for every command), since that imports its configuration."""
     from relist.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="relist", description="Re-ranking, learning at serving time and "
-                                     "cascade RL.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="relist", description="Re-ranking, learning at serving time and cascade RL.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"relist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -98,11 +148,9 @@ def make_parser(full: tuple[str, ...] | None | bool = True) -> argparse.Argument
             sub = top.add_parser(path[0], help=command.help, description=command.help, allow_abbrev=False)
         else:
             if path[0] not in groups:
-                group = top.add_parser(path[0], help=GROUP_HELP.get(path[0], f"{path[0]} commands"),
-                                       allow_abbrev=False)
+                group = top.add_parser(path[0], help=GROUP_HELP.get(path[0], f"{path[0]} commands"), allow_abbrev=False)
                 groups[path[0]] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-            sub = groups[path[0]].add_parser(path[1], help=command.help, description=command.help,
-                                             allow_abbrev=False)
+            sub = groups[path[0]].add_parser(path[1], help=command.help, description=command.help, allow_abbrev=False)
         if full is True or full == path:
             add_arguments(sub, resolve(command.config), command.positional)
         sub.set_defaults(_path=path)
@@ -115,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser(command_path(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     command = COMMANDS[args._path]
     cfg = build(resolve(command.config), args, parser)
     try:

@@ -27,7 +27,10 @@ def run_demo(cfg: DemoConfig) -> None:
     print(f"[1/2] preparing {cfg.n_lists} synthetic lists in {out / 'data'}", file=sys.stderr)
     prepare(PrepareConfig(source="synthetic", out=out / "data", seed=cfg.seed, n_lists=cfg.n_lists, overwrite=True))
     print(f"[2/2] training the {cfg.model} initial ranker in {out / 'ranker'}", file=sys.stderr)
-    result = train_ranker(TrainRankerConfig(data=out / "data", out=out / "ranker", model=cfg.model, seed=cfg.seed,
-                                            overwrite=True, progress=cfg.progress))
+    result = train_ranker(
+        TrainRankerConfig(
+            data=out / "data", out=out / "ranker", model=cfg.model, seed=cfg.seed, overwrite=True, progress=cfg.progress
+        )
+    )
     print(f"initial ranker on synthetic data (seed {cfg.seed}, {cfg.n_lists} lists)")
     print(ranker_table(result))

@@ -44,8 +44,10 @@ def run_sim_train(cfg: TrainSimConfig) -> None:
     top = f"test_first_{cfg.slate_size}_positions"
     rows = {"response model (test)": result["test"], f"  positions 1-{cfg.slate_size} only": result[top]}
     rows.update({f"{name} (test)": values for name, values in result["references"].items()})
-    print(f"held-out impressions: {result['test']['n']} (item, position) pairs of the test split; "
-          f"fitted on {result['n_train_lists']} lists, best epoch {result['fit']['best_epoch']}")
+    print(
+        f"held-out impressions: {result['test']['n']} (item, position) pairs of the test split; "
+        f"fitted on {result['n_train_lists']} lists, best epoch {result['fit']['best_epoch']}"
+    )
     print(_table(rows))
     print("order and context terms: " + ", ".join(f"{k} {v:+.3f}" for k, v in result["coefficients"].items()))
     print("\n".join(_session_lines(result)))

@@ -16,17 +16,24 @@ from relist.train import (
 
 def ranker_table(result: dict) -> str:
     model, top = result["model"], result["config"]["list_len"]
-    return metrics_table({
-        "logged order (test)": result["logged_test"],
-        f"{model} (valid)": result["valid"],
-        f"{model} (test)": result["test"],
-        f"{model} top-{top} (test)": result["rerank_test"],
-    })
+    return metrics_table(
+        {
+            "logged order (test)": result["logged_test"],
+            f"{model} (valid)": result["valid"],
+            f"{model} (test)": result["test"],
+            f"{model} top-{top} (test)": result["rerank_test"],
+        }
+    )
 
 
 def _trained_table(result: dict) -> str:
-    return metrics_table({"initial order (test)": result["initial_test"], f"{result['model']} (valid)": result["valid"],
-                          f"{result['model']} (test)": result["test"]})
+    return metrics_table(
+        {
+            "initial order (test)": result["initial_test"],
+            f"{result['model']} (valid)": result["valid"],
+            f"{result['model']} (test)": result["test"],
+        }
+    )
 
 
 def run_train_ranker(cfg: TrainRankerConfig) -> None:
@@ -54,5 +61,7 @@ def run_train_evaluator(cfg: TrainEvaluatorConfig) -> None:
 def run_train_generator(cfg: TrainGeneratorConfig) -> None:
     result = train_generator(cfg)
     print(_trained_table(result))
-    print(f"greedy decoding; best step {result['best_step']} of {result['steps']} (selected on valid NDCG@10); "
-          f"wrote {cfg.out}/best")
+    print(
+        f"greedy decoding; best step {result['best_step']} of {result['steps']} (selected on valid NDCG@10); "
+        f"wrote {cfg.out}/best"
+    )

@@ -25,8 +25,17 @@ def read_lines(path: Path, progress: bool | None = None) -> Iterator[tuple[int, 
     from tqdm.auto import tqdm
 
     size = Path(path).stat().st_size
-    with open(path, "rb") as handle, tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {Path(path).name}",
-                                          disable=None if progress is None else not progress, leave=False) as bar:
+    with (
+        open(path, "rb") as handle,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"reading {Path(path).name}",
+            disable=None if progress is None else not progress,
+            leave=False,
+        ) as bar,
+    ):
         pending = 0
         for number, raw in enumerate(handle, start=1):
             ended = raw.endswith(b"\n")
@@ -44,8 +53,11 @@ def split_fields(path: Path, line: int, raw: bytes, names: Sequence[str], sep: b
     if len(parts) != len(names):
         hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
         raise DataFormatError(
-            path, line, None,
-            f"expected {len(names)} fields separated by {sep.decode()!r} ({', '.join(names)}), found {len(parts)}{hint}",
+            path,
+            line,
+            None,
+            f"expected {len(names)} fields separated by {sep.decode()!r} ({', '.join(names)}), found "
+            f"{len(parts)}{hint}",
         )
     fields = []
     for name, part in zip(names, parts):

@@ -60,7 +60,12 @@ def build(src: Path, seed: int, valid_share: float = 0.1):
             parts = raw.split(b"\t")
             if len(parts) != len(FIELDS):
                 hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
-                raise DataFormatError(path, line, None, f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), found {len(parts)}{hint}")
+                raise DataFormatError(
+                    path,
+                    line,
+                    None,
+                    f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), found {len(parts)}{hint}",
+                )
             values = []
             for field, part in zip(FIELDS, parts):
                 try:
@@ -72,13 +77,26 @@ def build(src: Path, seed: int, valid_share: float = 0.1):
             records.add(line, uid, profile, sparse, dense, label)
             width = records.widths
             if (width[1], width[2]) != (stat["itm_spar_fnum"], stat["itm_dens_fnum"]):
-                raise DataFormatError(path, line, "spar_ft", f"{width[1]} sparse / {width[2]} dense values per item, data.stat says {stat['itm_spar_fnum']} / {stat['itm_dens_fnum']}")
+                raise DataFormatError(
+                    path,
+                    line,
+                    "spar_ft",
+                    f"{width[1]} sparse / {width[2]} dense values per item, data.stat says "
+                    f"{stat['itm_spar_fnum']} / {stat['itm_dens_fnum']}",
+                )
             if int(records.sparse[-1].max()) >= stat["ft_num"] or int(records.sparse[-1].min()) < 0:
                 raise DataFormatError(path, line, "spar_ft", f"id outside 0..ft_num-1 = {stat['ft_num'] - 1}")
         ranges[name] = np.arange(start, len(records))
         if len(ranges[name]) == 0:
             raise DataFormatError(path, None, None, "no lists in the file")
     held = np.random.default_rng(seed).random(len(ranges["valid"])) < valid_share
-    splits = {"ranker": ranges["train"], "train": ranges["valid"][~held], "valid": ranges["valid"][held], "test": ranges["test"]}
+    splits = {
+        "ranker": ranges["train"],
+        "train": ranges["valid"][~held],
+        "valid": ranges["valid"][held],
+        "test": ranges["test"],
+    }
     info = {"data_stat": stat, "valid_share": valid_share}
-    return table_from_records(records, seed, splits, info, dense_names=None, reindex_items=False, item_vocab=int(stat["ft_num"]))
+    return table_from_records(
+        records, seed, splits, info, dense_names=None, reindex_items=False, item_vocab=int(stat["ft_num"])
+    )

@@ -89,7 +89,9 @@ def read_behaviors(path: Path):
             if match is None or match.group(2) not in ("0", "1"):
                 hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
                 raise DataFormatError(
-                    path, line, "impressions",
+                    path,
+                    line,
+                    "impressions",
                     f"item {position} {token!r}: expected NEWSID-LABEL with label 0 or 1{hint}",
                 )
             row_items.append(match.group(1))
@@ -190,20 +192,41 @@ def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 
             out[rows] = [share.get(c, 0.0) for c in table[row_item[rows]].tolist()]
         return out
 
-    dense = np.stack([
-        np.log1p(imp_row), np.log1p(click_row), ctr_row, np.log1p(hist_pop[row_item]),
-        affinity(item_cat), affinity(item_sub), known[row_item].astype(np.float64),
-    ], axis=1).astype(np.float32)
+    dense = np.stack(
+        [
+            np.log1p(imp_row),
+            np.log1p(click_row),
+            ctr_row,
+            np.log1p(hist_pop[row_item]),
+            affinity(item_cat),
+            affinity(item_sub),
+            known[row_item].astype(np.float64),
+        ],
+        axis=1,
+    ).astype(np.float32)
 
     id_vocab = [PAD] + list(item_index)
     schema = Schema(
-        item_sparse=(SparseField("item_id", n_item_ids), SparseField("category", len(categories) + 1),
-                     SparseField("subcategory", len(subcategories) + 1)),
-        item_dense=("log_impressions", "log_clicks", "ctr", "log_history_count", "category_affinity",
-                    "subcategory_affinity", "has_metadata"),
+        item_sparse=(
+            SparseField("item_id", n_item_ids),
+            SparseField("category", len(categories) + 1),
+            SparseField("subcategory", len(subcategories) + 1),
+        ),
+        item_dense=(
+            "log_impressions",
+            "log_clicks",
+            "ctr",
+            "log_history_count",
+            "category_affinity",
+            "subcategory_affinity",
+            "has_metadata",
+        ),
         user_sparse=(SparseField("user_id", len(user_index) + 1),),
-        user_hist=(SparseField("item_id", n_item_ids), SparseField("category", len(categories) + 1),
-                   SparseField("subcategory", len(subcategories) + 1)),
+        user_hist=(
+            SparseField("item_id", n_item_ids),
+            SparseField("category", len(categories) + 1),
+            SparseField("subcategory", len(subcategories) + 1),
+        ),
     )
     return ListTable(
         offsets=offsets.astype(np.int64),
@@ -215,9 +238,18 @@ def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 
         user_hist=np.stack([hist_item, item_cat[hist_item], item_sub[hist_item]], axis=1).reshape(-1, 3),
         schema=schema,
         splits=splits,
-        vocabs={"item_id": id_vocab, "category": [PAD] + categories, "subcategory": [PAD] + subcategories,
-                "user_id": [PAD] + list(user_index)},
-        info={"stat_split": stat_split, "stat_folds": STAT_FOLDS, "items_with_metadata": int(known[1:].sum()),
-              "time_range": [float(times.min()), float(times.max())], "max_hist": max_hist,
-              "global_ctr_fit": float(global_ctr)},
+        vocabs={
+            "item_id": id_vocab,
+            "category": [PAD] + categories,
+            "subcategory": [PAD] + subcategories,
+            "user_id": [PAD] + list(user_index),
+        },
+        info={
+            "stat_split": stat_split,
+            "stat_folds": STAT_FOLDS,
+            "items_with_metadata": int(known[1:].sum()),
+            "time_range": [float(times.min()), float(times.max())],
+            "max_hist": max_hist,
+            "global_ctr_fit": float(global_ctr),
+        },
     )

@@ -56,7 +56,12 @@ def read(paths: list[Path], sample: float, seed: int) -> tuple[ListRecords, int]
             parts = raw.split(b"|")
             if len(parts) != len(FIELDS):
                 hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
-                raise DataFormatError(path, line, None, f"expected {len(FIELDS)} '|'-separated fields ({'|'.join(FIELDS)}), found {len(parts)}{hint}")
+                raise DataFormatError(
+                    path,
+                    line,
+                    None,
+                    f"expected {len(FIELDS)} '|'-separated fields ({'|'.join(FIELDS)}), found {len(parts)}{hint}",
+                )
             values = []
             for name, part in zip(FIELDS, parts):
                 try:
@@ -70,7 +75,9 @@ def read(paths: list[Path], sample: float, seed: int) -> tuple[ListRecords, int]
             try:
                 dense = [list(a) + list(b) for a, b in zip(dense1, dense2, strict=True)]
             except (TypeError, ValueError):
-                raise DataFormatError(path, line, "dens_ft2", "dens_ft1 and dens_ft2 must hold one list per item each") from None
+                raise DataFormatError(
+                    path, line, "dens_ft2", "dens_ft1 and dens_ft2 must hold one list per item each"
+                ) from None
             records.add(line, uid, profile, sparse, dense, label)
     return records, skipped
 
@@ -84,13 +91,24 @@ def build(src: Path, seed: int, fractions: Mapping[str, float], sample: float = 
         raise DataFormatError(paths[0], None, None, "no usable lists")
     if skipped:
         log.warning("prm-public: skipped %d lines containing 'null' (as LibRerank does)", skipped)
-    return table_from_records(records, seed, splits=random_splits(len(records), fractions, seed),
-                              info={"skipped_null_lines": skipped, "sample": sample, "files": [p.name for p in paths]},
-                              dense_names=None)
+    return table_from_records(
+        records,
+        seed,
+        splits=random_splits(len(records), fractions, seed),
+        info={"skipped_null_lines": skipped, "sample": sample, "files": [p.name for p in paths]},
+        dense_names=None,
+    )
 
 
-def table_from_records(records: ListRecords, seed: int, splits: dict, info: dict, dense_names, reindex_items: bool = True,
-                       item_vocab: int | None = None) -> ListTable:
+def table_from_records(
+    records: ListRecords,
+    seed: int,
+    splits: dict,
+    info: dict,
+    dense_names,
+    reindex_items: bool = True,
+    item_vocab: int | None = None,
+) -> ListTable:
     """Ragged arrays from accumulated records; sparse ids re-indexed per field unless told otherwise."""
     n_profile, n_sparse, n_dense = records.widths
     lengths = np.array([len(lab) for lab in records.labels], dtype=np.int64)
@@ -124,7 +142,9 @@ def table_from_records(records: ListRecords, seed: int, splits: dict, info: dict
         user_sparse=np.stack(user_cols, axis=1),
         hist_offsets=np.zeros(len(records) + 1, dtype=np.int64),
         user_hist=np.zeros((0, 0), dtype=np.int64),
-        schema=Schema(tuple(item_schema), tuple(dense_names or [f"dense_{k}" for k in range(n_dense)]), tuple(user_schema), ()),
+        schema=Schema(
+            tuple(item_schema), tuple(dense_names or [f"dense_{k}" for k in range(n_dense)]), tuple(user_schema), ()
+        ),
         splits=splits,
         vocabs=vocabs,
         info=info,

@@ -46,7 +46,12 @@ class ListRecords:
         except (ValueError, TypeError):
             raise DataFormatError(self.path, line, field, "expected one list of numbers per item") from None
         if array.ndim != 2 or array.shape[0] != n_items:
-            raise DataFormatError(self.path, line, field, f"expected {n_items} items with a list of numbers each, found shape {array.shape}")
+            raise DataFormatError(
+                self.path,
+                line,
+                field,
+                f"expected {n_items} items with a list of numbers each, found shape {array.shape}",
+            )
         if dtype is np.float64 and not np.isfinite(array).all():
             raise DataFormatError(self.path, line, field, "non-finite value (nan or inf)")
         return array
@@ -75,7 +80,9 @@ class ListRecords:
         elif widths != self.widths:
             names = ("profile", "spar_ft", "dens_ft")
             k = next(i for i in range(3) if widths[i] != self.widths[i])
-            raise DataFormatError(self.path, line, names[k], f"{widths[k]} values per entry, but earlier lines have {self.widths[k]}")
+            raise DataFormatError(
+                self.path, line, names[k], f"{widths[k]} values per entry, but earlier lines have {self.widths[k]}"
+            )
         self.users.append(user)
         self.profiles.append(profile)
         self.sparse.append(sparse_rows.astype(np.int64))

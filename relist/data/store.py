@@ -115,10 +115,19 @@ def parse_fractions(text: str) -> dict[str, float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--splits must be four comma-separated numbers (ranker,train,valid,test), got {text!r}") from None
-    if len(values) != len(SPLIT_NAMES) or any(v < 0 for v in values) or values[1] <= 0 or values[2] <= 0 or values[3] <= 0:
         raise ValueError(
-            f"--splits must be four non-negative numbers ranker,train,valid,test with train, valid and test > 0, got {text!r}"
+            f"--splits must be four comma-separated numbers (ranker,train,valid,test), got {text!r}"
+        ) from None
+    if (
+        len(values) != len(SPLIT_NAMES)
+        or any(v < 0 for v in values)
+        or values[1] <= 0
+        or values[2] <= 0
+        or values[3] <= 0
+    ):
+        raise ValueError(
+            "--splits must be four non-negative numbers ranker,train,valid,test with train, valid and test > "
+            f"0, got {text!r}"
         )
     return dict(zip(SPLIT_NAMES, values))
 
@@ -131,7 +140,9 @@ def counts(table_or_dataset: "ListTable | PreparedDataset") -> dict:
     item_ids = np.asarray(t.item_sparse[:, 0])
     user_ids = np.asarray(t.user_sparse[:, 0])
     lengths = np.diff(offsets)
-    clicks_per_list = np.add.reduceat((label > 0).astype(np.int64), offsets[:-1]) if len(label) else np.zeros(0, dtype=np.int64)
+    clicks_per_list = (
+        np.add.reduceat((label > 0).astype(np.int64), offsets[:-1]) if len(label) else np.zeros(0, dtype=np.int64)
+    )
     out = {
         "n_lists": int(len(lengths)),
         "n_labelled": int(lengths.sum()),
@@ -160,8 +171,15 @@ def _hash_dir(root: Path, names: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def write_dataset(table: ListTable, out: str | Path, source: str, seed: int, overwrite: bool = False,
-                  config: Mapping | None = None, extras: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+def write_dataset(
+    table: ListTable,
+    out: str | Path,
+    source: str,
+    seed: int,
+    overwrite: bool = False,
+    config: Mapping | None = None,
+    extras: Mapping[str, Callable[[Path], None]] | None = None,
+) -> Path:
     """Write ``table`` to ``out`` atomically and return the path.
 
     ``extras`` maps a file name to a function that writes that file (e.g. a ground-truth model).
@@ -176,7 +194,10 @@ def write_dataset(table: ListTable, out: str | Path, source: str, seed: int, ove
         (tmp / "vocab").mkdir()
         dtypes = {"item_dense": np.float32, "label": np.float32}
         for name in ARRAY_NAMES:
-            np.save(tmp / "arrays" / f"{name}.npy", np.ascontiguousarray(getattr(table, name), dtype=dtypes.get(name, np.int64)))
+            np.save(
+                tmp / "arrays" / f"{name}.npy",
+                np.ascontiguousarray(getattr(table, name), dtype=dtypes.get(name, np.int64)),
+            )
         for name, index in table.splits.items():
             np.save(tmp / "splits" / f"{name}.npy", np.asarray(index, dtype=np.int64))
         for name, values in table.vocabs.items():
@@ -221,11 +242,15 @@ class PreparedDataset:
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.root} is not a prepared dataset (no manifest.json); run `relist data prepare` first")
+            raise FileNotFoundError(
+                f"{self.root} is not a prepared dataset (no manifest.json); run `relist data prepare` first"
+            )
         with open(manifest_path, encoding="utf-8") as handle:
             self.manifest = json.load(handle)
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format_version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}")
+            raise ValueError(
+                f"{manifest_path}: format_version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}"
+            )
         self.schema = Schema.from_json(self.manifest["schema"])
         for name in ARRAY_NAMES:
             setattr(self, name, np.load(self.root / "arrays" / f"{name}.npy", mmap_mode="r"))
@@ -309,12 +334,19 @@ class PreparedDataset:
             list_id=torch.from_numpy(index.copy()),
         )
 
-    def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
-                max_len: int | None = None, drop_last: bool = False) -> Iterator[ListBatch]:
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        max_len: int | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[ListBatch]:
         """Iterate a split in batches; shuffled with ``seed`` when asked."""
         index = self.split(split)
         if shuffle:
             index = np.random.default_rng(seed).permutation(index)
         stop = len(index) - (len(index) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield self.batch(index[start:start + batch_size], max_len=max_len)
+            yield self.batch(index[start : start + batch_size], max_len=max_len)

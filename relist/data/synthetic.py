@@ -13,9 +13,9 @@ Each logged list draws a user, a length, and distinct candidates by item popular
 (display) order is either "random" (the default: a uniformly shuffled display, so the clicks are
 free of the logging order's position bias and offline metrics of any order are unbiased) or
 "production" (sorted by a noisy production score r + N(0, production_noise^2); realistic, but then
-position bias makes the logged order look better offline than it is). Observed item features are z_i plus noise and log popularity; the user's
-history holds items the user liked before. The model's parameters are saved next to the data
-(``truth.safetensors``) so a simulator can use the very same truth.
+position bias makes the logged order look better offline than it is). Observed item features are z_i
+plus noise and log popularity; the user's history holds items the user liked before. The model's
+parameters are saved next to the data (``truth.safetensors``) so a simulator can use the very same truth.
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ class SyntheticClickModel:
         rank = torch.randperm(p.n_items, generator=g).double()
         popularity = (rank + 1.0) ** -p.popularity_exponent
         tensors = {
-            "user_z": user_z, "user_group": user_group, "item_z": item_z, "item_bias": item_bias,
-            "item_category": item_category, "item_popularity": (popularity / popularity.sum()).float(),
+            "user_z": user_z,
+            "user_group": user_group,
+            "item_z": item_z,
+            "item_bias": item_bias,
+            "item_category": item_category,
+            "item_popularity": (popularity / popularity.sum()).float(),
         }
         return cls(params, tensors)
 
@@ -135,7 +139,9 @@ def _distinct_candidates(model: SyntheticClickModel, lengths: torch.Tensor, g: t
     return items, lengths
 
 
-def generate(config: SyntheticConfig, seed: int, fractions: dict[str, float], chunk: int = 50_000) -> tuple[ListTable, SyntheticClickModel]:
+def generate(
+    config: SyntheticConfig, seed: int, fractions: dict[str, float], chunk: int = 50_000
+) -> tuple[ListTable, SyntheticClickModel]:
     p = config.params
     if not 1 <= config.min_len <= config.max_len:
         raise ValueError(f"need 1 <= min_len <= max_len, got {config.min_len} and {config.max_len}")
@@ -148,8 +154,12 @@ def generate(config: SyntheticConfig, seed: int, fractions: dict[str, float], ch
 
     # Observed item features: noisy latent factors and log popularity, fixed per item.
     item_features = torch.cat(
-        [model.item_z + p.feature_noise * torch.randn(p.n_items, p.dim, generator=g),
-         torch.log(model.item_popularity * p.n_items).unsqueeze(1)], dim=1)
+        [
+            model.item_z + p.feature_noise * torch.randn(p.n_items, p.dim, generator=g),
+            torch.log(model.item_popularity * p.n_items).unsqueeze(1),
+        ],
+        dim=1,
+    )
 
     # History: the user's top items among a popularity-drawn pool, by relevance plus Gumbel noise.
     pool = torch.multinomial(model.item_popularity, p.n_users * 50, replacement=True, generator=g).view(p.n_users, 50)
@@ -199,7 +209,13 @@ def generate(config: SyntheticConfig, seed: int, fractions: dict[str, float], ch
         user_hist=user_hist,
         schema=schema,
         splits=random_splits(len(lengths), fractions, seed),
-        info={"ground_truth": "truth.safetensors", "params": asdict(p), "min_len": config.min_len,
-              "max_len": config.max_len, "hist_len": config.hist_len, "logged_order": config.logged_order},
+        info={
+            "ground_truth": "truth.safetensors",
+            "params": asdict(p),
+            "min_len": config.min_len,
+            "max_len": config.max_len,
+            "hist_len": config.hist_len,
+            "logged_order": config.logged_order,
+        },
     )
     return table, model

@@ -35,8 +35,17 @@ from relist.data.store import ListTable, Schema, SparseField, random_splits
 
 SAMPLE_COLUMNS = ("user", "time_stamp", "adgroup_id", "pid", "nonclk", "clk")
 AD_COLUMNS = ("adgroup_id", "cate_id", "campaign_id", "customer", "brand", "price")
-PROFILE_COLUMNS = ("userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
-                   "shopping_level", "occupation", "new_user_class_level")
+PROFILE_COLUMNS = (
+    "userid",
+    "cms_segid",
+    "cms_group_id",
+    "final_gender_code",
+    "age_level",
+    "pvalue_level",
+    "shopping_level",
+    "occupation",
+    "new_user_class_level",
+)
 MISSING = "<missing>"
 PAD = "<pad>"
 
@@ -52,8 +61,13 @@ def _check_header(path: Path, expected: tuple[str, ...]) -> None:
         raise DataFormatError(path, 1, None, f"expected header {','.join(expected)}, found {','.join(header)}")
 
 
-def _locate(path: Path, columns: tuple[str, ...], integer: tuple[str, ...], number: tuple[str, ...] = (),
-            binary: tuple[str, ...] = ()) -> None:
+def _locate(
+    path: Path,
+    columns: tuple[str, ...],
+    integer: tuple[str, ...],
+    number: tuple[str, ...] = (),
+    binary: tuple[str, ...] = (),
+) -> None:
     """Scan ``path`` line by line and raise a DataFormatError at the first bad line (slow path, on error only)."""
     with open(path, "rb") as handle:
         for line, raw in enumerate(handle, start=1):
@@ -68,7 +82,12 @@ def _locate(path: Path, columns: tuple[str, ...], integer: tuple[str, ...], numb
             cells = next(csv.reader([text]))
             if len(cells) != len(columns):
                 hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
-                raise DataFormatError(path, line, None, f"expected {len(columns)} comma-separated fields ({','.join(columns)}), found {len(cells)}{hint}")
+                raise DataFormatError(
+                    path,
+                    line,
+                    None,
+                    f"expected {len(columns)} comma-separated fields ({','.join(columns)}), found {len(cells)}{hint}",
+                )
             for name, cell in zip(columns, cells):
                 if name in integer and not cell.strip().lstrip("-").isdigit():
                     raise DataFormatError(path, line, name, f"expected an integer, found {cell!r}")
@@ -83,16 +102,30 @@ def _locate(path: Path, columns: tuple[str, ...], integer: tuple[str, ...], numb
 
 def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number=(), binary=()) -> pl.DataFrame:
     if not path.is_file():
-        raise FileNotFoundError(f"{path.parent}: no {path.name} (the Taobao Ad raw files are raw_sample.csv, ad_feature.csv, user_profile.csv)")
+        raise FileNotFoundError(
+            f"{path.parent}: no {path.name} (the Taobao Ad raw files are raw_sample.csv, ad_feature.csv, "
+            "user_profile.csv)"
+        )
     _check_header(path, columns)
     try:
-        frame = pl.read_csv(path, has_header=True, new_columns=list(columns), schema_overrides=schema,
-                            infer_schema_length=0 if not schema else 100, encoding="utf8", null_values=[""])
+        frame = pl.read_csv(
+            path,
+            has_header=True,
+            new_columns=list(columns),
+            schema_overrides=schema,
+            infer_schema_length=0 if not schema else 100,
+            encoding="utf8",
+            null_values=[""],
+        )
     except Exception:  # noqa: BLE001 - polars raises several types; find and name the line ourselves
         _locate(path, columns, integer, number, binary)
         raise
     required = [c for c in integer + number + binary if c in frame.columns]
-    bad = frame.with_row_index("_row").filter(pl.any_horizontal([pl.col(c).is_null() for c in required])) if required else frame.clear()
+    bad = (
+        frame.with_row_index("_row").filter(pl.any_horizontal([pl.col(c).is_null() for c in required]))
+        if required
+        else frame.clear()
+    )
     if bad.height:
         _locate(path, columns, integer, number, binary)
         row = int(bad["_row"][0])
@@ -106,7 +139,9 @@ def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number
     return frame
 
 
-def build_windows(user: np.ndarray, ts: np.ndarray, clk: np.ndarray, window_seconds: int, keep_last: int) -> tuple[np.ndarray, np.ndarray]:
+def build_windows(
+    user: np.ndarray, ts: np.ndarray, clk: np.ndarray, window_seconds: int, keep_last: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows (into the given arrays) of each user's list, oldest first, and the list offsets.
 
     Inputs are sorted by user, then time newest first, and hold only users with a click.
@@ -147,29 +182,64 @@ def _index(values: pl.Series) -> tuple[np.ndarray, list[str]]:
     return ids, [PAD] + vocab.to_list()
 
 
-def build(src: Path, seed: int, fractions: Mapping[str, float], window_seconds: int = 300, keep_last: int = 30) -> ListTable:
+def build(
+    src: Path, seed: int, fractions: Mapping[str, float], window_seconds: int = 300, keep_last: int = 30
+) -> ListTable:
     src = Path(src)
-    sample = _read(src / "raw_sample.csv", SAMPLE_COLUMNS,
-                   {"user": pl.Int64, "time_stamp": pl.Int64, "adgroup_id": pl.Int64, "pid": pl.Utf8, "nonclk": pl.Int64, "clk": pl.Int64},
-                   integer=("user", "time_stamp", "adgroup_id"), binary=("nonclk", "clk"))
+    sample = _read(
+        src / "raw_sample.csv",
+        SAMPLE_COLUMNS,
+        {
+            "user": pl.Int64,
+            "time_stamp": pl.Int64,
+            "adgroup_id": pl.Int64,
+            "pid": pl.Utf8,
+            "nonclk": pl.Int64,
+            "clk": pl.Int64,
+        },
+        integer=("user", "time_stamp", "adgroup_id"),
+        binary=("nonclk", "clk"),
+    )
     sample = (
-        sample.select("user", "time_stamp", "adgroup_id", "clk").with_row_index("row")
+        sample.select("user", "time_stamp", "adgroup_id", "clk")
+        .with_row_index("row")
         .filter((pl.len().over("user") > 2) & (pl.col("clk").sum().over("user") > 0))
         .sort(["user", "time_stamp", "row"], descending=[False, True, False])
     )
     if sample.height == 0:
         raise DataFormatError(src / "raw_sample.csv", None, None, "no user has more than 2 impressions and a click")
-    rows, offsets = build_windows(sample["user"].to_numpy(), sample["time_stamp"].to_numpy(), sample["clk"].to_numpy(),
-                                  window_seconds, keep_last)
+    rows, offsets = build_windows(
+        sample["user"].to_numpy(), sample["time_stamp"].to_numpy(), sample["clk"].to_numpy(), window_seconds, keep_last
+    )
     lists = sample[rows].select("user", "adgroup_id", "clk")
     first = offsets[:-1]
 
-    ads = _read(src / "ad_feature.csv", AD_COLUMNS,
-                {"adgroup_id": pl.Int64, "cate_id": pl.Utf8, "campaign_id": pl.Utf8, "customer": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64},
-                integer=("adgroup_id",), number=("price",))
+    ads = _read(
+        src / "ad_feature.csv",
+        AD_COLUMNS,
+        {
+            "adgroup_id": pl.Int64,
+            "cate_id": pl.Utf8,
+            "campaign_id": pl.Utf8,
+            "customer": pl.Utf8,
+            "brand": pl.Utf8,
+            "price": pl.Float64,
+        },
+        integer=("adgroup_id",),
+        number=("price",),
+    )
     items = lists.join(ads.unique("adgroup_id", keep="first"), on="adgroup_id", how="left", maintain_order="left")
-    profile = pl.read_csv(src / "user_profile.csv", has_header=True, new_columns=list(PROFILE_COLUMNS),
-                          infer_schema_length=0, null_values=[""]) if (src / "user_profile.csv").is_file() else None
+    profile = (
+        pl.read_csv(
+            src / "user_profile.csv",
+            has_header=True,
+            new_columns=list(PROFILE_COLUMNS),
+            infer_schema_length=0,
+            null_values=[""],
+        )
+        if (src / "user_profile.csv").is_file()
+        else None
+    )
     if profile is None:
         raise FileNotFoundError(f"{src}: no user_profile.csv")
     _check_header(src / "user_profile.csv", PROFILE_COLUMNS)
@@ -177,11 +247,24 @@ def build(src: Path, seed: int, fractions: Mapping[str, float], window_seconds: 
     if profile["userid"].null_count():
         row = int(profile.with_row_index("_r").filter(pl.col("userid").is_null())["_r"][0])
         raise DataFormatError(src / "user_profile.csv", row + 2, "userid", "expected an integer")
-    users = lists[first].select("user").join(profile.rename({"userid": "user"}).unique("user", keep="first"),
-                                             on="user", how="left", maintain_order="left")
+    users = (
+        lists[first]
+        .select("user")
+        .join(
+            profile.rename({"userid": "user"}).unique("user", keep="first"),
+            on="user",
+            how="left",
+            maintain_order="left",
+        )
+    )
 
-    item_fields = (("item_id", "adgroup_id"), ("category", "cate_id"), ("campaign", "campaign_id"),
-                   ("customer", "customer"), ("brand", "brand"))
+    item_fields = (
+        ("item_id", "adgroup_id"),
+        ("category", "cate_id"),
+        ("campaign", "campaign_id"),
+        ("customer", "customer"),
+        ("brand", "brand"),
+    )
     vocabs, item_cols, item_schema = {}, [], []
     for name, column in item_fields:
         ids, vocab = _index(items[column])
@@ -206,6 +289,10 @@ def build(src: Path, seed: int, fractions: Mapping[str, float], window_seconds: 
         schema=Schema(tuple(item_schema), ("price",), tuple(user_schema), ()),
         splits=random_splits(n_lists, fractions, seed),
         vocabs=vocabs,
-        info={"window_seconds": window_seconds, "keep_last": keep_last, "raw_records": int(sample.height),
-              "ads_without_features": int(items["cate_id"].null_count())},
+        info={
+            "window_seconds": window_seconds,
+            "keep_last": keep_last,
+            "raw_records": int(sample.height),
+            "ads_without_features": int(items["cate_id"].null_count()),
+        },
     )

@@ -58,8 +58,10 @@ OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "evaluator")
 
 @dataclass
 class LastExperimentConfig:
-    data: Path = option(help="prepared dataset with a ranker split (a LambdaMART initial ranker is trained into "
-                             "OUT/ranker) — or pass --ranker")
+    data: Path = option(
+        help="prepared dataset with a ranker split (a LambdaMART initial ranker is trained into "
+        "OUT/ranker) — or pass --ranker"
+    )
     sim: Path = option(help="simulator directory (`relist sim train` on the same prepared dataset)")
     out: Path = option(help="output directory: results.csv, summary.md, online.md, plots, runs/")
     ranker: Path | None = option(None, help="a `relist train ranker` output to use instead of training one")
@@ -70,9 +72,12 @@ class LastExperimentConfig:
     principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
     fractions: str = option("0.01,0.1,1", help="evaluator-quality sweep: shares of the train lists")
     noise: str = option("0.5,1,2", help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits")
-    delays: str = option("0,500,2000", help="delayed-feedback study: delays D (requests) before a list's clicks reach "
-                                            "the online learner")
-    sweep_seeds: int = option(0, help="run the evaluator-quality and offset studies on the first N seeds (0: all, -1: none)")
+    delays: str = option(
+        "0,500,2000", help="delayed-feedback study: delays D (requests) before a list's clicks reach the online learner"
+    )
+    sweep_seeds: int = option(
+        0, help="run the evaluator-quality and offset studies on the first N seeds (0: all, -1: none)"
+    )
     device: str = option("cpu", help="cpu, cuda or auto")
     threads: int = option(1, help="torch threads")
     overwrite: bool = option(False, help="replace OUT if it exists")
@@ -133,7 +138,9 @@ class DelayedFeedbackLearner:
         with torch.no_grad():
             order, _ = self.generator.decode(top)
             shown = top.reorder(order)
-            pool_view = dataclasses.replace(shown, item_dense=shown.item_dense[..., :-1]).truncate(self.simulator.slate_size)
+            pool_view = dataclasses.replace(shown, item_dense=shown.item_dense[..., :-1]).truncate(
+                self.simulator.slate_size
+            )
             prob = self.simulator.response.respond(pool_view).prob
             clicks = (torch.rand(prob.shape, generator=self.noise).to(prob.device) < prob) & pool_view.mask
             label = torch.zeros_like(top.label)
@@ -157,8 +164,11 @@ def _ranker_dir(cfg: LastExperimentConfig) -> Path:
 
     ranker_dir = Path(cfg.out) / "ranker"
     if not (ranker_dir / "rerank" / "manifest.json").is_file():
-        train_ranker(TrainRankerConfig(data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed, overwrite=True,
-                                       progress=False))
+        train_ranker(
+            TrainRankerConfig(
+                data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed, overwrite=True, progress=False
+            )
+        )
     return ranker_dir
 
 
@@ -211,7 +221,11 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         common = dict(data=data_dir, seed=seed, epochs=cfg.epochs, device=cfg.device, overwrite=True, progress=False)
         train_evaluator(TrainEvaluatorConfig(out=run / "evaluator", **common))
         train_generator(TrainGeneratorConfig(out=run / "generator", **common))
-        train(TrainConfig(out=run / cfg.principled_model, model=cfg.principled_model, p1_weight=1.0, p2_weight=1.0, **common))
+        train(
+            TrainConfig(
+                out=run / cfg.principled_model, model=cfg.principled_model, p1_weight=1.0, p2_weight=1.0, **common
+            )
+        )
         evaluator = load_evaluator(run / "evaluator").to(device)
         generator = load_reranker(run / "generator" / "best").to(device)
         principled = load_reranker(run / cfg.principled_model / "best").to(device).eval()
@@ -232,8 +246,10 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         # online: every method behind the same initial ranker, the same users and random numbers
         ctx = PolicyContext(seed=seed, device=device, simulator=sim)
         ranker = _load_ranker(str(ranker_dir), ctx)
-        policies = {name: RerankPolicy(ranker, _Scorer(Last(generator, evaluator, c), seed), list_len)
-                    for name, c in methods.items()}
+        policies = {
+            name: RerankPolicy(ranker, _Scorer(Last(generator, evaluator, c), seed), list_len)
+            for name, c in methods.items()
+        }
         policies["initial order"] = ranker.score
         policies[f"{cfg.principled_model} +P1+P2"] = RerankPolicy(ranker, principled, list_len)
         for name, policy in policies.items():
@@ -247,7 +263,9 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             continue
         greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
         greedy_off = offline(greedy.scores, batch, evaluator)
-        greedy_policy = RerankPolicy(ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len)
+        greedy_policy = RerankPolicy(
+            ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+        )
         greedy_online = simulate(sim, greedy_policy, cfg.users // 2, seed, 1024)
         greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
         candidates = []
@@ -255,8 +273,12 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             if fraction >= 1:
                 candidates.append(("evaluator 100%", evaluator))
                 continue
-            train_evaluator(TrainEvaluatorConfig(out=run / f"evaluator_{fraction:g}", train_fraction=fraction, **common))
-            candidates.append((f"evaluator {100 * fraction:g}%", load_evaluator(run / f"evaluator_{fraction:g}").to(device)))
+            train_evaluator(
+                TrainEvaluatorConfig(out=run / f"evaluator_{fraction:g}", train_fraction=fraction, **common)
+            )
+            candidates.append(
+                (f"evaluator {100 * fraction:g}%", load_evaluator(run / f"evaluator_{fraction:g}").to(device))
+            )
         candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in noises]
         for name, weak in candidates:
             last = Last(generator, weak, LastConfig())
@@ -264,20 +286,44 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             values = offline(result.scores, batch, evaluator)
             policy = RerankPolicy(ranker, _Scorer(Last(generator, weak, LastConfig()), seed), list_len)
             online = simulate(sim, policy, cfg.users // 2, seed, 1024)
-            record("quality", name, {"auc": evaluator_auc(weak, batch),
-                                     "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                                     "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
-                                     "lift_clicks_per_request": float(online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1)})
+            record(
+                "quality",
+                name,
+                {
+                    "auc": evaluator_auc(weak, batch),
+                    "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                    "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                    "lift_clicks_per_request": float(
+                        online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1
+                    ),
+                },
+            )
         for offsets in ("activations", "pointer", "decoder", "all"):
-            for steps in (OFFICIAL_STEPS, (0.0,) * 4 + (2.0, 3.0, 4.0, 5.0), (0.0,) * 4 + (20.0, 30.0, 40.0, 50.0), (6.0, 7.0, 8.0, 9.0) * 2):
-                result = Last(generator, evaluator, LastConfig(offsets=offsets, steps=steps))(batch, torch.Generator().manual_seed(seed))
+            for steps in (
+                OFFICIAL_STEPS,
+                (0.0,) * 4 + (2.0, 3.0, 4.0, 5.0),
+                (0.0,) * 4 + (20.0, 30.0, 40.0, 50.0),
+                (6.0, 7.0, 8.0, 9.0) * 2,
+            ):
+                result = Last(generator, evaluator, LastConfig(offsets=offsets, steps=steps))(
+                    batch, torch.Generator().manual_seed(seed)
+                )
                 values = offline(result.scores, batch, evaluator)
-                record("offsets", f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
-                       {"lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                        "lift_evaluator": values["evaluator"] - greedy_off["evaluator"]})
+                record(
+                    "offsets",
+                    f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
+                    {
+                        "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                        "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                    },
+                )
         # classic online learning from delayed feedback against LAST, on the same traffic (users in batches of 50)
-        arms = {"generator greedy": RerankPolicy(ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len),
-                "LAST parallel": RerankPolicy(ranker, _Scorer(Last(generator, evaluator, LastConfig()), seed), list_len)}
+        arms = {
+            "generator greedy": RerankPolicy(
+                ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+            ),
+            "LAST parallel": RerankPolicy(ranker, _Scorer(Last(generator, evaluator, LastConfig()), seed), list_len),
+        }
         for delay in delays:
             learner = DelayedFeedbackLearner(generator, sim, delay, seed)
             arms[f"online learning, delay {delay}"] = RerankPolicy(ranker, learner, list_len)
@@ -285,23 +331,36 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             result = simulate(sim, policy, cfg.users, seed, 50)
             for key, values in result.items():
                 delayed_units.setdefault(name, {}).setdefault(key, []).append(values)
-            record("delayed", name, {"clicks_per_request": float(result["clicks"].sum() / result["requests"].sum()),
-                                     "requests": float(result["requests"].sum())})
+            record(
+                "delayed",
+                name,
+                {
+                    "clicks_per_request": float(result["clicks"].sum() / result["requests"].sum()),
+                    "requests": float(result["requests"].sum()),
+                },
+            )
         delayed_seeds.append(seed)
         _write_csv(out / "results.csv", rows)
 
     names = list(methods) + ["initial order", f"{cfg.principled_model} +P1+P2"]
     per_policy = {n: {key: np.concatenate(v) for key, v in online_units[n].items()} for n in names}
     online_rows = summarise(per_policy, np.repeat(seeds, cfg.users))
-    online_md = markdown(online_rows, names, f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are "
-                                             "against generator greedy, paired over the same (seed, user) units.")
+    online_md = markdown(
+        online_rows,
+        names,
+        f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are "
+        "against generator greedy, paired over the same (seed, user) units.",
+    )
     if delayed_units:
         arms = list(delayed_units)
         per_arm = {n: {key: np.concatenate(v) for key, v in delayed_units[n].items()} for n in arms}
         delayed_rows = summarise(per_arm, np.repeat(delayed_seeds, cfg.users))
         online_md += "\n## Delayed feedback\n\n" + markdown(
-            delayed_rows, arms, f"Online learning from delayed feedback vs LAST: {cfg.users} users x {len(delayed_seeds)} "
-                                "seeds, served in batches of 50 users; lifts against generator greedy.")
+            delayed_rows,
+            arms,
+            f"Online learning from delayed feedback vs LAST: {cfg.users} users x {len(delayed_seeds)} "
+            "seeds, served in batches of 50 users; lifts against generator greedy.",
+        )
     (out / "online.md").write_text(online_md, encoding="utf-8")
     summary = _summary(rows, cfg, online_md)
     (out / "summary.md").write_text(summary, encoding="utf-8")
@@ -319,34 +378,55 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _by(rows, study, method, key) -> list[float]:
-    return [r[key] for r in sorted(rows, key=lambda r: r["seed"]) if r["study"] == study and r["method"] == method and key in r]
+    return [
+        r[key]
+        for r in sorted(rows, key=lambda r: r["seed"])
+        if r["study"] == study and r["method"] == method and key in r
+    ]
 
 
 def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str) -> str:
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"# LAST experiment ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
-             "Offline, test lists: mean ± 95% CI over seeds (t). `evaluator` = the seed's own evaluator's mean click "
-             "probability, the score LAST selects by. p = paired t-test across seeds against generator greedy / best-of-K.", "",
-             "| method | " + " | ".join(OFFLINE) + " | p vs greedy (evaluator) | p vs best-of-K (evaluator) |",
-             "|---|" + "---|" * (len(OFFLINE) + 2)]
+    lines = [
+        f"# LAST experiment ({len(seeds)} seeds: {', '.join(map(str, seeds))})",
+        "",
+        "Offline, test lists: mean ± 95% CI over seeds (t). `evaluator` = the seed's own evaluator's mean click "
+        "probability, the score LAST selects by. p = paired t-test across seeds against generator greedy / best-of-K.",
+        "",
+        "| method | " + " | ".join(OFFLINE) + " | p vs greedy (evaluator) | p vs best-of-K (evaluator) |",
+        "|---|" + "---|" * (len(OFFLINE) + 2),
+    ]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["study"] == "offline"))
     best_of = next(m for m in methods if m.startswith("best-of"))
     for m in methods:
-        cells = [f"{np.mean(_by(rows, 'offline', m, key)):.4f} ± {t_ci95(_by(rows, 'offline', m, key)):.4f}" for key in OFFLINE]
+        cells = [
+            f"{np.mean(_by(rows, 'offline', m, key)):.4f} ± {t_ci95(_by(rows, 'offline', m, key)):.4f}"
+            for key in OFFLINE
+        ]
         p1 = paired_t_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", "generator greedy", "evaluator"))
         p2 = paired_t_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", best_of, "evaluator"))
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {p1:.3g} | {p2:.3g} |")
     lines += ["", "## Online (A/B harness on the simulator)", "", online_md]
-    for study, keys, title in (("quality", ("auc", "lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request"),
-                                "Evaluator quality: LAST parallel's lift over generator greedy (judge = the full evaluator)"),
-                               ("offsets", ("lift_ndcg@10", "lift_evaluator"), "Offsets and step sizes: lift over generator greedy")):
+    for study, keys, title in (
+        (
+            "quality",
+            ("auc", "lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request"),
+            "Evaluator quality: LAST parallel's lift over generator greedy (judge = the full evaluator)",
+        ),
+        ("offsets", ("lift_ndcg@10", "lift_evaluator"), "Offsets and step sizes: lift over generator greedy"),
+    ):
         names = list(dict.fromkeys(r["method"] for r in rows if r["study"] == study))
         if not names:
             continue
         lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for m in names:
-            lines.append(f"| {m} | " + " | ".join(f"{np.mean(_by(rows, study, m, key)):+.4f} ± {t_ci95(_by(rows, study, m, key)):.4f}"
-                                                  for key in keys) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(
+                    f"{np.mean(_by(rows, study, m, key)):+.4f} ± {t_ci95(_by(rows, study, m, key)):.4f}" for key in keys
+                )
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -389,11 +469,12 @@ def _plots(out: Path, rows: list[dict]) -> None:
     for ax, key in zip(axes, ("ndcg@10", "evaluator")):
         means = [np.mean(_by(rows, "offline", n, key)) for n in names]
         errors = [t_ci95(_by(rows, "offline", n, key)) for n in names]
-        ax.bar(range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3, color=[f"C{k}" for k in range(len(names))])
+        ax.bar(
+            range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3, color=[f"C{k}" for k in range(len(names))]
+        )
         ax.set_xticks(range(len(names)), [n[:28] for n in names], rotation=40, ha="right", fontsize=7)
         ax.set_title(key)
         ax.set_ylim(bottom=min(means) * 0.95)
     fig.tight_layout()
     fig.savefig(out / "offline.png", dpi=110)
     plt.close(fig)
-

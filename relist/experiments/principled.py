@@ -39,9 +39,11 @@ OBEDIENCE = ("obedience_p1@10", "obedience_p2@10")
 
 @dataclass
 class PrincipledExperimentConfig:
-    data: Path = option(help="prepared dataset: a re-ranking dataset (with init_score, or without a ranker split, e.g. "
-                             "LibRerank's files: the input order is the initial order), or lists with a ranker split, "
-                             "for which a LambdaMART initial ranker is trained first into OUT/ranker")
+    data: Path = option(
+        help="prepared dataset: a re-ranking dataset (with init_score, or without a ranker split, e.g. "
+        "LibRerank's files: the input order is the initial order), or lists with a ranker split, "
+        "for which a LambdaMART initial ranker is trained first into OUT/ranker"
+    )
     out: Path = option(help="output directory")
     models: str = option("prm,dlcm,setrank,midnn,pear,raise", help="comma-separated re-rankers")
     seeds: int = option(5, help="seeds per model and variant")
@@ -51,8 +53,11 @@ class PrincipledExperimentConfig:
     batch_size: int = option(128, help="lists per step")
     learning_rate: float = option(1e-3, help="Adam learning rate")
     patience: int = option(5, help="validations without improvement before stopping")
-    cross_fit: int = option(0, help="initial ranker: also train re-rankers on the ranker split's lists, scored out of "
-                                     "fold by K rankers (relist train ranker --cross-fit; 0: off)")
+    cross_fit: int = option(
+        0,
+        help="initial ranker: also train re-rankers on the ranker split's lists, scored out of "
+        "fold by K rankers (relist train ranker --cross-fit; 0: off)",
+    )
     ema_decay: float = option(0.95, help="decay per step of the weight average that is validated and kept (0: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
     use_user: bool = option(True, help="personalised re-ranking")
@@ -80,8 +85,17 @@ def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     ranker_dir = Path(cfg.out) / "ranker"
     if not _same_ranker(ranker_dir, cfg):
         log.info("training the LambdaMART initial ranker into %s", ranker_dir)
-        train_ranker(TrainRankerConfig(data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed,
-                                       cross_fit=cfg.cross_fit, overwrite=True, progress=False))
+        train_ranker(
+            TrainRankerConfig(
+                data=cfg.data,
+                out=ranker_dir,
+                model="lambdamart",
+                seed=cfg.seed,
+                cross_fit=cfg.cross_fit,
+                overwrite=True,
+                progress=False,
+            )
+        )
     return ranker_dir / "rerank"
 
 
@@ -98,18 +112,38 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _rerank_data(cfg)
     data = PreparedDataset(data_dir)
-    base = TrainConfig(data=data_dir, out=out, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                       learning_rate=cfg.learning_rate, patience=cfg.patience, ema_decay=cfg.ema_decay, device=cfg.device, use_user=cfg.use_user,
-                       progress=False, overwrite=not cfg.resume, resume=cfg.resume)
-    jobs = [(m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
-            for m in models for v in VARIANTS for s in range(cfg.seeds)]
+    base = TrainConfig(
+        data=data_dir,
+        out=out,
+        epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        patience=cfg.patience,
+        ema_decay=cfg.ema_decay,
+        device=cfg.device,
+        use_user=cfg.use_user,
+        progress=False,
+        overwrite=not cfg.resume,
+        resume=cfg.resume,
+    )
+    jobs = [
+        (m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
+        for m in models
+        for v in VARIANTS
+        for s in range(cfg.seeds)
+    ]
     if cfg.sweep_model:
         for weight in (0.1, 0.3, 3.0):
-            jobs += [(cfg.sweep_model, f"+P1+P2 λ={weight:g}", cfg.seed + s, {"p1_weight": weight, "p2_weight": weight})
-                     for s in range(cfg.seeds)]
+            jobs += [
+                (cfg.sweep_model, f"+P1+P2 λ={weight:g}", cfg.seed + s, {"p1_weight": weight, "p2_weight": weight})
+                for s in range(cfg.seeds)
+            ]
         for strategy in PERTURBATIONS[1:]:
-            jobs += [(cfg.sweep_model, f"+P2 {strategy}", cfg.seed + s, {"p2_weight": 1.0, "perturbation": strategy})
-                     for s in range(cfg.seeds)]
+            jobs += [
+                (cfg.sweep_model, f"+P2 {strategy}", cfg.seed + s, {"p2_weight": 1.0, "perturbation": strategy})
+                for s in range(cfg.seeds)
+            ]
     rows, per_list = [], {}
     for model, variant, seed, extra in tqdm(jobs, desc="runs", disable=not cfg.progress or None):
         run_dir = out / "runs" / model / variant.replace(" ", "_").replace("=", "") / f"seed{seed}"
@@ -117,13 +151,20 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
             result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             selected_on = result["config"].get("select_metric", "ndcg@10")
             if selected_on != base.select_metric:
-                raise ValueError(f"{run_dir} was selected on {selected_on}, this experiment selects on "
-                                 f"{base.select_metric}; run it again without --resume")
+                raise ValueError(
+                    f"{run_dir} was selected on {selected_on}, this experiment selects on "
+                    f"{base.select_metric}; run it again without --resume"
+                )
         else:
             result = train(replace(base, out=run_dir, model=model, seed=seed, **extra), data)
         per_list.setdefault((model, variant), []).append(_test_lists(load_reranker(run_dir / "best").score, data))
-        row = {"model": model, "variant": variant, "seed": seed, "best_step": result["best_step"],
-               "train_seconds": round(result["train_seconds"], 2)}
+        row = {
+            "model": model,
+            "variant": variant,
+            "seed": seed,
+            "best_step": result["best_step"],
+            "train_seconds": round(result["train_seconds"], 2),
+        }
         row.update({f"test_{k}": v for k, v in result["test"].items()})
         row.update({f"valid_{k}": v for k, v in result["valid"].items()})
         row.update({f"test_{k}": v for k, v in result["obedience_test"].items()})
@@ -131,7 +172,9 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         atomic_write_csv(out / "results.csv", rows)
     initial = initial_order_metrics(data, "test")
     ties = random_tie_metrics(data, "test", seed=cfg.seed)
-    summary = _summary(rows, initial, models, cfg, ties) + _against_initial(per_list, _test_lists(logged_order_scores, data))
+    summary = _summary(rows, initial, models, cfg, ties) + _against_initial(
+        per_list, _test_lists(logged_order_scores, data)
+    )
     (out / "summary.md").write_text(summary, encoding="utf-8")
     _plots(out, rows, initial, models)
     return {"rows": rows, "initial_test": initial, "summary": summary}
@@ -147,10 +190,15 @@ def _against_initial(per_list: dict, initial: dict[str, np.ndarray]) -> str:
     """Each variant against the input order on the same test lists: per-list metrics averaged over the
     seeds, mean difference and its paired bootstrap 95% CI over lists (10,000 resamples)."""
     n = len(initial["ndcg@10"])
-    lines = ["", f"Against the initial ranker on the same {n} test lists: per-list NDCG@10 / MAP@10 averaged over the "
-             "seeds minus the initial order's, with a paired bootstrap 95% CI over lists; 'seeds above' counts seeds "
-             "whose mean beats the initial order on both metrics.", "",
-             "| model | variant | Δ ndcg@10 | Δ map@10 | seeds above | verdict |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Against the initial ranker on the same {n} test lists: per-list NDCG@10 / MAP@10 averaged over the "
+        "seeds minus the initial order's, with a paired bootstrap 95% CI over lists; 'seeds above' counts seeds "
+        "whose mean beats the initial order on both metrics.",
+        "",
+        "| model | variant | Δ ndcg@10 | Δ map@10 | seeds above | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for (model, variant), runs in per_list.items():
         cells, lows, highs = [], [], []
         for metric in ("ndcg@10", "map@10"):
@@ -159,8 +207,13 @@ def _against_initial(per_list: dict, initial: dict[str, np.ndarray]) -> str:
             lows.append(low)
             highs.append(high)
         above = sum(all(r[m].mean() > initial[m].mean() for m in ("ndcg@10", "map@10")) for r in runs)
-        verdict = ("beats the initial ranker" if min(lows) > 0 else
-                   "worse than the initial ranker" if max(highs) < 0 else "not distinguishable from the initial ranker")
+        verdict = (
+            "beats the initial ranker"
+            if min(lows) > 0
+            else "worse than the initial ranker"
+            if max(highs) < 0
+            else "not distinguishable from the initial ranker"
+        )
         lines.append(f"| {model} | {variant} | {cells[0]} | {cells[1]} | {above}/{len(runs)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -182,7 +235,9 @@ def random_tie_scores(initial: Tensor, mask: Tensor, generator: torch.Generator)
     return torch.empty(mask.shape).scatter_(1, ranked, -positions)
 
 
-def random_tie_metrics(data: PreparedDataset, split: str, draws: int = TIE_DRAWS, seed: int = 0) -> dict[str, tuple[float, float]] | None:
+def random_tie_metrics(
+    data: PreparedDataset, split: str, draws: int = TIE_DRAWS, seed: int = 0
+) -> dict[str, tuple[float, float]] | None:
     """The initial ranker's metrics on ``split`` with tied initial scores put in random order: metric ->
     (mean, standard deviation) over ``draws`` draws; None without an ``init_score`` feature.
 
@@ -204,19 +259,34 @@ def random_tie_metrics(data: PreparedDataset, split: str, draws: int = TIE_DRAWS
     return {name: (float(np.mean(v)), float(np.std(v, ddof=1))) for name, v in values.items()}
 
 
-def _summary(rows: list[dict], initial: dict, models: list[str], cfg: PrincipledExperimentConfig,
-             ties: dict[str, tuple[float, float]] | None = None) -> str:
+def _summary(
+    rows: list[dict],
+    initial: dict,
+    models: list[str],
+    cfg: PrincipledExperimentConfig,
+    ties: dict[str, tuple[float, float]] | None = None,
+) -> str:
     seeds = cfg.seeds
-    lines = [f"# Principled learning: {', '.join(models)}", "",
-             f"Test metrics, mean ± 95% CI (t) over {seeds} seed(s); Δ% against the same model's base; "
-             "p: paired t-test across seeds against base. Selection on valid only.", ""]
+    lines = [
+        f"# Principled learning: {', '.join(models)}",
+        "",
+        f"Test metrics, mean ± 95% CI (t) over {seeds} seed(s); Δ% against the same model's base; "
+        "p: paired t-test across seeds against base. Selection on valid only.",
+        "",
+    ]
     head = "| model | variant | " + " | ".join(REPORTED + OBEDIENCE) + " |"
     lines += [head, "|" + "---|" * (2 + len(REPORTED) + len(OBEDIENCE))]
-    lines.append("| initial ranker | (input order) | " + " | ".join(
-        f"{initial[m]:.4f}" if m in initial else "-" for m in REPORTED) + " | - | - |")
+    lines.append(
+        "| initial ranker | (input order) | "
+        + " | ".join(f"{initial[m]:.4f}" if m in initial else "-" for m in REPORTED)
+        + " | - | - |"
+    )
     if ties:
-        lines.append(f"| initial ranker | ties in random order (mean ± sd, {TIE_DRAWS} draws) | " + " | ".join(
-            f"{ties[m][0]:.4f} ± {ties[m][1]:.4f}" if m in ties else "-" for m in REPORTED) + " | - | - |")
+        lines.append(
+            f"| initial ranker | ties in random order (mean ± sd, {TIE_DRAWS} draws) | "
+            + " | ".join(f"{ties[m][0]:.4f} ± {ties[m][1]:.4f}" if m in ties else "-" for m in REPORTED)
+            + " | - | - |"
+        )
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for model in dict.fromkeys(r["model"] for r in rows):
         for variant in variants:
@@ -238,9 +308,13 @@ def _summary(rows: list[dict], initial: dict, models: list[str], cfg: Principled
         for variant in variants:
             nd, mp = _group(rows, model, variant, "test_ndcg@10"), _group(rows, model, variant, "test_map@10")
             if nd:
-                verdict = "beats" if np.mean(nd) > initial["ndcg@10"] and np.mean(mp) > initial["map@10"] else "does NOT beat"
-                line = (f"- {model} {variant}: {np.mean(nd):.4f} / {np.mean(mp):.4f} vs "
-                        f"{initial['ndcg@10']:.4f} / {initial['map@10']:.4f}: {verdict} the initial ranker")
+                verdict = (
+                    "beats" if np.mean(nd) > initial["ndcg@10"] and np.mean(mp) > initial["map@10"] else "does NOT beat"
+                )
+                line = (
+                    f"- {model} {variant}: {np.mean(nd):.4f} / {np.mean(mp):.4f} vs "
+                    f"{initial['ndcg@10']:.4f} / {initial['map@10']:.4f}: {verdict} the initial ranker"
+                )
                 if ties:
                     above = np.mean(nd) > ties["ndcg@10"][0] and np.mean(mp) > ties["map@10"][0]
                     line += f"; {'above' if above else 'NOT above'} its random-tie mean"
@@ -274,11 +348,22 @@ def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> Non
     fig, ax = plt.subplots(figsize=(7, 4))
     for model in models:
         for variant in VARIANTS:
-            path = out / "runs" / model / variant.replace(" ", "_") / f"seed{min(r['seed'] for r in rows)}" / "history.jsonl"
+            path = (
+                out
+                / "runs"
+                / model
+                / variant.replace(" ", "_")
+                / f"seed{min(r['seed'] for r in rows)}"
+                / "history.jsonl"
+            )
             if path.is_file():
                 history = [json.loads(x) for x in path.read_text().splitlines()]
-                ax.plot([h["step"] for h in history], [h["valid"]["obedience_p1@full"] for h in history],
-                        label=f"{model} {variant}", linestyle="-" if "P1" in variant else ":")
+                ax.plot(
+                    [h["step"] for h in history],
+                    [h["valid"]["obedience_p1@full"] for h in history],
+                    label=f"{model} {variant}",
+                    linestyle="-" if "P1" in variant else ":",
+                )
     ax.set_xlabel("step")
     ax.set_ylabel("P1 obedience (valid, full list)")
     ax.legend(fontsize=6, ncol=2)

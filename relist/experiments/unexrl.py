@@ -43,17 +43,34 @@ from relist.stats import paired_t_p, t_ci95
 
 log = logging.getLogger("relist")
 ALL_METHODS = ("cem", *METHODS)
-LABELS = {"cem": "CEM", "ddpg": "DDPG (ranking stage)", "td3": "TD3 (ranking stage)", "iddpg": "independent DDPG",
-          "unexrl_ctde": "UNEX-RL-CTDE", "unexrl": "UNEX-RL (CIC)", "unexrl_no_sg": "UNEX-RL w/o SG",
-          "unexrl_no_cqr": "UNEX-RL w/o CQR",
-          "unexrl_q1": "UNEX-RL, Q_g on o_1 only (ours)", "default": "hand-set weights", "random": "random weights"}
-PAPER = {"unexrl": (1056.2, 24.2), "unexrl_ctde": (887.2, 21.6), "td3": (763.2, 18.9), "ddpg": (732.6, 18.2), "cem": (654.0, 15.3)}
+LABELS = {
+    "cem": "CEM",
+    "ddpg": "DDPG (ranking stage)",
+    "td3": "TD3 (ranking stage)",
+    "iddpg": "independent DDPG",
+    "unexrl_ctde": "UNEX-RL-CTDE",
+    "unexrl": "UNEX-RL (CIC)",
+    "unexrl_no_sg": "UNEX-RL w/o SG",
+    "unexrl_no_cqr": "UNEX-RL w/o CQR",
+    "unexrl_q1": "UNEX-RL, Q_g on o_1 only (ours)",
+    "default": "hand-set weights",
+    "random": "random weights",
+}
+PAPER = {
+    "unexrl": (1056.2, 24.2),
+    "unexrl_ctde": (887.2, 21.6),
+    "td3": (763.2, 18.9),
+    "ddpg": (732.6, 18.2),
+    "cem": (654.0, 15.3),
+}
 METRICS = ("session_dwell", "session_length")
 
 
 @dataclass
 class UnexrlExperimentConfig:
-    env: Path = option(help="environment YAML (relist.sim.cascade_env.CascadeEnvConfig fields: source, sim, sizes, ...)")
+    env: Path = option(
+        help="environment YAML (relist.sim.cascade_env.CascadeEnvConfig fields: source, sim, sizes, ...)"
+    )
     out: Path = option(help="output directory")
     seeds: int = option(5, help="seeds per method")
     seed: int = option(0, help="first seed")
@@ -79,13 +96,20 @@ def stage_sizes(base: tuple[int, ...], n: int) -> tuple[int, ...]:
 
 
 def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> tuple[dict, list[dict]]:
-    loop = LoopConfig(steps=cfg.steps, n_envs=cfg.n_envs, updates_per_step=cfg.updates_per_step,
-                      eval_every=cfg.eval_every, eval_users=max(cfg.eval_users // 2, 2))
+    loop = LoopConfig(
+        steps=cfg.steps,
+        n_envs=cfg.n_envs,
+        updates_per_step=cfg.updates_per_step,
+        eval_every=cfg.eval_every,
+        eval_users=max(cfg.eval_users // 2, 2),
+    )
     started = time.perf_counter()
     if method == "cem":
         weights, cem_curve = train_cem(env, CEMConfig(iterations=cfg.cem_iterations), seed)
         policy = fixed_policy(weights)
-        curve = [{"step": c["iteration"], "requests": c["requests"], "session_dwell": c["mean_score"]} for c in cem_curve]
+        curve = [
+            {"step": c["iteration"], "requests": c["requests"], "session_dwell": c["mean_score"]} for c in cem_curve
+        ]
     elif method in ("default", "random"):
         if method == "random":
             g = torch.Generator().manual_seed(seed)
@@ -132,8 +156,14 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
             row, curve = run_method(env, method, cfg, seed)
             rows.append({"stages": n_stages, **row})
             curves += [{"stages": n_stages, "method": method, "seed": seed, **c} for c in curve]
-            log.info("%d stages, %s, seed %d: session dwell %.1f, length %.2f", n_stages, method, seed,
-                     row["session_dwell"], row["session_length"])
+            log.info(
+                "%d stages, %s, seed %d: session dwell %.1f, length %.2f",
+                n_stages,
+                method,
+                seed,
+                row["session_dwell"],
+                row["session_length"],
+            )
             atomic_write_csv(out / "results.csv", rows)
             atomic_write_csv(out / "curves.csv", curves)
     (out / "env.json").write_text(json.dumps({n: info for n, (_, info) in envs.items()}, indent=2, default=str))
@@ -149,15 +179,19 @@ def _values(rows, stages, method, metric) -> list[float]:
 
 def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> str:
     info = envs[base_stages][1]
-    lines = [f"# UNEX-RL on a simulated {base_stages}-stage cascade", "",
-             f"Environment `{cfg.env}`: {info['source']}, {info['n_items']:,} items, {info['n_users']:,} users, stages "
-             f"{' -> '.join(map(str, info['sizes']))}; sessions calibrated so that the hand-set weights give "
-             f"{info['session']['target_requests_per_session']:.2f} requests per session (first session). "
-             f"Training: {cfg.steps} steps x {cfg.n_envs} users; evaluation on {cfg.eval_users} users per seed "
-             f"(the same users for every method of a seed). Mean ± 95% CI (t) over {cfg.seeds} seed(s); "
-             "p: paired t-test across seeds against UNEX-RL (CIC).", "",
-             "| method | session dwell (s) | session length (requests) | clicks / request | paper WatchTime / length |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# UNEX-RL on a simulated {base_stages}-stage cascade",
+        "",
+        f"Environment `{cfg.env}`: {info['source']}, {info['n_items']:,} items, {info['n_users']:,} users, stages "
+        f"{' -> '.join(map(str, info['sizes']))}; sessions calibrated so that the hand-set weights give "
+        f"{info['session']['target_requests_per_session']:.2f} requests per session (first session). "
+        f"Training: {cfg.steps} steps x {cfg.n_envs} users; evaluation on {cfg.eval_users} users per seed "
+        f"(the same users for every method of a seed). Mean ± 95% CI (t) over {cfg.seeds} seed(s); "
+        "p: paired t-test across seeds against UNEX-RL (CIC).",
+        "",
+        "| method | session dwell (s) | session length (requests) | clicks / request | paper WatchTime / length |",
+        "|---|---|---|---|---|",
+    ]
     ref = "unexrl" if "unexrl" in methods else None
     for method in ["default", "random", *methods]:
         cells = []
@@ -171,28 +205,47 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
         cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if ref:
-        lines += ["", "Does UNEX-RL (CIC) beat each method, as in the paper? (mean difference over seeds, paired t-test)", ""]
-        for other in [m for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1") if m in methods]:
+        lines += [
+            "",
+            "Does UNEX-RL (CIC) beat each method, as in the paper? (mean difference over seeds, paired t-test)",
+            "",
+        ]
+        for other in [
+            m
+            for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1")
+            if m in methods
+        ]:
             parts = []
             for metric in METRICS:
                 a, b = _values(rows, base_stages, ref, metric), _values(rows, base_stages, other, metric)
                 diff, p = float(np.mean(a) - np.mean(b)), paired_t_p(a, b)
-                verdict = "yes" if diff > 0 and p < 0.05 else ("no, worse" if diff < 0 and p < 0.05 else "not significantly")
+                verdict = (
+                    "yes" if diff > 0 and p < 0.05 else ("no, worse" if diff < 0 and p < 0.05 else "not significantly")
+                )
                 parts.append(f"{metric.replace('_', ' ')} {diff:+.4g} (p={p:.2g}): {verdict}")
             lines.append(f"- vs {LABELS[other]}: " + "; ".join(parts))
     others = [n for n in counts if n != base_stages]
     if others:
         n_seeds = cfg.stage_seeds if cfg.stage_seeds > 0 else cfg.seeds
-        lines += ["", "## More stages (the paper's open question)", "", f"Mean ± 95% CI over {n_seeds} seed(s).", "",
-                  "| stages | sizes | method | session dwell (s) | session length |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## More stages (the paper's open question)",
+            "",
+            f"Mean ± 95% CI over {n_seeds} seed(s).",
+            "",
+            "| stages | sizes | method | session dwell (s) | session length |",
+            "|---|---|---|---|---|",
+        ]
         for n in sorted(set(counts) | {base_stages}):
             if n not in envs:
                 continue
             for method in ["default", *stage_methods]:
                 d, s = _values(rows, n, method, "session_dwell"), _values(rows, n, method, "session_length")
                 if d:
-                    lines.append(f"| {n} | {' -> '.join(map(str, envs[n][1]['sizes']))} | {LABELS[method]} | "
-                                 f"{np.mean(d):.4g} ± {t_ci95(d):.3g} | {np.mean(s):.3g} ± {t_ci95(s):.2g} |")
+                    lines.append(
+                        f"| {n} | {' -> '.join(map(str, envs[n][1]['sizes']))} | {LABELS[method]} | "
+                        f"{np.mean(d):.4g} ± {t_ci95(d):.3g} | {np.mean(s):.3g} ± {t_ci95(s):.2g} |"
+                    )
     return "\n".join(lines) + "\n"
 
 

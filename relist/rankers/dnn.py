@@ -47,13 +47,21 @@ class DNNRanker(nn.Module):
         super().__init__()
         self.schema, self.config = schema, config or DNNConfig()
         c = self.config
-        self.item_tables = nn.ModuleList(nn.Embedding(f.vocab, c.embedding_dim, padding_idx=0) for f in schema.item_sparse)
-        self.user_tables = nn.ModuleList(nn.Embedding(f.vocab, c.embedding_dim, padding_idx=0) for f in schema.user_sparse)
+        self.item_tables = nn.ModuleList(
+            nn.Embedding(f.vocab, c.embedding_dim, padding_idx=0) for f in schema.item_sparse
+        )
+        self.user_tables = nn.ModuleList(
+            nn.Embedding(f.vocab, c.embedding_dim, padding_idx=0) for f in schema.user_sparse
+        )
         item_names = [f.name for f in schema.item_sparse]
-        # History fields reuse the candidate table of the same name, so "clicked before" and "candidate" live in one space.
+        # History fields reuse the candidate table of the same name, so "clicked before" and "candidate" live in
+        # one space.
         self.hist_to_item = [item_names.index(f.name) if f.name in item_names else -1 for f in schema.user_hist]
         self.hist_tables = nn.ModuleList(
-            nn.Embedding(f.vocab, c.embedding_dim, padding_idx=0) for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0)
+            nn.Embedding(f.vocab, c.embedding_dim, padding_idx=0)
+            for f, k in zip(schema.user_hist, self.hist_to_item)
+            if k < 0
+        )
         n_dense = len(schema.item_dense)
         self.register_buffer("dense_mean", torch.zeros(n_dense))
         self.register_buffer("dense_std", torch.ones(n_dense))
@@ -110,8 +118,15 @@ class DNNRanker(nn.Module):
         self.dense_mean.copy_(dense.mean(dim=0))
         self.dense_std.copy_(dense.std(dim=0).clamp_min(1e-6))
 
-    def fit(self, data: PreparedDataset, seed: int, train_split: str = "ranker", valid_split: str = "valid",
-            device: torch.device | None = None, progress: bool = False) -> dict:
+    def fit(
+        self,
+        data: PreparedDataset,
+        seed: int,
+        train_split: str = "ranker",
+        valid_split: str = "valid",
+        device: torch.device | None = None,
+        progress: bool = False,
+    ) -> dict:
         """Adam on BCE; after each epoch NDCG@10 on ``valid_split``; keeps the best epoch, stops after ``patience``."""
         device = device or torch.device("cpu")
         torch.manual_seed(seed)
@@ -146,7 +161,10 @@ class DNNRanker(nn.Module):
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+            str(directory / "model.safetensors"),
+        )
         meta = {"model": self.name, "config": asdict(self.config), "schema": self.schema.to_json()}
         (directory / "config.json").write_text(json.dumps(meta, indent=2))
 

@@ -54,25 +54,53 @@ class LambdaMART:
         group = np.concatenate([p[2] for p in parts])
         return x, y, group
 
-    def fit(self, data: PreparedDataset, seed: int, train_split: str = "ranker", valid_split: str = "valid",
-            device: torch.device | None = None, progress: bool = False) -> dict:
+    def fit(
+        self,
+        data: PreparedDataset,
+        seed: int,
+        train_split: str = "ranker",
+        valid_split: str = "valid",
+        device: torch.device | None = None,
+        progress: bool = False,
+    ) -> dict:
         c = self.config
         x, y, group = self._rows(data, train_split)
         xv, yv, gv = self._rows(data, valid_split)
         params = {
-            "objective": "lambdarank", "metric": "ndcg", "eval_at": [c.eval_at], "learning_rate": c.learning_rate,
-            "num_leaves": c.num_leaves, "min_child_samples": c.min_child_samples,
-            "feature_fraction": c.feature_fraction, "seed": seed, "deterministic": True, "force_row_wise": True,
-            "num_threads": c.num_threads, "verbosity": -1,
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [c.eval_at],
+            "learning_rate": c.learning_rate,
+            "num_leaves": c.num_leaves,
+            "min_child_samples": c.min_child_samples,
+            "feature_fraction": c.feature_fraction,
+            "seed": seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "num_threads": c.num_threads,
+            "verbosity": -1,
         }
         names = [n.replace(":", "_") for n in self.layout.names]
-        train = lgb.Dataset(x, y, group=group, feature_name=names, categorical_feature=list(self.layout.categorical), free_raw_data=False)
+        train = lgb.Dataset(
+            x,
+            y,
+            group=group,
+            feature_name=names,
+            categorical_feature=list(self.layout.categorical),
+            free_raw_data=False,
+        )
         valid = lgb.Dataset(xv, yv, group=gv, reference=train)
         callbacks = [lgb.early_stopping(c.early_stopping_rounds, verbose=False)]
         if progress:
             callbacks.append(lgb.log_evaluation(50))
-        self.booster = lgb.train(params, train, num_boost_round=c.n_estimators, valid_sets=[valid],
-                                 valid_names=["valid"], callbacks=callbacks)
+        self.booster = lgb.train(
+            params,
+            train,
+            num_boost_round=c.n_estimators,
+            valid_sets=[valid],
+            valid_names=["valid"],
+            callbacks=callbacks,
+        )
         log.info("lambdamart: best iteration %d", self.booster.best_iteration)
         return {"best_iteration": int(self.booster.best_iteration), "n_train_rows": int(len(y))}
 
@@ -81,7 +109,9 @@ class LambdaMART:
         if self.booster is None:
             raise RuntimeError("LambdaMART.score called before fit or load")
         features = tabular(batch.to("cpu"), self.layout)  # (B, L, F)
-        flat = self.booster.predict(features.reshape(-1, features.shape[-1]).numpy(), num_iteration=self.booster.best_iteration)
+        flat = self.booster.predict(
+            features.reshape(-1, features.shape[-1]).numpy(), num_iteration=self.booster.best_iteration
+        )
         scores = torch.as_tensor(flat, dtype=torch.float32).reshape(batch.mask.shape)
         return scores.masked_fill(~batch.mask.cpu(), float("-inf")).to(batch.device)
 

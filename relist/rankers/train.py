@@ -44,8 +44,11 @@ class TrainRankerConfig:
     model: str = option("lambdamart", help="initial ranker", choices=("lambdamart", "dnn"))
     seed: int = option(0, help="random seed")
     list_len: int = option(10, help="lists of the re-ranking splits are cut to this many items (papers: 10)")
-    cross_fit: int = option(0, help="also add the ranker split's lists to the re-ranking train split, each scored by "
-                                     "a ranker fitted on the other K-1 of K folds (0: off)")
+    cross_fit: int = option(
+        0,
+        help="also add the ranker split's lists to the re-ranking train split, each scored by "
+        "a ranker fitted on the other K-1 of K folds (0: off)",
+    )
     device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
     overwrite: bool = option(False, help="replace OUT if it exists")
     progress: bool = option(True, help="show progress")
@@ -101,8 +104,15 @@ def _append_ordered(pieces: dict[str, list], batch, scores, list_len: int) -> No
     pieces["hist"].append(ordered.user_hist[hist_mask].numpy())
 
 
-def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int, seed: int, batch_size: int = 512,
-                         cross_fitted: list[tuple[object, np.ndarray]] = ()) -> Path:
+def write_rerank_dataset(
+    ranker,
+    data: PreparedDataset,
+    out: Path,
+    list_len: int,
+    seed: int,
+    batch_size: int = 512,
+    cross_fitted: list[tuple[object, np.ndarray]] = (),
+) -> Path:
     """Order every list of the re-ranking splits by ``ranker``, cut to ``list_len``, append ``init_score``;
     ``cross_fitted`` (ranker, rows) pairs add those rows to the train split, ordered by their own ranker."""
     pieces = {k: [] for k in ("lengths", "sparse", "dense", "label", "user", "hist_lengths", "hist")}
@@ -112,14 +122,19 @@ def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int
         sources = [(ranker, data.split(split))] + (list(cross_fitted) if split == "train" else [])
         for scorer, rows in sources:
             for lo in range(0, len(rows), batch_size):
-                batch = data.batch(rows[lo:lo + batch_size])
+                batch = data.batch(rows[lo : lo + batch_size])
                 _append_ordered(pieces, batch, scorer.score(batch), list_len)
                 n += batch.size
         splits[split] = np.arange(start, start + n)
         start += n
     lengths = np.concatenate(pieces["lengths"])
     hist_lengths = np.concatenate(pieces["hist_lengths"])
-    schema = Schema(data.schema.item_sparse, data.schema.item_dense + ("init_score",), data.schema.user_sparse, data.schema.user_hist)
+    schema = Schema(
+        data.schema.item_sparse,
+        data.schema.item_dense + ("init_score",),
+        data.schema.user_sparse,
+        data.schema.user_hist,
+    )
     table = ListTable(
         offsets=np.concatenate([[0], np.cumsum(lengths)]),
         item_sparse=np.concatenate(pieces["sparse"]),
@@ -127,13 +142,21 @@ def write_rerank_dataset(ranker, data: PreparedDataset, out: Path, list_len: int
         label=np.concatenate(pieces["label"]),
         user_sparse=np.concatenate(pieces["user"]),
         hist_offsets=np.concatenate([[0], np.cumsum(hist_lengths)]),
-        user_hist=np.concatenate(pieces["hist"]).reshape(len(np.concatenate(pieces["hist"])), len(data.schema.user_hist)),
+        user_hist=np.concatenate(pieces["hist"]).reshape(
+            len(np.concatenate(pieces["hist"])), len(data.schema.user_hist)
+        ),
         schema=schema,
         splits=splits,
-        vocabs={p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((data.root / "vocab").glob("*.txt"))},
-        info={"derived_from": str(data.root), "parent_content_hash": data.manifest["content_hash"],
-              "initial_ranker": ranker.name, "list_len": list_len,
-              "cross_fitted_train_lists": int(sum(len(rows) for _, rows in cross_fitted))},
+        vocabs={
+            p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((data.root / "vocab").glob("*.txt"))
+        },
+        info={
+            "derived_from": str(data.root),
+            "parent_content_hash": data.manifest["content_hash"],
+            "initial_ranker": ranker.name,
+            "list_len": list_len,
+            "cross_fitted_train_lists": int(sum(len(rows) for _, rows in cross_fitted)),
+        },
     )
     return write_dataset(table, out, source=f"{data.manifest['source']}+{ranker.name}", seed=seed, overwrite=True)
 
@@ -158,8 +181,14 @@ def train_ranker(cfg: TrainRankerConfig) -> dict:
     fit_seconds = time.perf_counter() - started
 
     category = _category_col(data.schema)
-    result = {"model": cfg.model, "seed": cfg.seed, "data": str(cfg.data),
-              "data_content_hash": data.manifest["content_hash"], "fit": fit_info, "fit_seconds": round(fit_seconds, 2)}
+    result = {
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "data": str(cfg.data),
+        "data_content_hash": data.manifest["content_hash"],
+        "fit": fit_info,
+        "fit_seconds": round(fit_seconds, 2),
+    }
     for split in ("valid", "test"):
         result[split] = evaluate_lists(ranker.score, data.batches(split, 512), category_col=category)
         result[f"logged_{split}"] = evaluate_lists(logged_order_scores, data.batches(split, 512), category_col=category)
@@ -169,7 +198,9 @@ def train_ranker(cfg: TrainRankerConfig) -> dict:
         ranker.save(tmp)
         rerank = write_rerank_dataset(ranker, data, tmp / "rerank", cfg.list_len, cfg.seed, cross_fitted=cross_fitted)
         reranked = PreparedDataset(rerank)
-        result["rerank_test"] = evaluate_lists(logged_order_scores, reranked.batches("test", 512), category_col=category)
+        result["rerank_test"] = evaluate_lists(
+            logged_order_scores, reranked.batches("test", 512), category_col=category
+        )
         result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
     return result

@@ -83,8 +83,9 @@ class Reranker(nn.Module):
             if self.config.loss not in LIST_LOSSES:
                 raise ValueError(f"{self.name}: unknown loss {self.config.loss!r}; valid: {', '.join(LIST_LOSSES)}")
             self.loss_kind = self.config.loss
-        self.features = FeatureEmbedding(schema, self.config.embedding_dim, self.config.use_user,
-                                         self.config.min_id_count)
+        self.features = FeatureEmbedding(
+            schema, self.config.embedding_dim, self.config.use_user, self.config.min_id_count
+        )
         # A re-ranker refines the order it is given: with the skip, logits = a·z + b + g·network, where z is
         # the initial ranker's standardised score and a, b, g are learned. ``calibrate_skip`` starts a and b
         # at their best values for the model's own loss with the network off, and g at gate_init·a.
@@ -126,7 +127,9 @@ class Reranker(nn.Module):
     def logits(self, encoded: Encoded, batch: ListBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits (B, L) of one presentation and any auxiliary loss parts the context produced."""
         if batch.list_len > self.config.max_len:
-            raise ValueError(f"lists of {batch.list_len} items are longer than this model's max_len {self.config.max_len}")
+            raise ValueError(
+                f"lists of {batch.list_len} items are longer than this model's max_len {self.config.max_len}"
+            )
         # measured on the CPU only; on a GPU the grouping's host synchronisations may cost more than padding
         groups = length_groups(batch.mask) if self.trims_padding and batch.mask.device.type == "cpu" else None
         if groups is None:
@@ -143,8 +146,10 @@ class Reranker(nn.Module):
         logits put back in the batch's row order with zeros on the cut padding."""
         parts, rows_in_order = [], []
         for rows, width in groups:
-            part = Encoded(encoded.items.index_select(0, rows)[:, :width],
-                           *(None if t is None else t.index_select(0, rows) for t in encoded[1:]))
+            part = Encoded(
+                encoded.items.index_select(0, rows)[:, :width],
+                *(None if t is None else t.index_select(0, rows) for t in encoded[1:]),
+            )
             logits = self.context(part, batch[rows].truncate(width))
             if isinstance(logits, tuple):
                 raise TypeError(f"{self.name}: a model whose context returns loss parts cannot trim padding")
@@ -307,12 +312,17 @@ def check_reranker(model: Reranker, batch: ListBatch) -> None:
     """
     model.eval()
     scores = model.score(batch)
-    assert scores.shape == batch.mask.shape, f"{model.name}: scores {tuple(scores.shape)} for mask {tuple(batch.mask.shape)}"
+    assert scores.shape == batch.mask.shape, (
+        f"{model.name}: scores {tuple(scores.shape)} for mask {tuple(batch.mask.shape)}"
+    )
     assert torch.isfinite(scores[batch.mask]).all(), f"{model.name}: non-finite score on a real item"
     assert torch.isneginf(scores[~batch.mask]).all(), f"{model.name}: padding must score -inf"
     # Padding content must not leak into real items' scores.
-    noisy = dataclasses.replace(batch, item_sparse=torch.where(batch.mask[..., None], batch.item_sparse, 1),
-                                item_dense=torch.where(batch.mask[..., None], batch.item_dense, 7.0))
+    noisy = dataclasses.replace(
+        batch,
+        item_sparse=torch.where(batch.mask[..., None], batch.item_sparse, 1),
+        item_dense=torch.where(batch.mask[..., None], batch.item_dense, 7.0),
+    )
     assert torch.allclose(model.score(noisy)[batch.mask], scores[batch.mask], atol=1e-5), f"{model.name}: padding leaks"
     model.train()
     parts = model.loss(batch)

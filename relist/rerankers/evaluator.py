@@ -88,7 +88,9 @@ class Evaluator(Reranker):
             lengths = batch.lengths.clamp_min(1).cpu()
             packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
             recurrent, _ = self.gru(packed)
-            recurrent, _ = nn.utils.rnn.pad_packed_sequence(recurrent, batch_first=True, total_length=length)  # (B, L, g)
+            recurrent, _ = nn.utils.rnn.pad_packed_sequence(
+                recurrent, batch_first=True, total_length=length
+            )  # (B, L, g)
         pairs = torch.bmm(h, h.transpose(1, 2)) * mask[:, None, :] / h.shape[-1] ** 0.5  # (B, L, L)
         pairs = nn.functional.pad(pairs, (0, self.config.max_len - length))  # (B, L, max_len)
         features = torch.cat([x, pooled, fc, attended, recurrent, pairs], dim=-1)

@@ -93,10 +93,14 @@ class GRUSequence(torch.autograd.Function):
         grad_x = repeated * torch.cat([d_r, d_z, d_n], -1)  # of the input projection (N, T, 3H)
         grad_h = repeated * d_hidden
         need = ctx.needs_input_grad
-        return (grad_x @ w_ih if need[0] else None, grad_h0 if need[1] else None,
-                torch.einsum("ntg,nth->gh", grad_x, inputs) if need[2] else None,
-                torch.einsum("ntg,nth->gh", grad_h, previous) if need[3] else None,
-                grad_x.sum((0, 1)) if need[4] else None, grad_h.sum((0, 1)) if need[5] else None)
+        return (
+            grad_x @ w_ih if need[0] else None,
+            grad_h0 if need[1] else None,
+            torch.einsum("ntg,nth->gh", grad_x, inputs) if need[2] else None,
+            torch.einsum("ntg,nth->gh", grad_h, previous) if need[3] else None,
+            grad_x.sum((0, 1)) if need[4] else None,
+            grad_h.sum((0, 1)) if need[5] else None,
+        )
 
 
 class PointerNet(nn.Module):
@@ -151,13 +155,20 @@ class PointerNet(nn.Module):
     def _attend_heads(self, h: Tensor, k: Tensor, v: Tensor, available: Tensor) -> Tensor:
         n, heads, d, _ = k.shape
         q = self.query(h).view(n, heads, 1, d)
-        logits = (q @ k) / d ** 0.5  # (N, heads, 1, L)
+        logits = (q @ k) / d**0.5  # (N, heads, 1, L)
         logits = logits.masked_fill(~available[:, None, None, :], NEG_INF)
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         return (weights @ v).reshape(n, heads * d)
 
-    def forward(self, x: Tensor, mask: Tensor, noise: Tensor | None = None, order: Tensor | None = None,
-                state_offset: Tensor | None = None, init_offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        noise: Tensor | None = None,
+        order: Tensor | None = None,
+        state_offset: Tensor | None = None,
+        init_offset: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         states, h = self.states(x, mask)
         if state_offset is not None:
             states = states + state_offset * mask[..., None]
@@ -165,8 +176,9 @@ class PointerNet(nn.Module):
             h = h + init_offset
         return self.decode(states, h, mask, noise, order)
 
-    def decode(self, states: Tensor, h: Tensor, mask: Tensor, noise: Tensor | None = None,
-               order: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def decode(
+        self, states: Tensor, h: Tensor, mask: Tensor, noise: Tensor | None = None, order: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         n, length, _ = states.shape
         keys, pointer_keys = self.key(states), self.pointer_key(states)
         k, v = self._heads(keys, states)
@@ -221,7 +233,7 @@ class PointerNet(nn.Module):
         available = remaining & mask[:, None, :]
         live = available.any(2)  # (N, T)
         allowed = torch.where(live[..., None], available, remaining)
-        previous = states.gather(1, order[:, :steps - 1, None].expand(-1, -1, width))  # inputs of steps 1..T-1
+        previous = states.gather(1, order[:, : steps - 1, None].expand(-1, -1, width))  # inputs of steps 1..T-1
         inputs = torch.cat([self.go.expand(n, 1, width), previous], 1)  # (N, T, H)
         if fused_gru:  # the recurrence of ``_gru``: torch's GRU op forward, a linear recurrence backward
             hs = GRUSequence.apply(inputs, h, self.gru_x.weight, self.gru_h.weight, self.gru_x.bias, self.gru_h.bias)
@@ -235,12 +247,14 @@ class PointerNet(nn.Module):
         q = self.query(hs).view(n, steps, self.heads, d).transpose(1, 2)  # (N, heads, T, d)
         k = self.key(states).view(n, length, self.heads, d).transpose(1, 2)  # (N, heads, L, d)
         v = states.view(n, length, self.heads, d).transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2)) / d ** 0.5  # (N, heads, T, L)
+        logits = (q @ k.transpose(-1, -2)) / d**0.5  # (N, heads, T, L)
         logits = logits.masked_fill(~available[:, None], NEG_INF)
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         context = (weights @ v).transpose(1, 2).reshape(n, steps, width)  # (N, T, H)
         query = self.pointer_query(torch.cat([hs, context], dim=-1))
-        scores = self.pointer_out(torch.tanh(self.pointer_key(states)[:, None] + query[:, :, None])).squeeze(-1)  # (N, T, L)
+        scores = self.pointer_out(torch.tanh(self.pointer_key(states)[:, None] + query[:, :, None])).squeeze(
+            -1
+        )  # (N, T, L)
         scores = torch.where(live[..., None], scores, -positions.to(scores.dtype)).masked_fill(~allowed, NEG_INF)
         step_log_p = torch.log_softmax(scores, dim=-1).gather(2, order[..., None]).squeeze(2)
         return torch.where(live, step_log_p, torch.zeros_like(step_log_p))
@@ -327,7 +341,7 @@ class Generator(Reranker):
         identity = torch.arange(batch.list_len, device=x.device).expand(x_rep.shape[0], -1)
         both = torch.cat([orders, identity])
         gains = self.position_gains(_repeat(batch_rep, 2), both)
-        rewards = gains[: len(orders)] - gains[len(orders):]  # sampled minus initial, per position
+        rewards = gains[: len(orders)] - gains[len(orders) :]  # sampled minus initial, per position
         returns = discounted_returns(rewards, c.gamma)
         loss = -(returns.detach() * log_p).sum(1).mean()
         return self.context(encoded, batch), {"loss": loss, "reward": rewards.sum(1).mean().detach()}
@@ -362,4 +376,3 @@ def order_scores(order: Tensor, mask: Tensor) -> Tensor:
 
 def _repeat(batch: ListBatch, times: int) -> ListBatch:
     return batch if times == 1 else concat([batch] * times)
-

@@ -50,8 +50,9 @@ class GSF(Reranker):
         if self.position is not None:
             x = x + self.position(torch.arange(batch.list_len, device=batch.device))
         size, length, dim = x.shape
-        pairs = torch.cat([x[:, :, None, :].expand(-1, -1, length, -1),
-                           x[:, None, :, :].expand(-1, length, -1, -1)], dim=-1)  # (B, L, L, 2d): (i, j)
+        pairs = torch.cat(
+            [x[:, :, None, :].expand(-1, -1, length, -1), x[:, None, :, :].expand(-1, length, -1, -1)], dim=-1
+        )  # (B, L, L, 2d): (i, j)
         out = self.group(pairs)  # (B, L, L, 2): score of i and of j within the group (i, j)
         valid = batch.mask[:, :, None] & batch.mask[:, None, :] & ~torch.eye(length, dtype=torch.bool, device=x.device)
         valid = valid.float()

@@ -66,7 +66,7 @@ class MiDNN(Reranker):
     def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
         first = self.net[0]
         if self.position is not None:  # W·(h + p) + b = W·h + (W·p + b)
-            h = encoded.items + first(self.position.weight[:batch.list_len])
+            h = encoded.items + first(self.position.weight[: batch.list_len])
         else:
             h = encoded.items + first.bias
         return self.net[1:](h).squeeze(-1)

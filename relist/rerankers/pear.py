@@ -57,7 +57,9 @@ class PEAR(Reranker):
         self.hist_project = nn.Linear(c.embedding_dim * max(len(schema.user_hist), 1), c.d_model)
         self.cls = nn.Parameter(torch.zeros(1, 1, c.d_model))
         self.position = nn.Embedding(c.max_len + 1, c.d_model)
-        self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks)
+        )
         self.cross = nn.MultiheadAttention(c.d_model, c.n_heads, dropout=c.dropout, batch_first=True)
         self.item_head = mlp([2 * c.d_model, c.d_model, 1], dropout=c.dropout)
         self.list_head = nn.Linear(c.d_model, 1)
@@ -84,7 +86,9 @@ class PEAR(Reranker):
             # A user without history attends to nothing: give them one zero key, and zero the result.
             has_hist = encoded.hist_mask.any(1)
             hist_ignore = padding_mask(encoded.hist_mask)
-            attended, _ = self.cross(items, encoded.hist, encoded.hist, key_padding_mask=hist_ignore, need_weights=False)
+            attended, _ = self.cross(
+                items, encoded.hist, encoded.hist, key_padding_mask=hist_ignore, need_weights=False
+            )
             attended = attended * has_hist[:, None, None]
         else:
             attended = torch.zeros_like(items)

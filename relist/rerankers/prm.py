@@ -47,7 +47,9 @@ class PRM(Reranker):
         self.position = nn.Embedding(c.max_len, c.d_model)
         if c.n_blocks < 1:
             raise ValueError(f"PRM needs at least one block, got n_blocks={c.n_blocks}")
-        self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks)
+        )
         self.out = nn.Linear(c.d_model, 1)
 
     def encode_items(self, items: Tensor) -> Tensor:
@@ -57,7 +59,7 @@ class PRM(Reranker):
 
     def context(self, encoded: Encoded, batch: ListBatch) -> Tensor:
         d = self.config.d_model
-        position = self.position.weight[:batch.list_len]  # (L, d)
+        position = self.position.weight[: batch.list_len]  # (L, d)
         x, qkv = encoded.items.split([d, 3 * d], dim=-1)  # one split: its backward is one cat, not two zero-fills
         x = x + position
         qkv = qkv + self.blocks[0].qkv(position)

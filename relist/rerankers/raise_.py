@@ -49,7 +49,7 @@ class RAISE(Reranker):
         c = self.config
         self.project = nn.Linear(self.input_dim, c.d_model)
         self.hist_project = nn.Linear(c.embedding_dim * max(len(schema.user_hist), 1), c.d_model)
-        self.prototypes = nn.Parameter(torch.randn(c.n_intentions, c.d_model) / c.d_model ** 0.5)
+        self.prototypes = nn.Parameter(torch.randn(c.n_intentions, c.d_model) / c.d_model**0.5)
         self.position = nn.Embedding(c.max_len, c.d_model)
         self.query = nn.Linear(c.d_model, c.d_model)
         self.key = nn.Linear(c.d_model, c.d_model)

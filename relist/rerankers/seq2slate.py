@@ -65,7 +65,9 @@ class Seq2Slate(Reranker):
     def objective(self, encoded: Encoded, batch: ListBatch):
         states, last = self._encode_sequence(encoded, batch)
         keys = self.w_enc(states)
-        target = torch.sort((batch.label * batch.mask).masked_fill(~batch.mask, -1.0), dim=1, descending=True, stable=True).indices
+        target = torch.sort(
+            (batch.label * batch.mask).masked_fill(~batch.mask, -1.0), dim=1, descending=True, stable=True
+        ).indices
         available = batch.mask.clone()
         state = self.decoder(self.go.expand(batch.size, -1), last)
         step_inputs = states  # the decoder is fed the encoding of the item it just chose

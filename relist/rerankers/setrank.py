@@ -48,7 +48,9 @@ class SetRank(Reranker):
         self.ordinal = nn.Embedding(c.max_len, c.d_model) if c.ordinal else None
         if c.n_blocks < 1:
             raise ValueError(f"SetRank needs at least one block, got n_blocks={c.n_blocks}")
-        self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.d_model, c.n_heads, c.d_ffn, c.dropout) for _ in range(c.n_blocks)
+        )
         self.out = nn.Linear(c.d_model, 1)
 
     def encode_items(self, items: Tensor) -> Tensor:
@@ -61,7 +63,7 @@ class SetRank(Reranker):
         x, qkv = encoded.items.split([d, 3 * d], dim=-1)  # one split: its backward is one cat, not two zero-fills
         qkv = qkv + self.blocks[0].qkv.bias
         if self.ordinal is not None:
-            ordinal = self.ordinal.weight[:batch.list_len]  # (L, d)
+            ordinal = self.ordinal.weight[: batch.list_len]  # (L, d)
             x = x + ordinal
             qkv = qkv + nn.functional.linear(ordinal, self.blocks[0].qkv.weight)
         for k, block in enumerate(self.blocks):

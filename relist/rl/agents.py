@@ -140,13 +140,22 @@ def unwrap(module: nn.Module) -> nn.Module:
 class MultiStageAgent(nn.Module):
     """Actors, critics and their targets for a ``Cascade`` (see the module docstring)."""
 
-    def __init__(self, cascade: Cascade, config: AgentConfig, default: list[Tensor], generator: torch.Generator,
-                 reward_scale: float = 1.0):
+    def __init__(
+        self,
+        cascade: Cascade,
+        config: AgentConfig,
+        default: list[Tensor],
+        generator: torch.Generator,
+        reward_scale: float = 1.0,
+    ):
         super().__init__()
         if config.critic_obs not in ("all", "first"):
             raise ValueError(f"critic_obs must be 'all' or 'first', got {config.critic_obs!r}")
         if config.acting not in ("all", "last") or config.critic not in ("global", "local"):
-            raise ValueError(f"acting must be 'all' or 'last' and critic 'global' or 'local', got {config.acting!r}, {config.critic!r}")
+            raise ValueError(
+                f"acting must be 'all' or 'last' and critic 'global' or 'local', got {config.acting!r}, "
+                f"{config.critic!r}"
+            )
         self.cascade, self.config, self.generator, self.reward_scale = cascade, config, generator, reward_scale
         self.default = [d[:1] for d in default]  # (1, m_s) hand-set weights of non-acting stages
         n = cascade.n_stages
@@ -155,16 +164,23 @@ class MultiStageAgent(nn.Module):
         h = config.hidden
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            self.actors = nn.ModuleDict({str(s): Actor(self.obs_dims[s], self.act_dims[s], h,
-                                                       self.default[s].cpu() if config.warm_start else None)
-                                         for s in self.acting})
+            self.actors = nn.ModuleDict(
+                {
+                    str(s): Actor(
+                        self.obs_dims[s], self.act_dims[s], h, self.default[s].cpu() if config.warm_start else None
+                    )
+                    for s in self.acting
+                }
+            )
             n_q = 2 if config.twin else 1
             if config.critic == "global":
                 width = (sum(self.obs_dims) if config.critic_obs == "all" else self.obs_dims[0]) + sum(self.act_dims)
                 self.critics = nn.ModuleList(nn.ModuleDict({"g": Critic(width, h)}) for _ in range(n_q))
             else:
-                self.critics = nn.ModuleList(nn.ModuleDict({str(s): Critic(self.obs_dims[s] + self.act_dims[s], h) for s in self.acting})
-                                             for _ in range(n_q))
+                self.critics = nn.ModuleList(
+                    nn.ModuleDict({str(s): Critic(self.obs_dims[s] + self.act_dims[s], h) for s in self.acting})
+                    for _ in range(n_q)
+                )
         self.updates = 0
 
     def distribute(self) -> None:
@@ -177,7 +193,9 @@ class MultiStageAgent(nn.Module):
     def start_training(self) -> None:
         """Targets and optimisers (after ``distribute``, so every process starts from the same weights)."""
         self.target_actors = copy.deepcopy(nn.ModuleDict({k: unwrap(v) for k, v in self.actors.items()}))
-        self.target_critics = copy.deepcopy(nn.ModuleList(nn.ModuleDict({k: unwrap(v) for k, v in q.items()}) for q in self.critics))
+        self.target_critics = copy.deepcopy(
+            nn.ModuleList(nn.ModuleDict({k: unwrap(v) for k, v in q.items()}) for q in self.critics)
+        )
         for p in [*self.target_actors.parameters(), *self.target_critics.parameters()]:
             p.requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.actors.parameters(), lr=self.config.actor_lr)
@@ -249,13 +267,18 @@ class MultiStageAgent(nn.Module):
         with torch.no_grad():
             next_value = self._next_value(batch)
             keep = c.gamma * (1.0 - batch.done)
-            target = reward + keep * next_value if next_value.dim() == 1 else reward[:, None] + keep[:, None] * next_value
+            target = (
+                reward + keep * next_value if next_value.dim() == 1 else reward[:, None] + keep[:, None] * next_value
+            )
         if c.critic == "global":
             x, a = self._global_obs(obs), torch.cat(acts, 1)
             critic_loss = sum(((q["g"](x, a) - target) ** 2).mean() for q in self.critics)
         else:
-            critic_loss = sum(((q[str(s)](obs[s], acts[s]) - target[:, k]) ** 2).mean()
-                              for q in self.critics for k, s in enumerate(self.acting))
+            critic_loss = sum(
+                ((q[str(s)](obs[s], acts[s]) - target[:, k]) ** 2).mean()
+                for q in self.critics
+                for k, s in enumerate(self.acting)
+            )
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
@@ -275,8 +298,10 @@ class MultiStageAgent(nn.Module):
         else:
             actor_loss = -sum(first[str(s)](obs[s], self.policy(train=True)(s, obs[s])).mean() for s in self.acting)
         if c.action_l2 > 0:  # on the buffer's observations: the same regulariser for every method
-            actor_loss = actor_loss + c.action_l2 * sum((unwrap(self.actors[str(s)]).pre_activation(obs[s]).abs() - 2.0).relu().pow(2).mean()
-                                                        for s in self.acting)
+            actor_loss = actor_loss + c.action_l2 * sum(
+                (unwrap(self.actors[str(s)]).pre_activation(obs[s]).abs() - 2.0).relu().pow(2).mean()
+                for s in self.acting
+            )
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()

@@ -27,7 +27,9 @@ class CEMConfig:
     min_std: float = 0.05
 
 
-def train_cem(env: CascadeEnv, cfg: CEMConfig, seed: int, objective: str = "session_dwell") -> tuple[list[Tensor], list[dict]]:
+def train_cem(
+    env: CascadeEnv, cfg: CEMConfig, seed: int, objective: str = "session_dwell"
+) -> tuple[list[Tensor], list[dict]]:
     """The fitted weights (one (1, m_s) tensor per stage) and the curve of the mean's training score."""
     g = torch.Generator().manual_seed(seed)
     dims = env.cascade.action_dims
@@ -44,7 +46,9 @@ def train_cem(env: CascadeEnv, cfg: CEMConfig, seed: int, objective: str = "sess
             requests += int(out["requests"].sum())
             scores.append(session_metrics(out)[objective])
         scores = torch.tensor(scores)
-        curve.append({"iteration": it, "requests": requests, "mean_score": float(scores[0]), "best_score": float(scores.max())})
+        curve.append(
+            {"iteration": it, "requests": requests, "mean_score": float(scores[0]), "best_score": float(scores.max())}
+        )
         elite = samples[scores.topk(cfg.elite).indices]
         mean, std = elite.mean(0), elite.std(0).clamp_min(cfg.min_std)
     return _split(mean, dims), curve

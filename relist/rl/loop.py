@@ -82,7 +82,9 @@ def evaluate(env: CascadeEnv, policy, cfg: LoopConfig, seed: int, n_users: int |
     return session_metrics(env.evaluate(policy, n_users or cfg.eval_users, cfg.eval_seed + seed))
 
 
-def train_agent(env: CascadeEnv, config: AgentConfig, loop: LoopConfig, seed: int) -> tuple[MultiStageAgent, list[dict]]:
+def train_agent(
+    env: CascadeEnv, config: AgentConfig, loop: LoopConfig, seed: int
+) -> tuple[MultiStageAgent, list[dict]]:
     """Train one agent; returns it and its learning curve (rank 0's evaluations; empty on other ranks)."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -105,14 +107,28 @@ def train_agent(env: CascadeEnv, config: AgentConfig, loop: LoopConfig, seed: in
     for step in range(loop.steps + 1):
         if rank == 0 and (step % loop.eval_every == 0 or step == loop.steps):
             metrics = evaluate(env, greedy_policy(agent), loop, seed)
-            curve.append({"step": step, "requests": step * loop.n_envs * world, "seconds": time.perf_counter() - started, **metrics})
-            log.info("step %d: session dwell %.1f, session length %.2f", step, metrics["session_dwell"], metrics["session_length"])
+            curve.append(
+                {
+                    "step": step,
+                    "requests": step * loop.n_envs * world,
+                    "seconds": time.perf_counter() - started,
+                    **metrics,
+                }
+            )
+            log.info(
+                "step %d: session dwell %.1f, session length %.2f",
+                step,
+                metrics["session_dwell"],
+                metrics["session_length"],
+            )
         if step == loop.steps:
             break
         pop, ctx = env.first(state)
         if step < loop.warmup:
-            acts = [torch.rand(pop.shape[0], m, generator=generator) * 2 - 1 if s in agent.acting else None
-                    for s, m in enumerate(cascade.action_dims)]
+            acts = [
+                torch.rand(pop.shape[0], m, generator=generator) * 2 - 1 if s in agent.acting else None
+                for s, m in enumerate(cascade.action_dims)
+            ]
             policy = lambda s, obs: acts[s] if acts[s] is not None else agent.default[s].expand(obs.shape[0], -1)  # noqa: E731
         else:
             noisy = agent.policy(noise=config.explore_noise)
@@ -120,6 +136,7 @@ def train_agent(env: CascadeEnv, config: AgentConfig, loop: LoopConfig, seed: in
             def policy(s, obs):
                 with torch.no_grad():
                     return noisy(s, obs)
+
         request = env.step(state, policy)
         obs, act = torch.cat(request.out.obs, 1), torch.cat(request.out.actions, 1)
         if pending is not None:  # the previous requests' next observations are this step's observations
@@ -128,8 +145,17 @@ def train_agent(env: CascadeEnv, config: AgentConfig, loop: LoopConfig, seed: in
         shown_category = cascade.catalogue.category[request.out.slate[:, 0]]
         done = request.step.done
         next_pop, next_ctx = env.first(state)
-        transition = dict(pop=pop, ctx=ctx, obs=obs, act=act, reward=request.reward, cell=groups[pop] * n_cat + shown_category,
-                          done=done.float(), next_pop=next_pop, next_ctx=next_ctx)
+        transition = dict(
+            pop=pop,
+            ctx=ctx,
+            obs=obs,
+            act=act,
+            reward=request.reward,
+            cell=groups[pop] * n_cat + shown_category,
+            done=done.float(),
+            next_pop=next_pop,
+            next_ctx=next_ctx,
+        )
         if done.any():
             replay.add(**{k: v[done] for k, v in transition.items()}, next_obs=torch.zeros_like(obs[done]))
         alive = (~done).nonzero().squeeze(1)
@@ -191,8 +217,13 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     agent_cfg = method_config(cfg.method)
     env, info = build_env(CascadeEnvConfig.from_yaml(cfg.env))
-    loop = LoopConfig(steps=cfg.steps, n_envs=cfg.n_envs, updates_per_step=cfg.updates_per_step,
-                      eval_every=cfg.eval_every, eval_users=cfg.eval_users)
+    loop = LoopConfig(
+        steps=cfg.steps,
+        n_envs=cfg.n_envs,
+        updates_per_step=cfg.updates_per_step,
+        eval_every=cfg.eval_every,
+        eval_users=cfg.eval_users,
+    )
     agent, curve = train_agent(env, agent_cfg, loop, cfg.seed)
     in_sync = _in_sync(agent)
     if torch.distributed.is_initialized():
@@ -200,12 +231,20 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
     if rank != 0:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    weights = {f"{k}.{n}": p.detach().contiguous()
-               for k, a in agent.actors.items() for n, p in unwrap(a).state_dict().items()}
+    weights = {
+        f"{k}.{n}": p.detach().contiguous() for k, a in agent.actors.items() for n, p in unwrap(a).state_dict().items()
+    }
     save_file(weights, str(out / "actors.safetensors"))
-    result = {"method": cfg.method, "world_size": world, "ranks_in_sync": in_sync, "env": info, "curve": curve,
-              "final": curve[-1], "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-              "agent": asdict(agent_cfg)}
+    result = {
+        "method": cfg.method,
+        "world_size": world,
+        "ranks_in_sync": in_sync,
+        "env": info,
+        "curve": curve,
+        "final": curve[-1],
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "agent": asdict(agent_cfg),
+    }
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str))
     tmp.replace(out / "metrics.json")

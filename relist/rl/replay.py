@@ -36,10 +36,15 @@ class Replay:
     def __init__(self, capacity: int, ctx_dim: int, obs_dim: int, act_dim: int):
         self.capacity, self.size, self.head = capacity, 0, 0
         self.data = {
-            "pop": torch.zeros(capacity, dtype=torch.long), "ctx": torch.zeros(capacity, ctx_dim),
-            "obs": torch.zeros(capacity, obs_dim), "act": torch.zeros(capacity, act_dim), "reward": torch.zeros(capacity),
-            "cell": torch.zeros(capacity, dtype=torch.long), "done": torch.zeros(capacity),
-            "next_pop": torch.zeros(capacity, dtype=torch.long), "next_ctx": torch.zeros(capacity, ctx_dim),
+            "pop": torch.zeros(capacity, dtype=torch.long),
+            "ctx": torch.zeros(capacity, ctx_dim),
+            "obs": torch.zeros(capacity, obs_dim),
+            "act": torch.zeros(capacity, act_dim),
+            "reward": torch.zeros(capacity),
+            "cell": torch.zeros(capacity, dtype=torch.long),
+            "done": torch.zeros(capacity),
+            "next_pop": torch.zeros(capacity, dtype=torch.long),
+            "next_ctx": torch.zeros(capacity, ctx_dim),
             "next_obs": torch.zeros(capacity, obs_dim),
         }
 

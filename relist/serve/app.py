@@ -57,7 +57,9 @@ class Service:
         run = Path(settings.run)
         for part in ("generator", "evaluator"):
             if not (run / part).is_dir():
-                raise FileNotFoundError(f"{run} has no {part}/ (expected the outputs of `relist train {part} --out {run / part}`)")
+                raise FileNotFoundError(
+                    f"{run} has no {part}/ (expected the outputs of `relist train {part} --out {run / part}`)"
+                )
         torch.set_num_threads(max(1, settings.threads))
         gen_dir = run / "generator"
         self.generator = load_reranker(gen_dir / "best" if (gen_dir / "best").is_dir() else gen_dir)
@@ -88,9 +90,15 @@ class Service:
         for b, (_, ids) in enumerate(examples):
             n = len(ids)
             order = out.order[b, :n].tolist()
-            results.append({"order": [ids[k] for k in order], "scores": out.scores[b, :n].tolist(),
-                            "evaluator_score": float(out.value[b]), "exploration": self.exploration(int(out.winner[b])),
-                            "candidates": int(out.candidates.shape[1])})
+            results.append(
+                {
+                    "order": [ids[k] for k in order],
+                    "scores": out.scores[b, :n].tolist(),
+                    "evaluator_score": float(out.value[b]),
+                    "exploration": self.exploration(int(out.winner[b])),
+                    "candidates": int(out.candidates.shape[1]),
+                }
+            )
         return results
 
 
@@ -98,7 +106,12 @@ class MicroBatcher:
     """Collects concurrent requests for a short window and runs them as one batch on a worker thread."""
 
     def __init__(self, service: Service, window_ms: float, max_batch: int, metrics: ServiceMetrics):
-        self.service, self.window, self.max_batch, self.metrics = service, window_ms / 1000.0, max(1, max_batch), metrics
+        self.service, self.window, self.max_batch, self.metrics = (
+            service,
+            window_ms / 1000.0,
+            max(1, max_batch),
+            metrics,
+        )
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relist-batch")
         self.task: asyncio.Task | None = None
@@ -157,16 +170,27 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         started = time.perf_counter()
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            return error(413, f"body of {declared} bytes, more than the limit of {settings.max_body_bytes}", "body_too_large", started)
+            return error(
+                413,
+                f"body of {declared} bytes, more than the limit of {settings.max_body_bytes}",
+                "body_too_large",
+                started,
+            )
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > settings.max_body_bytes:
-                return error(413, f"body larger than the limit of {settings.max_body_bytes} bytes", "body_too_large", started)
+                return error(
+                    413, f"body larger than the limit of {settings.max_body_bytes} bytes", "body_too_large", started
+                )
         try:
             example = service.parser.parse(parse_json(bytes(body)))
         except BadRequest as err:
-            reason = "malformed_json" if err.status == 400 else ("too_many_items" if err.status == 413 else "invalid_request")
+            reason = (
+                "malformed_json"
+                if err.status == 400
+                else ("too_many_items" if err.status == 413 else "invalid_request")
+            )
             return error(err.status, str(err), reason, started)
         try:
             result = await batcher.submit(example)
@@ -198,11 +222,24 @@ def serve(settings: ServeSettings) -> None:
     import uvicorn
 
     if settings.workers > 1:
-        os.environ[SETTINGS_ENV] = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
+        os.environ[SETTINGS_ENV] = json.dumps(
+            {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+        )
         Service(settings)  # fail here, with the message, rather than in every worker
         # loading torch and the models takes longer than uvicorn's default 5 s worker health check on a busy machine
-        extra = {"timeout_worker_healthcheck": 120} if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters else {}
-        uvicorn.run("relist.serve.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level="warning", **extra)
+        extra = (
+            {"timeout_worker_healthcheck": 120}
+            if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters
+            else {}
+        )
+        uvicorn.run(
+            "relist.serve.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level="warning",
+            **extra,
+        )
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

@@ -37,23 +37,36 @@ class ServiceMetrics:
 
     def render(self) -> str:
         with self.lock:
-            lines = ["# HELP relist_requests_total HTTP requests by path and status.", "# TYPE relist_requests_total counter"]
-            lines += [f'relist_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
-            lines += ["# HELP relist_request_errors_total Rejected or failed /rerank requests by reason.",
-                      "# TYPE relist_request_errors_total counter"]
+            lines = [
+                "# HELP relist_requests_total HTTP requests by path and status.",
+                "# TYPE relist_requests_total counter",
+            ]
+            lines += [
+                f'relist_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())
+            ]
+            lines += [
+                "# HELP relist_request_errors_total Rejected or failed /rerank requests by reason.",
+                "# TYPE relist_request_errors_total counter",
+            ]
             lines += [f'relist_request_errors_total{{reason="{r}"}} {n}' for r, n in sorted(self.errors.items())]
-            lines += ["# HELP relist_rerank_latency_seconds /rerank latency, body received to response ready.",
-                      "# TYPE relist_rerank_latency_seconds histogram"]
+            lines += [
+                "# HELP relist_rerank_latency_seconds /rerank latency, body received to response ready.",
+                "# TYPE relist_rerank_latency_seconds histogram",
+            ]
             running = 0
             for bound, count in zip(LATENCY_BUCKETS, self.latency):
                 running += count
                 lines.append(f'relist_rerank_latency_seconds_bucket{{le="{bound}"}} {running}')
             total = running + self.latency[-1]
-            lines += [f'relist_rerank_latency_seconds_bucket{{le="+Inf"}} {total}',
-                      f"relist_rerank_latency_seconds_sum {self.latency_sum:.6f}",
-                      f"relist_rerank_latency_seconds_count {total}",
-                      "# HELP relist_batches_total Micro-batches run.", "# TYPE relist_batches_total counter",
-                      f"relist_batches_total {self.batches}",
-                      "# HELP relist_batched_requests_total Requests served through micro-batches.",
-                      "# TYPE relist_batched_requests_total counter", f"relist_batched_requests_total {self.batched_requests}"]
+            lines += [
+                f'relist_rerank_latency_seconds_bucket{{le="+Inf"}} {total}',
+                f"relist_rerank_latency_seconds_sum {self.latency_sum:.6f}",
+                f"relist_rerank_latency_seconds_count {total}",
+                "# HELP relist_batches_total Micro-batches run.",
+                "# TYPE relist_batches_total counter",
+                f"relist_batches_total {self.batches}",
+                "# HELP relist_batched_requests_total Requests served through micro-batches.",
+                "# TYPE relist_batched_requests_total counter",
+                f"relist_batched_requests_total {self.batched_requests}",
+            ]
         return "\n".join(lines) + "\n"

@@ -48,7 +48,9 @@ class RequestParser:
 
     def __init__(self, schema: Schema, vocabs: dict[str, list[str] | None], max_items: int):
         self.schema, self.max_items = schema, max_items
-        self.index = {name: {v: k for k, v in enumerate(values)} for name, values in vocabs.items() if values is not None}
+        self.index = {
+            name: {v: k for k, v in enumerate(values)} for name, values in vocabs.items() if values is not None
+        }
         self.sizes = {f.name: f.vocab for f in (*schema.item_sparse, *schema.user_sparse, *schema.user_hist)}
         self.item_sparse = [f.name for f in schema.item_sparse]
         self.dense = list(schema.item_dense)
@@ -101,8 +103,10 @@ class RequestParser:
                 elif name in self.item_sparse[1:]:
                     sparse[k, self.item_sparse.index(name)] = self._id(name, value, f"{where}.features.{name}")
                 else:
-                    raise BadRequest(f"{where}.features: unknown feature {name!r}; valid: "
-                                     f"{sorted(self.dense + self.item_sparse[1:])}")
+                    raise BadRequest(
+                        f"{where}.features: unknown feature {name!r}; valid: "
+                        f"{sorted(self.dense + self.item_sparse[1:])}"
+                    )
             missing = [n for n in self.dense if n not in features]
             if missing:
                 raise BadRequest(f"{where}.features: missing dense feature(s) {missing}")

@@ -53,7 +53,9 @@ METRICS = {
 @dataclass
 class ABTestConfig:
     sim: Path = option(help="simulator directory (from `relist sim train` or `relist sim truth`)")
-    policies: str = option(help="comma-separated policies, the first is the baseline: random, logged, ranker:DIR, oracle")
+    policies: str = option(
+        help="comma-separated policies, the first is the baseline: random, logged, ranker:DIR, oracle"
+    )
     out: Path = option(help="output directory: summary.md, results.csv, per_seed.csv, results.json, abtest.png")
     users: int = option(2000, help="simulated users per seed")
     seeds: int = option(3, help="number of seeds (independent draws of users and outcomes)")
@@ -61,7 +63,9 @@ class ABTestConfig:
     batch_size: int = option(1024, help="users simulated together")
     device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
     overwrite: bool = option(False, help="replace OUT if it exists")
-    threads: int = option(1, help="torch intra-op threads (0: torch's default); small per-request tensors gain nothing from more")
+    threads: int = option(
+        1, help="torch intra-op threads (0: torch's default); small per-request tensors gain nothing from more"
+    )
 
 
 def ratio_influence(num: np.ndarray, den: np.ndarray) -> tuple[float, np.ndarray]:
@@ -94,9 +98,16 @@ def summarise(per_policy: dict[str, dict[str, np.ndarray]], seed_of_unit: np.nda
         for name in names:
             r, inf, per_seed = stats[name]
             low, high = interval(inf, r)
-            row = {"policy": name, "metric": metric, "value": r, "ci_low": low, "ci_high": high,
-                   "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-                   "per_seed": per_seed, "n_units": int(len(inf))}
+            row = {
+                "policy": name,
+                "metric": metric,
+                "value": r,
+                "ci_low": low,
+                "ci_high": high,
+                "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                "per_seed": per_seed,
+                "n_units": int(len(inf)),
+            }
             if name != base and r0 != 0:
                 lift = r / r0 - 1.0
                 lift_inf = (r / r0) * (inf / r - if0 / r0) if r != 0 else -inf / r0
@@ -107,23 +118,41 @@ def summarise(per_policy: dict[str, dict[str, np.ndarray]], seed_of_unit: np.nda
 
 
 def markdown(rows: list[dict], names: list[str], header: str) -> str:
-    lines = [header, "", "| policy | " + " | ".join(label for _, _, label in METRICS.values()) + " |",
-             "|---|" + "---|" * len(METRICS)]
+    lines = [
+        header,
+        "",
+        "| policy | " + " | ".join(label for _, _, label in METRICS.values()) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     by = {(r["policy"], r["metric"]): r for r in rows}
     for name in names:
-        cells = [f"{by[name, m]['value']:.4g} [{by[name, m]['ci_low']:.4g}, {by[name, m]['ci_high']:.4g}]" for m in METRICS]
+        cells = [
+            f"{by[name, m]['value']:.4g} [{by[name, m]['ci_low']:.4g}, {by[name, m]['ci_high']:.4g}]" for m in METRICS
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Lift over `{names[0]}` (paired 95% CI; * = the interval excludes 0):", "",
-              "| policy | " + " | ".join(label for _, _, label in METRICS.values()) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += [
+        "",
+        f"Lift over `{names[0]}` (paired 95% CI; * = the interval excludes 0):",
+        "",
+        "| policy | " + " | ".join(label for _, _, label in METRICS.values()) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     for name in names[1:]:
         cells = []
         for m in METRICS:
             r = by[name, m]
-            cells.append(f"{100 * r['lift']:+.2f}% [{100 * r['lift_low']:+.2f}, {100 * r['lift_high']:+.2f}]"
-                         + ("*" if r["significant"] else ""))
+            cells.append(
+                f"{100 * r['lift']:+.2f}% [{100 * r['lift_low']:+.2f}, {100 * r['lift_high']:+.2f}]"
+                + ("*" if r["significant"] else "")
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Spread over seeds (standard deviation of the per-seed values):", "",
-              "| policy | " + " | ".join(label for _, _, label in METRICS.values()) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += [
+        "",
+        "Spread over seeds (standard deviation of the per-seed values):",
+        "",
+        "| policy | " + " | ".join(label for _, _, label in METRICS.values()) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{by[name, m]['seed_std']:.3g}" for m in METRICS) + " |")
     return "\n".join(lines) + "\n"
@@ -139,8 +168,10 @@ def plot(rows: list[dict], names: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.6))
     for ax, (metric, (_, _, label)) in zip(axes, METRICS.items()):
         values = [by[n, metric]["value"] for n in names]
-        errors = [[v - by[n, metric]["ci_low"] for n, v in zip(names, values)],
-                  [by[n, metric]["ci_high"] - v for n, v in zip(names, values)]]
+        errors = [
+            [v - by[n, metric]["ci_low"] for n, v in zip(names, values)],
+            [by[n, metric]["ci_high"] - v for n, v in zip(names, values)],
+        ]
         ax.bar(range(len(names)), values, yerr=errors, capsize=4, color=[f"C{k}" for k in range(len(names))])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(label)
@@ -163,7 +194,9 @@ def simulate(sim: Simulator, policy, n_users: int, seed: int, batch_size: int) -
 def run_abtest(cfg: ABTestConfig) -> dict:
     specs = parse_spec(cfg.policies)  # bad names fail before anything is loaded
     if cfg.users < 2 or cfg.seeds < 1 or cfg.batch_size < 1:
-        raise ValueError(f"need --users >= 2, --seeds >= 1 and --batch-size >= 1, got {cfg.users}, {cfg.seeds}, {cfg.batch_size}")
+        raise ValueError(
+            f"need --users >= 2, --seeds >= 1 and --batch-size >= 1, got {cfg.users}, {cfg.seeds}, {cfg.batch_size}"
+        )
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
@@ -181,19 +214,40 @@ def run_abtest(cfg: ABTestConfig) -> dict:
             seconds[name] += time.perf_counter() - started
             for key, values in result.items():
                 per_policy[name].setdefault(key, []).append(values)
-            log.info("abtest: seed %d %s: %.4f clicks/request", seed, name, result["clicks"].sum() / result["requests"].sum())
+            log.info(
+                "abtest: seed %d %s: %.4f clicks/request", seed, name, result["clicks"].sum() / result["requests"].sum()
+            )
     per_policy = {n: {k: np.concatenate(v) for k, v in d.items()} for n, d in per_policy.items()}
     seed_of_unit = np.repeat(seeds, cfg.users)
     rows = summarise(per_policy, seed_of_unit)
-    header = (f"A/B test on simulator `{cfg.sim}`: {cfg.users} users x {cfg.seeds} seeds ({cfg.seed}..{seeds[-1]}), "
-              f"common random numbers; value [95% CI] over {cfg.users * cfg.seeds} (seed, user) units.")
+    header = (
+        f"A/B test on simulator `{cfg.sim}`: {cfg.users} users x {cfg.seeds} seeds ({cfg.seed}..{seeds[-1]}), "
+        f"common random numbers; value [95% CI] over {cfg.users * cfg.seeds} (seed, user) units."
+    )
     summary = markdown(rows, names, header)
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "policies": names,
-              "rows": rows, "seconds": seconds, "summary": summary}
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "policies": names,
+        "rows": rows,
+        "seconds": seconds,
+        "summary": summary,
+    }
     with atomic_directory(out) as tmp:
         (tmp / "summary.md").write_text(summary)
         (tmp / "results.json").write_text(json.dumps(result, indent=2))
-        fields = ["policy", "metric", "value", "ci_low", "ci_high", "lift", "lift_low", "lift_high", "significant", "seed_std", "n_units"]
+        fields = [
+            "policy",
+            "metric",
+            "value",
+            "ci_low",
+            "ci_high",
+            "lift",
+            "lift_low",
+            "lift_high",
+            "significant",
+            "seed_std",
+            "n_units",
+        ]
         with open(tmp / "results.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()

@@ -47,8 +47,11 @@ from relist.batch import ListBatch
 from relist.sim.pool import _affinity_columns, history_share, take
 from relist.sim.session import Users
 
-STAGE_NAMES = {3: ("matching", "preranking", "ranking"), 4: ("matching", "preranking", "ranking", "reranking"),
-               5: ("matching", "preranking", "coarse_ranking", "ranking", "reranking")}
+STAGE_NAMES = {
+    3: ("matching", "preranking", "ranking"),
+    4: ("matching", "preranking", "ranking", "reranking"),
+    5: ("matching", "preranking", "coarse_ranking", "ranking", "reranking"),
+}
 HEADS_FIRST = ("relevance", "prior")
 HEADS_LATER = ("relevance", "prior", "diversity")
 CONTEXT_EXTRA = 4  # history length, depth, session, previous clicks
@@ -130,8 +133,15 @@ class Catalogue:
             for dense_col, item_col, hist_col, unknown in self.affinity:
                 vocab = self.schema.item_sparse[item_col].vocab
                 dense[..., dense_col] = history_share(sparse[..., item_col], hist[..., hist_col], unknown, vocab)
-        return ListBatch(item_sparse=sparse, item_dense=dense, label=torch.zeros(rows.shape, device=rows.device), mask=mask,
-                         user_sparse=take(self.user_sparse, pop), user_hist=hist, list_id=torch.zeros_like(pop))
+        return ListBatch(
+            item_sparse=sparse,
+            item_dense=dense,
+            label=torch.zeros(rows.shape, device=rows.device),
+            mask=mask,
+            user_sparse=take(self.user_sparse, pop),
+            user_hist=hist,
+            list_id=torch.zeros_like(pop),
+        )
 
 
 def synthetic_catalogue(truth, pool) -> Catalogue:
@@ -141,10 +151,17 @@ def synthetic_catalogue(truth, pool) -> Catalogue:
     device = pool.device
     factor = math.sqrt(p.scale / math.sqrt(p.dim))
     n = pool.items_sparse.shape[0]
-    return Catalogue(vec=(truth.item_z * factor).float().to(device), bias=truth.item_bias.float().to(device),
-                     category=truth.item_category.long().to(device), sparse=pool.items_sparse, dense=pool.items_dense,
-                     user_sparse=pool.user_sparse, user_hist=pool.user_hist,
-                     id_to_row=torch.cat([torch.tensor([-1]), torch.arange(n)]).to(device), schema=pool.schema)
+    return Catalogue(
+        vec=(truth.item_z * factor).float().to(device),
+        bias=truth.item_bias.float().to(device),
+        category=truth.item_category.long().to(device),
+        sparse=pool.items_sparse,
+        dense=pool.items_dense,
+        user_sparse=pool.user_sparse,
+        user_hist=pool.user_hist,
+        id_to_row=torch.cat([torch.tensor([-1]), torch.arange(n)]).to(device),
+        schema=pool.schema,
+    )
 
 
 @torch.no_grad()
@@ -153,13 +170,17 @@ def _encode_items(response, schema, sparse: Tensor, dense: Tensor, chunk: int, d
     unknown user with no history, ``chunk`` items at a time."""
     vecs, biases = [], []
     for start in range(0, sparse.shape[0], chunk):
-        s, d = sparse[start:start + chunk].to(device), dense[start:start + chunk].to(device)
+        s, d = sparse[start : start + chunk].to(device), dense[start : start + chunk].to(device)
         m = s.shape[0]
-        batch = ListBatch(item_sparse=s[:, None], item_dense=d[:, None], label=torch.zeros(m, 1, device=device),
-                          mask=torch.ones(m, 1, dtype=torch.bool, device=device),
-                          user_sparse=torch.zeros(m, len(schema.user_sparse), dtype=torch.long, device=device),
-                          user_hist=torch.zeros(m, 0, len(schema.user_hist), dtype=torch.long, device=device),
-                          list_id=torch.zeros(m, dtype=torch.long, device=device))
+        batch = ListBatch(
+            item_sparse=s[:, None],
+            item_dense=d[:, None],
+            label=torch.zeros(m, 1, device=device),
+            mask=torch.ones(m, 1, dtype=torch.bool, device=device),
+            user_sparse=torch.zeros(m, len(schema.user_sparse), dtype=torch.long, device=device),
+            user_hist=torch.zeros(m, 0, len(schema.user_hist), dtype=torch.long, device=device),
+            list_id=torch.zeros(m, dtype=torch.long, device=device),
+        )
         appeal, v = response.encode(batch)
         vecs.append(v[:, 0])
         biases.append(appeal[:, 0])
@@ -177,7 +198,9 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     ids, inverse = torch.unique(sparse_all[:, 0], return_inverse=True)
     keep = ids > 0
     n = len(ids)
-    first = torch.full((n,), len(sparse_all), dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(sparse_all)), "amin")
+    first = torch.full((n,), len(sparse_all), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(sparse_all)), "amin"
+    )
     count = torch.zeros(n).index_add_(0, inverse, torch.ones(len(sparse_all)))
     dense = torch.zeros(n, dense_all.shape[1]).index_add_(0, inverse, dense_all) / count[:, None]
     sparse = sparse_all[first]
@@ -203,11 +226,21 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     hist_vec, hist_bias = _encode_items(response, data.schema, hist_sparse, hist_dense, chunk, device)
     vec, bias = hist_vec[ids], hist_bias[ids]
     cat_col = names.index(category_field)
-    return Catalogue(vec=vec.to(pool.device), bias=bias.to(pool.device),
-                     category=sparse[:, cat_col].to(pool.device), sparse=sparse.to(pool.device), dense=dense.to(pool.device),
-                     user_sparse=pool.user_sparse, user_hist=pool.user_hist, id_to_row=id_to_row.to(pool.device),
-                     affinity=_affinity_columns(data), schema=data.schema, hist_vec=hist_vec.to(pool.device),
-                     hist_bias=hist_bias.to(pool.device), hist_known=known.to(pool.device))
+    return Catalogue(
+        vec=vec.to(pool.device),
+        bias=bias.to(pool.device),
+        category=sparse[:, cat_col].to(pool.device),
+        sparse=sparse.to(pool.device),
+        dense=dense.to(pool.device),
+        user_sparse=pool.user_sparse,
+        user_hist=pool.user_hist,
+        id_to_row=id_to_row.to(pool.device),
+        affinity=_affinity_columns(data),
+        schema=data.schema,
+        hist_vec=hist_vec.to(pool.device),
+        hist_bias=hist_bias.to(pool.device),
+        hist_known=known.to(pool.device),
+    )
 
 
 class StageTower(nn.Module):
@@ -323,7 +356,7 @@ class Cascade(nn.Module):
         # maximum inner product search as nearest neighbours in L2: item x -> [x, sqrt(M - |x|^2)],
         # query q -> [q, 0], so |q - x'|^2 = |q|^2 + M - 2 q.x and the nearest items have the largest q.x
         items = self.item_views[0].detach().cpu().numpy().astype(np.float64)
-        norms = (items ** 2).sum(1)
+        norms = (items**2).sum(1)
         items = np.concatenate([items, np.sqrt(norms.max() - norms)[:, None]], axis=1).astype(np.float32)
         d = items.shape[1]
         nlist = c.nlist or int(6 * math.sqrt(n))
@@ -355,8 +388,10 @@ class Cascade(nn.Module):
     def context(self, pop: Tensor, users: Users, last_clicks: Tensor) -> Tensor:
         """The first stage's observation (B, d + 4) for users at their next request."""
         hist = self.catalogue.history_known(pop).sum(1).float()
-        extra = torch.stack([torch.log1p(hist) / 3.0, users.depth.float() / 10.0, users.session.float(),
-                             last_clicks.float() / 2.0], dim=1)
+        extra = torch.stack(
+            [torch.log1p(hist) / 3.0, users.depth.float() / 10.0, users.session.float(), last_clicks.float() / 2.0],
+            dim=1,
+        )
         return torch.cat([self.user_vector(pop, 0), extra], dim=1)
 
     def _match(self, pop: Tensor, weight: Tensor) -> Tensor:
@@ -407,8 +442,14 @@ class Cascade(nn.Module):
         distinct = (scores[..., 2] == 0).float().mean(1, keepdim=True)  # one item per category has diversity 0
         return torch.cat([mean, scores.amax(1), distinct], dim=1)
 
-    def forward(self, pop: Tensor, ctx: Tensor, actions: Sequence[Tensor] | Callable[[int, Tensor], Tensor],
-                relaxed: bool = False, timings: dict[str, float] | None = None) -> CascadeOutput:
+    def forward(
+        self,
+        pop: Tensor,
+        ctx: Tensor,
+        actions: Sequence[Tensor] | Callable[[int, Tensor], Tensor],
+        relaxed: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> CascadeOutput:
         """Run every stage for users ``pop`` (B,) with first observation ``ctx`` (B, d + 4).
 
         ``actions``: a list of per-stage actions (B, m_s), or a function (stage, observation) -> action

@@ -76,7 +76,10 @@ class CascadeEnvConfig:
 def default_actions(cascade: Cascade, size: int) -> list[Tensor]:
     """Hand-set fusion weights: relevance 1, prior 0.5, diversity 0.25 (what an untuned system would use)."""
     base = {"relevance": 1.0, "prior": 0.5, "diversity": 0.25}
-    return [torch.tensor([base[h] for h in heads], device=cascade.catalogue.device).expand(size, -1) for heads in cascade.heads]
+    return [
+        torch.tensor([base[h] for h in heads], device=cascade.catalogue.device).expand(size, -1)
+        for heads in cascade.heads
+    ]
 
 
 class Request(NamedTuple):
@@ -132,8 +135,9 @@ class CascadeEnv:
         return Request(out, reward, step)
 
     @torch.no_grad()
-    def evaluate(self, policy: Callable[[int, Tensor], Tensor] | None, n_users: int, seed: int,
-                 batch_size: int = 1024) -> dict[str, Tensor]:
+    def evaluate(
+        self, policy: Callable[[int, Tensor], Tensor] | None, n_users: int, seed: int, batch_size: int = 1024
+    ) -> dict[str, Tensor]:
         """Per-user outcomes of users 0..n_users-1 until they leave for good (``policy``: stage, obs -> action;
         None for the default weights). The same seed gives every policy the same users and random numbers."""
         parts = []
@@ -149,19 +153,32 @@ class CascadeEnv:
                 self.step(part, acts)
                 state.put(active, part)
             u = state.users
-            parts.append({"requests": u.requests_done.double().cpu(), "sessions": (u.session + 1).double().cpu(),
-                          "clicks": u.clicks.double().cpu(), "dwell": u.dwell.double().cpu()})
+            parts.append(
+                {
+                    "requests": u.requests_done.double().cpu(),
+                    "sessions": (u.session + 1).double().cpu(),
+                    "clicks": u.clicks.double().cpu(),
+                    "dwell": u.dwell.double().cpu(),
+                }
+            )
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def session_metrics(out: dict[str, Tensor]) -> dict[str, float]:
-    """Session dwell (seconds per session), session length (requests per session), clicks per request, dwell per user."""
+    """Session dwell (seconds per session), session length (requests per session), clicks per request and
+    dwell per user."""
     sessions, requests = out["sessions"].sum(), out["requests"].sum()
-    return {"session_dwell": float(out["dwell"].sum() / sessions), "session_length": float(requests / sessions),
-            "clicks_per_request": float(out["clicks"].sum() / requests), "dwell_per_user": float(out["dwell"].mean())}
+    return {
+        "session_dwell": float(out["dwell"].sum() / sessions),
+        "session_length": float(requests / sessions),
+        "clicks_per_request": float(out["clicks"].sum() / requests),
+        "dwell_per_user": float(out["dwell"].mean()),
+    }
 
 
-def calibrate_sessions(env: CascadeEnv, target: float, n_users: int = 512, seed: int = 12345, iterations: int = 9) -> dict:
+def calibrate_sessions(
+    env: CascadeEnv, target: float, n_users: int = 512, seed: int = 12345, iterations: int = 9
+) -> dict:
     """Set ``ref_clicks`` to the default weights' expected clicks per slate and ``leave_bias`` so that the default
     weights give ``target`` requests per session (bisection; common random numbers make it monotone)."""
     sim = env.sim
@@ -179,7 +196,11 @@ def calibrate_sessions(env: CascadeEnv, target: float, n_users: int = 512, seed:
         length = float(env.evaluate(None, n_users, seed)["requests"].mean())
         lo, hi = (mid, hi) if length > target else (lo, mid)
     sim.params = replace(full, leave_bias=(lo + hi) / 2)
-    return {"ref_clicks": sim.params.ref_clicks, "leave_bias": sim.params.leave_bias, "target_requests_per_session": target}
+    return {
+        "ref_clicks": sim.params.ref_clicks,
+        "leave_bias": sim.params.leave_bias,
+        "target_requests_per_session": target,
+    }
 
 
 def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
@@ -187,7 +208,9 @@ def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
     device = resolve_device(cfg.device)
     cascade_cfg = CascadeConfig(sizes=tuple(cfg.sizes), matching=cfg.matching, seed=cfg.seed)
     if cfg.source == "synthetic":
-        truth = SyntheticClickModel.sample(replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=cfg.seed)
+        truth = SyntheticClickModel.sample(
+            replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=cfg.seed
+        )
         pool = synthetic_item_pool(truth, width=cfg.sizes[-1], device=device, seed=cfg.seed)
         catalogue = synthetic_catalogue(truth, pool)
         sim = Simulator(TruthResponse(truth, device), pool, SessionParams(max_sessions=cfg.max_sessions), cfg.sizes[-1])
@@ -200,12 +223,22 @@ def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
             raise ValueError(f"{cfg.sim}: the cascade needs a learned simulator (`relist sim train`), not a truth one")
         sim = Simulator(sim.response, sim.pool, sim.params.replace(max_sessions=cfg.max_sessions), cfg.sizes[-1])
         catalogue = mind_catalogue(PreparedDataset(read_config(cfg.sim)["data"]), sim.response, sim.pool)
-        metrics = json.loads((Path(cfg.sim) / "metrics.json").read_text()) if (Path(cfg.sim) / "metrics.json").is_file() else {}
+        metrics = (
+            json.loads((Path(cfg.sim) / "metrics.json").read_text())
+            if (Path(cfg.sim) / "metrics.json").is_file()
+            else {}
+        )
         target = cfg.session_requests or metrics.get("session_fit", {}).get("target_requests_per_session", 4.0)
     else:
         raise ValueError(f"source must be 'synthetic' or 'sim', got {cfg.source!r}")
     env = CascadeEnv(Cascade(catalogue, cascade_cfg), sim, cfg.reward)
     fitted = calibrate_sessions(env, target)
-    info = {"source": cfg.source, "n_items": catalogue.n_items, "n_users": catalogue.n_users, "sizes": list(cfg.sizes),
-            "stages": list(env.cascade.names), "session": fitted}
+    info = {
+        "source": cfg.source,
+        "n_items": catalogue.n_items,
+        "n_users": catalogue.n_users,
+        "sizes": list(cfg.sizes),
+        "stages": list(env.cascade.names),
+        "session": fitted,
+    }
     return env, info

@@ -29,8 +29,10 @@ from relist.sim.cascade_env import CascadeEnv, EnvState, default_actions
 
 def _spaces(env: CascadeEnv, stage: int) -> tuple[spaces.Box, spaces.Box]:
     c = env.cascade
-    return (spaces.Box(-np.inf, np.inf, (c.obs_dims[stage],), np.float32),
-            spaces.Box(-1.0, 1.0, (c.action_dims[stage],), np.float32))
+    return (
+        spaces.Box(-np.inf, np.inf, (c.obs_dims[stage],), np.float32),
+        spaces.Box(-1.0, 1.0, (c.action_dims[stage],), np.float32),
+    )
 
 
 class _OneUser:
@@ -56,8 +58,11 @@ class _OneUser:
 
     def request(self, actions: list[torch.Tensor]) -> tuple[float, bool, dict]:
         req = self.env.step(self.state, actions)
-        info = {"clicks": int(req.step.clicks.sum()), "shown_items": self.env.cascade.catalogue.sparse[req.out.slate[0], 0].cpu().numpy(),
-                "session_end": bool(req.step.left[0])}
+        info = {
+            "clicks": int(req.step.clicks.sum()),
+            "shown_items": self.env.cascade.catalogue.sparse[req.out.slate[0], 0].cpu().numpy(),
+            "session_end": bool(req.step.left[0]),
+        }
         return float(req.reward[0]), bool(req.step.done[0]), info
 
 
@@ -154,5 +159,9 @@ class CascadeGymEnv(gym.Env):
         weights = np.clip(np.asarray(action, dtype=np.float32).reshape(-1), -1.0, 1.0)
         actions[self.stage] = torch.as_tensor(weights, device=self.user.env.device)[None, :]
         reward, done, info = self.user.request(actions)
-        obs = self.user.observation(self.stage, self._default) if not done else np.zeros(self.observation_space.shape, np.float32)
+        obs = (
+            self.user.observation(self.stage, self._default)
+            if not done
+            else np.zeros(self.observation_space.shape, np.float32)
+        )
         return obs, reward, done, False, info

@@ -49,9 +49,11 @@ def check_simulator(sim: Simulator, seed: int = 0, n_users: int = 16) -> None:
     first, again = run(keys, seed), run(keys, seed)
     for name in first:
         assert torch.equal(first[name], again[name]), f"same seed, different {name}"
-    halves = [run(keys[: n_users // 2], seed), run(keys[n_users // 2:], seed)]
+    halves = [run(keys[: n_users // 2], seed), run(keys[n_users // 2 :], seed)]
     for name in first:
-        assert torch.equal(first[name], torch.cat([h[name] for h in halves])), f"{name} depends on how users are batched"
+        assert torch.equal(first[name], torch.cat([h[name] for h in halves])), (
+            f"{name} depends on how users are batched"
+        )
     other = run(keys, seed + 1)
     assert any(not torch.equal(first[n], other[n]) for n in first), "a different seed gave identical outcomes"
     assert (first["requests"] >= first["sessions"]).all() and (first["sessions"] <= sim.params.max_sessions).all()

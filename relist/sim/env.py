@@ -41,14 +41,16 @@ def observation_space(sim: Simulator) -> spaces.Dict:
     width = pool.width
     hist = pool.user_hist.shape[1]
     top = lambda fields: max((f.vocab for f in fields), default=1)  # noqa: E731
-    return spaces.Dict({
-        "item_sparse": spaces.Box(0, top(schema.item_sparse), (width, len(schema.item_sparse)), np.int64),
-        "item_dense": spaces.Box(-np.inf, np.inf, (width, len(schema.item_dense)), np.float32),
-        "mask": spaces.Box(0, 1, (width,), np.int8),
-        "user_sparse": spaces.Box(0, top(schema.user_sparse), (len(schema.user_sparse),), np.int64),
-        "user_hist": spaces.Box(0, max(top(schema.user_hist), 1), (hist, len(schema.user_hist)), np.int64),
-        "depth": spaces.Box(0, sim.params.max_requests, (), np.int64),
-    })
+    return spaces.Dict(
+        {
+            "item_sparse": spaces.Box(0, top(schema.item_sparse), (width, len(schema.item_sparse)), np.int64),
+            "item_dense": spaces.Box(-np.inf, np.inf, (width, len(schema.item_dense)), np.float32),
+            "mask": spaces.Box(0, 1, (width,), np.int8),
+            "user_sparse": spaces.Box(0, top(schema.user_sparse), (len(schema.user_sparse),), np.int64),
+            "user_hist": spaces.Box(0, max(top(schema.user_hist), 1), (hist, len(schema.user_hist)), np.int64),
+            "depth": spaces.Box(0, sim.params.max_requests, (), np.int64),
+        }
+    )
 
 
 def _observe(candidates: ListBatch, users: Users) -> dict[str, np.ndarray]:
@@ -84,8 +86,11 @@ class ListEnv(gym.Env):
         scores = torch.as_tensor(np.asarray(action, dtype=np.float32), device=self.sim.device).reshape(1, -1)
         obs = {k: np.array(v[0]) for k, v in _observe(self._candidates, self._users).items()}
         step = self.sim.step(self._users, self._candidates, scores)
-        info = {"clicks": step.clicks[0].cpu().numpy(), "click_prob": step.prob[0].cpu().numpy(),
-                "shown_items": step.shown.item_id[0].cpu().numpy()}
+        info = {
+            "clicks": step.clicks[0].cpu().numpy(),
+            "click_prob": step.prob[0].cpu().numpy(),
+            "shown_items": step.shown.item_id[0].cpu().numpy(),
+        }
         self._users = None
         return obs, float(step.clicks.sum()), True, False, info
 
@@ -143,5 +148,10 @@ class SessionVecEnv(VectorEnv):
         self._autoreset = terminated.clone()
         self._candidates = self.sim.candidates(self._users)
         info = {"session_end": session_end.cpu().numpy(), "user": self._users.key.cpu().numpy()}
-        return (_observe(self._candidates, self._users), reward.cpu().numpy(), terminated.cpu().numpy(),
-                np.zeros(self.num_envs, dtype=bool), info)
+        return (
+            _observe(self._candidates, self._users),
+            reward.cpu().numpy(),
+            terminated.cpu().numpy(),
+            np.zeros(self.num_envs, dtype=bool),
+            info,
+        )

@@ -52,7 +52,9 @@ def thinned_geometric_mean(observed_mean: float, log_fraction: float) -> float:
         return observed_mean
     lo, hi = 1.0, 1e6
     if _observed_mean(hi, log_fraction) < observed_mean:
-        raise ValueError(f"{observed_mean:.3f} lists per user cannot come from a {log_fraction} sample under the geometric model")
+        raise ValueError(
+            f"{observed_mean:.3f} lists per user cannot come from a {log_fraction} sample under the geometric model"
+        )
     for _ in range(200):
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if _observed_mean(mid, log_fraction) < observed_mean else (lo, mid)
@@ -65,8 +67,13 @@ def requests_per_user(data: PreparedDataset, log_fraction: float = 1.0) -> dict:
     counts = np.bincount(np.unique(users, return_inverse=True)[1])
     observed = float(counts.mean())
     histogram = {int(k): int(v) for k, v in zip(*np.unique(counts, return_counts=True))}
-    return {"n_users": int(len(counts)), "observed_mean": observed, "log_fraction": log_fraction,
-            "fitted_mean": thinned_geometric_mean(observed, log_fraction), "count_histogram": histogram}
+    return {
+        "n_users": int(len(counts)),
+        "observed_mean": observed,
+        "log_fraction": log_fraction,
+        "fitted_mean": thinned_geometric_mean(observed, log_fraction),
+        "count_histogram": histogram,
+    }
 
 
 @torch.no_grad()
@@ -84,7 +91,9 @@ def mean_session_length(sim: Simulator, policy, n_users: int, seed: int) -> floa
     return float(one.run(policy, torch.arange(n_users), seed).requests_done.float().mean())
 
 
-def calibrate_leave_bias(sim: Simulator, target: float, n_users: int = 2048, seed: int = 0, iterations: int = 12) -> float:
+def calibrate_leave_bias(
+    sim: Simulator, target: float, n_users: int = 2048, seed: int = 0, iterations: int = 12
+) -> float:
     """The ``leave_bias`` at which the logged order's mean requests per session is ``target``."""
     if target < 1.0:
         raise ValueError(f"a session has at least one request; target {target} is below 1")
@@ -99,15 +108,26 @@ def calibrate_leave_bias(sim: Simulator, target: float, n_users: int = 2048, see
     return bias
 
 
-def fit_session(sim: Simulator, data: PreparedDataset, log_fraction: float = 1.0, target: float | None = None,
-                seed: int = 0) -> dict:
+def fit_session(
+    sim: Simulator, data: PreparedDataset, log_fraction: float = 1.0, target: float | None = None, seed: int = 0
+) -> dict:
     """Fit ``ref_clicks`` and ``leave_bias`` of ``sim.params`` in place; returns what was fitted and from what."""
     counts = requests_per_user(data, log_fraction)
     target = counts["fitted_mean"] if target is None else target
     sim.params = sim.params.replace(ref_clicks=expected_logged_clicks(sim, seed=seed))
     bias = calibrate_leave_bias(sim, min(target, sim.params.max_requests), seed=seed)
     achieved = mean_session_length(sim, logged_order_scores, 2048, seed + 1)  # on other users than the fit
-    log.info("session fit: ref_clicks %.3f, leave_bias %.3f, %.2f requests per session (target %.2f)",
-             sim.params.ref_clicks, bias, achieved, target)
-    return {"requests_per_user": counts, "target_requests_per_session": target, "ref_clicks": sim.params.ref_clicks,
-            "leave_bias": bias, "logged_requests_per_session": achieved}
+    log.info(
+        "session fit: ref_clicks %.3f, leave_bias %.3f, %.2f requests per session (target %.2f)",
+        sim.params.ref_clicks,
+        bias,
+        achieved,
+        target,
+    )
+    return {
+        "requests_per_user": counts,
+        "target_requests_per_session": target,
+        "ref_clicks": sim.params.ref_clicks,
+        "leave_bias": bias,
+        "logged_requests_per_session": achieved,
+    }

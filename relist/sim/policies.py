@@ -66,12 +66,16 @@ def _load_ranker(arg: str | None, ctx: PolicyContext):
     if not arg:
         raise ValueError("policy 'ranker' needs a directory: ranker:DIR (written by `relist train ranker`)")
     if not (Path(arg) / "config.json").is_file():
-        raise FileNotFoundError(f"policy ranker:{arg}: no config.json there; expected a directory written by `relist train ranker`")
+        raise FileNotFoundError(
+            f"policy ranker:{arg}: no config.json there; expected a directory written by `relist train ranker`"
+        )
     ranker = load_ranker(arg)
     schema = getattr(getattr(ctx.simulator, "pool", None), "schema", None)
     if schema is not None and ranker.schema != schema:
-        raise ValueError(f"policy ranker:{arg} was trained on data with another feature schema than the simulator's "
-                         "request pool; train it on the dataset the simulator draws its lists from")
+        raise ValueError(
+            f"policy ranker:{arg} was trained on data with another feature schema than the simulator's "
+            "request pool; train it on the dataset the simulator draws its lists from"
+        )
     return ranker
 
 
@@ -96,9 +100,14 @@ class RerankPolicy:
         top = dataclasses.replace(top, item_dense=torch.cat([top.item_dense, init.unsqueeze(-1)], dim=-1))
         second = rank(self.reranker.score(top), top.mask)  # (B, K): ranker positions in the re-ranker's order
         width = batch.list_len
-        priority = (width - torch.arange(width, device=batch.device, dtype=torch.float32)).expand(batch.size, -1).clone()
-        priority[:, : top.list_len].scatter_(1, second, (2 * width - torch.arange(top.list_len, device=batch.device,
-                                                                                  dtype=torch.float32)).expand(batch.size, -1))
+        priority = (
+            (width - torch.arange(width, device=batch.device, dtype=torch.float32)).expand(batch.size, -1).clone()
+        )
+        priority[:, : top.list_len].scatter_(
+            1,
+            second,
+            (2 * width - torch.arange(top.list_len, device=batch.device, dtype=torch.float32)).expand(batch.size, -1),
+        )
         return torch.empty_like(priority).scatter_(1, order, priority)  # back to the candidates' positions
 
 
@@ -107,12 +116,16 @@ def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
         raise ValueError("policy 'reranker' needs a directory: reranker:DIR (written by `relist train reranker`)")
     run = Path(arg)
     if not (run / "best" / "model.json").is_file() or not (run / "config.json").is_file():
-        raise FileNotFoundError(f"policy reranker:{arg}: expected a `relist train reranker` run directory (config.json, best/)")
+        raise FileNotFoundError(
+            f"policy reranker:{arg}: expected a `relist train reranker` run directory (config.json, best/)"
+        )
     rerank_data = Path(json.loads((run / "config.json").read_text())["data"])
     ranker_dir = rerank_data.parent  # `relist train ranker --out R` writes the re-ranking data to R/rerank
     if not (ranker_dir / "config.json").is_file():
-        raise FileNotFoundError(f"policy reranker:{arg}: its training data {rerank_data} is not the rerank/ folder of a "
-                                "`relist train ranker` output, so its initial ranker cannot be found")
+        raise FileNotFoundError(
+            f"policy reranker:{arg}: its training data {rerank_data} is not the rerank/ folder of a "
+            "`relist train ranker` output, so its initial ranker cannot be found"
+        )
     list_len = int(PreparedDataset(rerank_data).manifest["info"]["list_len"])
     ranker = _load_ranker(str(ranker_dir), ctx)  # checks the schema against the simulator's pool
     reranker = load_reranker(run / "best").to(ctx.device).eval()
@@ -136,7 +149,9 @@ def _last(arg: str | None, ctx: PolicyContext) -> Policy:
         raise ValueError("policy 'last' needs a directory: last:DIR holding generator/ and evaluator/ runs")
     run = Path(arg)
     if not (run / "generator" / "best").is_dir() or not (run / "evaluator").is_dir():
-        raise FileNotFoundError(f"policy last:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)")
+        raise FileNotFoundError(
+            f"policy last:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)"
+        )
     rerank_data = Path(json.loads((run / "generator" / "config.json").read_text())["data"])
     list_len = int(PreparedDataset(rerank_data).manifest["info"]["list_len"])
     ranker = _load_ranker(str(rerank_data.parent), ctx)
@@ -148,8 +163,10 @@ def _last(arg: str | None, ctx: PolicyContext) -> Policy:
 def _oracle(arg: str | None, ctx: PolicyContext) -> Policy:
     response = getattr(ctx.simulator, "response", None)
     if response is None or not hasattr(response, "truth"):
-        raise ValueError("policy 'oracle' sorts by the true appeal, so it needs a simulator with known ground truth "
-                         "(`relist sim truth`)")
+        raise ValueError(
+            "policy 'oracle' sorts by the true appeal, so it needs a simulator with known ground truth "
+            "(`relist sim truth`)"
+        )
     return response.appeal
 
 
@@ -159,8 +176,11 @@ POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] =
     "logged": (_logged, "the candidates' input order (the logged display order)"),
     "ranker": (_ranker, "ranker:DIR, an initial ranker written by `relist train ranker`"),
     "reranker": (_reranker, "reranker:DIR, a `relist train reranker` run on the rerank/ data of `relist train ranker`"),
-    "last": (_last, "last:DIR, LAST parallel over DIR/generator and DIR/evaluator; the initial ranker of their data "
-                    "orders the candidates, LAST reorders its top list"),
+    "last": (
+        _last,
+        "last:DIR, LAST parallel over DIR/generator and DIR/evaluator; the initial ranker of their data "
+        "orders the candidates, LAST reorders its top list",
+    ),
     "oracle": (_oracle, "sorts by the true appeal (synthetic ground-truth simulators only)"),
 }
 

@@ -45,14 +45,22 @@ class ListPool:
     affinity: tuple[tuple[int, int, int, int], ...] = ()  # (dense col, item col, hist col, unknown id or -1)
 
     @classmethod
-    def from_dataset(cls, data: PreparedDataset, split: str, max_candidates: int | None = 100,
-                     device: torch.device | str = "cpu") -> "ListPool":
+    def from_dataset(
+        cls, data: PreparedDataset, split: str, max_candidates: int | None = 100, device: torch.device | str = "cpu"
+    ) -> "ListPool":
         index = data.split(split)
         if len(index) == 0:
             raise ValueError(f"{data.root}: split {split!r} is empty; the simulator needs users and lists from it")
         batch = data.batch(index, max_len=max_candidates).to(device)
-        return cls(data.schema, batch.item_sparse, batch.item_dense, batch.mask, batch.user_sparse, batch.user_hist,
-                   _affinity_columns(data))
+        return cls(
+            data.schema,
+            batch.item_sparse,
+            batch.item_dense,
+            batch.mask,
+            batch.user_sparse,
+            batch.user_hist,
+            _affinity_columns(data),
+        )
 
     @property
     def n_users(self) -> int:
@@ -85,9 +93,18 @@ class ListPool:
             item_dense = item_dense.clone()
             for dense_col, item_col, hist_col, unknown in self.affinity:
                 vocab = self.schema.item_sparse[item_col].vocab
-                item_dense[..., dense_col] = history_share(item_sparse[..., item_col], user_hist[..., hist_col], unknown, vocab) * mask
-        return ListBatch(item_sparse=item_sparse, item_dense=item_dense, label=torch.zeros(mask.shape, device=mask.device),
-                         mask=mask, user_sparse=take(self.user_sparse, users), user_hist=user_hist, list_id=lists)
+                item_dense[..., dense_col] = (
+                    history_share(item_sparse[..., item_col], user_hist[..., hist_col], unknown, vocab) * mask
+                )
+        return ListBatch(
+            item_sparse=item_sparse,
+            item_dense=item_dense,
+            label=torch.zeros(mask.shape, device=mask.device),
+            mask=mask,
+            user_sparse=take(self.user_sparse, users),
+            user_hist=user_hist,
+            list_id=lists,
+        )
 
 
 def take(table: Tensor, index: Tensor) -> Tensor:
@@ -162,27 +179,51 @@ class ItemPool:
         slots = torch.arange(self.width, device=self.device)
         items = rng.index(seed, self.items_sparse.shape[0], rng.ITEM, key[:, None], slots[None, :])  # (B, C)
         mask = torch.ones(items.shape, dtype=torch.bool, device=self.device)
-        return ListBatch(item_sparse=take(self.items_sparse, items), item_dense=take(self.items_dense, items),
-                         label=torch.zeros(items.shape, device=self.device), mask=mask,
-                         user_sparse=take(self.user_sparse, users), user_hist=take(self.user_hist, users), list_id=key)
+        return ListBatch(
+            item_sparse=take(self.items_sparse, items),
+            item_dense=take(self.items_dense, items),
+            label=torch.zeros(items.shape, device=self.device),
+            mask=mask,
+            user_sparse=take(self.user_sparse, users),
+            user_hist=take(self.user_hist, users),
+            list_id=key,
+        )
 
 
-def synthetic_item_pool(truth, width: int = 10, hist_len: int = 10, device: torch.device | str = "cpu",
-                        feature_noise: float = 0.3, seed: int = 0) -> ItemPool:
+def synthetic_item_pool(
+    truth,
+    width: int = 10,
+    hist_len: int = 10,
+    device: torch.device | str = "cpu",
+    feature_noise: float = 0.3,
+    seed: int = 0,
+) -> ItemPool:
     """An ``ItemPool`` over a ``SyntheticClickModel``'s whole catalogue, item features made as the synthetic source
     makes them; histories are popularity draws (enough for speed measurements, not the source's taste-biased ones)."""
     p = truth.params
     g = torch.Generator().manual_seed(seed)
-    dense = torch.cat([truth.item_z + feature_noise * torch.randn(truth.item_z.shape, generator=g),
-                       torch.log(truth.item_popularity * p.n_items).unsqueeze(1)], dim=1)
+    dense = torch.cat(
+        [
+            truth.item_z + feature_noise * torch.randn(truth.item_z.shape, generator=g),
+            torch.log(truth.item_popularity * p.n_items).unsqueeze(1),
+        ],
+        dim=1,
+    )
     ids = torch.arange(p.n_items)
     sparse = torch.stack([ids + 1, truth.item_category + 1], dim=1)
-    hist = torch.multinomial(truth.item_popularity, p.n_users * hist_len, replacement=True, generator=g).view(p.n_users, hist_len)
+    hist = torch.multinomial(truth.item_popularity, p.n_users * hist_len, replacement=True, generator=g).view(
+        p.n_users, hist_len
+    )
     users = torch.arange(p.n_users)
     schema = _synthetic_schema(p)
-    return ItemPool(schema, sparse.to(device), dense.float().to(device),
-                    torch.stack([users + 1, truth.user_group + 1], dim=1).to(device),
-                    torch.stack([hist + 1, truth.item_category[hist] + 1], dim=2).to(device), width)
+    return ItemPool(
+        schema,
+        sparse.to(device),
+        dense.float().to(device),
+        torch.stack([users + 1, truth.user_group + 1], dim=1).to(device),
+        torch.stack([hist + 1, truth.item_category[hist] + 1], dim=2).to(device),
+        width,
+    )
 
 
 def _synthetic_schema(p) -> Schema:
@@ -197,6 +238,10 @@ def _synthetic_schema(p) -> Schema:
 def as_numpy(batch: ListBatch) -> dict[str, np.ndarray]:
     """The observation a gymnasium environment hands out: the batch's fields as NumPy arrays of their own
     (copies: the caller may keep or modify them)."""
-    return {"item_sparse": batch.item_sparse.cpu().numpy().copy(), "item_dense": batch.item_dense.cpu().numpy().copy(),
-            "mask": batch.mask.cpu().numpy().astype(np.int8), "user_sparse": batch.user_sparse.cpu().numpy().copy(),
-            "user_hist": batch.user_hist.cpu().numpy().copy()}
+    return {
+        "item_sparse": batch.item_sparse.cpu().numpy().copy(),
+        "item_dense": batch.item_dense.cpu().numpy().copy(),
+        "mask": batch.mask.cpu().numpy().astype(np.int8),
+        "user_sparse": batch.user_sparse.cpu().numpy().copy(),
+        "user_hist": batch.user_hist.cpu().numpy().copy(),
+    }

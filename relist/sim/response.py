@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from relist.batch import ListBatch
 from relist.data.store import Schema
-from relist.nn import symlog
 from relist.data.synthetic import SyntheticClickModel
+from relist.nn import symlog
 from relist.sim.pool import history_share
 
 
@@ -80,11 +80,14 @@ class FactorisedClickModel(nn.Module):
         item_names = [f.name for f in schema.item_sparse]
         # history field k -> item field of the same name (shared table), or its own table
         self.hist_to_item = [item_names.index(f.name) if f.name in item_names else -1 for f in schema.user_hist]
-        self.hist_emb = nn.ModuleList(nn.Embedding(f.vocab, d, padding_idx=0)
-                                      for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0)
+        self.hist_emb = nn.ModuleList(
+            nn.Embedding(f.vocab, d, padding_idx=0) for f, k in zip(schema.user_hist, self.hist_to_item) if k < 0
+        )
         self.share_pairs = [(k, h) for h, k in enumerate(self.hist_to_item) if k >= 0]
         self.share_unknown = [unknown.get(schema.item_sparse[k].name, -1) for k, _ in self.share_pairs]
-        self.context_fields = [k for k, f in enumerate(schema.item_sparse) if 0 < k and f.vocab <= self.config.max_context_vocab]
+        self.context_fields = [
+            k for k, f in enumerate(schema.item_sparse) if 0 < k and f.vocab <= self.config.max_context_vocab
+        ]
         self.context_unknown = [unknown.get(schema.item_sparse[k].name, -1) for k in self.context_fields]
         n_dense = len(schema.item_dense)
         self.register_buffer("dense_mean", torch.zeros(n_dense))
@@ -92,7 +95,9 @@ class FactorisedClickModel(nn.Module):
         self.dense_proj = nn.Linear(n_dense, d, bias=False)
         self.dense_weight = nn.Linear(n_dense + len(self.share_pairs), 1)  # its bias is b0
         self.position = nn.Embedding(self.config.exact_positions + 16, 1)
-        self.register_buffer("buckets", position_bucket(torch.arange(4096), self.config.exact_positions), persistent=False)
+        self.register_buffer(
+            "buckets", position_bucket(torch.arange(4096), self.config.exact_positions), persistent=False
+        )
         # context coefficients: similarity above, same-value share above per field, cascade, list appeal, log length
         self.context = nn.Parameter(torch.zeros(4 + len(self.context_fields)))
         with torch.no_grad():
@@ -111,14 +116,21 @@ class FactorisedClickModel(nn.Module):
     def _shares(self, batch: ListBatch) -> Tensor:
         if not self.share_pairs or batch.user_hist.shape[1] == 0:
             return batch.item_dense.new_zeros(*batch.mask.shape, len(self.share_pairs))
-        return torch.stack([history_share(batch.item_sparse[..., k], batch.user_hist[..., h], unk, self.schema.item_sparse[k].vocab)
-                            for (k, h), unk in zip(self.share_pairs, self.share_unknown)], dim=2)
+        return torch.stack(
+            [
+                history_share(batch.item_sparse[..., k], batch.user_hist[..., h], unk, self.schema.item_sparse[k].vocab)
+                for (k, h), unk in zip(self.share_pairs, self.share_unknown)
+            ],
+            dim=2,
+        )
 
     def encode(self, batch: ListBatch) -> tuple[Tensor, Tensor]:
         """Appeal (B, L) and item vectors (B, L, D); nothing here depends on the display order."""
         d, n_dense = self.config.dim, len(self.schema.item_dense)
         # standardisation folded into one linear map: [P; w] ((s - mean) / std) = [P; w] / std . s - [P; w] mean / std
-        weight = torch.cat([self.dense_proj.weight, self.dense_weight.weight[:, :n_dense]]) / self.dense_std  # (D + 1, Fd)
+        weight = (
+            torch.cat([self.dense_proj.weight, self.dense_weight.weight[:, :n_dense]]) / self.dense_std
+        )  # (D + 1, Fd)
         shift = torch.cat([torch.zeros(d, device=weight.device), self.dense_weight.bias]) - weight @ self.dense_mean
         dense = nn.functional.linear(symlog(batch.item_dense.float()), weight, shift)  # (B, L, D + 1)
         item = dense + sum(emb(batch.item_sparse[..., k]) for k, emb in enumerate(self.item_emb))  # (B, L, D + 1)

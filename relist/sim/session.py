@@ -22,8 +22,8 @@ What is fitted and what is assumed (``relist.sim.fit`` does the fitting):
 - ``ref_clicks``: fitted: the mean expected clicks of a list in the logged order.
 - ``leave_bias``: fitted so that the mean number of requests per session under the logged order equals
   a target, by default the data's per-user list count corrected for subsampling (``fit``'s docstring).
-- ``memory``, ``leave_sensitivity``, ``fatigue``, ``return_bias``, ``return_sensitivity``, ``max_sessions`` and the dwell
-  parameters: documented assumptions (defaults below), overridable.
+- ``memory``, ``leave_sensitivity``, ``fatigue``, ``return_bias``, ``return_sensitivity``, ``max_sessions``
+  and the dwell parameters: documented assumptions (defaults below), overridable.
 
 Randomness comes only from ``relist.sim.rng`` keyed by (seed, user, request, slot), so outcomes are
 reproducible and every policy meets the same users with the same random numbers.
@@ -47,7 +47,9 @@ class SessionParams:
     ref_clicks: float = 0.5  # clicks per list that leave satisfaction unchanged (fitted)
     memory: float = 0.7  # how much of the previous satisfaction carries to the next list (assumed)
     leave_bias: float = -1.0  # log-odds of leaving after a list at neutral satisfaction (fitted)
-    leave_sensitivity: float = 1.0  # satisfaction +1 (e.g. one list with twice the expected clicks) divides the odds of leaving by e (assumed)
+    leave_sensitivity: float = (
+        1.0  # satisfaction +1 (e.g. one list with twice the expected clicks) divides the odds of leaving by e (assumed)
+    )
     fatigue: float = 0.1  # each list already seen in the session adds this to the log-odds of leaving (assumed)
     return_bias: float = 1.0  # log-odds of returning for another session at neutral satisfaction (assumed: 73%)
     return_sensitivity: float = 0.5  # (assumed)
@@ -124,9 +126,19 @@ class Simulator:
         keys = keys.to(device=self.device, dtype=torch.long)
         zeros = torch.zeros_like(keys)
         fzeros = torch.zeros(keys.shape, dtype=torch.float32, device=self.device)
-        return Users(seed, keys, rng.index(seed, self.pool.n_users, rng.USER, keys), zeros.clone(), zeros.clone(),
-                     zeros.clone(), fzeros.clone(), torch.zeros_like(keys, dtype=torch.bool), fzeros.clone(),
-                     fzeros.clone(), zeros.clone())
+        return Users(
+            seed,
+            keys,
+            rng.index(seed, self.pool.n_users, rng.USER, keys),
+            zeros.clone(),
+            zeros.clone(),
+            zeros.clone(),
+            fzeros.clone(),
+            torch.zeros_like(keys, dtype=torch.bool),
+            fzeros.clone(),
+            fzeros.clone(),
+            zeros.clone(),
+        )
 
     def candidates(self, users: Users) -> ListBatch:
         """The candidate lists of every user's next request."""
@@ -145,7 +157,11 @@ class Simulator:
         clicks = (rng.uniform(seed, rng.CLICK, key, req, slot) < prob) & shown.mask
         n_real = shown.mask.sum(1, keepdim=True).clamp_min(1)
         centred = appeal - (appeal * shown.mask).sum(1, keepdim=True) / n_real
-        log_dwell = p.dwell_log_median + p.dwell_relevance * centred + p.dwell_sigma * rng.normal(seed, rng.DWELL, key, req, slot)
+        log_dwell = (
+            p.dwell_log_median
+            + p.dwell_relevance * centred
+            + p.dwell_sigma * rng.normal(seed, rng.DWELL, key, req, slot)
+        )
         dwell = torch.exp(log_dwell) * clicks
 
         n_clicks = clicks.sum(1).float()
@@ -154,8 +170,11 @@ class Simulator:
         leave_prob = torch.sigmoid(p.leave_bias - p.leave_sensitivity * users.satisfaction + p.fatigue * users.depth)
         left = (rng.uniform(seed, rng.LEAVE, users.key, users.request) < leave_prob) | (users.depth >= p.max_requests)
         return_prob = torch.sigmoid(p.return_bias + p.return_sensitivity * users.satisfaction)
-        returned = left & (rng.uniform(seed, rng.RETURN, users.key, users.session) < return_prob) \
+        returned = (
+            left
+            & (rng.uniform(seed, rng.RETURN, users.key, users.session) < return_prob)
             & (users.session + 1 < p.max_sessions)
+        )
         done = users.done | (left & ~returned)
         users.clicks = users.clicks + n_clicks
         users.dwell = users.dwell + dwell.sum(1)
@@ -186,5 +205,9 @@ class Simulator:
 
 def outcomes(users: Users) -> dict[str, Tensor]:
     """Per-user long-term outcomes as float64 tensors on the CPU."""
-    return {"requests": users.requests_done.double().cpu(), "sessions": (users.session + 1).double().cpu(),
-            "clicks": users.clicks.double().cpu(), "dwell": users.dwell.double().cpu()}
+    return {
+        "requests": users.requests_done.double().cpu(),
+        "sessions": (users.session + 1).double().cpu(),
+        "clicks": users.clicks.double().cpu(),
+        "dwell": users.dwell.double().cpu(),
+    }

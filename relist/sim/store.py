@@ -41,25 +41,36 @@ def write_simulator(out: Path, config: dict, model: FactorisedClickModel | None 
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a simulator directory (no {CONFIG}); write one with `relist sim train` or `relist sim truth`")
+        raise FileNotFoundError(
+            f"{path} is not a simulator directory (no {CONFIG}); write one with `relist sim train` or `relist "
+            "sim truth`"
+        )
     return json.loads((path / CONFIG).read_text(encoding="utf-8"))
 
 
-def build_response(config: dict, data: PreparedDataset, device: torch.device | str = "cpu", weights: Path | None = None):
+def build_response(
+    config: dict, data: PreparedDataset, device: torch.device | str = "cpu", weights: Path | None = None
+):
     if config["kind"] == "truth":
         truth_path = data.root / "truth.safetensors"
         if not truth_path.is_file():
-            raise FileNotFoundError(f"{data.root} has no truth.safetensors: a truth simulator needs a prepared synthetic dataset")
+            raise FileNotFoundError(
+                f"{data.root} has no truth.safetensors: a truth simulator needs a prepared synthetic dataset"
+            )
         return TruthResponse(SyntheticClickModel.load(truth_path), device)
     if config["kind"] != "learned":
         raise ValueError(f"unknown simulator kind {config['kind']!r}; expected 'learned' or 'truth'")
-    model = FactorisedClickModel(Schema.from_json(config["schema"]), ClickModelConfig(**config["model"]), config.get("unknown", {}))
+    model = FactorisedClickModel(
+        Schema.from_json(config["schema"]), ClickModelConfig(**config["model"]), config.get("unknown", {})
+    )
     if weights is not None:
         model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval()
 
 
-def load_simulator(path: str | Path, device: torch.device | str = "cpu", session: SessionParams | None = None) -> Simulator:
+def load_simulator(
+    path: str | Path, device: torch.device | str = "cpu", session: SessionParams | None = None
+) -> Simulator:
     """The simulator stored in ``path``; ``session`` overrides its stored session parameters."""
     path = Path(path)
     config = read_config(path)
@@ -71,9 +82,26 @@ def load_simulator(path: str | Path, device: torch.device | str = "cpu", session
     return Simulator(response, pool, session or SessionParams(**config["session"]), config["slate_size"])
 
 
-def simulator_config(kind: str, data: PreparedDataset, pool_split: str, max_candidates: int, slate_size: int,
-                     session: SessionParams, model: ClickModelConfig | None = None, **extra) -> dict:
-    return {"kind": kind, "data": str(Path(data.root).resolve()), "data_content_hash": data.manifest["content_hash"],
-            "pool_split": pool_split, "max_candidates": max_candidates, "slate_size": slate_size,
-            "session": asdict(session), "model": asdict(model) if model else None, "unknown": unknown_ids(data),
-            "schema": data.schema.to_json(), **extra}
+def simulator_config(
+    kind: str,
+    data: PreparedDataset,
+    pool_split: str,
+    max_candidates: int,
+    slate_size: int,
+    session: SessionParams,
+    model: ClickModelConfig | None = None,
+    **extra,
+) -> dict:
+    return {
+        "kind": kind,
+        "data": str(Path(data.root).resolve()),
+        "data_content_hash": data.manifest["content_hash"],
+        "pool_split": pool_split,
+        "max_candidates": max_candidates,
+        "slate_size": slate_size,
+        "session": asdict(session),
+        "model": asdict(model) if model else None,
+        "unknown": unknown_ids(data),
+        "schema": data.schema.to_json(),
+        **extra,
+    }

@@ -52,16 +52,32 @@ class SimBuildConfig:
     pool_split: str = option("test", help="split whose users and candidate lists the simulated users get")
     max_candidates: int = option(100, help="candidate lists are cut to this many items (in their logged order)")
     slate_size: int = option(10, help="items shown per request (the policy's first ones)")
-    log_fraction: float = option(1.0, help="share of the full log's impressions the data holds, to undo thinning of per-user list counts (MIND 5k subset: 0.0319)")
-    session_requests: float | None = option(None, help="target requests per session under the logged order (default: fitted lists per user)")
+    log_fraction: float = option(
+        1.0,
+        help="share of the full log's impressions the data holds, to undo thinning of per-user list counts "
+        "(MIND 5k subset: 0.0319)",
+    )
+    session_requests: float | None = option(
+        None, help="target requests per session under the logged order (default: fitted lists per user)"
+    )
     memory: float | None = option(None, help="session: share of satisfaction carried to the next list (default 0.7)")
-    leave_sensitivity: float | None = option(None, help="session: change in log-odds of leaving per unit of satisfaction (default 1.0)")
-    fatigue: float | None = option(None, help="session: log-odds of leaving added per list already seen in the session (default 0.1)")
-    return_bias: float | None = option(None, help="session: log-odds of returning at neutral satisfaction (default 1.0)")
-    return_sensitivity: float | None = option(None, help="session: change in log-odds of returning per unit of satisfaction (default 0.5)")
+    leave_sensitivity: float | None = option(
+        None, help="session: change in log-odds of leaving per unit of satisfaction (default 1.0)"
+    )
+    fatigue: float | None = option(
+        None, help="session: log-odds of leaving added per list already seen in the session (default 0.1)"
+    )
+    return_bias: float | None = option(
+        None, help="session: log-odds of returning at neutral satisfaction (default 1.0)"
+    )
+    return_sensitivity: float | None = option(
+        None, help="session: change in log-odds of returning per unit of satisfaction (default 0.5)"
+    )
     max_sessions: int | None = option(None, help="session: horizon in sessions (default 3)")
     overwrite: bool = option(False, help="replace OUT if it exists")
-    threads: int = option(1, help="torch intra-op threads (0: torch's default); small per-request tensors gain nothing from more")
+    threads: int = option(
+        1, help="torch intra-op threads (0: torch's default); small per-request tensors gain nothing from more"
+    )
 
 
 @dataclass
@@ -71,13 +87,23 @@ class TrainSimConfig(SimBuildConfig):
     patience: int = option(3, help="epochs without improvement on valid before stopping")
     batch_size: int = option(64, help="lists per training batch")
     lr: float = option(0.003, help="Adam learning rate")
-    l2: float = option(300.0, help="Gaussian prior on the embedding tables: penalty l2 * sum of squares / training rows")
-    extra_train_share: float = option(0.0, help="share of the train split's lists added to the ranker split for fitting")
+    l2: float = option(
+        300.0, help="Gaussian prior on the embedding tables: penalty l2 * sum of squares / training rows"
+    )
+    extra_train_share: float = option(
+        0.0, help="share of the train split's lists added to the ranker split for fitting"
+    )
 
 
 def _session_params(cfg: SimBuildConfig) -> SessionParams:
-    return SessionParams().replace(memory=cfg.memory, leave_sensitivity=cfg.leave_sensitivity, fatigue=cfg.fatigue, return_bias=cfg.return_bias,
-                                   return_sensitivity=cfg.return_sensitivity, max_sessions=cfg.max_sessions)
+    return SessionParams().replace(
+        memory=cfg.memory,
+        leave_sensitivity=cfg.leave_sensitivity,
+        fatigue=cfg.fatigue,
+        return_bias=cfg.return_bias,
+        return_sensitivity=cfg.return_sensitivity,
+        max_sessions=cfg.max_sessions,
+    )
 
 
 def _check_out(cfg: SimBuildConfig) -> Path:
@@ -93,7 +119,9 @@ def _require(data: PreparedDataset, *splits: str) -> None:
             raise ValueError(f"{data.root} has no {split!r} lists; prepare it with a non-zero share for {split}")
 
 
-def length_batches(data: PreparedDataset, index: np.ndarray, batch_size: int, seed: int | None = None) -> list[np.ndarray]:
+def length_batches(
+    data: PreparedDataset, index: np.ndarray, batch_size: int, seed: int | None = None
+) -> list[np.ndarray]:
     """Batches of lists of similar length (the context terms cost L**2 per list, so padding is expensive);
     with ``seed``, lengths are jittered and the batch order shuffled, so every epoch batches differently."""
     lengths = data.lengths(index).astype(np.float64)
@@ -101,14 +129,16 @@ def length_batches(data: PreparedDataset, index: np.ndarray, batch_size: int, se
         rng = np.random.default_rng(seed)
         lengths = lengths * rng.uniform(0.8, 1.25, size=len(lengths))
     ordered = index[np.argsort(lengths, kind="stable")]
-    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     if seed is not None:
         batches = [batches[k] for k in rng.permutation(len(batches))]
     return batches
 
 
 @torch.no_grad()
-def predict(response, data: PreparedDataset, index: np.ndarray, device, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def predict(
+    response, data: PreparedDataset, index: np.ndarray, device, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """Click probabilities of every real (list, position) of ``index`` shown in the logged order."""
     out = {"prob": [], "label": [], "position": []}
     for part in length_batches(data, np.asarray(index), batch_size):
@@ -121,10 +151,15 @@ def predict(response, data: PreparedDataset, index: np.ndarray, device, batch_si
 
 
 def calibration_report(prob, label) -> dict[str, float]:
-    return {"log_loss": log_loss(prob, label), "auc": auc(prob, label),
-            "ece": expected_calibration_error(prob, label, strategy="quantile"),
-            "ece_uniform": expected_calibration_error(prob, label, strategy="uniform"),
-            "mean_predicted": float(prob.double().mean()), "click_rate": float(label.double().mean()), "n": int(label.numel())}
+    return {
+        "log_loss": log_loss(prob, label),
+        "auc": auc(prob, label),
+        "ece": expected_calibration_error(prob, label, strategy="quantile"),
+        "ece_uniform": expected_calibration_error(prob, label, strategy="uniform"),
+        "mean_predicted": float(prob.double().mean()),
+        "click_rate": float(label.double().mean()),
+        "n": int(label.numel()),
+    }
 
 
 def reference_reports(train: dict, test: dict, exact: int) -> dict[str, dict]:
@@ -135,8 +170,12 @@ def reference_reports(train: dict, test: dict, exact: int) -> dict[str, dict]:
     hits = torch.bincount(buckets, weights=train["label"].double(), minlength=n_buckets)
     seen = torch.bincount(buckets, minlength=n_buckets).double()
     per_position = (hits + 20 * rate) / (seen + 20)  # smoothed towards the overall rate
-    return {"constant rate": calibration_report(torch.full_like(test["prob"], rate), test["label"]),
-            "rate per position": calibration_report(per_position[position_bucket(test["position"], exact)].float(), test["label"])}
+    return {
+        "constant rate": calibration_report(torch.full_like(test["prob"], rate), test["label"]),
+        "rate per position": calibration_report(
+            per_position[position_bucket(test["position"], exact)].float(), test["label"]
+        ),
+    }
 
 
 def reliability_plot(prob, label, path: Path, title: str) -> None:
@@ -163,7 +202,9 @@ def reliability_plot(prob, label, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def fit_response(cfg: TrainSimConfig, data: PreparedDataset, train_index: np.ndarray, device) -> tuple[FactorisedClickModel, dict]:
+def fit_response(
+    cfg: TrainSimConfig, data: PreparedDataset, train_index: np.ndarray, device
+) -> tuple[FactorisedClickModel, dict]:
     model = FactorisedClickModel(data.schema, ClickModelConfig(dim=cfg.dim), unknown_ids(data))
     rows = np.concatenate([np.arange(data.offsets[i], data.offsets[i + 1]) for i in train_index])
     model.fit_dense(torch.from_numpy(np.asarray(data.item_dense[rows])))
@@ -183,7 +224,7 @@ def fit_response(cfg: TrainSimConfig, data: PreparedDataset, train_index: np.nda
             batch = data.batch(part).to(device)
             logit, _ = model.logits(batch)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logit[batch.mask], batch.label[batch.mask])
-            penalty = prior * sum((t ** 2).sum() for t in tables)
+            penalty = prior * sum((t**2).sum() for t in tables)
             optimiser.zero_grad()
             (loss + penalty).backward()
             optimiser.step()
@@ -204,8 +245,16 @@ def fit_response(cfg: TrainSimConfig, data: PreparedDataset, train_index: np.nda
     return model.eval(), {"epochs": history, "best_epoch": int(np.argmin([h["valid_log_loss"] for h in history]) + 1)}
 
 
-def _finish(cfg: SimBuildConfig, data: PreparedDataset, response, kind: str, result: dict, device,
-            model: FactorisedClickModel | None = None, test: dict | None = None) -> dict:
+def _finish(
+    cfg: SimBuildConfig,
+    data: PreparedDataset,
+    response,
+    kind: str,
+    result: dict,
+    device,
+    model: FactorisedClickModel | None = None,
+    test: dict | None = None,
+) -> dict:
     """Fit the session parameters, write the simulator directory atomically, return the report."""
     out = _check_out(cfg)
     pool = ListPool.from_dataset(data, cfg.pool_split, cfg.max_candidates, device)
@@ -214,12 +263,23 @@ def _finish(cfg: SimBuildConfig, data: PreparedDataset, response, kind: str, res
     result["session"] = asdict(sim.params)
     with atomic_directory(out) as tmp:
         if test is not None:
-            reliability_plot(test["prob"], test["label"], tmp / "reliability.png",
-                             f"{kind} simulator, held-out test (ECE {result['test']['ece']:.4f})")
+            reliability_plot(
+                test["prob"],
+                test["label"],
+                tmp / "reliability.png",
+                f"{kind} simulator, held-out test (ECE {result['test']['ece']:.4f})",
+            )
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
-        config = simulator_config(kind, data, cfg.pool_split, cfg.max_candidates, cfg.slate_size, sim.params,
-                                  model.config if model is not None else None,
-                                  build={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        config = simulator_config(
+            kind,
+            data,
+            cfg.pool_split,
+            cfg.max_candidates,
+            cfg.slate_size,
+            sim.params,
+            model.config if model is not None else None,
+            build={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        )
         write_simulator(tmp, config, model)
     return result
 
@@ -236,17 +296,25 @@ def train_simulator(cfg: TrainSimConfig) -> dict:
     train_index = data.split("ranker")
     if cfg.extra_train_share > 0:
         extra = data.split("train")
-        pick = np.random.default_rng([cfg.seed, 7]).permutation(len(extra))[: int(round(cfg.extra_train_share * len(extra)))]
+        pick = np.random.default_rng([cfg.seed, 7]).permutation(len(extra))[
+            : int(round(cfg.extra_train_share * len(extra)))
+        ]
         train_index = np.sort(np.concatenate([train_index, extra[pick]]))
     model, fit_info = fit_response(cfg, data, train_index, device)
     test = predict(model, data, data.split("test"), device)
     train_rows = predict(model, data, train_index, device)
     top = test["position"] < cfg.slate_size
-    result = {"kind": "learned", "data": str(cfg.data), "seed": cfg.seed, "n_train_lists": int(len(train_index)),
-              "fit": fit_info, "test": calibration_report(test["prob"], test["label"]),
-              f"test_first_{cfg.slate_size}_positions": calibration_report(test["prob"][top], test["label"][top]),
-              "references": reference_reports(train_rows, test, model.config.exact_positions),
-              "coefficients": model.describe()}
+    result = {
+        "kind": "learned",
+        "data": str(cfg.data),
+        "seed": cfg.seed,
+        "n_train_lists": int(len(train_index)),
+        "fit": fit_info,
+        "test": calibration_report(test["prob"], test["label"]),
+        f"test_first_{cfg.slate_size}_positions": calibration_report(test["prob"][top], test["label"][top]),
+        "references": reference_reports(train_rows, test, model.config.exact_positions),
+        "coefficients": model.describe(),
+    }
     return _finish(cfg, data, model, "learned", result, device, model, test)
 
 
@@ -258,5 +326,10 @@ def truth_simulator(cfg: SimBuildConfig) -> dict:
     device = resolve_device(cfg.device)
     response = build_response({"kind": "truth"}, data, device)
     test = predict(response, data, data.split("test"), device)
-    result = {"kind": "truth", "data": str(cfg.data), "seed": cfg.seed, "test": calibration_report(test["prob"], test["label"])}
+    result = {
+        "kind": "truth",
+        "data": str(cfg.data),
+        "seed": cfg.seed,
+        "test": calibration_report(test["prob"], test["label"]),
+    }
     return _finish(cfg, data, response, "truth", result, device, None, test)
