@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 PER_ITEM_FIELDS = ("item_sparse", "item_dense", "label", "mask")
+# the dense feature holding the initial ranker's score; always the last dense column (``initial_top``)
+INITIAL_SCORE = "init_score"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,21 @@ def rank(scores: Tensor, mask: Tensor) -> Tensor:
     """
     masked = scores.masked_fill(~mask, float("-inf"))
     return torch.sort(masked, dim=1, descending=True, stable=True).indices
+
+
+def initial_top(batch: ListBatch, scores: Tensor, list_len: int) -> tuple[ListBatch, Tensor]:
+    """What a re-ranking stage receives: each list ordered by the initial ranker's ``scores`` (B, L), cut to
+    ``list_len`` items, with each item's score appended as the last dense feature (``INITIAL_SCORE``, the
+    layout of the re-ranking datasets ``relist train ranker`` writes). Also returns the order (B, L)."""
+    order = rank(scores, batch.mask)
+    top = batch.reorder(order).truncate(list_len)
+    kept = scores.gather(1, order)[:, : top.list_len].masked_fill(~top.mask, 0.0)
+    return dataclasses.replace(top, item_dense=torch.cat([top.item_dense, kept.unsqueeze(-1)], dim=-1)), order
+
+
+def without_initial_score(batch: ListBatch) -> ListBatch:
+    """``batch`` without the dense feature ``initial_top`` appended: the features the initial ranker saw."""
+    return dataclasses.replace(batch, item_dense=batch.item_dense[..., :-1])
 
 
 def collate(examples: Sequence[Mapping[str, np.ndarray | Tensor | int]], max_len: int | None = None) -> ListBatch:

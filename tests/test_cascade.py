@@ -129,6 +129,28 @@ def test_quantile_rescaling_matches_a_direct_computation():
         assert q == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_the_relaxed_path_carries_the_gradient_upstream_and_leaves_the_values(env, relaxed):
+    """Without relaxation no gradient crosses a stage (the top-K is discrete: the stop-gradient of the
+    cascading path); with it, each stage's observation carries a gradient to the stage above's action
+    through a softmax over that stage's fused scores, while every value (observations, kept items, the
+    slate) stays what it was."""
+    state = env.start(torch.arange(32), 5)
+    pop, ctx = env.first(state)
+    actions = [a.requires_grad_(True) for a in random_actions(env.cascade, 32, 1)]
+    out = env.cascade(pop, ctx, actions, relaxed=relaxed)
+    plain = env.cascade(pop, ctx, [a.detach() for a in actions])
+    for s in range(env.cascade.n_stages):
+        assert torch.allclose(out.obs[s], plain.obs[s], atol=1e-6)
+        assert torch.equal(out.stages[s].rows, plain.stages[s].rows)
+    for s in range(1, env.cascade.n_stages):
+        if not relaxed:
+            assert not out.obs[s].requires_grad
+            continue
+        (grad,) = torch.autograd.grad(out.obs[s].sum(), actions[s - 1], retain_graph=True)
+        assert grad.abs().sum() > 0, f"stage {s}"
+
+
 def test_same_seed_same_sessions_and_default_beats_random_weights(env):
     a = env.evaluate(None, 200, 5)
     b = env.evaluate(None, 200, 5)

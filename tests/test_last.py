@@ -11,11 +11,9 @@ import torch
 
 from relist.batch import rank
 from relist.cli import main
-from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.last import Last, LastConfig
 from relist.metrics import per_list_metrics
-from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers.base import check_reranker, load_reranker
 from relist.rerankers.evaluator import Evaluator, EvaluatorConfig, load_evaluator
 from relist.rerankers.generator import Generator, GeneratorConfig, discounted_returns, gumbel, ndcg_gains, order_scores
@@ -31,11 +29,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, synthetic_world):
     """Synthetic data, a LambdaMART initial ranker, and an evaluator and generator trained by the CLI."""
     root = tmp_path_factory.mktemp("last")
-    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=1500, n_users=200, n_items=400, seed=5))
-    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=5, n_estimators=40, progress=False))
+    for name in ("data", "ranker"):  # the shared world, read only; the models are this module's own
+        (root / name).symlink_to(synthetic_world / name, target_is_directory=True)
     data = root / "ranker" / "rerank"
     common = ["--data", str(data), "--epochs", "4", "--batch-size", "64", "--no-progress"]
     assert (

@@ -29,10 +29,10 @@ def prepare_from(src: Path, out: Path, seed: int = 0) -> PreparedDataset:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """seed -> the 5k subset prepared with that seed (each prepared once per module)."""
+def prepared(tmp_path_factory, mind_data):
+    """seed -> the 5k subset prepared with that seed (each prepared once per module; seed 0 once per run)."""
     root = tmp_path_factory.mktemp("mind")
-    cache: dict[int, PreparedDataset] = {}
+    cache: dict[int, PreparedDataset] = {0: mind_data}
 
     def get(seed: int = 0) -> PreparedDataset:
         if seed not in cache:

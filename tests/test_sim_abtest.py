@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from relist.cli import main
-from relist.data.prepare import PrepareConfig, prepare
-from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.sim.abtest import METRICS, Z95, summarise
 from relist.sim.policies import PolicyContext, make_policy, parse_spec
 from relist.sim.store import load_simulator
@@ -26,11 +24,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def truth_sim(tmp_path_factory):
+def truth_sim(tmp_path_factory, synthetic_world):
     """A prepared synthetic dataset, a LambdaMART ranker on it and a ground-truth simulator (`relist sim truth`)."""
     root = tmp_path_factory.mktemp("ab")
-    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=1500, n_users=200, n_items=500, seed=1))
-    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=1, n_estimators=40, progress=False))
+    for name in ("data", "ranker"):  # the shared world, read only; the simulator is this module's own
+        (root / name).symlink_to(synthetic_world / name, target_is_directory=True)
     assert (
         main(
             [

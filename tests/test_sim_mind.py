@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from relist.cli import main
-from relist.data.prepare import PrepareConfig, prepare
-from relist.data.store import PreparedDataset
 from relist.sim.pool import ListPool
 
 MIND = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
@@ -20,10 +18,8 @@ if not (MIND / "behaviors.tsv").is_file():
 
 
 @pytest.fixture(scope="module")
-def mind(tmp_path_factory):
-    return PreparedDataset(
-        prepare(PrepareConfig(source="mind", src=MIND, out=tmp_path_factory.mktemp("mind") / "data"))
-    )
+def mind(mind_data):
+    return mind_data
 
 
 def test_requests_recompute_the_history_shares_for_their_user(mind):

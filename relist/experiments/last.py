@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relist.batch import rank
+from relist.batch import rank, without_initial_score
 from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.last import OFFICIAL_STEPS, Last, LastConfig
@@ -138,9 +138,7 @@ class DelayedFeedbackLearner:
         with torch.no_grad():
             order, _ = self.generator.decode(top)
             shown = top.reorder(order)
-            pool_view = dataclasses.replace(shown, item_dense=shown.item_dense[..., :-1]).truncate(
-                self.simulator.slate_size
-            )
+            pool_view = without_initial_score(shown).truncate(self.simulator.slate_size)
             prob = self.simulator.response.respond(pool_view).prob
             clicks = (torch.rand(prob.shape, generator=self.noise).to(prob.device) < prob) & pool_view.mask
             label = torch.zeros_like(top.label)

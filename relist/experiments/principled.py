@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from relist.batch import INITIAL_SCORE
 from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.io import atomic_write_csv
@@ -78,7 +79,7 @@ def _same_ranker(ranker_dir: Path, cfg: PrincipledExperimentConfig) -> bool:
 
 def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
     data = PreparedDataset(cfg.data)
-    if "init_score" in data.schema.item_dense or len(data.splits.get("ranker", ())) == 0:
+    if INITIAL_SCORE in data.schema.item_dense or len(data.splits.get("ranker", ())) == 0:
         # already in initial-ranker order (a rerank/ folder, or LibRerank's files, whose input order is theirs)
         return Path(cfg.data)
 
@@ -244,11 +245,11 @@ def random_tie_metrics(
     A ranker that gives many items the same score (LambdaMART on items with identical features) leaves
     their order to the input's tie-break; any re-ranker breaks those ties its own way, which moves
     NDCG@10 by about as much as re-ranking gains on MIND's few hundred test lists."""
-    if "init_score" not in data.schema.item_dense:
+    if INITIAL_SCORE not in data.schema.item_dense:
         return None
     if draws < 2:
         raise ValueError(f"draws must be at least 2 for a standard deviation, got {draws}")
-    column = data.schema.item_dense.index("init_score")
+    column = data.schema.item_dense.index(INITIAL_SCORE)
     generator = torch.Generator().manual_seed(seed)
     values: dict[str, list[float]] = {}
     for _ in range(draws):

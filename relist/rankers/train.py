@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relist.batch import rank
+from relist.batch import INITIAL_SCORE, initial_top
 from relist.config import option
-from relist.data.store import ListTable, PreparedDataset, Schema, write_dataset
+from relist.data.store import ListTable, PreparedDataset, Schema, read_vocab, write_dataset
 from relist.io import atomic_directory
 from relist.metrics import evaluate_lists, logged_order_scores
 from relist.rankers import RANKER_CONFIGS, get_ranker_class
@@ -86,14 +86,11 @@ def fit_out_of_fold(cfg: "TrainRankerConfig", data: PreparedDataset, device) -> 
 def _append_ordered(pieces: dict[str, list], batch, scores, list_len: int) -> None:
     """Append ``batch``'s lists to ``pieces``, each ordered by ``scores``, cut to ``list_len``, with its
     score as the last dense feature."""
-    order = rank(scores, batch.mask)
-    ordered = batch.reorder(order).truncate(list_len)
-    kept_scores = scores.gather(1, order)[:, :list_len]
+    ordered, _ = initial_top(batch, scores, list_len)
     mask = ordered.mask
     pieces["lengths"].append(mask.sum(1).numpy())
     pieces["sparse"].append(ordered.item_sparse[mask].numpy())
-    dense = torch.cat([ordered.item_dense, kept_scores.unsqueeze(-1)], dim=-1)
-    pieces["dense"].append(dense[mask].numpy())
+    pieces["dense"].append(ordered.item_dense[mask].numpy())
     pieces["label"].append(ordered.label[mask].numpy())
     pieces["user"].append(ordered.user_sparse.numpy())
     if ordered.user_hist.shape[-1]:
@@ -131,7 +128,7 @@ def write_rerank_dataset(
     hist_lengths = np.concatenate(pieces["hist_lengths"])
     schema = Schema(
         data.schema.item_sparse,
-        data.schema.item_dense + ("init_score",),
+        data.schema.item_dense + (INITIAL_SCORE,),
         data.schema.user_sparse,
         data.schema.user_hist,
     )
@@ -147,9 +144,7 @@ def write_rerank_dataset(
         ),
         schema=schema,
         splits=splits,
-        vocabs={
-            p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((data.root / "vocab").glob("*.txt"))
-        },
+        vocabs={p.stem: read_vocab(p) for p in sorted((data.root / "vocab").glob("*.txt"))},
         info={
             "derived_from": str(data.root),
             "parent_content_hash": data.manifest["content_hash"],

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from relist.batch import ListBatch
+from relist.batch import INITIAL_SCORE, ListBatch
 from relist.data.store import PreparedDataset, Schema
 from relist.io import atomic_save_tensors, atomic_write_text
 from relist.nn import LIST_LOSSES, NEG_INF, FeatureEmbedding, normalised_scores, symlog
@@ -94,7 +94,7 @@ class Reranker(nn.Module):
         # g = 0 serves exactly the initial order until training moves it, as in ReZero; on MIND that held
         # the models at the initial order (valid never improved on it). gate_init = 0.3 was chosen on
         # valid NDCG@10 among 0.1, 0.3 and 1 (six models × 3 seeds: means 0.4053, 0.4062, 0.4054).
-        self.skip_column = schema.item_dense.index("init_score") if "init_score" in schema.item_dense else None
+        self.skip_column = schema.item_dense.index(INITIAL_SCORE) if INITIAL_SCORE in schema.item_dense else None
         use_skip = self.config.initial_skip and self.skip_column is not None
         self.skip_weight = nn.Parameter(torch.ones(())) if use_skip else None
         self.skip_bias = nn.Parameter(torch.zeros(())) if use_skip else None

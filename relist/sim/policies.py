@@ -11,7 +11,6 @@ kind (LAST, say), add one ``POLICIES`` entry: a factory
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from relist.batch import ListBatch, rank
+from relist.batch import ListBatch, initial_top, rank
 from relist.data.store import PreparedDataset
 from relist.last import Last, LastConfig
 from relist.metrics import logged_order_scores
@@ -93,11 +92,7 @@ class RerankPolicy:
         self.ranker, self.reranker, self.list_len = ranker, reranker, list_len
 
     def __call__(self, batch: ListBatch) -> Tensor:
-        first = self.ranker.score(batch)  # (B, C), -inf on padding
-        order = rank(first, batch.mask)
-        top = batch.reorder(order).truncate(self.list_len)
-        init = first.gather(1, order)[:, : top.list_len].masked_fill(~top.mask, 0.0)
-        top = dataclasses.replace(top, item_dense=torch.cat([top.item_dense, init.unsqueeze(-1)], dim=-1))
+        top, order = initial_top(batch, self.ranker.score(batch), self.list_len)
         second = rank(self.reranker.score(top), top.mask)  # (B, K): ranker positions in the re-ranker's order
         width = batch.list_len
         priority = (

@@ -1,0 +1,34 @@
+"""Session-wide fixtures: what several test modules need is prepared once per run.
+
+Fixtures here are shared: a test may read them, never change them (copy first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relist.data.prepare import PrepareConfig, prepare
+from relist.data.store import PreparedDataset
+from relist.rankers.train import TrainRankerConfig, train_ranker
+
+MIND_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
+
+
+@pytest.fixture(scope="session")
+def synthetic_world(tmp_path_factory) -> Path:
+    """A synthetic dataset with a known click model (``data/``: 1,500 lists, 200 users, 500 items, seed 1) and
+    a LambdaMART initial ranker on it (``ranker/``, whose ``rerank/`` is the re-ranking dataset)."""
+    root = tmp_path_factory.mktemp("world")
+    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=1500, n_users=200, n_items=500, seed=1))
+    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=1, n_estimators=40, progress=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def mind_data(tmp_path_factory) -> PreparedDataset:
+    """The MIND 5k subset beside the repository, prepared with seed 0 (skips where the subset is absent)."""
+    if not (MIND_SUBSET / "behaviors.tsv").is_file():
+        pytest.skip(f"MIND 5k subset not found at {MIND_SUBSET}")
+    out = tmp_path_factory.mktemp("mind") / "seed0"
+    return PreparedDataset(prepare(PrepareConfig(source="mind", src=MIND_SUBSET, out=out, seed=0)))
