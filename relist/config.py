@@ -1,94 +1,314 @@
-"""Typed command configuration: a dataclass per command, loadable from YAML, overridable on the CLI.
+"""Typed options: one system for every command, the cascade environment and the service.
 
-Each field's ``metadata["help"]`` is its command-line help. Field ``foo_bar`` is option
-``--foo-bar``; a field named in ``positional`` is a positional argument. ``--config FILE`` reads a YAML
-mapping of field names first; options given on the command line win. An unknown key in the YAML
-file or a misspelt option is an error, never silently ignored.
+A configuration is a dataclass with typed fields: ``int``, ``float``, ``str``, ``bool``, ``Path``,
+``X | None``, ``tuple[X, ...]`` (a list) or another configuration dataclass (nested). Values reach it
+three ways, all through ``from_mapping``, which checks each value against its field's type and names
+the source and the key when one is wrong:
+
+- YAML (``load_yaml``; ``--config FILE`` on every command): a mapping of field names; lists for tuple
+  fields; a mapping for a nested configuration. Unknown keys, values of the wrong type (``epochs: "3"``,
+  ``verify: "no"``) and YAML anchors or aliases are errors, never guessed at.
+- The command line (``add_arguments`` and ``build``): field ``foo_bar`` is ``--foo-bar``, a positional
+  field is an argument; a tuple field takes a comma-separated list; a nested field ``inner`` of ``outer``
+  is ``--outer-inner``. Options on the command line win over the YAML file.
+- Python: the dataclass itself.
+
+Each field's ``metadata["help"]`` is its command-line help and ``metadata["choices"]`` (optional) the
+values it accepts (each element's, for a list).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A configuration value that does not fit its field; the message names where it came from."""
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:  # noqa: A002
-    """A dataclass field carrying its command-line help."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+    """A dataclass field carrying its command-line help (and optionally ``choices`` and ``metavar``)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a list option's default must be a tuple")
+    metadata = {"help": help, **kwargs}
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def _base_type(tp: Any) -> Any:
-    """Unwrap ``X | None`` to ``X``."""
+# ---- types ------------------------------------------------------------------------------------------------
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+        if len(args) != 1:
+            raise TypeError(f"unsupported option type {tp}")
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _element(tp: Any) -> Any | None:
+    """``tuple[X, ...]`` -> X; None for anything that is not a list type."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        raise TypeError(f"unsupported option type {tp}: use tuple[X, ...]")
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _optional(tp)
+    element = _element(base)
+    name = f"a list of {_type_name(element)}" if element is not None else getattr(base, "__name__", str(base))
+    return f"{name} or null" if optional else name
+
+
+def _scalar(tp: Any, value: Any, where: str, from_text: bool) -> Any:
+    """``value`` as a ``tp`` (int, float, str, bool or Path). Text from the command line is parsed; values
+    from YAML or Python must already have the type (an int is accepted where a float is asked)."""
+    if from_text and isinstance(value, str) and tp is not str:
+        try:
+            if tp is bool:
+                value = {"true": True, "false": False}[value.strip().lower()]
+            elif tp is Path:
+                return Path(value)
+            else:
+                value = tp(value.strip())
+        except (KeyError, ValueError):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is Path and isinstance(value, str):
+        value = Path(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return value
+
+
+def convert(tp: Any, value: Any, where: str, from_text: bool = False) -> Any:
+    """``value`` checked against (and converted to) the annotation ``tp``; see the module docstring."""
+    base, optional = _optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: expected {_type_name(base)}, got null")
+    if dataclasses.is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {base.__name__} options, got {value!r}")
+        return from_mapping(base, value, where)
+    element = _element(base)
+    if element is not None:
+        if isinstance(value, str) and (from_text or _element(element) is None):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            from_text = True
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(base)}, got {value!r}")
+        return tuple(convert(element, v, f"{where}[{k}]", from_text) for k, v in enumerate(value))
+    return _scalar(base, value, where, from_text)
+
+
+def _check_choices(f: dataclasses.Field, value: Any, where: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices is None or value is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if v not in choices:
+            raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, choices))}")
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "options", from_text: bool = False) -> T:
+    """A ``cls`` from a mapping of field names, every value checked; errors name ``source`` and the key."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(values)
+    for f in fields.values():  # a flattened nested configuration may also be given by its own keys
+        if f.metadata.get("flatten"):
+            inner = {g.name for g in dataclasses.fields(_optional(hints[f.name])[0])}
+            moved = {k: values.pop(k) for k in list(values) if k in inner and k not in fields}
+            if moved:
+                nested = values.setdefault(f.name, {})
+                if not isinstance(nested, Mapping):
+                    raise ConfigError(f"{source}: {f.name} must be a mapping of options")
+                values[f.name] = {**nested, **moved}
+    unknown = sorted(str(k) for k in values if k not in fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {unknown}; valid: {sorted(fields)}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required option(s) {missing}")
+    out = {}
+    for name, value in values.items():
+        where = f"{source}: {name}" if ":" not in source else f"{source}.{name}"
+        out[name] = convert(hints[name], value, where, from_text)
+        _check_choices(fields[name], out[name], where)
+    try:
+        return cls(**out)
+    except ValueError as err:  # a configuration's own __post_init__ check
+        raise ConfigError(f"{source}: {err}") from None
+
+
+# ---- YAML -------------------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML without anchors or aliases (a few bytes of aliases can expand to gigabytes), and with
+    exponent floats such as ``1e-3`` read as numbers (plain PyYAML reads them as strings)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not accepted in configuration files")
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.YAMLError(
+                f"line {event.start_mark.line + 1}: anchors (&name) are not accepted in configuration files"
+            )
+        return super().compose_node(parent, index)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document at ``path`` (strict: see ``_StrictLoader``); errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """A ``cls`` from the YAML mapping at ``path``, every value checked."""
+    return from_mapping(cls, read_yaml(path) or {}, str(path))
+
+
+def to_mapping(config: Any) -> dict:
+    """A configuration as plain data (tuples as lists, paths as strings): what ``from_mapping`` reads back."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+def _flat_fields(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> list[tuple[str, tuple, Any, Any]]:
+    """(option name, path of field names, field, type) of every leaf field of ``cls``. A nested
+    configuration's fields get its name as prefix (``outer__inner``), or none when the field's metadata
+    says ``flatten`` (its options then read as the outer command's own)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        base, _ = _optional(hints[f.name])
+        if dataclasses.is_dataclass(base):
+            inner = prefix if f.metadata.get("flatten") else f"{prefix}{f.name}__"
+            out += _flat_fields(base, inner, (*path, f.name))
+        else:
+            out.append((prefix + f.name, (*path, f.name), f, hints[f.name]))
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
-    hints = typing.get_type_hints(cls)
-    parser.add_argument(
-        "--config", type=Path, default=None, help="YAML file of option values (command-line options win)"
-    )
-    for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
+    """One option per leaf field of ``cls`` (see the module docstring), and ``--config FILE``."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of option values (command-line wins)")
+    for dest, _, f, tp in _flat_fields(cls):
+        base, _ = _optional(tp)
+        element = _element(base)
         help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        if f.name in positional:
-            parser.add_argument(f.name, type=tp, choices=choices, help=help_text, metavar=f.name.upper())
+        default = _default(f)
+        if choices:
+            help_text += f" (one of: {', '.join(map(str, choices))}{'; comma-separated' if element else ''})"
+        if dest in positional:
+            parser.add_argument(dest, choices=choices, help=help_text, metavar=dest.upper())
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
+        flag = "--" + dest.replace("__", "-").replace("_", "-")
+        shown = "required" if default is dataclasses.MISSING else f"default: {_shown(default)}"
+        if base is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: {default})"
+                flag, action=argparse.BooleanOptionalAction, default=None, dest=dest, help=f"{help_text} ({shown})"
             )
-        else:
-            shown = "required" if required else f"default: {default}"
-            parser.add_argument(
-                flag,
-                type=tp,
-                choices=choices,
-                default=None,
-                dest=f.name,
-                metavar=f.metadata.get("metavar", tp.__name__.upper()),
-                help=f"{help_text} ({shown})",
-            )
+            continue
+        metavar = f.metadata.get("metavar") or (
+            f"{getattr(element, '__name__', 'X').upper()},..." if element else base.__name__.upper()
+        )
+        parser.add_argument(flag, default=None, dest=dest, metavar=metavar, help=f"{help_text} ({shown})")
 
 
 def build(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser) -> T:
-    """Merge YAML (if ``--config``) and command-line values into a ``cls`` instance."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None) is not None:
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            parser.error(f"--config {args.config}: {err}")
-        if not isinstance(loaded, dict):
-            parser.error(f"--config {args.config}: expected a mapping of option names to values")
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            parser.error(f"--config {args.config}: unknown option(s) {unknown}; valid: {sorted(names)}")
-        values.update(loaded)
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        parser.error("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    return cls(**values)
+    """Merge YAML (``--config``) and command-line values into a ``cls``; errors go to ``parser.error``.
+
+    Command-line text is parsed by each field's type; YAML values must already have it."""
+    config_file = getattr(args, "config", None)
+    source = f"--config {config_file}" if config_file is not None else "command line"
+    try:
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            loaded = read_yaml(config_file) or {}
+            if not isinstance(loaded, Mapping):
+                raise ConfigError(f"{source}: expected a mapping of option names to values")
+            values = dict(loaded)
+        missing = []
+        for dest, (*outer, name), f, tp in _flat_fields(cls):
+            flag = "--" + dest.replace("__", "-").replace("_", "-")
+            given = getattr(args, dest, None)
+            target = values
+            for part in outer:
+                target = target.setdefault(part, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{source}: {part} must be a mapping of options")
+            if given is not None:
+                target[name] = convert(tp, given, flag, from_text=True)
+            elif name not in target and _default(f) is dataclasses.MISSING:
+                missing.append(flag)
+        if missing:
+            raise ConfigError("missing required option(s): " + ", ".join(missing))
+        return from_mapping(cls, values, source)
+    except ConfigError as err:
+        parser.error(str(err))

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from relist.batch import ListBatch
+from relist.config import option
 from relist.rerankers.generator import (
     Generator,
     PointerNet,
@@ -54,24 +55,26 @@ from relist.rerankers.generator import (
 )
 
 OFFSETS = ("activations", "pointer", "decoder", "all")
-MODES = ("parallel", "serial")
+MODES = ("parallel", "serial", "greedy")  # greedy: the unmodified generator
 SELECTIONS = ("evaluator", "oracle")
 OFFICIAL_STEPS = (0.0, 0.0, 0.0, 0.0, 6.0, 7.0, 8.0, 9.0)
 
 
 @dataclass(frozen=True)
 class LastConfig:
-    mode: str = "parallel"
-    offsets: str = "activations"
-    steps: tuple[float, ...] = OFFICIAL_STEPS  # parallel: one sampled candidate per step size; () = greedy only
-    scale: float = 0.01  # unit offset = g/‖g‖ · ‖base‖ · scale
-    gamma: float = 0.3  # discount of later positions' advantages
-    serial_steps: int = 8  # serial: generate-evaluate-update rounds
-    serial_seconds: float = 0.0  # serial: wall-clock budget per call (0: none)
-    serial_step: float = 6.0  # serial: step size of each offset update
-    select: str = "evaluator"
-    grad_steps: int = 0  # decoding steps the gradient flows through (0: all, the paper's objective)
-    batched: bool = True  # parallel: all candidates in one pass; False loops over them (same lists; a reference)
+    mode: str = option("parallel", help="LAST mode; greedy serves the generator's own list", choices=MODES)
+    offsets: str = option("activations", help="where LAST's offsets go", choices=OFFSETS)
+    steps: tuple[float, ...] = option(OFFICIAL_STEPS, help="parallel: one sampled candidate per step size")
+    scale: float = option(0.01, help="unit offset = g/||g|| * ||base|| * scale")
+    gamma: float = option(0.3, help="discount of later positions' advantages")
+    serial_steps: int = option(8, help="serial: generate-evaluate-update rounds")
+    serial_seconds: float = option(0.0, help="serial: wall-clock budget per call (0: none)")
+    serial_step: float = option(6.0, help="serial: step size of each offset update")
+    select: str = option("evaluator", help="what picks the served candidate (oracle: test labels)", choices=SELECTIONS)
+    grad_steps: int = option(
+        0, help="decoding steps LAST's gradient flows through (0: all, the paper's objective; T > 0 is a deviation)"
+    )
+    batched: bool = option(True, help="parallel: all candidates in one pass (False loops over them: a reference)")
 
     def __post_init__(self):
         for name, value, valid in (

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from relist.config import option
+from relist.config import convert, option
 from relist.data.store import PreparedDataset
 from relist.io import atomic_save_tensors, atomic_write_text
 from relist.metrics import evaluate_lists, logged_order_scores
@@ -97,31 +98,21 @@ class TrainConfig:
 
 
 def parse_model_args(text: str, model: str) -> dict:
-    """``"d_model=32,n_blocks=1"`` → typed overrides of the model's config (unknown keys are errors)."""
+    """``"d_model=32,hidden=64/32"`` -> typed overrides of the model's configuration, through the options
+    system's conversion (a list's items are separated by "/"); unknown keys are errors."""
     if not text.strip():
         return {}
     cls = REGISTRY[model].config_class
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    defaults = dataclasses.asdict(cls())
+    hints = typing.get_type_hints(cls)
     out = {}
     for item in text.split(","):
         if "=" not in item:
             raise ValueError(f"--model-args: expected key=value, got {item!r}")
         key, value = (s.strip() for s in item.split("=", 1))
-        if key not in types:
-            raise ValueError(f"--model-args: {model} has no setting {key!r}; valid: {sorted(types)}")
-        default = defaults[key]
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--model-args: {key} must be true or false, got {value!r}")
-            out[key] = value.lower() in ("true", "1")
-        elif isinstance(default, tuple):
-            out[key] = tuple(int(v) for v in value.split("/"))
-        else:
-            try:
-                out[key] = type(default)(value)
-            except ValueError:
-                raise ValueError(f"--model-args: {key} must be {type(default).__name__}, got {value!r}") from None
+        if key not in hints:
+            raise ValueError(f"--model-args: {model} has no setting {key!r}; valid: {sorted(hints)}")
+        listed = value.split("/") if typing.get_origin(hints[key]) is tuple else value
+        out[key] = convert(hints[key], listed, f"--model-args {key}", from_text=True)
     return out
 
 

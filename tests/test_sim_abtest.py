@@ -106,8 +106,12 @@ def test_unknown_policy_is_a_clear_error(truth_sim, tmp_path, capsys):
 
 
 def test_policy_specs(truth_sim, tmp_path):
-    assert parse_spec("random, logged,ranker:/x/r1") == [("random", None), ("logged", None), ("ranker", "/x/r1")]
-    for spec, message in (("", "at least one"), ("random,random", "twice"), ("Random", "unknown policy")):
+    assert parse_spec(["random", " logged", "ranker:/x/r1"]) == [
+        ("random", None),
+        ("logged", None),
+        ("ranker", "/x/r1"),
+    ]
+    for spec, message in (([], "at least one"), (["random", "random"], "twice"), (["Random"], "unknown policy")):
         with pytest.raises(ValueError, match=message):
             parse_spec(spec)
     sim = load_simulator(truth_sim / "sim")

@@ -126,8 +126,10 @@ def test_model_args_are_typed_and_checked():
     assert parse_model_args("hidden=32/16", "midnn") == {"hidden": (32, 16)}
     with pytest.raises(ValueError, match="has no setting 'depth'"):
         parse_model_args("depth=3", "prm")
-    with pytest.raises(ValueError, match="must be int"):
+    with pytest.raises(ValueError, match="d_model: expected int, got 'big'"):
         parse_model_args("d_model=big", "prm")
+    with pytest.raises(ValueError, match="ordinal: expected bool, got 'maybe'"):
+        parse_model_args("ordinal=maybe", "setrank")
 
 
 def cli(*args: str) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Callable
 
 from relist.config import option
 from relist.data import librerank, mind, prm_public, synthetic, taobao_ad
-from relist.data.store import ListTable, parse_fractions, write_dataset
+from relist.data.store import ListTable, split_fractions, write_dataset
 
 log = logging.getLogger("relist")
 
@@ -22,8 +22,8 @@ class PrepareConfig:
     out: Path = option(help="output directory of the prepared dataset")
     src: Path | None = option(None, help="folder (or file) holding the raw files; not used by synthetic")
     seed: int = option(0, help="seed of the random split (and of the synthetic generator)")
-    splits: str = option(
-        "0.4,0.4,0.1,0.1",
+    splits: tuple[float, ...] = option(
+        (0.4, 0.4, 0.1, 0.1),
         help="relative sizes of the ranker,train,valid,test splits (LibRerank-style 4:5:1 with a validation part)",
     )
     overwrite: bool = option(False, help="replace OUT if it exists")
@@ -49,7 +49,7 @@ class PrepareConfig:
 
 
 def _mind(cfg: PrepareConfig):
-    return mind.build(_src(cfg), cfg.seed, parse_fractions(cfg.splits), max_hist=cfg.max_hist), {}
+    return mind.build(_src(cfg), cfg.seed, split_fractions(cfg.splits), max_hist=cfg.max_hist), {}
 
 
 def _synthetic(cfg: PrepareConfig):
@@ -57,19 +57,19 @@ def _synthetic(cfg: PrepareConfig):
     config = synthetic.SyntheticConfig(
         n_lists=cfg.n_lists, min_len=cfg.min_len, max_len=cfg.max_len, logged_order=cfg.logged_order, params=params
     )
-    table, model = synthetic.generate(config, cfg.seed, parse_fractions(cfg.splits))
+    table, model = synthetic.generate(config, cfg.seed, split_fractions(cfg.splits))
     return table, {"truth.safetensors": model.save}
 
 
 def _taobao(cfg: PrepareConfig):
     table = taobao_ad.build(
-        _src(cfg), cfg.seed, parse_fractions(cfg.splits), window_seconds=cfg.window_seconds, keep_last=cfg.keep_last
+        _src(cfg), cfg.seed, split_fractions(cfg.splits), window_seconds=cfg.window_seconds, keep_last=cfg.keep_last
     )
     return table, {}
 
 
 def _prm(cfg: PrepareConfig):
-    return prm_public.build(_src(cfg), cfg.seed, parse_fractions(cfg.splits), sample=cfg.sample), {}
+    return prm_public.build(_src(cfg), cfg.seed, split_fractions(cfg.splits), sample=cfg.sample), {}
 
 
 def _librerank(cfg: PrepareConfig):

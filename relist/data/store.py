@@ -110,24 +110,13 @@ def random_splits(n_lists: int, fractions: Mapping[str, float], seed: int) -> di
     return {name: np.sort(part) for name, part in zip(names, parts)}
 
 
-def parse_fractions(text: str) -> dict[str, float]:
-    """'0.4,0.4,0.1,0.1' -> fractions of the ranker, train, valid and test splits."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
+def split_fractions(values: Sequence[float]) -> dict[str, float]:
+    """(ranker, train, valid, test) relative sizes -> the fractions of each split, checked."""
+    values = [float(v) for v in values]
+    if len(values) != len(SPLIT_NAMES) or any(v < 0 for v in values) or min(values[1:]) <= 0:
         raise ValueError(
-            f"--splits must be four comma-separated numbers (ranker,train,valid,test), got {text!r}"
-        ) from None
-    if (
-        len(values) != len(SPLIT_NAMES)
-        or any(v < 0 for v in values)
-        or values[1] <= 0
-        or values[2] <= 0
-        or values[3] <= 0
-    ):
-        raise ValueError(
-            "--splits must be four non-negative numbers ranker,train,valid,test with train, valid and test > "
-            f"0, got {text!r}"
+            "splits must be four non-negative numbers ranker,train,valid,test with train, valid and test > 0, "
+            f"got {list(values)}"
         )
     return dict(zip(SPLIT_NAMES, values))
 

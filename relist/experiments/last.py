@@ -70,10 +70,13 @@ class LastExperimentConfig:
     users: int = option(1000, help="simulated users per seed and policy")
     epochs: int = option(30, help="maximum epochs of each training run")
     principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
-    fractions: str = option("0.01,0.1,1", help="evaluator-quality sweep: shares of the train lists")
-    noise: str = option("0.5,1,2", help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits")
-    delays: str = option(
-        "0,500,2000", help="delayed-feedback study: delays D (requests) before a list's clicks reach the online learner"
+    fractions: tuple[float, ...] = option((0.01, 0.1, 1.0), help="evaluator-quality sweep: shares of the train lists")
+    noise: tuple[float, ...] = option(
+        (0.5, 1.0, 2.0), help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits"
+    )
+    delays: tuple[int, ...] = option(
+        (0, 500, 2000),
+        help="delayed-feedback study: delays D (requests) before a list's clicks reach the online learner",
     )
     sweep_seeds: int = option(
         0, help="run the evaluator-quality and offset studies on the first N seeds (0: all, -1: none)"
@@ -200,8 +203,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
     list_len = int(data.manifest["info"]["list_len"])
     test = data.batch(data.split("test"))
     sim = load_simulator(cfg.sim, device)
-    fractions = [float(f) for f in cfg.fractions.split(",") if f.strip()]
-    noises = [float(f) for f in cfg.noise.split(",") if f.strip()]
+    fractions, noises = list(cfg.fractions), list(cfg.noise)
     k = len(OFFICIAL_STEPS)
     methods = {  # name -> LastConfig (None: not a generator method)
         "generator greedy": LastConfig(steps=()),
@@ -210,7 +212,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         "LAST serial": LastConfig(mode="serial", serial_steps=k),
     }
     oracle = LastConfig(select="oracle")
-    delays = [int(d) for d in cfg.delays.split(",") if d.strip()]
+    delays = list(cfg.delays)
     rows, online_units, seeds, delayed_units, delayed_seeds = [], {}, [], {}, []
     for s in range(cfg.seeds):
         seed = cfg.seed + s

@@ -46,7 +46,7 @@ class PrincipledExperimentConfig:
         "for which a LambdaMART initial ranker is trained first into OUT/ranker"
     )
     out: Path = option(help="output directory")
-    models: str = option("prm,dlcm,setrank,midnn,pear,raise", help="comma-separated re-rankers")
+    models: tuple[str, ...] = option(("prm", "dlcm", "setrank", "midnn", "pear", "raise"), help="re-rankers to train")
     seeds: int = option(5, help="seeds per model and variant")
     seed: int = option(0, help="first seed (runs use seed, seed+1, ...)")
     epochs: int = option(30, help="maximum epochs per run")
@@ -106,7 +106,7 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it or --resume to continue)")
-    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
+    models = list(cfg.models)
 
     for name in models + ([cfg.sweep_model] if cfg.sweep_model else []):
         reranker_class(name)  # unknown names fail before any work

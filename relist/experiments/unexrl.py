@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relist.config import option
+from relist.config import load_yaml, option
 from relist.io import atomic_write_csv
 from relist.rl.agents import METHODS, method_config
 from relist.rl.cem import CEMConfig, train_cem
@@ -74,9 +74,11 @@ class UnexrlExperimentConfig:
     out: Path = option(help="output directory")
     seeds: int = option(5, help="seeds per method")
     seed: int = option(0, help="first seed")
-    methods: str = option(",".join(ALL_METHODS), help="comma-separated methods of the main table")
-    stages: str = option("3,4,5", help="stage counts of the stage study (empty: skip it)")
-    stage_methods: str = option("cem,unexrl_ctde,unexrl", help="methods of the stage study")
+    methods: tuple[str, ...] = option(ALL_METHODS, help="methods of the main table", choices=ALL_METHODS)
+    stages: tuple[int, ...] = option((3, 4, 5), help="stage counts of the stage study (empty: skip it)")
+    stage_methods: tuple[str, ...] = option(
+        ("cem", "unexrl_ctde", "unexrl"), help="methods of the stage study", choices=ALL_METHODS
+    )
     stage_seeds: int = option(0, help="seeds of the stage study (0: --seeds)")
     steps: int = option(300, help="training steps (requests of every parallel user)")
     n_envs: int = option(128, help="simulated users in parallel during training")
@@ -129,8 +131,7 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    stage_methods = [m.strip() for m in cfg.stage_methods.split(",") if m.strip()]
+    methods, stage_methods = list(cfg.methods), list(cfg.stage_methods)
     for m in methods + stage_methods:
         if m not in ALL_METHODS:
             raise ValueError(f"unknown method {m!r}; valid: {', '.join(ALL_METHODS)}")
@@ -138,8 +139,8 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
         raise ValueError(f"--seeds must be at least 1, got {cfg.seeds}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    env_cfg = CascadeEnvConfig.from_yaml(cfg.env)
-    counts = [int(x) for x in cfg.stages.split(",") if x.strip()]
+    env_cfg = load_yaml(CascadeEnvConfig, cfg.env)
+    counts = list(cfg.stages)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     rows, curves, envs = [], [], {}

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from relist.config import option
+from relist.config import load_yaml, option
 from relist.rl.agents import (
     METHODS,
     AgentConfig,
@@ -216,7 +216,7 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
     if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     agent_cfg = method_config(cfg.method)
-    env, info = build_env(CascadeEnvConfig.from_yaml(cfg.env))
+    env, info = build_env(load_yaml(CascadeEnvConfig, cfg.env))
     loop = LoopConfig(
         steps=cfg.steps,
         n_envs=cfg.n_envs,

@@ -17,7 +17,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from relist.batch import collate
+from relist.config import from_mapping, to_mapping
 from relist.data.store import read_vocab
 from relist.last import Last
 from relist.rerankers import load_reranker
@@ -202,7 +202,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     @app.get("/healthz")
     async def healthz():
         metrics.observe("/healthz", 200, 0.0)
-        return {"status": "ok", "mode": settings.mode, "offsets": settings.offsets, "pid": os.getpid()}
+        return {"status": "ok", "mode": settings.last.mode, "offsets": settings.last.offsets, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -213,8 +213,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
 
 def app_from_env() -> FastAPI:
     """The app a uvicorn worker process builds (``workers > 1``): settings come through the environment."""
-    raw = json.loads(os.environ[SETTINGS_ENV])
-    return create_app(ServeSettings(**{**raw, "run": Path(raw["run"])}))
+    return create_app(from_mapping(ServeSettings, json.loads(os.environ[SETTINGS_ENV]), SETTINGS_ENV))
 
 
 def serve(settings: ServeSettings) -> None:
@@ -222,9 +221,7 @@ def serve(settings: ServeSettings) -> None:
     import uvicorn
 
     if settings.workers > 1:
-        os.environ[SETTINGS_ENV] = json.dumps(
-            {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
-        )
+        os.environ[SETTINGS_ENV] = json.dumps(to_mapping(settings))
         Service(settings)  # fail here, with the message, rather than in every worker
         # loading torch and the models takes longer than uvicorn's default 5 s worker health check on a busy machine
         extra = (

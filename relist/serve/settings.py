@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relist.config import option
-from relist.last import OFFSETS, LastConfig
+from relist.last import LastConfig
 
 
 @dataclass
@@ -15,15 +15,7 @@ class ServeSettings:
     host: str = option("127.0.0.1", help="address to listen on")
     port: int = option(8000, help="port to listen on")
     workers: int = option(1, help="uvicorn worker processes, each with its own copy of the models")
-    mode: str = option(
-        "parallel", help="LAST mode, or 'greedy' for generator-only decoding", choices=("parallel", "serial", "greedy")
-    )
-    offsets: str = option("activations", help="where LAST's offsets go", choices=OFFSETS)
-    steps: str = option("0,0,0,0,6,7,8,9", help="parallel step sizes, one candidate each (comma-separated)")
-    serial_steps: int = option(8, help="serial: generate-evaluate-update rounds")
-    grad_steps: int = option(
-        0, help="decoding steps LAST's gradient flows through (0: all, the paper's objective; T > 0 is a deviation)"
-    )
+    last: LastConfig = option(LastConfig(), help="LAST's settings (their options are serve's own)", flatten=True)
     window_ms: float = option(2.0, help="micro-batching window: how long a request waits for others")
     max_batch: int = option(64, help="most requests per micro-batch")
     max_body_bytes: int = option(1 << 20, help="largest accepted request body")
@@ -32,16 +24,8 @@ class ServeSettings:
     seed: int = option(0, help="seed of the sampling noise")
 
     def last_config(self) -> LastConfig:
-        if self.mode == "greedy":
-            return LastConfig(steps=())
-        try:
-            steps = tuple(float(s) for s in self.steps.split(",") if s.strip())
-        except ValueError:
-            raise ValueError(f"--steps must be comma-separated numbers, got {self.steps!r}") from None
-        return LastConfig(
-            mode=self.mode,
-            offsets=self.offsets,
-            steps=steps,
-            serial_steps=self.serial_steps,
-            grad_steps=self.grad_steps,
-        )
+        return self.last
+
+    def __post_init__(self):
+        if self.last.select != "evaluator":
+            raise ValueError("serve: --select must be 'evaluator' (oracle selection reads labels, which requests lack)")

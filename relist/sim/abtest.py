@@ -53,8 +53,8 @@ METRICS = {
 @dataclass
 class ABTestConfig:
     sim: Path = option(help="simulator directory (from `relist sim train` or `relist sim truth`)")
-    policies: str = option(
-        help="comma-separated policies, the first is the baseline: random, logged, ranker:DIR, oracle"
+    policies: tuple[str, ...] = option(
+        help="policies, the first is the baseline: random, logged, ranker:DIR, reranker:DIR, last:DIR, oracle"
     )
     out: Path = option(help="output directory: summary.md, results.csv, per_seed.csv, results.json, abtest.png")
     users: int = option(2000, help="simulated users per seed")

@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.data.synthetic import SyntheticClickModel, SyntheticParams
 from relist.runtime import resolve_device
@@ -47,30 +48,21 @@ REWARDS = ("dwell", "clicks")
 
 @dataclass
 class CascadeEnvConfig:
-    source: str = "synthetic"  # "synthetic" or "sim"
-    sim: str = ""  # simulator directory (source "sim")
-    sizes: tuple[int, ...] = (500, 100, 10)
-    matching: str = "auto"
-    n_items: int = 5000  # synthetic catalogue size
-    n_users: int = 2000  # synthetic population
-    session_requests: float = 0.0  # target requests per session under the default weights (0: the simulator's, or 4)
-    max_sessions: int = 3
-    reward: str = "dwell"
-    seed: int = 0  # stage models' errors and the synthetic truth
-    device: str = "cpu"
+    """The cascade environment; ``relist.config.load_yaml(CascadeEnvConfig, "env.yaml")`` reads one."""
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "CascadeEnvConfig":
-        import yaml
-
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        names = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown environment option(s) {unknown}; valid: {sorted(names)}")
-        if "sizes" in raw:
-            raw["sizes"] = tuple(int(x) for x in raw["sizes"])
-        return cls(**raw)
+    source: str = option("synthetic", help="the catalogue and users", choices=("synthetic", "sim"))
+    sim: str = option("", help="simulator directory (source sim: a `relist sim train` output)")
+    sizes: tuple[int, ...] = option((500, 100, 10), help="items each stage keeps, matching first")
+    matching: str = option("auto", help="matching search (auto: a FAISS IVF index on large catalogues)")
+    n_items: int = option(5000, help="synthetic catalogue size")
+    n_users: int = option(2000, help="synthetic population")
+    session_requests: float = option(
+        0.0, help="target requests per session under the hand-set weights (0: the simulator's, or 4)"
+    )
+    max_sessions: int = option(3, help="sessions per user (the horizon)")
+    reward: str = option("dwell", help="reward of a request", choices=REWARDS)
+    seed: int = option(0, help="seed of the stage models' errors and of the synthetic truth")
+    device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
 
 
 def default_actions(cascade: Cascade, size: int) -> list[Tensor]:

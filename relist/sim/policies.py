@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -180,9 +180,9 @@ POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] =
 }
 
 
-def parse_spec(spec: str) -> list[tuple[str, str | None]]:
-    """'random,logged,ranker:/x' -> [('random', None), ('logged', None), ('ranker', '/x')], validated."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+def parse_spec(spec: Sequence[str]) -> list[tuple[str, str | None]]:
+    """('random', 'logged', 'ranker:/x') -> [('random', None), ('logged', None), ('ranker', '/x')], validated."""
+    parts = [p.strip() for p in spec if p.strip()]
     if not parts:
         raise ValueError("--policies needs at least one policy, e.g. random,logged")
     out = []
@@ -190,11 +190,11 @@ def parse_spec(spec: str) -> list[tuple[str, str | None]]:
         name, _, arg = part.partition(":")
         if name not in POLICIES:
             valid = ", ".join(f"{n} ({h})" for n, (_, h) in POLICIES.items())
-            raise ValueError(f"unknown policy {name!r} in --policies {spec!r}; valid: {valid}")
+            raise ValueError(f"unknown policy {name!r} in --policies {','.join(parts)}; valid: {valid}")
         out.append((name, arg or None))
     labels = [policy_label(n, a) for n, a in out]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--policies {spec!r} names the same policy twice")
+        raise ValueError(f"--policies {','.join(parts)} names the same policy twice")
     return out
 
 
