@@ -1,44 +1,168 @@
-"""Atomic writes: a reader (or a resumed run) never sees a half-written file or output directory."""
+"""Files: atomic writes, and the one format of every saved model, with checksums verified on load.
+
+- Atomic writes: a reader (or a resumed run) never sees a half-written file or output directory; a
+  failed write leaves no temporary file behind.
+- Saved models (re-rankers, LAST's models, initial rankers, simulators, checkpoints): a directory with
+  ``model.json`` (what the model is: its name, configuration and feature schema), its weights as
+  ``model.safetensors`` (or a library's own file, such as LightGBM's ``model.txt``) and ``checksums.json``,
+  the SHA-256 of every file the directory's writers listed. ``verify`` checks them and names the first
+  file that is missing or differs; directories written before checksums existed load unchecked.
+- Nothing is unpickled: JSON and safetensors only.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+CHECKSUMS = "checksums.json"
+MODEL_META = "model.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+class CorruptFileError(ValueError):
+    """A saved file that is missing, truncated or not what its checksum says; the message names it."""
+
+
+@contextmanager
+def _temporary_beside(path: Path, mode: str = "w", **kwargs) -> Iterator[tuple[Any, str]]:
+    """An open temporary file beside ``path`` and its name; removed if the block fails (a full disk)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle, tmp
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    path = Path(path)
+    with _temporary_beside(path, "w", encoding="utf-8", newline="") as (handle, tmp):
         handle.write(text)
     os.replace(tmp, path)
 
 
 def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors`` file written beside ``path``, then renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(tensors, tmp, metadata=metadata)
+    path = Path(path)
+    with _temporary_beside(path, "wb") as (_, tmp):
+        save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
 def atomic_write_csv(path: Path, rows: list[dict]) -> None:
     """Rows of dicts as CSV (the union of their keys, in first-seen order), written atomically."""
+    path = Path(path)
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+    with _temporary_beside(path, "w", newline="", encoding="utf-8") as (handle, tmp):
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+# ---- checksums --------------------------------------------------------------------------------------------
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal(directory: Path, names: Iterable[str]) -> None:
+    """Record the SHA-256 of ``directory``'s files ``names`` in its ``checksums.json`` (others kept)."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS
+    sums = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    sums.update({name: file_digest(directory / name) for name in names})
+    atomic_write_text(path, json.dumps(dict(sorted(sums.items())), indent=1))
+
+
+def verify(directory: Path) -> None:
+    """Raise ``CorruptFileError`` naming the first file of ``directory``'s checksums.json that is missing or
+    differs. A directory without checksums.json (written before they existed) passes unchecked."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS
+    if not path.is_file():
+        return
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path}: not a readable checksum file ({err})") from None
+    for name, expected in sums.items():
+        target = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not target.is_file():
+            raise CorruptFileError(f"{target}: missing (listed in {path})")
+        if file_digest(target) != expected:
+            raise CorruptFileError(f"{target}: contents differ from the checksum written with it (corrupted?)")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; a missing, truncated or malformed one is an error that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file; a truncated or malformed one is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+# ---- the model format -------------------------------------------------------------------------------------
+def save_model(directory: Path, meta: dict, tensors: dict[str, Tensor] | None = None) -> None:
+    """``meta`` as model.json and ``tensors`` (if any) as model.safetensors in ``directory``, each written
+    atomically, then sealed. A model whose weights are another library's file writes it first and passes
+    its name through ``seal`` itself (``relist.rankers.lambdamart``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [MODEL_META]
+    if tensors is not None:
+        atomic_save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / MODEL_WEIGHTS)
+        names.append(MODEL_WEIGHTS)
+    atomic_write_text(directory / MODEL_META, json.dumps(meta, indent=2, default=str))
+    seal(directory, names)
+
+
+def load_model(directory: Path, legacy_meta: str | None = None) -> tuple[dict, dict[str, Tensor] | None]:
+    """(model.json, model.safetensors or None) of a directory ``save_model`` wrote, checksums verified.
+    ``legacy_meta`` names the file older versions wrote instead of model.json."""
+    directory = Path(directory)
+    verify(directory)
+    meta_path = directory / MODEL_META
+    if not meta_path.is_file() and legacy_meta and (directory / legacy_meta).is_file():
+        meta_path = directory / legacy_meta
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no saved model (no {MODEL_META})")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CorruptFileError(f"{meta_path}: expected a mapping naming its model")
+    weights = directory / MODEL_WEIGHTS
+    return meta, load_tensors(weights) if weights.is_file() else None
 
 
 @contextmanager

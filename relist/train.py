@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import typing
@@ -29,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from relist.config import convert, option
 from relist.data.store import PreparedDataset
-from relist.io import atomic_save_tensors, atomic_write_text
+from relist.io import CorruptFileError, atomic_save_tensors, atomic_write_text, load_tensors, read_json, seal, verify
 from relist.metrics import evaluate_lists, logged_order_scores
 from relist.nn import softmax_list_loss
 from relist.principled import (
@@ -437,19 +437,27 @@ class Trainer:
         tensors["rng.perturb"] = perturb_rng.get_state()
         atomic_save_tensors(tensors, folder / "optimiser.safetensors")
         atomic_write_text(folder / "state.json", json.dumps({**state, "optimiser": meta}, indent=1))
+        seal(folder, ["optimiser.safetensors", "state.json"])
         atomic_write_text(root / "latest", folder.name)
         for old in root.glob("step-*"):
             if old.name != folder.name:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``checkpoint/latest`` names: a ``step-N`` folder of this run, never a path elsewhere."""
         pointer = self.out / "checkpoint" / "latest"
-        return self.out / "checkpoint" / pointer.read_text().strip() if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not re.fullmatch(r"step-[0-9]{9}", name) or not (self.out / "checkpoint" / name).is_dir():
+            raise CorruptFileError(f"{pointer}: names {name!r}, not a step-N checkpoint folder of this run")
+        return self.out / "checkpoint" / name
 
     def _load_checkpoint(
         self, model: Reranker, optimiser, perturb_rng: torch.Generator, average: "WeightAverage"
     ) -> dict:
         folder = self._latest_checkpoint()
+        verify(folder)  # the model, the optimiser and the state; the weight average is checked when loaded
         saved = load_reranker(folder)
         then, now = _settings(saved), _settings(model)
         changed = {k: v for k, v in then.items() if now.get(k) != v}
@@ -465,13 +473,13 @@ class Trainer:
             else:  # a checkpoint written without a weight average: start it from the weights
                 log.warning("%s has no weight average; starting it from the checkpoint's weights", folder)
                 average.model.load_state_dict(model.state_dict())
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        meta = read_json(folder / "state.json")
         selected_on = meta.setdefault("select_metric", "ndcg@10")  # checkpoints from before list_ce selected on NDCG@10
         if selected_on != self.config.select_metric:
             raise ValueError(
                 f"{folder} selects its best checkpoint on {selected_on}; resume with --select-metric {selected_on}"
             )
-        tensors = load_file(str(folder / "optimiser.safetensors"))
+        tensors = load_tensors(folder / "optimiser.safetensors")
         torch.set_rng_state(tensors.pop("rng.torch"))
         perturb_rng.set_state(tensors.pop("rng.perturb"))
         _load_optimiser(optimiser, {k: v.to(self.device) for k, v in tensors.items()}, meta.pop("optimiser"))

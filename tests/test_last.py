@@ -429,12 +429,12 @@ def test_delayed_feedback_learner_waits_for_its_delay_and_leaves_the_generator_a
     batches = [data.batch(data.split("test")[k : k + 30]) for k in range(0, 120, 30)]
     patient = DelayedFeedbackLearner(gen, sim, delay=10_000, seed=0)
     for batch in batches:  # nothing has arrived yet: it serves the deployed generator's greedy lists
-        assert torch.equal(rank(patient.score(batch), batch.mask), gen.decode(batch)[0])
+        assert torch.equal(patient(batch), gen.decode(batch)[0])
     assert patient.updates == 0 and len(patient.pending) == 4
     logged = patient.pending[0][1]
     assert set(logged.label.unique().tolist()) <= {0.0, 1.0} and torch.all(logged.label[~logged.mask] == 0)
     eager = DelayedFeedbackLearner(gen, sim, delay=30, seed=0)
     for batch in batches:
-        eager.score(batch)
+        eager(batch)
     assert eager.updates == 3  # each batch's clicks are used once 30 more requests have been served
     assert weights_hash(eager.generator) != before and weights_hash(gen) == before

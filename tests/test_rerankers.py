@@ -13,6 +13,7 @@ import torch
 import relist.nn
 from relist.batch import ListBatch, rank
 from relist.data.store import Schema, SparseField
+from relist.io import CorruptFileError
 from relist.nn import Dropout, dropout
 from relist.principled import (
     PERTURBATIONS,
@@ -78,6 +79,32 @@ def test_save_then_load_gives_the_same_scores(name, tmp_path):
     assert torch.equal(model.score(batch), loaded.score(batch))
 
 
+def test_a_saved_model_is_checked_before_it_is_loaded(tmp_path):
+    """A flipped bit, a truncated file or a hand-edited model.json is an error naming the file, not a model
+    that silently differs; a model.json whose settings are of the wrong type is named too."""
+    build_reranker("prm", SCHEMA).save(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    pristine = weights.read_bytes()
+    flipped = bytearray(pristine)
+    flipped[-5] ^= 0x10
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptFileError, match="model.safetensors: contents differ"):
+        load_reranker(tmp_path / "m")
+    weights.write_bytes(pristine[: len(pristine) // 2])
+    (tmp_path / "m" / "checksums.json").unlink()  # even unchecked, a truncated file is named
+    with pytest.raises(CorruptFileError, match="model.safetensors: not a readable safetensors file"):
+        load_reranker(tmp_path / "m")
+    weights.write_bytes(pristine)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["config"]["d_model"] = "32"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="model.json: config.d_model: expected int, got '32'"):
+        load_reranker(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta)[:40])
+    with pytest.raises(CorruptFileError, match="model.json: not valid JSON"):
+        load_reranker(tmp_path / "m")
+
+
 @pytest.mark.parametrize("name", ["evaluator", "generator"])
 def test_a_saved_last_model_loads_by_name_in_a_fresh_interpreter(name, tmp_path):
     """Nothing but ``relist.rerankers`` is imported there: the registry must already know LAST's models."""
@@ -115,6 +142,7 @@ def test_a_model_saved_without_a_loss_setting_loads_with_its_papers_loss(tmp_pat
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["config"].pop("loss") == "softmax"
     (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    (tmp_path / "m" / "checksums.json").unlink()  # such files were written before checksums, too
     assert load_reranker(tmp_path / "m").loss_kind == "bce"
 
 

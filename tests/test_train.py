@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
+from relist.io import CorruptFileError
 from relist.nn import LIST_LOSSES
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import build_reranker
@@ -98,6 +99,46 @@ def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         train(small(rerank_data, tmp_path / "run"))
     assert (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_resume_never_deletes_a_directory_it_did_not_write(rerank_data, tmp_path):
+    """--resume on a directory without a checkpoint (a wrong path, a lost pointer) is refused and the
+    directory left as it was; a run that stopped before its first checkpoint starts afresh."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "important.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no checkpoint to resume and other files \\(important.txt\\)"):
+        train(small(rerank_data, run, resume=True))
+    assert (run / "important.txt").read_text() == "keep me" and sorted(p.name for p in run.iterdir()) == [
+        "important.txt"
+    ]
+    unstarted = tmp_path / "unstarted"
+    unstarted.mkdir()
+    (unstarted / "config.json").write_text("{}")  # what a run writes before its first checkpoint
+    assert train(small(rerank_data, unstarted, max_steps=5, resume=True))["steps"] == 5
+
+
+def test_a_corrupt_or_escaping_checkpoint_is_refused_on_resume(rerank_data, tmp_path):
+    run = tmp_path / "run"
+    train(small(rerank_data, run, max_steps=5))
+    (run / "metrics.json").unlink()
+    folder = run / "checkpoint" / (run / "checkpoint" / "latest").read_text()
+    for name in ("model.safetensors", "optimiser.safetensors", "average/model.safetensors"):
+        path = folder / name
+        pristine = path.read_bytes()
+        flipped = bytearray(pristine)
+        flipped[len(flipped) // 2] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CorruptFileError, match=f"{name}: contents differ"):
+            train(small(rerank_data, run, max_steps=5, resume=True))
+        path.write_bytes(pristine)
+    latest = run / "checkpoint" / "latest"
+    for pointer in ("../../elsewhere", "/tmp", folder.name + "/.."):
+        latest.write_text(pointer)
+        with pytest.raises(CorruptFileError, match="not a step-N checkpoint folder of this run"):
+            train(small(rerank_data, run, max_steps=5, resume=True))
+    latest.write_text(folder.name)
+    assert train(small(rerank_data, run, max_steps=5, resume=True))["steps"] == 5
 
 
 def test_resume_refuses_other_settings_than_the_checkpoints(rerank_data, tmp_path):

@@ -37,10 +37,9 @@ from relist.metrics import auc, per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import load_reranker
 from relist.rerankers.evaluator import load_evaluator
-from relist.rerankers.generator import order_scores
 from relist.runtime import resolve_device
 from relist.sim.abtest import markdown, simulate, summarise
-from relist.sim.policies import PolicyContext, RerankPolicy, _load_ranker
+from relist.sim.policies import LastStage, PolicyContext, RerankPolicy, _load_ranker, score_order
 from relist.sim.store import load_simulator
 from relist.stats import paired_t_p, t_ci95
 from relist.train import (
@@ -105,16 +104,6 @@ class NoisyEvaluator:
         return torch.sigmoid(self.logits(batch)).masked_fill(~batch.mask, 0.0)
 
 
-class _Scorer:
-    """Adapts a LAST configuration to the ``score(batch)`` a policy needs (noise seeded per run)."""
-
-    def __init__(self, last: Last, seed: int):
-        self.last, self.noise = last, torch.Generator().manual_seed(seed)
-
-    def score(self, batch):
-        return self.last(batch, self.noise).scores.to(batch.device)
-
-
 class DelayedFeedbackLearner:
     """Classic online learning, the alternative LAST avoids: serve the generator's greedy list, and fine-tune the
     generator on the clicks those lists got once ``delay`` more requests have been served.
@@ -122,8 +111,8 @@ class DelayedFeedbackLearner:
     The feedback is drawn from the simulator's own click model on the list shown (top ``slate_size``), with
     this learner's random numbers; each update is one Adam step of the generator's own loss (reward-weighted
     cross-entropy, NDCG reward) on a batch of lists labelled with their clicks. The learner works on a copy:
-    the generator passed in is not changed. Used inside ``RerankPolicy``: ``score(top)`` gets the initial
-    ranker's top list with ``init_score`` appended as the last dense feature.
+    the generator passed in is not changed. It is the second stage of a ``RerankPolicy``: called with the
+    initial ranker's top list (``init_score`` appended as the last dense feature), it returns the order served.
     """
 
     def __init__(self, generator, simulator, delay: int, seed: int, learning_rate: float = 1e-3):
@@ -137,7 +126,7 @@ class DelayedFeedbackLearner:
         self.served = 0
         self.updates = 0
 
-    def score(self, top):
+    def __call__(self, top):
         with torch.no_grad():
             order, _ = self.generator.decode(top)
             shown = top.reorder(order)
@@ -156,7 +145,7 @@ class DelayedFeedbackLearner:
                 loss.backward()
                 self.optimiser.step()
             self.updates += 1
-        return order_scores(order, top.mask)
+        return order
 
 
 def _ranker_dir(cfg: LastExperimentConfig) -> Path:
@@ -247,11 +236,11 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         ctx = PolicyContext(seed=seed, device=device, simulator=sim)
         ranker = _load_ranker(str(ranker_dir), ctx)
         policies = {
-            name: RerankPolicy(ranker, _Scorer(Last(generator, evaluator, c), seed), list_len)
+            name: RerankPolicy(ranker, LastStage(Last(generator, evaluator, c), seed), list_len)
             for name, c in methods.items()
         }
         policies["initial order"] = ranker.score
-        policies[f"{cfg.principled_model} +P1+P2"] = RerankPolicy(ranker, principled, list_len)
+        policies[f"{cfg.principled_model} +P1+P2"] = RerankPolicy(ranker, score_order(principled), list_len)
         for name, policy in policies.items():
             result = simulate(sim, policy, cfg.users, seed, 1024)
             for key, values in result.items():
@@ -264,7 +253,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
         greedy_off = offline(greedy.scores, batch, evaluator)
         greedy_policy = RerankPolicy(
-            ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+            ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
         )
         greedy_online = simulate(sim, greedy_policy, cfg.users // 2, seed, 1024)
         greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
@@ -284,7 +273,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             last = Last(generator, weak, LastConfig())
             result = last(batch, torch.Generator().manual_seed(seed))
             values = offline(result.scores, batch, evaluator)
-            policy = RerankPolicy(ranker, _Scorer(Last(generator, weak, LastConfig()), seed), list_len)
+            policy = RerankPolicy(ranker, LastStage(Last(generator, weak, LastConfig()), seed), list_len)
             online = simulate(sim, policy, cfg.users // 2, seed, 1024)
             record(
                 "quality",
@@ -320,9 +309,9 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         # classic online learning from delayed feedback against LAST, on the same traffic (users in batches of 50)
         arms = {
             "generator greedy": RerankPolicy(
-                ranker, _Scorer(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+                ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
             ),
-            "LAST parallel": RerankPolicy(ranker, _Scorer(Last(generator, evaluator, LastConfig()), seed), list_len),
+            "LAST parallel": RerankPolicy(ranker, LastStage(Last(generator, evaluator, LastConfig()), seed), list_len),
         }
         for delay in delays:
             learner = DelayedFeedbackLearner(generator, sim, delay, seed)

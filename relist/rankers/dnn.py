@@ -9,18 +9,18 @@ statistics of the training split, so heavy-tailed features (prices, counts) trai
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from relist.batch import ListBatch
+from relist.config import from_mapping
 from relist.data.store import PreparedDataset, Schema
+from relist.io import MODEL_META, load_model, save_model
 from relist.metrics import evaluate_lists
 from relist.nn import symlog
 
@@ -160,19 +160,13 @@ class DNNRanker(nn.Module):
         return evaluate_lists(self.score, data.batches(split, 512), ks=(10,))
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-            str(directory / "model.safetensors"),
-        )
         meta = {"model": self.name, "config": asdict(self.config), "schema": self.schema.to_json()}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2))
+        save_model(Path(directory), meta, self.state_dict())
 
     @classmethod
     def load(cls, directory: Path) -> "DNNRanker":
-        meta = json.loads((Path(directory) / "config.json").read_text())
-        config = meta["config"]
-        config["hidden"] = tuple(config["hidden"])
-        ranker = cls(Schema.from_json(meta["schema"]), DNNConfig(**config))
-        ranker.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+        meta, tensors = load_model(Path(directory), legacy_meta="config.json")
+        config = from_mapping(DNNConfig, meta["config"], f"{directory}/{MODEL_META}: config")
+        ranker = cls(Schema.from_json(meta["schema"]), config)
+        ranker.load_state_dict(tensors)
         return ranker

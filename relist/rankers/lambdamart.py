@@ -7,7 +7,6 @@ columns, and user-history match shares; see ``relist.rankers.features``).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,9 @@ import numpy as np
 import torch
 
 from relist.batch import ListBatch
+from relist.config import from_mapping
 from relist.data.store import PreparedDataset, Schema
+from relist.io import MODEL_META, load_model, save_model, seal
 from relist.rankers.features import TabularLayout, flatten, tabular
 
 log = logging.getLogger("relist")
@@ -117,13 +118,16 @@ class LambdaMART:
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(directory / "model.txt"), num_iteration=self.booster.best_iteration)
+        seal(directory, ["model.txt"])
         meta = {"model": self.name, "config": asdict(self.config), "schema": self.schema.to_json()}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2))
+        save_model(directory, meta)
 
     @classmethod
     def load(cls, directory: Path) -> "LambdaMART":
-        meta = json.loads((Path(directory) / "config.json").read_text())
-        ranker = cls(Schema.from_json(meta["schema"]), LambdaMARTConfig(**meta["config"]))
+        meta, _ = load_model(Path(directory), legacy_meta="config.json")
+        config = from_mapping(LambdaMARTConfig, meta["config"], f"{directory}/{MODEL_META}: config")
+        ranker = cls(Schema.from_json(meta["schema"]), config)
         ranker.booster = lgb.Booster(model_file=str(Path(directory) / "model.txt"))
         return ranker

@@ -149,6 +149,7 @@ def write_rerank_dataset(
             "derived_from": str(data.root),
             "parent_content_hash": data.manifest["content_hash"],
             "initial_ranker": ranker.name,
+            "initial_ranker_dir": "..",  # relative to this dataset: `relist train ranker` writes it to OUT/rerank
             "list_len": list_len,
             "cross_fitted_train_lists": int(sum(len(rows) for _, rows in cross_fitted)),
         },

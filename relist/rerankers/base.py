@@ -14,7 +14,6 @@ in two so that the consistency losses of ``relist.principled`` can share work ac
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,12 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from relist.batch import INITIAL_SCORE, ListBatch
+from relist.config import from_mapping
 from relist.data.store import PreparedDataset, Schema
-from relist.io import atomic_save_tensors, atomic_write_text
+from relist.io import MODEL_META, MODEL_WEIGHTS, CorruptFileError, load_model, save_model
 from relist.nn import LIST_LOSSES, NEG_INF, FeatureEmbedding, normalised_scores, symlog
 
 
@@ -219,14 +218,10 @@ class Reranker(nn.Module):
         self.train(was_training)
         return scores.masked_fill(~batch.mask, NEG_INF)
 
-    # ---- persistence: safetensors + JSON, written atomically, never unpickled ----
+    # ---- persistence: relist.io's model format (JSON + safetensors, checksummed, never unpickled) ----
     def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_save_tensors(state, directory / "model.safetensors")
         meta = {"model": self.name, "config": dataclasses.asdict(self.config), "schema": self.schema.to_json()}
-        atomic_write_text(directory / "model.json", json.dumps(meta, indent=2))
+        save_model(Path(directory), meta, self.state_dict())
 
 
 def length_groups(mask: Tensor, group_cost: int = 4) -> list[tuple[Tensor, int]] | None:
@@ -292,16 +287,23 @@ def build_reranker(name: str, schema: Schema, **overrides) -> Reranker:
 
 
 def load_reranker(directory: str | Path) -> Reranker:
+    """A re-ranker saved by ``Reranker.save`` (checksums verified; every field of model.json checked)."""
     directory = Path(directory)
-    meta_path = directory / "model.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no re-ranker (no model.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if not (directory / MODEL_META).is_file():
+        raise FileNotFoundError(f"{directory} holds no re-ranker (no {MODEL_META})")
+    meta, tensors = load_model(directory)
+    where = str(directory / MODEL_META)
     cls = reranker_class(meta["model"])
-    meta["config"].setdefault("loss", "")  # saved before the setting existed: trained with the model's own loss
-    config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    settings = dict(meta.get("config", {}))
+    settings.setdefault("loss", "")  # saved before the setting existed: trained with the model's own loss
+    config = from_mapping(cls.config_class, settings, f"{where}: config")
     model = cls(Schema.from_json(meta["schema"]), config)
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    if tensors is None:
+        raise FileNotFoundError(f"{directory} has no {MODEL_WEIGHTS}")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CorruptFileError(f"{directory / MODEL_WEIGHTS}: does not fit the model of {where} ({err})") from None
     return model
 
 

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from relist.config import load_yaml, option
+from relist.io import atomic_save_tensors, atomic_write_text, seal
 from relist.rl.agents import (
     METHODS,
     AgentConfig,
@@ -234,7 +234,7 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
     weights = {
         f"{k}.{n}": p.detach().contiguous() for k, a in agent.actors.items() for n, p in unwrap(a).state_dict().items()
     }
-    save_file(weights, str(out / "actors.safetensors"))
+    atomic_save_tensors(weights, out / "actors.safetensors")
     result = {
         "method": cfg.method,
         "world_size": world,
@@ -245,7 +245,6 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "agent": asdict(agent_cfg),
     }
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
+    seal(out, ["actors.safetensors", "metrics.json"])
     return result

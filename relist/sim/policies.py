@@ -11,7 +11,6 @@ kind (LAST, say), add one ``POLICIES`` entry: a factory
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -21,9 +20,10 @@ from torch import Tensor
 
 from relist.batch import ListBatch, initial_top, rank
 from relist.data.store import PreparedDataset
+from relist.io import read_json
 from relist.last import Last, LastConfig
 from relist.metrics import logged_order_scores
-from relist.rankers import load_ranker
+from relist.rankers import is_ranker_dir, load_ranker
 from relist.rerankers import load_reranker
 from relist.rerankers.evaluator import load_evaluator
 from relist.sim import rng
@@ -64,9 +64,9 @@ def _logged(arg: str | None, ctx: PolicyContext) -> Policy:
 def _load_ranker(arg: str | None, ctx: PolicyContext):
     if not arg:
         raise ValueError("policy 'ranker' needs a directory: ranker:DIR (written by `relist train ranker`)")
-    if not (Path(arg) / "config.json").is_file():
+    if not is_ranker_dir(arg):
         raise FileNotFoundError(
-            f"policy ranker:{arg}: no config.json there; expected a directory written by `relist train ranker`"
+            f"policy ranker:{arg}: no initial ranker there; expected a directory written by `relist train ranker`"
         )
     ranker = load_ranker(arg)
     schema = getattr(getattr(ctx.simulator, "pool", None), "schema", None)
@@ -82,18 +82,35 @@ def _ranker(arg: str | None, ctx: PolicyContext) -> Policy:
     return _load_ranker(arg, ctx).score
 
 
+def score_order(model) -> Callable[[ListBatch], Tensor]:
+    """A scoring model (a re-ranker) as the second stage of a ``RerankPolicy``: the order of its scores."""
+    return lambda top: rank(model.score(top), top.mask)
+
+
+class LastStage:
+    """LAST as the second stage of a ``RerankPolicy``: the list it serves, as an order of the top list's
+    items (no scores in between). The sampling noise comes from one generator seeded by the run's seed."""
+
+    def __init__(self, last: Last, seed: int):
+        self.last, self.noise = last, torch.Generator().manual_seed(seed)
+
+    def __call__(self, top: ListBatch) -> Tensor:
+        return self.last(top, self.noise).order.to(top.device)
+
+
 class RerankPolicy:
     """The two-stage order re-rankers are trained for: the initial ranker orders every candidate, its first
-    ``list_len`` go to the re-ranker with the ranker's score appended as the ``init_score`` feature (as
-    ``relist train ranker`` writes the re-ranking dataset), and the re-ranker's order of those comes first,
-    the rest follow in the ranker's order."""
+    ``list_len`` go to the second stage with the ranker's score appended as the ``init_score`` feature (as
+    ``relist train ranker`` writes the re-ranking dataset), and the second stage's order of those comes
+    first, the rest follow in the ranker's order. ``second`` maps that top list to an order (B, K) of its
+    items (``score_order(model)`` for a re-ranker, ``LastStage`` for LAST)."""
 
-    def __init__(self, ranker, reranker, list_len: int):
-        self.ranker, self.reranker, self.list_len = ranker, reranker, list_len
+    def __init__(self, ranker, second: Callable[[ListBatch], Tensor], list_len: int):
+        self.ranker, self.second, self.list_len = ranker, second, list_len
 
     def __call__(self, batch: ListBatch) -> Tensor:
         top, order = initial_top(batch, self.ranker.score(batch), self.list_len)
-        second = rank(self.reranker.score(top), top.mask)  # (B, K): ranker positions in the re-ranker's order
+        second = self.second(top)  # (B, K): ranker positions in the second stage's order
         width = batch.list_len
         priority = (
             (width - torch.arange(width, device=batch.device, dtype=torch.float32)).expand(batch.size, -1).clone()
@@ -106,6 +123,24 @@ class RerankPolicy:
         return torch.empty_like(priority).scatter_(1, order, priority)  # back to the candidates' positions
 
 
+def initial_stage(run: Path, what: str) -> tuple[Path, int]:
+    """The initial ranker a training run's re-ranking data was written by, and the list length it cut to.
+
+    The re-ranking dataset names its ranker in its manifest (``info.initial_ranker_dir``, relative to the
+    dataset, so the two can move together); datasets written before that sit in the ranker's ``rerank/``."""
+    rerank_data = Path(read_json(run / "config.json")["data"])
+    if not (rerank_data / "manifest.json").is_file():
+        raise FileNotFoundError(f"{what}: its training data {rerank_data} is not there")
+    info = PreparedDataset(rerank_data).manifest["info"]
+    ranker_dir = (rerank_data / info.get("initial_ranker_dir", "..")).resolve()
+    if "list_len" not in info or not is_ranker_dir(ranker_dir):
+        raise FileNotFoundError(
+            f"{what}: its training data {rerank_data} was not written by `relist train ranker`, so its initial "
+            "ranker cannot be found"
+        )
+    return ranker_dir, int(info["list_len"])
+
+
 def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
     if not arg:
         raise ValueError("policy 'reranker' needs a directory: reranker:DIR (written by `relist train reranker`)")
@@ -114,29 +149,10 @@ def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
         raise FileNotFoundError(
             f"policy reranker:{arg}: expected a `relist train reranker` run directory (config.json, best/)"
         )
-    rerank_data = Path(json.loads((run / "config.json").read_text())["data"])
-    ranker_dir = rerank_data.parent  # `relist train ranker --out R` writes the re-ranking data to R/rerank
-    if not (ranker_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"policy reranker:{arg}: its training data {rerank_data} is not the rerank/ folder of a "
-            "`relist train ranker` output, so its initial ranker cannot be found"
-        )
-    list_len = int(PreparedDataset(rerank_data).manifest["info"]["list_len"])
+    ranker_dir, list_len = initial_stage(run, f"policy reranker:{arg}")
     ranker = _load_ranker(str(ranker_dir), ctx)  # checks the schema against the simulator's pool
     reranker = load_reranker(run / "best").to(ctx.device).eval()
-    return RerankPolicy(ranker, reranker, list_len)
-
-
-class LastScorer:
-    """LAST as a re-ranker for ``RerankPolicy``: ``score(batch)`` returns the served list as scores.
-
-    The sampling noise comes from one generator seeded by the run's seed."""
-
-    def __init__(self, last, seed: int):
-        self.last, self.noise = last, torch.Generator().manual_seed(seed)
-
-    def score(self, batch: ListBatch) -> Tensor:
-        return self.last(batch, self.noise).scores.to(batch.device)
+    return RerankPolicy(ranker, score_order(reranker), list_len)
 
 
 def _last(arg: str | None, ctx: PolicyContext) -> Policy:
@@ -147,12 +163,11 @@ def _last(arg: str | None, ctx: PolicyContext) -> Policy:
         raise FileNotFoundError(
             f"policy last:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)"
         )
-    rerank_data = Path(json.loads((run / "generator" / "config.json").read_text())["data"])
-    list_len = int(PreparedDataset(rerank_data).manifest["info"]["list_len"])
-    ranker = _load_ranker(str(rerank_data.parent), ctx)
+    ranker_dir, list_len = initial_stage(run / "generator", f"policy last:{arg}")
+    ranker = _load_ranker(str(ranker_dir), ctx)
     generator = load_reranker(run / "generator" / "best").to(ctx.device)
     last = Last(generator, load_evaluator(run / "evaluator").to(ctx.device), LastConfig())
-    return RerankPolicy(ranker, LastScorer(last, ctx.seed), list_len)
+    return RerankPolicy(ranker, LastStage(last, ctx.seed), list_len)
 
 
 def _oracle(arg: str | None, ctx: PolicyContext) -> Policy:

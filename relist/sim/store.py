@@ -17,11 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from relist.data.store import PreparedDataset, Schema
 from relist.data.synthetic import SyntheticClickModel
-from relist.io import atomic_write_text
+from relist.io import atomic_save_tensors, atomic_write_text, load_tensors, read_json, seal, verify
 from relist.sim.pool import ListPool, unknown_ids
 from relist.sim.response import ClickModelConfig, FactorisedClickModel, TruthResponse
 from relist.sim.session import SessionParams, Simulator
@@ -34,8 +33,9 @@ def write_simulator(out: Path, config: dict, model: FactorisedClickModel | None 
     """Write config (and weights) into ``out`` (created by the caller); the config file last, atomically."""
     out = Path(out)
     if model is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+        atomic_save_tensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str))
+    seal(out, [CONFIG] + ([WEIGHTS] if model is not None else []))
 
 
 def read_config(path: str | Path) -> dict:
@@ -45,7 +45,8 @@ def read_config(path: str | Path) -> dict:
             f"{path} is not a simulator directory (no {CONFIG}); write one with `relist sim train` or `relist "
             "sim truth`"
         )
-    return json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    verify(path)
+    return read_json(path / CONFIG)
 
 
 def build_response(
@@ -64,7 +65,7 @@ def build_response(
         Schema.from_json(config["schema"]), ClickModelConfig(**config["model"]), config.get("unknown", {})
     )
     if weights is not None:
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(load_tensors(weights))
     return model.to(device).eval()
 
 
