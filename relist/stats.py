@@ -1,4 +1,5 @@
-"""Small statistics shared by the experiments: t intervals over seeds and paired comparisons."""
+"""Statistics: every interval and test relist reports is computed here (t intervals over seeds, paired
+comparisons, the bootstrap over units, and the delta-method intervals of ratio metrics in A/B tests)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from typing import Sequence
 
 import numpy as np
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
 def t_ci95(values: Sequence[float]) -> float:
@@ -40,3 +43,16 @@ def paired_bootstrap(
         means[start:stop] = diff[rng.integers(0, len(diff), size=(stop - start, len(diff)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(diff.mean()), float(low), float(high)
+
+
+def ratio_influence(num: np.ndarray, den: np.ndarray) -> tuple[float, np.ndarray]:
+    """R = sum(num) / sum(den) over units (e.g. users), and each unit's influence on it (the delta method:
+    the interval of R is the interval of the mean of the influences)."""
+    ratio = num.sum() / den.sum()
+    return float(ratio), (num - ratio * den) / den.mean()
+
+
+def normal_interval(influence: np.ndarray, centre: float) -> tuple[float, float]:
+    """The 95% normal interval around ``centre`` whose standard error is that of the mean of ``influence``."""
+    se = influence.std(ddof=1) / np.sqrt(len(influence)) if len(influence) > 1 else float("nan")
+    return centre - Z95 * se, centre + Z95 * se

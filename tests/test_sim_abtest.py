@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from relist.cli import main
-from relist.sim.abtest import METRICS, Z95, summarise
+from relist.sim.abtest import METRICS, summarise
 from relist.sim.policies import PolicyContext, make_policy, parse_spec
 from relist.sim.store import load_simulator
+from relist.stats import Z95
 
 
 @pytest.fixture(autouse=True, scope="module")

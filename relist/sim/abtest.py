@@ -28,17 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from relist.config import option
 from relist.io import atomic_directory
 from relist.runtime import resolve_device
 from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_label
-from relist.sim.session import Simulator, outcomes
+from relist.sim.session import Simulator, in_batches, outcomes
 from relist.sim.store import load_simulator
+from relist.stats import normal_interval, ratio_influence
 
 log = logging.getLogger("relist")
-Z95 = 1.959963984540054
 
 # name -> (numerator, denominator or None for per user, label)
 METRICS = {
@@ -68,17 +67,6 @@ class ABTestConfig:
     )
 
 
-def ratio_influence(num: np.ndarray, den: np.ndarray) -> tuple[float, np.ndarray]:
-    """R = sum(num) / sum(den) and each unit's influence on it."""
-    ratio = num.sum() / den.sum()
-    return float(ratio), (num - ratio * den) / den.mean()
-
-
-def interval(influence: np.ndarray, centre: float) -> tuple[float, float]:
-    se = influence.std(ddof=1) / np.sqrt(len(influence)) if len(influence) > 1 else float("nan")
-    return centre - Z95 * se, centre + Z95 * se
-
-
 def summarise(per_policy: dict[str, dict[str, np.ndarray]], seed_of_unit: np.ndarray) -> list[dict]:
     """One row per (policy, metric): value, CI, lift over the first policy with a paired CI, spread over seeds."""
     names = list(per_policy)
@@ -97,7 +85,7 @@ def summarise(per_policy: dict[str, dict[str, np.ndarray]], seed_of_unit: np.nda
         r0, if0, _ = stats[base]
         for name in names:
             r, inf, per_seed = stats[name]
-            low, high = interval(inf, r)
+            low, high = normal_interval(inf, r)
             row = {
                 "policy": name,
                 "metric": metric,
@@ -111,7 +99,7 @@ def summarise(per_policy: dict[str, dict[str, np.ndarray]], seed_of_unit: np.nda
             if name != base and r0 != 0:
                 lift = r / r0 - 1.0
                 lift_inf = (r / r0) * (inf / r - if0 / r0) if r != 0 else -inf / r0
-                lo, hi = interval(lift_inf, lift)
+                lo, hi = normal_interval(lift_inf, lift)
                 row.update(lift=lift, lift_low=lo, lift_high=hi, significant=bool(lo > 0 or hi < 0))
             rows.append(row)
     return rows
@@ -184,11 +172,8 @@ def plot(rows: list[dict], names: list[str], path: Path) -> None:
 
 def simulate(sim: Simulator, policy, n_users: int, seed: int, batch_size: int) -> dict[str, np.ndarray]:
     """Per-user outcomes of users 0..n_users-1 under ``policy`` (batches do not change the result)."""
-    parts = []
-    for start in range(0, n_users, batch_size):
-        keys = torch.arange(start, min(start + batch_size, n_users))
-        parts.append(outcomes(sim.run(policy, keys, seed)))
-    return {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+    result = in_batches(n_users, batch_size, lambda keys: outcomes(sim.run(policy, keys, seed)))
+    return {k: v.numpy() for k, v in result.items()}
 
 
 def run_abtest(cfg: ABTestConfig) -> dict:

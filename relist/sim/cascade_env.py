@@ -38,9 +38,10 @@ from relist.sim.cascade import (
     mind_catalogue,
     synthetic_catalogue,
 )
+from relist.sim.fit import bisect_leave_bias
 from relist.sim.pool import synthetic_item_pool
 from relist.sim.response import TruthResponse
-from relist.sim.session import SessionParams, Simulator, Step, Users
+from relist.sim.session import SessionParams, Simulator, Step, Users, in_batches, outcomes, roll_out
 from relist.sim.store import load_simulator, read_config
 
 REWARDS = ("dwell", "clicks")
@@ -132,28 +133,16 @@ class CascadeEnv:
     ) -> dict[str, Tensor]:
         """Per-user outcomes of users 0..n_users-1 until they leave for good (``policy``: stage, obs -> action;
         None for the default weights). The same seed gives every policy the same users and random numbers."""
-        parts = []
-        for start in range(0, n_users, batch_size):
-            state = self.start(torch.arange(start, min(start + batch_size, n_users)), seed)
-            limit = self.sim.params.max_sessions * self.sim.params.max_requests
-            for _ in range(limit):
-                active = (~state.users.done).nonzero().squeeze(1)
-                if active.numel() == 0:
-                    break
-                part = state[active]
-                acts = policy if policy is not None else default_actions(self.cascade, active.numel())
-                self.step(part, acts)
-                state.put(active, part)
-            u = state.users
-            parts.append(
-                {
-                    "requests": u.requests_done.double().cpu(),
-                    "sessions": (u.session + 1).double().cpu(),
-                    "clicks": u.clicks.double().cpu(),
-                    "dwell": u.dwell.double().cpu(),
-                }
-            )
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+        def request(part: EnvState) -> None:
+            self.step(part, policy if policy is not None else default_actions(self.cascade, part.users.size))
+
+        def run(keys: Tensor) -> dict[str, Tensor]:
+            state = self.start(keys, seed)
+            roll_out(state, request, self.sim.max_steps)
+            return outcomes(state.users)
+
+        return in_batches(n_users, batch_size, run)
 
 
 def session_metrics(out: dict[str, Tensor]) -> dict[str, float]:
@@ -179,15 +168,13 @@ def calibrate_sessions(
         out = env.cascade(*env.first(state), default_actions(env.cascade, n_users))
         prob = sim.response.respond(env.cascade.catalogue.shown(state.users.pop, out.slate)).prob
     sim.params = sim.params.replace(ref_clicks=float(prob.sum(1).mean()))
-    one = replace(sim.params, max_sessions=1)
-    full = sim.params
-    lo, hi = -12.0, 12.0
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        sim.params = replace(one, leave_bias=mid)
-        length = float(env.evaluate(None, n_users, seed)["requests"].mean())
-        lo, hi = (mid, hi) if length > target else (lo, mid)
-    sim.params = replace(full, leave_bias=(lo + hi) / 2)
+    one, full = replace(sim.params, max_sessions=1), sim.params
+
+    def session_length(bias: float) -> float:
+        sim.params = replace(one, leave_bias=bias)
+        return float(env.evaluate(None, n_users, seed)["requests"].mean())
+
+    sim.params = replace(full, leave_bias=bisect_leave_bias(session_length, target, iterations))
     return {
         "ref_clicks": sim.params.ref_clicks,
         "leave_bias": sim.params.leave_bias,

@@ -25,6 +25,7 @@ MIND-small's published 156,965 impressions / 50,000 users = 3.14.)
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
@@ -95,17 +96,26 @@ def calibrate_leave_bias(
     sim: Simulator, target: float, n_users: int = 2048, seed: int = 0, iterations: int = 12
 ) -> float:
     """The ``leave_bias`` at which the logged order's mean requests per session is ``target``."""
+
+    def session_length(bias: float) -> float:
+        sim.params = sim.params.replace(leave_bias=bias)
+        return mean_session_length(sim, logged_order_scores, n_users, seed)
+
+    bias = bisect_leave_bias(session_length, target, iterations)
+    sim.params = sim.params.replace(leave_bias=bias)
+    return bias
+
+
+def bisect_leave_bias(session_length: Callable[[float], float], target: float, iterations: int) -> float:
+    """The one bisection of ``leave_bias``: the value at which ``session_length(bias)`` (mean requests per
+    session, which falls monotonically as the bias rises under common random numbers) is ``target``."""
     if target < 1.0:
         raise ValueError(f"a session has at least one request; target {target} is below 1")
     lo, hi = -12.0, 12.0  # long sessions at lo, about one request at hi
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        sim.params = sim.params.replace(leave_bias=mid)
-        length = mean_session_length(sim, logged_order_scores, n_users, seed)
-        lo, hi = (mid, hi) if length > target else (lo, mid)
-    bias = (lo + hi) / 2
-    sim.params = sim.params.replace(leave_bias=bias)
-    return bias
+        lo, hi = (mid, hi) if session_length(mid) > target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def fit_session(

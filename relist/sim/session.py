@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -186,21 +187,44 @@ class Simulator:
         users.done = done
         return Step(shown, prob, clicks, dwell, leave_prob, left, returned, done)
 
+    @property
+    def max_steps(self) -> int:
+        """Requests after which every user has left for good."""
+        return self.params.max_sessions * self.params.max_requests
+
     def run(self, policy, keys: Tensor, seed: int, max_steps: int | None = None) -> Users:
         """Simulate users ``keys`` under ``policy`` (ListBatch -> scores) until every one of them is done."""
-        users = self.start(keys, seed)
-        limit = max_steps or self.params.max_sessions * self.params.max_requests
-        for _ in range(limit):
-            active = (~users.done).nonzero().squeeze(1)
-            if active.numel() == 0:
-                break
-            part = users[active]
+
+        def request(part: Users) -> None:
             candidates = self.candidates(part)
             with torch.no_grad():
                 scores = policy(candidates)
             self.step(part, candidates, scores)
-            users.put(active, part)
+
+        users = self.start(keys, seed)
+        roll_out(users, request, max_steps or self.max_steps)
         return users
+
+
+def roll_out(state, request, max_steps: int) -> None:
+    """The one rollout loop: advance the users of ``state`` (``Users``, or a state holding them that can be
+    indexed by rows and ``put`` back) one request at a time, ``request(part)`` updating the rows still
+    active, until every user is done or ``max_steps`` requests have passed."""
+    users = state if isinstance(state, Users) else state.users
+    for _ in range(max_steps):
+        active = (~users.done).nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        part = state[active]
+        request(part)
+        state.put(active, part)
+
+
+def in_batches(n_users: int, batch_size: int, run: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``run(keys)`` over users 0..n_users-1 in batches of ``batch_size``, outcomes concatenated (batching
+    never changes them: every draw is keyed by user)."""
+    parts = [run(torch.arange(s, min(s + batch_size, n_users))) for s in range(0, n_users, batch_size)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def outcomes(users: Users) -> dict[str, Tensor]:
