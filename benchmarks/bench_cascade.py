@@ -28,8 +28,9 @@ from dataclasses import replace
 import torch
 
 from relist.data.synthetic import SyntheticClickModel, SyntheticParams
-from relist.sim.cascade import Cascade, CascadeConfig, synthetic_catalogue
+from relist.sim.cascade import Cascade, CascadeConfig
 from relist.sim.cascade_env import CascadeEnv, default_actions
+from relist.sim.catalogue import synthetic_catalogue
 from relist.sim.pool import synthetic_item_pool, take
 from relist.sim.response import TruthResponse
 from relist.sim.session import SessionParams, Simulator

@@ -13,9 +13,10 @@ from scipy import stats
 
 from relist.data.synthetic import SyntheticClickModel, SyntheticParams
 from relist.rl.replay import quantile_rescale
-from relist.sim.cascade import Cascade, CascadeConfig, synthetic_catalogue
+from relist.sim.cascade import Cascade, CascadeConfig
 from relist.sim.cascade_env import CascadeEnvConfig, build_env, session_metrics
 from relist.sim.cascade_interfaces import CascadeAECEnv, CascadeGymEnv
+from relist.sim.catalogue import synthetic_catalogue
 from relist.sim.pool import synthetic_item_pool
 
 

@@ -31,13 +31,8 @@ from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.data.synthetic import SyntheticClickModel, SyntheticParams
 from relist.runtime import resolve_device
-from relist.sim.cascade import (
-    Cascade,
-    CascadeConfig,
-    CascadeOutput,
-    mind_catalogue,
-    synthetic_catalogue,
-)
+from relist.sim.cascade import Cascade, CascadeConfig, CascadeOutput
+from relist.sim.catalogue import mind_catalogue, synthetic_catalogue
 from relist.sim.fit import bisect_leave_bias
 from relist.sim.pool import synthetic_item_pool
 from relist.sim.response import TruthResponse
