@@ -27,9 +27,11 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from relist.config import convert, option
@@ -171,6 +173,78 @@ def _load_optimiser(optimiser: torch.optim.Optimizer, tensors: dict, meta: dict)
     optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def new_loop_state() -> dict:
+    """Where ``training_loop`` is: saved with every checkpoint, so a resumed run continues exactly."""
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": 0, "stale": 0, "done": False,
+            "history": []}  # fmt: skip
+
+
+def training_loop(
+    state: dict,
+    *,
+    epochs: int,
+    patience: int,
+    epoch_batches: Callable[[int], Sequence[np.ndarray]],
+    loss: Callable[[np.ndarray], dict[str, Tensor]],
+    optimiser: torch.optim.Optimizer,
+    validate: Callable[[dict, dict[str, float]], bool],
+    eval_every: int = 0,
+    max_steps: int = 0,
+    after_step: Callable[[], None] = lambda: None,
+    after_validation: Callable[[dict], None] = lambda state: None,
+    reduce: Callable[[dict[str, float]], dict[str, float]] = lambda parts: parts,
+    progress: tqdm | None = None,
+) -> dict:
+    """The one supervised training loop of relist: re-rankers (``Trainer``), the DNN initial ranker and the
+    simulator's click model all train through it.
+
+    Each epoch takes its batches from ``epoch_batches(epoch)`` (row indices, one array per step); a step
+    minimises ``loss(rows)["loss"]`` with ``optimiser`` and calls ``after_step``. Every ``eval_every`` steps
+    and at the end of every epoch, ``validate(state, train_parts)`` (mean training losses since the last
+    validation, through ``reduce``) says whether the model improved; ``patience`` validations without
+    improvement, or ``max_steps`` steps, stop it; ``after_validation(state)`` runs after each (checkpoints).
+    ``state`` (``new_loop_state()``, or one restored from a checkpoint) is updated in place and returned.
+    """
+    running: dict[str, float] = {}
+    n = 0
+    while not state["done"] and state["epoch"] < epochs:
+        batches = epoch_batches(state["epoch"])
+        for b in range(state["batch_in_epoch"], len(batches)):
+            parts = loss(batches[b])
+            optimiser.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimiser.step()
+            after_step()
+            for key, value in parts.items():
+                running[key] = running.get(key, 0.0) + float(value.detach())
+            n += 1
+            state["step"] += 1
+            state["batch_in_epoch"] = b + 1
+            if progress is not None:
+                progress.update(1)
+            end_of_epoch = b + 1 == len(batches)
+            if (eval_every and state["step"] % eval_every == 0) or end_of_epoch:
+                train_parts = reduce({k: v / n for k, v in running.items()})
+                running, n = {}, 0
+                state["stale"] = 0 if validate(state, train_parts) else state["stale"] + 1
+                if end_of_epoch:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                if state["stale"] >= patience or (max_steps and state["step"] >= max_steps):
+                    state["done"] = True
+                after_validation(state)
+            if state["done"]:
+                break
+    state["done"] = True
+    return state
+
+
+def shuffled_batches(index: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """``index`` in the random order of (seed, epoch), cut into batches of ``batch_size``."""
+    order = np.random.default_rng([seed, epoch]).permutation(index)
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
 def initial_order_metrics(data: PreparedDataset, split: str, ks=(1, 3, 5, 10)) -> dict[str, float]:
     """Metrics of the input order itself (the initial ranker's order in a re-ranking dataset)."""
     return evaluate_lists(logged_order_scores, data.batches(split, 1024), ks=ks)
@@ -304,17 +378,7 @@ class Trainer:
             train_index = self.data.split("train")
             steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
             eval_every = c.eval_every or steps_per_epoch
-            state = {
-                "step": 0,
-                "epoch": 0,
-                "batch_in_epoch": 0,
-                "best": None,
-                "best_step": 0,
-                "stale": 0,
-                "select_metric": c.select_metric,
-                "done": False,
-                "history": [],
-            }
+            state = {**new_loop_state(), "select_metric": c.select_metric}
             if resuming:
                 state = self._load_checkpoint(model, optimiser, perturb_rng, average)
                 log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
@@ -329,48 +393,40 @@ class Trainer:
                 leave=False,
             )
             writer = self._tensorboard() if (c.tensorboard and dist.main) else None
-            running: dict[str, float] = {}
             started = time.perf_counter()
             if state["step"] == 0 and not state["history"]:
                 # the untrained model is a candidate too: with the initial skip it serves the initial order
                 self._validate(average.model, state, {}, writer, bar)
-            while not state["done"] and state["epoch"] < c.epochs:
-                order = np.random.default_rng([c.seed, state["epoch"]]).permutation(train_index)
-                for b in range(state["batch_in_epoch"], steps_per_epoch):
-                    rows = order[b * c.batch_size : (b + 1) * c.batch_size]
-                    share = len(rows) // dist.world if len(rows) >= dist.world else len(rows)
-                    mine = rows[dist.rank * share : (dist.rank + 1) * share] if dist.world > 1 else rows
-                    batch = self.data.batch(mine, max_len=self.max_len).to(self.device)
-                    model.train()
-                    parts = trained(batch, perturb_rng)
-                    optimiser.zero_grad(set_to_none=True)
-                    parts["loss"].backward()
-                    optimiser.step()
-                    average.update()
-                    for key, value in parts.items():
-                        running[key] = running.get(key, 0.0) + float(value.detach())
-                    running["_n"] = running.get("_n", 0) + 1
-                    state["step"] += 1
-                    state["batch_in_epoch"] = b + 1
-                    bar.update(1)
-                    if state["step"] % eval_every == 0 or b + 1 == steps_per_epoch:
-                        train_parts = dist.mean({k: v / running["_n"] for k, v in running.items() if k != "_n"})
-                        running = {}
-                        self._validate(average.model, state, train_parts, writer, bar)
-                        if b + 1 == steps_per_epoch:
-                            state["epoch"] += 1
-                            state["batch_in_epoch"] = 0
-                        if state["stale"] >= c.patience or (c.max_steps and state["step"] >= c.max_steps):
-                            state["done"] = True
-                        if dist.main:
-                            self._save_checkpoint(model, optimiser, perturb_rng, state, average)
-                        dist.barrier()
-                    if state["done"]:
-                        break
-                else:
-                    continue
-                break
-            state["done"] = True
+
+            def loss(rows: np.ndarray) -> dict[str, Tensor]:
+                share = len(rows) // dist.world if len(rows) >= dist.world else len(rows)
+                mine = rows[dist.rank * share : (dist.rank + 1) * share] if dist.world > 1 else rows
+                model.train()
+                return trained(self.data.batch(mine, max_len=self.max_len).to(self.device), perturb_rng)
+
+            def validate(state: dict, train_parts: dict) -> bool:
+                return self._validate(average.model, state, train_parts, writer, bar)
+
+            def checkpoint(state: dict) -> None:
+                if dist.main:
+                    self._save_checkpoint(model, optimiser, perturb_rng, state, average)
+                dist.barrier()
+
+            training_loop(
+                state,
+                epochs=c.epochs,
+                patience=c.patience,
+                epoch_batches=lambda epoch: shuffled_batches(train_index, c.batch_size, c.seed, epoch),
+                loss=loss,
+                optimiser=optimiser,
+                validate=validate,
+                eval_every=eval_every,
+                max_steps=c.max_steps,
+                after_step=average.update,
+                after_validation=checkpoint,
+                reduce=dist.mean,
+                progress=bar,
+            )
             bar.close()
             if writer is not None:
                 writer.close()
@@ -380,7 +436,8 @@ class Trainer:
         finally:
             dist.close()
 
-    def _validate(self, model: Reranker, state: dict, train_parts: dict, writer, bar) -> None:
+    def _validate(self, model: Reranker, state: dict, train_parts: dict, writer, bar) -> bool:
+        """Validate ``model``, record it in ``state`` (and OUT/best when it is the best so far); whether it improved."""
         c = self.config
         batches = lambda: self.data.batches("valid", 512, max_len=self.max_len)  # noqa: E731
         valid = scored_metrics(model, batches(), ks=(5, 10))
@@ -392,12 +449,11 @@ class Trainer:
         metric = valid[c.select_metric]
         record = {"step": state["step"], "epoch": state["epoch"], "train": train_parts, "valid": valid}
         state["history"].append(record)
-        if better(c.select_metric, metric, state["best"]):
-            state["best"], state["best_step"], state["stale"] = metric, state["step"], 0
+        improved = better(c.select_metric, metric, state["best"])
+        if improved:
+            state["best"], state["best_step"] = metric, state["step"]
             if int(os.environ.get("RANK", "0")) == 0:
                 model.save(self.out / "best")
-        else:
-            state["stale"] += 1
         bar.set_postfix({c.select_metric: f"{metric:.4f}", "best": f"{state['best']:.4f}"})
         if writer is not None:
             for key, value in train_parts.items():
@@ -412,6 +468,7 @@ class Trainer:
             state["best"],
             state["best_step"],
         )
+        return improved
 
     def _tensorboard(self):
         try:

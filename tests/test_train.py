@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +21,7 @@ from relist.io import CorruptFileError
 from relist.nn import LIST_LOSSES
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import build_reranker
-from relist.train import TrainConfig, WeightAverage, parse_model_args, train
+from relist.train import TrainConfig, WeightAverage, new_loop_state, parse_model_args, train, training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,3 +337,39 @@ def test_calibrated_skip_minimises_the_loss_of_the_initial_score_alone(rerank_da
         assert loss_fn(a * z + b * batch.mask, batch.label, batch.mask) > loss.detach()
     assert model.skip_weight.item() > 0  # the initial ranker's score points the right way on this data
     assert model.gate.item() == pytest.approx(model.config.gate_init * model.skip_weight.item())
+
+
+def test_the_training_loop_validates_stops_and_resumes_where_it_was():
+    """The one loop (re-rankers, the DNN ranker and the click model): validation every ``eval_every`` steps and
+    at each epoch's end, ``patience`` validations without improvement stop it, and a state saved after a
+    validation continues to the same weights as a run that was never stopped."""
+    improvements = (True, True, False, False, False, True, True, True)
+
+    def run(state, weight_from=None, stop_after=0):
+        weight = torch.nn.Parameter(torch.zeros(3) if weight_from is None else weight_from.clone())
+        optimiser = torch.optim.SGD([weight], lr=0.1)
+
+        def loss(rows):
+            return {"loss": ((weight - torch.arange(3.0)) ** 2).sum() * float(len(rows))}
+
+        def validate(state, train):
+            state["history"].append(state["step"])
+            return improvements[len(state["history"]) - 1]
+
+        def stop(state):
+            state["done"] = state["done"] or len(state["history"]) == stop_after
+
+        training_loop(state, epochs=4, patience=3, epoch_batches=lambda epoch: [np.arange(2)] * 5, loss=loss,
+                      optimiser=optimiser, validate=validate, eval_every=2, after_validation=stop)  # fmt: skip
+        return weight.detach().clone()
+
+    whole_state = new_loop_state()
+    whole = run(whole_state)
+    # validations at steps 2, 4, 5 (the epoch's end), 6, 8: two improvements, then three without: stop
+    assert whole_state["history"] == [2, 4, 5, 6, 8] and whole_state["step"] == 8
+    state = new_loop_state()
+    first = run(state, stop_after=2)  # killed after its second validation's checkpoint
+    assert state["step"] == 4 and state["batch_in_epoch"] == 4 and state["epoch"] == 0
+    state["done"] = False
+    again = run(state, weight_from=first)
+    assert state["history"] == whole_state["history"] and torch.equal(again, whole)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from relist.data.store import PreparedDataset, Schema
 from relist.io import MODEL_META, load_model, save_model
 from relist.metrics import evaluate_lists
 from relist.nn import symlog
+from relist.train import new_loop_state, shuffled_batches, training_loop
 
 log = logging.getLogger("relist")
 
@@ -127,34 +129,47 @@ class DNNRanker(nn.Module):
         device: torch.device | None = None,
         progress: bool = False,
     ) -> dict:
-        """Adam on BCE; after each epoch NDCG@10 on ``valid_split``; keeps the best epoch, stops after ``patience``."""
+        """Adam on BCE through relist's one training loop; NDCG@10 on ``valid_split`` after each epoch; keeps
+        the best epoch and stops after ``patience`` epochs without improvement."""
         device = device or torch.device("cpu")
         torch.manual_seed(seed)
         self._fit_dense_stats(data, train_split)
         self.to(device)
         c = self.config
         optimiser = torch.optim.Adam(self.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
-        best, best_state, stale, history = -1.0, None, 0, []
-        epochs = tqdm(range(c.max_epochs), desc="dnn epochs", disable=not progress)
-        for epoch in epochs:
+        train_index = data.split(train_split)
+        state, best_state = new_loop_state(), None
+        bar = tqdm(total=c.max_epochs, desc="dnn epochs", disable=not progress)
+
+        def loss(rows: np.ndarray) -> dict[str, torch.Tensor]:
             self.train()
-            for batch in data.batches(train_split, c.batch_size, shuffle=True, seed=seed * 1000 + epoch):
-                loss = self.loss(batch.to(device))["loss"]
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+            return self.loss(data.batch(rows).to(device))
+
+        def validate(state: dict, _train: dict) -> bool:
+            nonlocal best_state
             valid = self.evaluate(data, valid_split)["ndcg@10"]
-            history.append(valid)
-            epochs.set_postfix(valid_ndcg10=f"{valid:.4f}")
-            if valid > best:
-                best, best_state, stale = valid, copy.deepcopy(self.state_dict()), 0
-            else:
-                stale += 1
-                if stale >= c.patience:
-                    break
+            state["history"].append(valid)
+            bar.update(1)
+            bar.set_postfix(valid_ndcg10=f"{valid:.4f}")
+            if state["best"] is not None and valid <= state["best"]:
+                return False
+            state["best"], best_state = valid, copy.deepcopy(self.state_dict())
+            return True
+
+        training_loop(
+            state,
+            epochs=c.max_epochs,
+            patience=c.patience,
+            epoch_batches=lambda epoch: shuffled_batches(train_index, c.batch_size, seed, epoch),
+            loss=loss,
+            optimiser=optimiser,
+            validate=validate,
+        )
+        bar.close()
         self.load_state_dict(best_state)
-        log.info("dnn: best valid ndcg@10 %.4f after %d epochs", best, len(history))
-        return {"valid_ndcg@10_by_epoch": history, "best_epoch": int(history.index(best)) + 1}
+        history = state["history"]
+        log.info("dnn: best valid ndcg@10 %.4f after %d epochs", state["best"], len(history))
+        return {"valid_ndcg@10_by_epoch": history, "best_epoch": int(history.index(state["best"])) + 1}
 
     def evaluate(self, data: PreparedDataset, split: str) -> dict[str, float]:
         return evaluate_lists(self.score, data.batches(split, 512), ks=(10,))

@@ -39,6 +39,7 @@ from relist.sim.pool import ListPool, unknown_ids
 from relist.sim.response import ClickModelConfig, FactorisedClickModel, position_bucket
 from relist.sim.session import SessionParams, Simulator
 from relist.sim.store import build_response, simulator_config, write_simulator
+from relist.train import new_loop_state, training_loop
 
 log = logging.getLogger("relist")
 
@@ -216,32 +217,41 @@ def fit_response(
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     prior = cfg.l2 / len(rows)
     valid_index = data.split("valid")
-    best, best_state, stale, history = float("inf"), None, 0, []
-    for epoch in range(cfg.epochs):
+    state, best_state = new_loop_state(), None
+
+    def loss(part: np.ndarray) -> dict[str, torch.Tensor]:
         model.train()
-        total, count = 0.0, 0
-        for part in length_batches(data, train_index, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
-            batch = data.batch(part).to(device)
-            logit, _ = model.logits(batch)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit[batch.mask], batch.label[batch.mask])
-            penalty = prior * sum((t**2).sum() for t in tables)
-            optimiser.zero_grad()
-            (loss + penalty).backward()
-            optimiser.step()
-            total, count = total + float(loss.detach()) * int(batch.mask.sum()), count + int(batch.mask.sum())
+        batch = data.batch(part).to(device)
+        logit, _ = model.logits(batch)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit[batch.mask], batch.label[batch.mask])
+        penalty = prior * sum((t**2).sum() for t in tables)
+        return {"loss": bce + penalty, "log_loss": bce.detach()}  # the mean over batches is reported
+
+    def validate(state: dict, train: dict) -> bool:
+        nonlocal best_state
         model.eval()
         held = predict(model, data, valid_index, device)
         valid_loss = log_loss(held["prob"], held["label"])
-        history.append({"epoch": epoch + 1, "train_log_loss": total / count, "valid_log_loss": valid_loss})
-        log.info("sim train: epoch %d train %.5f valid %.5f", epoch + 1, total / count, valid_loss)
-        if valid_loss < best - 1e-5:
-            best, stale = valid_loss, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+        epoch = len(state["history"]) + 1
+        state["history"].append({"epoch": epoch, "train_log_loss": train["log_loss"], "valid_log_loss": valid_loss})
+        log.info("sim train: epoch %d train %.5f valid %.5f", epoch, train["log_loss"], valid_loss)
+        if state["best"] is not None and valid_loss >= state["best"] - 1e-5:
+            return False
+        state["best"] = valid_loss
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    training_loop(
+        state,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        epoch_batches=lambda epoch: length_batches(data, train_index, cfg.batch_size, seed=cfg.seed * 1000 + epoch),
+        loss=loss,
+        optimiser=optimiser,
+        validate=validate,
+    )
     model.load_state_dict(best_state)
+    history = state["history"]
     return model.eval(), {"epochs": history, "best_epoch": int(np.argmin([h["valid_log_loss"] for h in history]) + 1)}
 
 
