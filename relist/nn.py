@@ -60,8 +60,6 @@ class FeatureEmbedding(nn.Module):
 
     def fit(self, data: PreparedDataset, split: str, max_rows: int = 200_000) -> None:
         """Fit on ``split`` only: dense standardisation (first ``max_rows`` rows) and the frequent-id masks."""
-        import numpy as np
-
         rows = data.split(split)
         starts, ends = np.asarray(data.offsets[rows]), np.asarray(data.offsets[rows + 1])
         chunks, total = [], 0

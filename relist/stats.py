@@ -11,6 +11,7 @@ import numpy as np
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
+# scipy.stats is imported inside the functions that need it: it costs half a second of start-up
 def t_ci95(values: Sequence[float]) -> float:
     """Half-width of the 95% t interval of the mean of ``values`` (nan with fewer than two)."""
     from scipy import stats

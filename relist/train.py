@@ -472,7 +472,7 @@ class Trainer:
 
     def _tensorboard(self):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # an optional package
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.out / "tensorboard"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from tqdm.auto import tqdm
+
 
 class DataFormatError(ValueError):
     """A raw input file is malformed. ``str(err)`` reads ``file:line: field 'name': what is wrong``."""
@@ -22,8 +24,6 @@ def read_lines(path: Path, progress: bool | None = None) -> Iterator[tuple[int, 
     Bytes, not text, so a broken encoding is reported against the field that holds it. A progress bar
     over the bytes read goes to stderr (``progress=None``: only when stderr is a terminal).
     """
-    from tqdm.auto import tqdm
-
     size = Path(path).stat().st_size
     with (
         open(path, "rb") as handle,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from relist.data.store import ListTable, Schema, SparseField, random_splits
@@ -106,8 +107,6 @@ class SyntheticClickModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticClickModel":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata()
         types = {k: type(v) for k, v in asdict(SyntheticParams()).items()}

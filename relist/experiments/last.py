@@ -19,6 +19,7 @@ trained on the re-ranking data; then
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -116,8 +117,6 @@ class DelayedFeedbackLearner:
     """
 
     def __init__(self, generator, simulator, delay: int, seed: int, learning_rate: float = 1e-3):
-        import copy
-
         self.generator = copy.deepcopy(generator).train()
         self.simulator, self.delay = simulator, delay
         self.optimiser = torch.optim.Adam(self.generator.parameters(), lr=learning_rate)
@@ -420,7 +419,7 @@ def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str) -> str
 
 
 def _plots(out: Path, rows: list[dict]) -> None:
-    import matplotlib
+    import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

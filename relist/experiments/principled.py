@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from relist.batch import INITIAL_SCORE
 from relist.config import option
@@ -101,8 +102,6 @@ def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
 
 
 def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
-    from tqdm.auto import tqdm
-
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it or --resume to continue)")
@@ -324,7 +323,7 @@ def _summary(
 
 
 def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> None:
-    import matplotlib
+    import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

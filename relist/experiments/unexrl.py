@@ -251,7 +251,7 @@ def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> st
 
 
 def _plots(out: Path, rows, curves, methods, base_stages) -> None:
-    import matplotlib
+    import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

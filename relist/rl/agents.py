@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from relist.nn import mlp
 from relist.rl.replay import Batch, Replay, quantile_rescale
@@ -185,8 +186,6 @@ class MultiStageAgent(nn.Module):
 
     def distribute(self) -> None:
         """Wrap actors and critics in DistributedDataParallel (gradients averaged over the processes)."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         self.actors = nn.ModuleDict({k: DDP(v) for k, v in self.actors.items()})
         self.critics = nn.ModuleList(nn.ModuleDict({k: DDP(v) for k, v in q.items()}) for q in self.critics)
 

@@ -218,7 +218,7 @@ def app_from_env() -> FastAPI:
 
 def serve(settings: ServeSettings) -> None:
     """Run uvicorn in the foreground until interrupted."""
-    import uvicorn
+    import uvicorn  # only a running server needs it
 
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = json.dumps(to_mapping(settings))

@@ -147,7 +147,7 @@ def markdown(rows: list[dict], names: list[str], header: str) -> str:
 
 
 def plot(rows: list[dict], names: list[str], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

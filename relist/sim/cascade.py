@@ -188,7 +188,7 @@ class Cascade(nn.Module):
             return None
         if kind != "ivf":
             raise ValueError(f"matching must be 'ivf', 'exact' or 'auto', got {c.matching!r}")
-        import faiss
+        import faiss  # only an IVF matching index needs it
 
         # maximum inner product search as nearest neighbours in L2: item x -> [x, sqrt(M - |x|^2)],
         # query q -> [q, 0], so |q - x'|^2 = |q|^2 + M - 2 q.x and the nearest items have the largest q.x

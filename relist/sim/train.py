@@ -180,7 +180,7 @@ def reference_reports(train: dict, test: dict, exact: int) -> dict[str, dict]:
 
 
 def reliability_plot(prob, label, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
