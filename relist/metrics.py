@@ -8,8 +8,11 @@ and ``gold`` the labels sorted descending:
 - map@k   = sum over clicked positions i <= k of (clicks in the first i) / i, divided by the number of
             clicks in the top k (LibRerank's normalisation, not by all relevant items); 0 with none.
 - clicks@k = clicked items (label > 0) in the top k; p@k = clicks@k / k.
-- auc     = ROC AUC over every real (item, label) pair of the batch, ties counted one half.
-Means are over all lists, lists without a click included (they score 0), padding never counted.
+- auc     = group AUC, as the re-ranking literature reports it: the ROC AUC within each list (ties
+            counted one half), averaged over the lists that hold both a click and a non-click.
+- auc_pooled = ROC AUC over every real (item, label) pair of the evaluated lists together (it mixes
+            lists, so a model can score well by ranking whole lists rather than items within them).
+Means are over all lists, lists without a click included (they score 0; not for auc), padding never counted.
 
 With ``categories`` (one id per item, 0 = padding):
 - alpha_ndcg@k (Clarke et al. 2008): the gain of a clicked item of category c is (1 - alpha)^n, n the
@@ -60,6 +63,45 @@ def auc(scores, labels, mask=None) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def list_auc(scores, labels, mask, chunk_elements: int = 4_000_000) -> Tensor:
+    """ROC AUC within each list (B,) (ties count 1/2); nan for a list without both a click and a non-click."""
+    scores, labels, mask = _as_tensor(scores).double(), _as_tensor(labels), _as_tensor(mask).bool()
+    pos, neg = (labels > 0) & mask, (labels <= 0) & mask
+    n_pos, n_neg = pos.sum(1).double(), neg.sum(1).double()
+    size, length = scores.shape
+    wins = torch.zeros(size, dtype=torch.float64, device=scores.device)
+    step = max(1, chunk_elements // max(length * length, 1))
+    for lo in range(0, size, step):
+        s, p, n = scores[lo : lo + step], pos[lo : lo + step], neg[lo : lo + step]
+        diff = s[:, :, None] - s[:, None, :]  # (b, i, j): positive i against negative j
+        pairs = p[:, :, None] & n[:, None, :]
+        wins[lo : lo + step] = (((diff > 0).double() + 0.5 * (diff == 0).double()) * pairs).sum((1, 2))
+    return torch.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg).clamp_min(1), float("nan"))
+
+
+def group_auc(scores, labels, mask) -> float:
+    """Mean within-list AUC over the lists that have both a click and a non-click (nan if none has)."""
+    per_list = list_auc(scores, labels, mask)
+    defined = per_list[~torch.isnan(per_list)]
+    return float(defined.mean()) if defined.numel() else float("nan")
+
+
+def grouped_auc(scores, labels, groups) -> float:
+    """``group_auc`` of flat (item, label) arrays whose lists are given by ``groups`` (one id per item)."""
+    scores, labels, groups = _as_tensor(scores).double(), _as_tensor(labels), _as_tensor(groups).long()
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.arange(len(order)) - starts[inverse[order]]
+    shape = (len(counts), int(counts.max()) if len(counts) else 0)
+    padded = torch.zeros(shape, dtype=torch.float64)
+    label = torch.zeros(shape, dtype=labels.dtype)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    rows = inverse[order]
+    padded[rows, column], label[rows, column], mask[rows, column] = scores[order], labels[order], True
+    return group_auc(padded, label, mask)
+
+
 def evaluate(
     scores, labels, mask, ks: Iterable[int] = (1, 3, 5, 10), categories=None, embeddings=None, alpha: float = 0.5
 ) -> dict[str, float]:
@@ -71,7 +113,8 @@ def evaluate(
         )
     per_list = per_list_metrics(scores, labels, mask, ks, categories, embeddings, alpha)
     out = {name: float(values.mean()) for name, values in per_list.items()}
-    out["auc"] = auc(scores, labels, mask)
+    out["auc"] = group_auc(scores, labels, mask)
+    out["auc_pooled"] = auc(scores, labels, mask)
     return out
 
 
@@ -222,7 +265,8 @@ def list_metrics(
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Per-list metrics over many batches of different widths, in batch order: (name -> (n_lists,),
     the real items' scores, their labels). ``score_fn(batch) -> (B, L)`` scores; ``category_col`` names
-    the item sparse column holding categories, which turns on the diversity metrics."""
+    the item sparse column holding categories, which turns on the diversity metrics. ``auc`` is each
+    list's own, nan for a list without both a click and a non-click."""
     per: dict[str, list[Tensor]] = {}
     flat_scores, flat_labels = [], []
     for batch in batches:
@@ -230,6 +274,7 @@ def list_metrics(
         categories = batch.item_sparse[..., category_col] if category_col is not None else None
         for name, values in per_list_metrics(scores, batch.label.double(), batch.mask, ks, categories).items():
             per.setdefault(name, []).append(values.cpu())
+        per.setdefault("auc", []).append(list_auc(scores, batch.label, batch.mask).cpu())  # nan: no AUC
         flat_scores.append(scores[batch.mask].cpu())
         flat_labels.append(batch.label[batch.mask].cpu())
     if not per:
@@ -240,10 +285,11 @@ def list_metrics(
 def evaluate_lists(
     score_fn, batches, ks: Iterable[int] = (1, 3, 5, 10), category_col: int | None = None
 ) -> dict[str, float]:
-    """Means of ``list_metrics`` over every list, and AUC over every (item, label) pair."""
+    """Means of ``list_metrics`` over every list (group AUC over the lists that have one), and the pooled
+    AUC over every (item, label) pair."""
     per, scores, labels = list_metrics(score_fn, batches, ks, category_col)
-    out = {name: float(values.mean()) for name, values in per.items()}
-    out["auc"] = auc(scores, labels)
+    out = {name: float(values.nanmean()) for name, values in per.items()}
+    out["auc_pooled"] = auc(scores, labels)
     return out
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from relist.batch import INITIAL_SCORE
 from relist.config import convert, option
 from relist.data.store import PreparedDataset
 from relist.io import CorruptFileError, atomic_save_tensors, atomic_write_text, load_tensors, read_json, seal, verify
@@ -246,8 +247,14 @@ def shuffled_batches(index: np.ndarray, batch_size: int, seed: int, epoch: int) 
 
 
 def initial_order_metrics(data: PreparedDataset, split: str, ks=(1, 3, 5, 10)) -> dict[str, float]:
-    """Metrics of the input order itself (the initial ranker's order in a re-ranking dataset)."""
-    return evaluate_lists(logged_order_scores, data.batches(split, 1024), ks=ks)
+    """Metrics of the input order itself (the initial ranker's order in a re-ranking dataset); its AUC is
+    that of the initial ranker's own score (``init_score``) where the data has it, not of the positions."""
+    metrics = evaluate_lists(logged_order_scores, data.batches(split, 1024), ks=ks)
+    if INITIAL_SCORE in data.schema.item_dense:
+        column = data.schema.item_dense.index(INITIAL_SCORE)
+        scored = evaluate_lists(lambda batch: batch.item_dense[..., column], data.batches(split, 1024), ks=(1,))
+        metrics.update(auc=scored["auc"], auc_pooled=scored["auc_pooled"])
+    return metrics
 
 
 LOWER_IS_BETTER = frozenset({"list_ce"})

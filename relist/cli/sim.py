@@ -14,7 +14,7 @@ from relist.sim.train import (
 )
 from relist.tables import metrics_table
 
-REPORT_COLUMNS = ("log_loss", "auc", "ece", "ece_uniform", "mean_predicted", "click_rate")
+REPORT_COLUMNS = ("log_loss", "auc", "auc_pooled", "ece", "ece_uniform", "mean_predicted", "click_rate")
 
 
 def _threads(n: int) -> None:

@@ -34,7 +34,7 @@ from relist.batch import rank, without_initial_score
 from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.last import OFFICIAL_STEPS, Last, LastConfig
-from relist.metrics import auc, per_list_metrics
+from relist.metrics import group_auc, per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import load_reranker
 from relist.rerankers.evaluator import load_evaluator
@@ -174,7 +174,7 @@ def offline(scores: torch.Tensor, batch, judge) -> dict[str, float]:
 def evaluator_auc(evaluator, batch) -> float:
     with torch.no_grad():
         logits = evaluator.logits(batch) if isinstance(evaluator, NoisyEvaluator) else evaluator(batch)
-    return auc(logits[batch.mask], batch.label[batch.mask])
+    return group_auc(logits, batch.label, batch.mask)
 
 
 def run_experiment(cfg: LastExperimentConfig) -> dict:

@@ -255,7 +255,7 @@ def random_tie_metrics(
         scores = lambda batch: random_tie_scores(batch.item_dense[..., column], batch.mask, generator)  # noqa: E731
         per_list, _, _ = list_metrics(scores, data.batches(split, 1024), ks=(5, 10))
         for name, per in per_list.items():
-            values.setdefault(name, []).append(float(per.mean()))
+            values.setdefault(name, []).append(float(per.nanmean()))
     return {name: (float(np.mean(v)), float(np.std(v, ddof=1))) for name, v in values.items()}
 
 

@@ -32,7 +32,7 @@ import torch
 from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.io import atomic_directory
-from relist.metrics import auc, calibration_bins, expected_calibration_error, log_loss
+from relist.metrics import auc, calibration_bins, expected_calibration_error, grouped_auc, log_loss
 from relist.runtime import resolve_device, seed_everything
 from relist.sim.fit import fit_session
 from relist.sim.pool import ListPool, unknown_ids
@@ -141,20 +141,23 @@ def predict(
     response, data: PreparedDataset, index: np.ndarray, device, batch_size: int = 256
 ) -> dict[str, torch.Tensor]:
     """Click probabilities of every real (list, position) of ``index`` shown in the logged order."""
-    out = {"prob": [], "label": [], "position": []}
+    out = {"prob": [], "label": [], "position": [], "list": []}
     for part in length_batches(data, np.asarray(index), batch_size):
         batch = data.batch(part).to(device)
         prob = response.respond(batch).prob
         pos = torch.arange(batch.list_len, device=device).expand(batch.mask.shape)
-        for name, value in (("prob", prob), ("label", batch.label), ("position", pos)):
+        lists = torch.as_tensor(part, device=device)[:, None].expand(batch.mask.shape)
+        for name, value in (("prob", prob), ("label", batch.label), ("position", pos), ("list", lists)):
             out[name].append(value[batch.mask].cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def calibration_report(prob, label) -> dict[str, float]:
+def calibration_report(prob, label, lists) -> dict[str, float]:
+    """Log loss, group AUC (within lists, ``lists`` naming each pair's list) and pooled AUC, calibration."""
     return {
         "log_loss": log_loss(prob, label),
-        "auc": auc(prob, label),
+        "auc": grouped_auc(prob, label, lists),
+        "auc_pooled": auc(prob, label),
         "ece": expected_calibration_error(prob, label, strategy="quantile"),
         "ece_uniform": expected_calibration_error(prob, label, strategy="uniform"),
         "mean_predicted": float(prob.double().mean()),
@@ -172,9 +175,9 @@ def reference_reports(train: dict, test: dict, exact: int) -> dict[str, dict]:
     seen = torch.bincount(buckets, minlength=n_buckets).double()
     per_position = (hits + 20 * rate) / (seen + 20)  # smoothed towards the overall rate
     return {
-        "constant rate": calibration_report(torch.full_like(test["prob"], rate), test["label"]),
+        "constant rate": calibration_report(torch.full_like(test["prob"], rate), test["label"], test["list"]),
         "rate per position": calibration_report(
-            per_position[position_bucket(test["position"], exact)].float(), test["label"]
+            per_position[position_bucket(test["position"], exact)].float(), test["label"], test["list"]
         ),
     }
 
@@ -320,8 +323,10 @@ def train_simulator(cfg: TrainSimConfig) -> dict:
         "seed": cfg.seed,
         "n_train_lists": int(len(train_index)),
         "fit": fit_info,
-        "test": calibration_report(test["prob"], test["label"]),
-        f"test_first_{cfg.slate_size}_positions": calibration_report(test["prob"][top], test["label"][top]),
+        "test": calibration_report(test["prob"], test["label"], test["list"]),
+        f"test_first_{cfg.slate_size}_positions": calibration_report(
+            test["prob"][top], test["label"][top], test["list"][top]
+        ),
         "references": reference_reports(train_rows, test, model.config.exact_positions),
         "coefficients": model.describe(),
     }
@@ -340,6 +345,6 @@ def truth_simulator(cfg: SimBuildConfig) -> dict:
         "kind": "truth",
         "data": str(cfg.data),
         "seed": cfg.seed,
-        "test": calibration_report(test["prob"], test["label"]),
+        "test": calibration_report(test["prob"], test["label"], test["list"]),
     }
     return _finish(cfg, data, response, "truth", result, device, None, test)
