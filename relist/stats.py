@@ -66,8 +66,10 @@ SEEDS_ONLY = "over seeds only (training variance only)"
 
 
 def _bootstrap_p(replicates: np.ndarray) -> float:
-    """Two-sided bootstrap p: twice the smaller share of replicates on either side of 0, at most 1."""
-    below, above = float(np.mean(replicates <= 0)), float(np.mean(replicates >= 0))
+    """Two-sided bootstrap p: twice the smaller share of replicates on either side of 0, at most 1; a
+    replicate exactly at 0 (common when most units do not differ) counts half to each side."""
+    at_zero = float(np.mean(replicates == 0))
+    below, above = float(np.mean(replicates < 0)) + at_zero / 2, float(np.mean(replicates > 0)) + at_zero / 2
     return min(1.0, 2.0 * min(below, above))
 
 

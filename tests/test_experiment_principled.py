@@ -43,8 +43,14 @@ def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys
     assert all(0.0 <= float(r["test_ndcg@10"]) <= 1.0 for r in rows)
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "| initial ranker |" in summary and "| setrank | +P1+P2 |" in summary
-    against = summary[summary.index("Against the initial ranker on the same") :]
-    assert "| prm | +P2 window |" in against and "/1 |" in against
+    assert "Test metrics of 1 seed, no interval" in summary and "± nan" not in summary
+    base = summary[
+        summary.index("## Principles against the same model's base") : summary.index("## Against the initial")
+    ]
+    against = summary[summary.index("## Against the initial ranker") :]
+    assert "over seeds and lists" in base and "| prm | +P1+P2 | ndcg@10 |" in base and "| prm | base |" not in base
+    assert "| prm | +P2 window | map@10 |" in against and ("(0/1)" in against or "(1/1)" in against)
+    assert "Holm" in against and "comparisons of this table" in against
     assert (tmp_path / "exp" / "metrics.png").stat().st_size > 0 and (
         tmp_path / "exp" / "obedience.png"
     ).stat().st_size > 0
