@@ -179,6 +179,11 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
+def format_p(p: float, resamples: int) -> str:
+    """A bootstrap p for a table: below the resolution of ``resamples`` replicates it reads "< 1/resamples"."""
+    return f"< {1 / resamples:.0e}" if p == 0 else f"{p:.3g}"
+
+
 def format_interval(result: dict[str, float], digits: int = 4) -> str:
     """'+0.0018 [-0.0010, +0.0046]'."""
     return f"{result['mean']:+.{digits}f} [{result['low']:+.{digits}f}, {result['high']:+.{digits}f}]"

@@ -78,3 +78,7 @@ def test_experiment_last_end_to_end(tmp_path):
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "oracle selection: test labels" in summary and "Lift over `generator greedy`" in summary
     assert "online learning, delay 0" in summary and "## Delayed feedback" in summary
+    offline_table = summary[summary.index("### Offline comparisons") : summary.index("### Online comparisons")]
+    assert "over seeds and lists" in offline_table and "| evaluator |" not in offline_table
+    assert "| LAST parallel | best-of-8 sampling | ndcg@10 |" in offline_table
+    assert "over seeds and users" in summary and "### Delayed feedback against LAST, over seeds" in summary

@@ -42,7 +42,17 @@ from relist.runtime import resolve_device
 from relist.sim.abtest import markdown, simulate, summarise
 from relist.sim.policies import LastStage, PolicyContext, RerankPolicy, _load_ranker, score_order
 from relist.sim.store import load_simulator
-from relist.stats import paired_t_p, t_ci95
+from relist.stats import (
+    SEEDS_AND_LISTS,
+    SEEDS_AND_USERS,
+    SEEDS_ONLY,
+    crossed_bootstrap,
+    format_interval,
+    format_p,
+    holm,
+    nested_bootstrap,
+    t_ci95,
+)
 from relist.train import (
     TrainConfig,
     TrainEvaluatorConfig,
@@ -53,7 +63,10 @@ from relist.train import (
 )
 
 log = logging.getLogger("relist")
-OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "evaluator")
+OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "sim_clicks", "evaluator")
+# the judges of the offline comparisons: test labels and the simulator's click model; never "evaluator",
+# the score LAST selects its candidate by (greedy is one of the candidates, so LAST >= greedy there always)
+JUDGED = ("ndcg@10", "sim_clicks")
 
 
 @dataclass
@@ -161,14 +174,23 @@ def _ranker_dir(cfg: LastExperimentConfig) -> Path:
     return ranker_dir
 
 
-def offline(scores: torch.Tensor, batch, judge) -> dict[str, float]:
-    """NDCG/MAP on labels and the judge evaluator's mean click probability of the order ``scores`` give."""
+def offline(scores: torch.Tensor, batch, judge, simulator) -> dict[str, np.ndarray]:
+    """Per test list, for the order ``scores`` give: NDCG/MAP on the labels, the simulator's expected
+    clicks of its first ``slate_size`` items (``sim_clicks``: the simulator's click model, not the labels)
+    and ``judge``'s mean click probability (``evaluator``: for LAST its own selector)."""
     metrics = per_list_metrics(scores.double(), batch.label.double(), batch.mask, ks=(5, 10))
-    out = {k: float(metrics[k].mean()) for k in OFFLINE if k in metrics}
+    out = {k: metrics[k].cpu().numpy() for k in OFFLINE if k in metrics}
+    shown = batch.reorder(rank(scores, batch.mask))
     with torch.no_grad():
-        prob = judge.click_probability(batch.reorder(rank(scores, batch.mask)))
-    out["evaluator"] = float((prob.sum(1) / batch.lengths).mean())
+        prob = judge.click_probability(shown)
+        clicks = simulator.response.respond(without_initial_score(shown).truncate(simulator.slate_size)).prob
+    out["evaluator"] = (prob.sum(1) / batch.lengths).cpu().numpy()
+    out["sim_clicks"] = clicks.sum(1).cpu().numpy()
     return out
+
+
+def means(per_list: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.mean(v)) for k, v in per_list.items()}
 
 
 def evaluator_auc(evaluator, batch) -> float:
@@ -201,7 +223,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
     }
     oracle = LastConfig(select="oracle")
     delays = list(cfg.delays)
-    rows, online_units, seeds, delayed_units, delayed_seeds = [], {}, [], {}, []
+    rows, online_units, seeds, delayed_units, delayed_seeds, offline_lists = [], {}, [], {}, [], {}
     for s in range(cfg.seeds):
         seed = cfg.seed + s
         seeds.append(seed)
@@ -220,16 +242,19 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         batch = test.to(device)
 
         def record(study: str, method: str, values: dict) -> None:
+            if study == "offline":
+                offline_lists.setdefault(method, []).append(values)
+                values = means(values)
             rows.append({"seed": seed, "study": study, "method": method, **values})
 
         identity = -torch.arange(batch.list_len, dtype=torch.float32, device=device).expand(batch.size, -1)
-        record("offline", "initial order", offline(identity, batch, evaluator))
-        record("offline", f"{cfg.principled_model} +P1+P2", offline(principled.score(batch), batch, evaluator))
+        record("offline", "initial order", offline(identity, batch, evaluator, sim))
+        record("offline", f"{cfg.principled_model} +P1+P2", offline(principled.score(batch), batch, evaluator, sim))
         for name, config in methods.items():
             result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
-            record("offline", name, offline(result.scores, batch, evaluator))
+            record("offline", name, offline(result.scores, batch, evaluator, sim))
         result = Last(generator, evaluator, oracle)(batch, torch.Generator().manual_seed(seed))
-        record("offline", oracle.label, offline(result.scores, batch, evaluator))
+        record("offline", oracle.label, offline(result.scores, batch, evaluator, sim))
 
         # online: every method behind the same initial ranker, the same users and random numbers
         ctx = PolicyContext(seed=seed, device=device, simulator=sim)
@@ -247,64 +272,6 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             record("online", name, {"clicks_per_request": float(result["clicks"].sum() / result["requests"].sum())})
         _write_csv(out / "results.csv", rows)
 
-        if cfg.sweep_seeds < 0 or (cfg.sweep_seeds and s >= cfg.sweep_seeds):
-            continue
-        greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
-        greedy_off = offline(greedy.scores, batch, evaluator)
-        greedy_policy = RerankPolicy(
-            ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
-        )
-        greedy_online = simulate(sim, greedy_policy, cfg.users // 2, seed, 1024)
-        greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
-        candidates = []
-        for fraction in fractions:
-            if fraction >= 1:
-                candidates.append(("evaluator 100%", evaluator))
-                continue
-            train_evaluator(
-                TrainEvaluatorConfig(out=run / f"evaluator_{fraction:g}", train_fraction=fraction, **common)
-            )
-            candidates.append(
-                (f"evaluator {100 * fraction:g}%", load_evaluator(run / f"evaluator_{fraction:g}").to(device))
-            )
-        candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in noises]
-        for name, weak in candidates:
-            last = Last(generator, weak, LastConfig())
-            result = last(batch, torch.Generator().manual_seed(seed))
-            values = offline(result.scores, batch, evaluator)
-            policy = RerankPolicy(ranker, LastStage(Last(generator, weak, LastConfig()), seed), list_len)
-            online = simulate(sim, policy, cfg.users // 2, seed, 1024)
-            record(
-                "quality",
-                name,
-                {
-                    "auc": evaluator_auc(weak, batch),
-                    "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                    "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
-                    "lift_clicks_per_request": float(
-                        online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1
-                    ),
-                },
-            )
-        for offsets in ("activations", "pointer", "decoder", "all"):
-            for steps in (
-                OFFICIAL_STEPS,
-                (0.0,) * 4 + (2.0, 3.0, 4.0, 5.0),
-                (0.0,) * 4 + (20.0, 30.0, 40.0, 50.0),
-                (6.0, 7.0, 8.0, 9.0) * 2,
-            ):
-                result = Last(generator, evaluator, LastConfig(offsets=offsets, steps=steps))(
-                    batch, torch.Generator().manual_seed(seed)
-                )
-                values = offline(result.scores, batch, evaluator)
-                record(
-                    "offsets",
-                    f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
-                    {
-                        "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                        "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
-                    },
-                )
         # classic online learning from delayed feedback against LAST, on the same traffic (users in batches of 50)
         arms = {
             "generator greedy": RerankPolicy(
@@ -329,6 +296,65 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             )
         delayed_seeds.append(seed)
         _write_csv(out / "results.csv", rows)
+        if cfg.sweep_seeds < 0 or (cfg.sweep_seeds and s >= cfg.sweep_seeds):
+            continue
+        greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
+        greedy_off = means(offline(greedy.scores, batch, evaluator, sim))
+        greedy_policy = RerankPolicy(
+            ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+        )
+        greedy_online = simulate(sim, greedy_policy, cfg.users // 2, seed, 1024)
+        greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
+        candidates = []
+        for fraction in fractions:
+            if fraction >= 1:
+                candidates.append(("evaluator 100%", evaluator))
+                continue
+            train_evaluator(
+                TrainEvaluatorConfig(out=run / f"evaluator_{fraction:g}", train_fraction=fraction, **common)
+            )
+            candidates.append(
+                (f"evaluator {100 * fraction:g}%", load_evaluator(run / f"evaluator_{fraction:g}").to(device))
+            )
+        candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in noises]
+        for name, weak in candidates:
+            last = Last(generator, weak, LastConfig())
+            result = last(batch, torch.Generator().manual_seed(seed))
+            values = means(offline(result.scores, batch, evaluator, sim))
+            policy = RerankPolicy(ranker, LastStage(Last(generator, weak, LastConfig()), seed), list_len)
+            online = simulate(sim, policy, cfg.users // 2, seed, 1024)
+            record(
+                "quality",
+                name,
+                {
+                    "auc": evaluator_auc(weak, batch),
+                    "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                    "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                    "lift_clicks_per_request": float(
+                        online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1
+                    ),
+                },
+            )
+        for offsets in ("activations", "pointer", "decoder", "all"):
+            for steps in (
+                OFFICIAL_STEPS,
+                (0.0,) * 4 + (2.0, 3.0, 4.0, 5.0),
+                (0.0,) * 4 + (20.0, 30.0, 40.0, 50.0),
+                (6.0, 7.0, 8.0, 9.0) * 2,
+            ):
+                result = Last(generator, evaluator, LastConfig(offsets=offsets, steps=steps))(
+                    batch, torch.Generator().manual_seed(seed)
+                )
+                values = means(offline(result.scores, batch, evaluator, sim))
+                record(
+                    "offsets",
+                    f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
+                    {
+                        "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                        "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                    },
+                )
+        _write_csv(out / "results.csv", rows)
 
     names = list(methods) + ["initial order", f"{cfg.principled_model} +P1+P2"]
     per_policy = {n: {key: np.concatenate(v) for key, v in online_units[n].items()} for n in names}
@@ -336,8 +362,9 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
     online_md = markdown(
         online_rows,
         names,
-        f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are "
-        "against generator greedy, paired over the same (seed, user) units.",
+        f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are against generator greedy "
+        "with intervals over users only (pooled over seeds; the models differ by seed, so the comparisons "
+        f"{SEEDS_AND_USERS} above are the ones to read).",
     )
     if delayed_units:
         arms = list(delayed_units)
@@ -347,10 +374,13 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             delayed_rows,
             arms,
             f"Online learning from delayed feedback vs LAST: {cfg.users} users x {len(delayed_seeds)} "
-            "seeds, served in batches of 50 users; lifts against generator greedy.",
+            "seeds, served in batches of 50 users; lifts against generator greedy, intervals over users only "
+            "(pooled over seeds; see the comparisons over seeds and users above).",
         )
     (out / "online.md").write_text(online_md, encoding="utf-8")
-    summary = _summary(rows, cfg, online_md)
+    online = {n: {k: online_units[n][k] for k in ("clicks", "requests")} for n in names}
+    delayed = {n: {k: delayed_units[n][k] for k in ("clicks", "requests")} for n in delayed_units}
+    summary = _summary(rows, cfg, online_md, offline_lists, online, delayed)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     _plots(out, rows)
     (out / "online.json").write_text(json.dumps(online_rows, indent=1, default=float))
@@ -373,27 +403,95 @@ def _by(rows, study, method, key) -> list[float]:
     ]
 
 
-def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str) -> str:
+def _offline_comparisons(offline_lists: dict, methods: list[str], best_of: str) -> list[str]:
+    """Each method against generator greedy and best-of-K, judged by the test labels and the simulator."""
+    results = []
+    for reference in ("generator greedy", best_of):
+        for m in methods:
+            if m == reference or m not in offline_lists or len(offline_lists[m]) != len(offline_lists[reference]):
+                continue
+            for metric in JUDGED:
+                arm = np.stack([run[metric] for run in offline_lists[m]])
+                ref = np.stack([run[metric] for run in offline_lists[reference]])
+                results.append((m, reference, metric, crossed_bootstrap(arm, ref)))
+    adjusted = holm([r[3]["p"] for r in results])
+    n_seeds = len(offline_lists["generator greedy"])
+    n_lists = len(offline_lists["generator greedy"][0]["ndcg@10"])
+    lines = [
+        "",
+        "### Offline comparisons",
+        "",
+        f"Δ: mean difference with its 95% CI {SEEDS_AND_LISTS} ({n_seeds} seeds, the same {n_lists} test "
+        f"lists); p: two-sided bootstrap p; Holm: adjusted over the {len(results)} comparisons of this table. "
+        "Judged by the test labels (NDCG@10) and the simulator's expected clicks of the shown slate; never by "
+        "the evaluator LAST selects with.",
+        "",
+        "| method | against | metric | Δ [95% CI] | p | Holm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (m, reference, metric, two), h in zip(results, adjusted):
+        lines.append(
+            f"| {m} | {reference} | {metric} | {format_interval(two)} | {format_p(two['p'], 10_000)} | "
+            f"{format_p(h, 10_000)} |"
+        )
+    return lines
+
+
+def _online_comparisons(units: dict, reference: str, title: str) -> list[str]:
+    """Clicks per request of each policy against ``reference``: nested bootstrap over seeds, then users."""
+    results = []
+    for name, outcome in units.items():
+        if name == reference:
+            continue
+        two = nested_bootstrap(outcome["clicks"], units[reference]["clicks"], outcome["requests"],
+                               units[reference]["requests"])  # fmt: skip
+        results.append((name, two))
+    adjusted = holm([r[1]["p"] for r in results])
+    n_seeds, n_users = len(units[reference]["clicks"]), len(units[reference]["clicks"][0])
+    lines = [
+        "",
+        f"### {title}",
+        "",
+        f"Δ clicks per request against `{reference}`, with its 95% CI {SEEDS_AND_USERS} (nested bootstrap: "
+        f"{n_seeds} seeds, each with its own models and {n_users} users, resampled within the seed); p: "
+        f"two-sided bootstrap p; Holm: adjusted over the {len(results)} comparisons of this table.",
+        "",
+        "| policy | Δ clicks / request [95% CI] | p | Holm |",
+        "|---|---|---|---|",
+    ]
+    for (name, two), h in zip(results, adjusted):
+        lines.append(f"| {name} | {format_interval(two, 5)} | {format_p(two['p'], 2_000)} | {format_p(h, 2_000)} |")
+    return lines
+
+
+def _summary(
+    rows: list[dict], cfg: LastExperimentConfig, online_md: str, offline_lists: dict, online: dict, delayed: dict
+) -> str:
     seeds = sorted({r["seed"] for r in rows})
+    interval = "1 seed, no interval" if len(seeds) == 1 else f"mean ± 95% t interval {SEEDS_ONLY}"
     lines = [
         f"# LAST experiment ({len(seeds)} seeds: {', '.join(map(str, seeds))})",
         "",
-        "Offline, test lists: mean ± 95% CI over seeds (t). `evaluator` = the seed's own evaluator's mean click "
-        "probability, the score LAST selects by. p = paired t-test across seeds against generator greedy / best-of-K.",
+        f"Offline, test lists: {interval}. `sim_clicks`: the simulator's expected clicks of the first "
+        "slate items shown (its click model judges the order); `evaluator`: the seed's own evaluator's mean "
+        "click probability, the score LAST selects by, shown for reference and never tested (greedy is one of "
+        "LAST's candidates, so LAST is at least greedy on it by construction).",
         "",
-        "| method | " + " | ".join(OFFLINE) + " | p vs greedy (evaluator) | p vs best-of-K (evaluator) |",
-        "|---|" + "---|" * (len(OFFLINE) + 2),
+        "| method | " + " | ".join(OFFLINE) + " |",
+        "|---|" + "---|" * len(OFFLINE),
     ]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["study"] == "offline"))
     best_of = next(m for m in methods if m.startswith("best-of"))
     for m in methods:
-        cells = [
-            f"{np.mean(_by(rows, 'offline', m, key)):.4f} ± {t_ci95(_by(rows, 'offline', m, key)):.4f}"
-            for key in OFFLINE
-        ]
-        p1 = paired_t_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", "generator greedy", "evaluator"))
-        p2 = paired_t_p(_by(rows, "offline", m, "evaluator"), _by(rows, "offline", best_of, "evaluator"))
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {p1:.3g} | {p2:.3g} |")
+        cells = []
+        for key in OFFLINE:
+            values = _by(rows, "offline", m, key)
+            cells.append(f"{np.mean(values):.4f} ± {t_ci95(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += _offline_comparisons(offline_lists, [m for m in methods if "oracle" not in m], best_of)
+    lines += _online_comparisons(online, "generator greedy", "Online comparisons (the simulator's users)")
+    if delayed:
+        lines += _online_comparisons(delayed, "generator greedy", "Delayed feedback against LAST, over seeds")
     lines += ["", "## Online (A/B harness on the simulator)", "", online_md]
     for study, keys, title in (
         (
