@@ -8,8 +8,9 @@ binary cross-entropy on the clicks of logged lists. LAST scores a list by the me
 click probabilities (``relist.last``).
 
 It is a re-ranker in the sense of ``relist.rerankers.base`` (``score`` gives one logit per item of the
-list in the order given), so the one ``Trainer`` fits it, with the ``bce`` loss and AUC on ``valid`` as
-the selection metric.
+list in the order given), so the one ``Trainer`` fits it, with the ``bce`` loss and the group AUC on
+``valid`` (the AUC within each list, averaged over lists: how well it orders a list's items, which is
+what LAST asks of it) as the selection metric; before, the pooled AUC over all items selected it.
 
 Deviations: the items are first projected to ``d_model`` (self-attention and the dot products work in
 that space, not on the raw concatenation); a learned position embedding is added there, so position
