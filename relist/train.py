@@ -608,28 +608,32 @@ def train(config: TrainConfig, data: PreparedDataset | None = None) -> dict:
 
 # ---- LAST's evaluator and generator: the same trainer, with the settings they fix ------------------------
 @dataclass
-class TrainEvaluatorConfig:
+class _LastModelConfig:
+    """What `relist train evaluator` and `relist train generator` share."""
+
     data: Path = option(help="prepared re-ranking dataset (the rerank/ folder written by `relist train ranker`)")
     out: Path = option(help="run directory: checkpoints, best/, history, metrics")
-    model_args: str = option("", help="evaluator settings as key=value,... (d_model, heads, gru, hidden=512/256/128)")
-    train_fraction: float = option(
-        1.0, help="share of the train lists used (a random subset by seed): weaker evaluators"
-    )
-    seed: int = option(0, help="seed of initialisation, data order and the train subset")
+    seed: int = option(0, help="seed of initialisation, data order and sampling (and the train subset)")
     device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
     epochs: int = option(30, help="maximum passes over the train split")
     batch_size: int = option(128, help="lists per step")
     learning_rate: float = option(1e-3, help="Adam learning rate")
-    patience: int = option(5, help="stop after this many validations without improvement (AUC on valid)")
+    patience: int = option(5, help="stop after this many validations without improvement on valid")
     max_steps: int = option(0, help="stop after this many steps (0: no limit)")
     overwrite: bool = option(False, help="replace OUT if it exists")
     progress: bool = option(True, help="show a progress bar")
 
 
 @dataclass
-class TrainGeneratorConfig:
-    data: Path = option(help="prepared re-ranking dataset (the rerank/ folder written by `relist train ranker`)")
-    out: Path = option(help="run directory: checkpoints, best/, history, metrics")
+class TrainEvaluatorConfig(_LastModelConfig):
+    model_args: str = option("", help="evaluator settings as key=value,... (d_model, heads, gru, hidden=512/256/128)")
+    train_fraction: float = option(
+        1.0, help="share of the train lists used (a random subset by seed): weaker evaluators"
+    )
+
+
+@dataclass
+class TrainGeneratorConfig(_LastModelConfig):
     reward: str = option(
         "ndcg",
         help="per-position reward: NDCG gain on the labels, or the evaluator's click probability",
@@ -637,15 +641,6 @@ class TrainGeneratorConfig:
     )
     evaluator: Path | None = option(None, help="evaluator run directory (its best/), needed for --reward evaluator")
     model_args: str = option("", help="generator settings as key=value,... (encoder, hidden, heads, gamma, samples)")
-    seed: int = option(0, help="seed of initialisation, data order and sampling")
-    device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
-    epochs: int = option(30, help="maximum passes over the train split")
-    batch_size: int = option(128, help="lists per step")
-    learning_rate: float = option(1e-3, help="Adam learning rate")
-    patience: int = option(5, help="stop after this many validations without improvement (NDCG@10 on valid)")
-    max_steps: int = option(0, help="stop after this many steps (0: no limit)")
-    overwrite: bool = option(False, help="replace OUT if it exists")
-    progress: bool = option(True, help="show a progress bar")
 
 
 def _trainer_config(cfg, model: str, select_metric: str, model_args: str) -> TrainConfig:
