@@ -81,7 +81,7 @@ def _scalar(tp: Any, value: Any, where: str, from_text: bool) -> Any:
     if from_text and isinstance(value, str) and tp is not str:
         try:
             if tp is bool:
-                value = {"true": True, "false": False}[value.strip().lower()]
+                value = {"true": True, "false": False, "1": True, "0": False}[value.strip().lower()]
             elif tp is Path:
                 return Path(value)
             else:
@@ -132,25 +132,40 @@ def _check_choices(f: dataclasses.Field, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, choices))}")
 
 
+def unflatten(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with the keys of a flattened nested configuration moved under its field; a key given both
+    ways is an error."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(values)
+    for f in fields.values():
+        if f.metadata.get("flatten"):
+            inner = {g.name for g in dataclasses.fields(_optional(hints[f.name])[0])}
+            moved = {k: values.pop(k) for k in list(values) if k in inner and k not in fields}
+            if moved:
+                nested = values.get(f.name, {})
+                if not isinstance(nested, Mapping):
+                    raise ConfigError(f"{source}: {f.name} must be a mapping of options")
+                twice = sorted(set(nested) & set(moved))
+                if twice:
+                    raise ConfigError(f"{source}: {twice} given both at the top and under {f.name}")
+                values[f.name] = {**nested, **moved}
+    return values
+
+
 def from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "options", from_text: bool = False) -> T:
     """A ``cls`` from a mapping of field names, every value checked; errors name ``source`` and the key."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = dict(values)
-    for f in fields.values():  # a flattened nested configuration may also be given by its own keys
-        if f.metadata.get("flatten"):
-            inner = {g.name for g in dataclasses.fields(_optional(hints[f.name])[0])}
-            moved = {k: values.pop(k) for k in list(values) if k in inner and k not in fields}
-            if moved:
-                nested = values.setdefault(f.name, {})
-                if not isinstance(nested, Mapping):
-                    raise ConfigError(f"{source}: {f.name} must be a mapping of options")
-                values[f.name] = {**nested, **moved}
+    values = unflatten(cls, values, source)
     unknown = sorted(str(k) for k in values if k not in fields)
     if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {unknown}; valid: {sorted(fields)}")
+        valid = sorted(set(fields) | {name for name, *_ in _flat_fields(cls)})
+        raise ConfigError(f"{source}: unknown option(s) {unknown}; valid: {valid}")
     missing = [
         n
         for n, f in fields.items()
@@ -171,8 +186,9 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "options
 
 # ---- YAML -------------------------------------------------------------------------------------------------
 class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML without anchors or aliases (a few bytes of aliases can expand to gigabytes), and with
-    exponent floats such as ``1e-3`` read as numbers (plain PyYAML reads them as strings)."""
+    """Safe YAML without anchors or aliases (a few bytes of aliases can expand to gigabytes), without a key
+    given twice, and with exponent floats such as ``1e-3`` read as numbers (plain PyYAML reads them as
+    strings)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -184,6 +200,13 @@ class _StrictLoader(yaml.SafeLoader):
                 f"line {event.start_mark.line + 1}: anchors (&name) are not accepted in configuration files"
             )
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.YAMLError(f"line {node.start_mark.line + 1}: key(s) {repeated} given more than once")
+        return super().construct_mapping(node, deep=deep)
 
 
 _StrictLoader.add_implicit_resolver(
@@ -237,6 +260,9 @@ def _flat_fields(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> lis
             out += _flat_fields(base, inner, (*path, f.name))
         else:
             out.append((prefix + f.name, (*path, f.name), f, hints[f.name]))
+    names = [name for name, *_ in out]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__}: a flattened configuration repeats an option name of its container")
     return out
 
 
@@ -284,29 +310,32 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
 def build(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser) -> T:
     """Merge YAML (``--config``) and command-line values into a ``cls``; errors go to ``parser.error``.
 
-    Command-line text is parsed by each field's type; YAML values must already have it."""
+    Command-line text is parsed by each field's type (and its errors name the option); YAML values must
+    already have it; an option on the command line wins over the file."""
     config_file = getattr(args, "config", None)
     source = f"--config {config_file}" if config_file is not None else "command line"
     try:
-        values: dict[str, Any] = {}
-        if config_file is not None:
-            loaded = read_yaml(config_file) or {}
-            if not isinstance(loaded, Mapping):
-                raise ConfigError(f"{source}: expected a mapping of option names to values")
-            values = dict(loaded)
+        values: dict[str, Any] = unflatten(cls, read_yaml(config_file) or {}, source) if config_file else {}
         missing = []
         for dest, (*outer, name), f, tp in _flat_fields(cls):
             flag = "--" + dest.replace("__", "-").replace("_", "-")
             given = getattr(args, dest, None)
-            target = values
-            for part in outer:
-                target = target.setdefault(part, {})
-                if not isinstance(target, dict):
-                    raise ConfigError(f"{source}: {part} must be a mapping of options")
+            target: Any = values
+            for part in outer:  # where the field lives; nothing is created for an option not given
+                target = target.get(part) if isinstance(target, dict) else None
+                if target is None:
+                    break
             if given is not None:
-                target[name] = convert(tp, given, flag, from_text=True)
-            elif name not in target and _default(f) is dataclasses.MISSING:
-                missing.append(flag)
+                converted = convert(tp, given, flag, from_text=True)
+                _check_choices(f, converted, flag)
+                target = values
+                for part in outer:
+                    target = target.setdefault(part, {})
+                    if not isinstance(target, dict):
+                        raise ConfigError(f"{source}: {part} must be a mapping of options")
+                target[name] = converted
+            elif not outer and name not in values and _default(f) is dataclasses.MISSING:
+                missing.append(flag)  # (a nested configuration's own required options: from_mapping says)
         if missing:
             raise ConfigError("missing required option(s): " + ", ".join(missing))
         return from_mapping(cls, values, source)

@@ -101,11 +101,16 @@ def verify(directory: Path) -> None:
         return
     try:
         sums = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, UnicodeDecodeError) as err:
         raise CorruptFileError(f"{path}: not a readable checksum file ({err})") from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise CorruptFileError(f"{path}: expected a mapping of file names to SHA-256 digests")
+    inside = directory.resolve()
     for name, expected in sums.items():
         target = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or not target.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or inside not in target.resolve().parents:
+            raise CorruptFileError(f"{path}: lists {name!r}, which is not a file of {directory}")
+        if not target.is_file():
             raise CorruptFileError(f"{target}: missing (listed in {path})")
         if file_digest(target) != expected:
             raise CorruptFileError(f"{target}: contents differ from the checksum written with it (corrupted?)")

@@ -53,8 +53,9 @@ from relist.rerankers.generator import REWARDS
 from relist.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("relist")
-# what a run writes before its first checkpoint: --resume may start such a run afresh
-UNSTARTED_RUN_FILES = {"config.json", "vocab", "tensorboard"}
+# what a run writes before its first complete checkpoint (the untrained model is validated, and saved as
+# best/, at step 0; checkpoint/ may hold a step-N folder a kill interrupted): --resume starts it afresh
+UNSTARTED_RUN_FILES = {"config.json", "vocab", "tensorboard", "best", "checkpoint"}
 
 
 @dataclass
@@ -210,6 +211,8 @@ def training_loop(
     n = 0
     while not state["done"] and state["epoch"] < epochs:
         batches = epoch_batches(state["epoch"])
+        if len(batches) == 0:
+            raise ValueError("training_loop: an epoch without batches (is the training split empty?)")
         for b in range(state["batch_in_epoch"], len(batches)):
             parts = loss(batches[b])
             optimiser.zero_grad(set_to_none=True)
@@ -224,7 +227,8 @@ def training_loop(
             if progress is not None:
                 progress.update(1)
             end_of_epoch = b + 1 == len(batches)
-            if (eval_every and state["step"] % eval_every == 0) or end_of_epoch:
+            at_limit = bool(max_steps) and state["step"] >= max_steps
+            if (eval_every and state["step"] % eval_every == 0) or end_of_epoch or at_limit:
                 train_parts = reduce({k: v / n for k, v in running.items()})
                 running, n = {}, 0
                 state["stale"] = 0 if validate(state, train_parts) else state["stale"] + 1

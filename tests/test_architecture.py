@@ -20,7 +20,8 @@ def module_name(path: Path) -> str:
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the relist modules it imports, read from the source. Imports inside functions count too;
-    ``from package import name`` is an edge to ``package.name`` when that is a module, else to ``package``."""
+    ``from package import name`` is an edge to ``package.name`` when that is a module, else to ``package``;
+    importing a module is also an edge to the packages above it that the importer is not inside."""
     files = {module_name(p): p for p in ROOT.rglob("*.py")}
 
     def known(name: str) -> str | None:
@@ -43,8 +44,16 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
             for target in targets:
                 resolved = known(target) if target.startswith("relist") else None
-                if resolved and resolved != module:
-                    graph[module].add(resolved)
+                if not resolved or resolved == module:
+                    continue
+                graph[module].add(resolved)
+                # importing a.b.c runs the packages a and a.b first: an edge to each that is not already
+                # being imported around this module (its own packages)
+                parts = resolved.split(".")
+                for k in range(1, len(parts)):
+                    parent = ".".join(parts[:k])
+                    if parent in files and not (module == parent or module.startswith(parent + ".")):
+                        graph[module].add(parent)
     return graph
 
 
@@ -86,6 +95,18 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_reader_sees_a_cycle_when_there_is_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_reader_sees_a_cycle_through_a_package_init(tmp_path, monkeypatch):
+    """p/__init__ imports q, and q imports p.m: importing q first runs p/__init__, which needs q."""
+    pkg = tmp_path / "relist"
+    (pkg / "p").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "p" / "__init__.py").write_text("from relist.q import X\n")
+    (pkg / "p" / "m.py").write_text("Y = 1\n")
+    (pkg / "q.py").write_text("def f():\n    from relist.p.m import Y\n\n\nX = 2\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    assert cycles(import_graph()) == [["relist.p", "relist.q"]]
 
 
 def test_the_graph_reader_counts_imports_inside_functions():

@@ -117,3 +117,40 @@ def test_the_cascade_environment_and_the_service_use_the_same_loader(tmp_path):
     with pytest.raises(ConfigError, match="select must be 'evaluator'"):
         load_yaml(ServeSettings, serve)
     assert PrepareConfig(source="synthetic", out=Path("x")).splits == (0.4, 0.4, 0.1, 0.1)
+
+
+def test_the_command_line_wins_over_yaml_for_flattened_options_too(tmp_path):
+    serve = tmp_path / "serve.yaml"
+    serve.write_text("run: r\nmode: serial\nsteps: [3, 4]\nbatched: true\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ServeSettings, ("run",))
+    args = parser.parse_args(["r", "--config", str(serve), "--mode", "greedy", "--steps", "1,2", "--no-batched"])
+    settings = build(ServeSettings, args, parser)
+    assert settings.last.mode == "greedy" and settings.last.steps == (1.0, 2.0) and settings.last.batched is False
+    serve.write_text("run: r\nmode: serial\nlast: {mode: greedy}\n")
+    with pytest.raises(ConfigError, match=r"\['mode'\] given both at the top and under last"):
+        load_yaml(ServeSettings, serve)
+    serve.write_text("run: r\nmdoe: serial\n")
+    with pytest.raises(ConfigError, match="valid: .*'mode'"):  # the flattened names are listed too
+        load_yaml(ServeSettings, serve)
+
+
+def test_command_line_mistakes_name_the_option_even_with_a_config_file(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"out: {tmp_path / 'u'}\nseeds: 1\n")
+    env = tmp_path / "env.yaml"
+    env.write_text("source: synthetic\n")
+    with pytest.raises(SystemExit):
+        main(["experiment", "unexrl", "--config", str(config), "--env", str(env), "--methods", "cem,bogus"])
+    err = capsys.readouterr().err
+    assert "--methods: 'bogus' is not one of" in err and str(config) not in err
+    with pytest.raises(SystemExit):
+        main(["serve", "run", "--mode", "fast"])
+    assert "--mode: 'fast' is not one of" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out: o\nepochs: 2\nepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"\['epochs'\] given more than once"):
+        load_yaml(Outer, path)

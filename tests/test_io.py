@@ -41,5 +41,13 @@ def test_checksums_name_the_changed_or_missing_file(tmp_path):
     with pytest.raises(io.CorruptFileError, match="model.json: missing"):
         io.verify(tmp_path / "m")
     (tmp_path / "m" / io.CHECKSUMS).write_text(json.dumps({"../outside": "0"}))
-    with pytest.raises(io.CorruptFileError, match="missing"):
+    with pytest.raises(io.CorruptFileError, match="lists '../outside', which is not a file of"):
+        io.verify(tmp_path / "m")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (tmp_path / "m" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (tmp_path / "m" / io.CHECKSUMS).write_text(json.dumps({"link.safetensors": "0"}))
+    with pytest.raises(io.CorruptFileError, match="which is not a file of"):  # a link out of the directory
+        io.verify(tmp_path / "m")
+    (tmp_path / "m" / io.CHECKSUMS).write_text("[1]")
+    with pytest.raises(io.CorruptFileError, match="expected a mapping of file names"):
         io.verify(tmp_path / "m")

@@ -117,6 +117,15 @@ def test_resume_never_deletes_a_directory_it_did_not_write(rerank_data, tmp_path
     unstarted.mkdir()
     (unstarted / "config.json").write_text("{}")  # what a run writes before its first checkpoint
     assert train(small(rerank_data, unstarted, max_steps=5, resume=True))["steps"] == 5
+    # killed before its first complete checkpoint: best/ (step 0), config, vocab, a step folder, no pointer
+    for name in ("metrics.json", "history.jsonl", "checkpoint/latest"):
+        (unstarted / name).unlink()
+    assert train(small(rerank_data, unstarted, max_steps=5, resume=True))["steps"] == 5
+
+
+def test_max_steps_stops_training_between_validations(rerank_data, tmp_path):
+    result = train(small(rerank_data, tmp_path / "run", max_steps=3, eval_every=0))
+    assert result["steps"] == 3
 
 
 def test_a_corrupt_or_escaping_checkpoint_is_refused_on_resume(rerank_data, tmp_path):

@@ -293,6 +293,8 @@ def load_reranker(directory: str | Path) -> Reranker:
         raise FileNotFoundError(f"{directory} holds no re-ranker (no {MODEL_META})")
     meta, tensors = load_model(directory)
     where = str(directory / MODEL_META)
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("schema"), dict):
+        raise CorruptFileError(f"{where}: expected the model's config and schema (a mapping each)")
     cls = reranker_class(meta["model"])
     settings = dict(meta.get("config", {}))
     settings.setdefault("loss", "")  # saved before the setting existed: trained with the model's own loss
