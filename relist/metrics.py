@@ -164,9 +164,10 @@ def per_list_metrics(
         if pad:
             cat_sorted = torch.nn.functional.pad(cat_sorted, (0, pad))
         label_sorted = click
+        out.update(_alpha_ndcg(cat_sorted, label_sorted, category, labels, ks, alpha))
+        intents = _intents(cat_sorted, label_sorted > 0)
         for k in ks:
-            out[f"alpha_ndcg@{k}"] = _alpha_ndcg(cat_sorted, label_sorted, category, labels, k, alpha)
-            out[f"err_ia@{k}"] = _err_ia(cat_sorted, label_sorted, k)
+            out[f"err_ia@{k}"] = _err_ia(cat_sorted, label_sorted, k, intents)
     if embeddings is not None or categories is not None:
         for k in ks:
             if embeddings is not None:
@@ -189,32 +190,44 @@ def _same_above(cat: Tensor, relevant: Tensor) -> Tensor:
 
 
 def _alpha_ndcg(
-    cat_sorted: Tensor, label_sorted: Tensor, category: Tensor, labels: Tensor, k: int, alpha: float
-) -> Tensor:
-    relevant = (label_sorted > 0).double()
-    discount = _discounts(cat_sorted.shape[1], cat_sorted.device)
-    gain = relevant * (1.0 - alpha) ** _same_above(cat_sorted, relevant)
-    dcg = (gain * discount)[:, :k].sum(dim=1)
+    cat_sorted: Tensor, label_sorted: Tensor, category: Tensor, labels: Tensor, ks: list[int], alpha: float
+) -> dict[str, Tensor]:
+    """alpha-NDCG@k for every k at once: the metric's DCG and its greedy ideal are prefix sums, so both are
+    computed once up to the largest k (and only over those positions)."""
+    depth = min(max(ks), cat_sorted.shape[1])
+    cat, relevant = cat_sorted[:, :depth], (label_sorted[:, :depth] > 0).double()
+    discount = _discounts(depth, cat.device)
+    gain = relevant * (1.0 - alpha) ** _same_above(cat, relevant)
+    dcg = torch.cumsum(gain * discount, dim=1)  # (B, depth)
     # Greedy ideal over the list's own clicked items: at each position take the largest marginal gain.
     rel = labels > 0
     taken = torch.zeros_like(rel)
-    seen = torch.zeros(
-        category.shape, dtype=torch.float64, device=category.device
-    )  # per item: same-category picks so far
-    same_cat = category[:, :, None] == category[:, None, :]
-    ideal = torch.zeros(category.shape[0], dtype=torch.float64, device=category.device)
-    for i in range(min(k, category.shape[1])):
+    seen = torch.zeros(category.shape, dtype=torch.float64, device=category.device)  # same-category picks so far
+    steps = []
+    for i in range(min(depth, category.shape[1])):
         marginal = torch.where(rel & ~taken, (1.0 - alpha) ** seen, torch.zeros_like(seen))
-        best = marginal.argmax(dim=1)
-        best_gain = marginal.gather(1, best[:, None]).squeeze(1)
-        ideal += best_gain * discount[i]
-        picked = torch.zeros_like(taken).scatter_(1, best[:, None], best_gain[:, None] > 0)
-        taken |= picked
-        seen += (same_cat & picked[:, None, :]).double().sum(dim=2)
-    return torch.where(ideal > 0, dcg / ideal.clamp_min(1e-300), 0.0)
+        best = marginal.argmax(dim=1, keepdim=True)
+        best_gain = marginal.gather(1, best).squeeze(1)
+        steps.append(best_gain * discount[i])
+        picked = best_gain > 0
+        taken.scatter_(1, best, picked[:, None] | taken.gather(1, best))
+        seen += ((category == category.gather(1, best)) & picked[:, None]).double()
+    ideal = torch.cumsum(torch.stack(steps, dim=1), dim=1)
+    out = {}
+    for k in ks:
+        at, best = min(k, depth) - 1, ideal[:, min(k, ideal.shape[1]) - 1]
+        out[f"alpha_ndcg@{k}"] = torch.where(best > 0, dcg[:, at] / best.clamp_min(1e-300), 0.0)
+    return out
 
 
-def _err_ia(cat_sorted: Tensor, label_sorted: Tensor, k: int) -> Tensor:
+def _intents(cat_sorted: Tensor, relevant: Tensor) -> Tensor:
+    """The number of distinct categories among each list's clicked items (B,)."""
+    marked = torch.where(relevant, cat_sorted, torch.full_like(cat_sorted, -1)).sort(dim=1).values
+    new = marked[:, 1:] != marked[:, :-1]
+    return ((marked[:, :1] >= 0).sum(1) + (new & (marked[:, 1:] >= 0)).sum(1)).double()
+
+
+def _err_ia(cat_sorted: Tensor, label_sorted: Tensor, k: int, n_intents: Tensor) -> Tensor:
     cat, lab = cat_sorted[:, :k], label_sorted[:, :k]
     max_label = label_sorted.max(dim=1, keepdim=True).values.clamp_min(1.0)
     r = (2.0**lab - 1.0) / 2.0**max_label  # (B, k): stop probability of an item for its own category
@@ -226,14 +239,6 @@ def _err_ia(cat_sorted: Tensor, label_sorted: Tensor, k: int) -> Tensor:
     position = torch.arange(1, width + 1, device=cat.device, dtype=torch.float64)
     err_per_item = r / position * torch.exp(log_continue)  # contribution to ERR of the item's own intent
     # Intents: categories of the clicked items of the whole list, each weighted 1 / number of intents.
-    full_cat, relevant = cat_sorted, label_sorted > 0
-    width_full = full_cat.shape[1]
-    first = ~(
-        (full_cat[:, :, None] == full_cat[:, None, :])
-        & relevant[:, None, :]
-        & torch.tril(torch.ones(width_full, width_full, dtype=torch.bool, device=cat.device), diagonal=-1)
-    ).any(dim=2)
-    n_intents = (relevant & first).sum(dim=1).double()
     return torch.where(n_intents > 0, err_per_item.sum(dim=1) / n_intents.clamp_min(1.0), 0.0)
 
 
