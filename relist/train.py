@@ -250,10 +250,12 @@ def shuffled_batches(index: np.ndarray, batch_size: int, seed: int, epoch: int) 
     return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def initial_order_metrics(data: PreparedDataset, split: str, ks=(1, 3, 5, 10)) -> dict[str, float]:
+def initial_order_metrics(
+    data: PreparedDataset, split: str, ks=(1, 3, 5, 10), category_col: int | None = None
+) -> dict[str, float]:
     """Metrics of the input order itself (the initial ranker's order in a re-ranking dataset); its AUC is
     that of the initial ranker's own score (``init_score``) where the data has it, not of the positions."""
-    metrics = evaluate_lists(logged_order_scores, data.batches(split, 1024), ks=ks)
+    metrics = evaluate_lists(logged_order_scores, data.batches(split, 1024), ks=ks, category_col=category_col)
     if INITIAL_SCORE in data.schema.item_dense:
         column = data.schema.item_dense.index(INITIAL_SCORE)
         scored = evaluate_lists(lambda batch: batch.item_dense[..., column], data.batches(split, 1024), ks=(1,))

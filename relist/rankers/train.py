@@ -32,6 +32,7 @@ from relist.io import atomic_directory
 from relist.metrics import evaluate_lists, logged_order_scores
 from relist.rankers import RANKER_CONFIGS, get_ranker_class
 from relist.runtime import resolve_device, seed_everything
+from relist.train import initial_order_metrics
 
 log = logging.getLogger("relist")
 RERANK_SPLITS = ("train", "valid", "test")
@@ -194,9 +195,7 @@ def train_ranker(cfg: TrainRankerConfig) -> dict:
         ranker.save(tmp)
         rerank = write_rerank_dataset(ranker, data, tmp / "rerank", cfg.list_len, cfg.seed, cross_fitted=cross_fitted)
         reranked = PreparedDataset(rerank)
-        result["rerank_test"] = evaluate_lists(
-            logged_order_scores, reranked.batches("test", 512), category_col=category
-        )
+        result["rerank_test"] = initial_order_metrics(reranked, "test", category_col=category)
         result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
