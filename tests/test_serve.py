@@ -165,6 +165,12 @@ BAD = [
     (b'{"items": [{"id": "a"}], "colour": 1}', 422, "unknown field"),
     (json.dumps({"items": [{"id": str(k)} for k in range(13)]}).encode(), 413, "more than the limit of 12"),
     (b'{"items": [' + b" " * 70000 + b"]}", 413, "limit"),
+    (b'{"items": [{"id": "a", "features": {"init_score": 1e39}}]}', 422, "outside the float32 range"),
+    (b'{"items": [{"id": "a", "features": {"init_score": 3.5e38}}]}', 422, "outside the float32 range"),
+    (b'{"items": [{"id": "a", "features": {"init_score": ' + b"9" * 500 + b"}}]}", 422, "float32 range"),
+    (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+    (b'{"items": [{"id": "\\ud800"}]}', 422, "lone surrogate"),
+    (b'{"items": [{"id": "' + b"x" * 300 + b'"}]}', 422, "more than the limit of 256"),
 ]
 
 
@@ -176,6 +182,21 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_service_keeps_serving
         assert reply.status_code == status, (body[:60], reply.text)
         assert message in reply.json()["error"], reply.text
         assert httpx.post(server + "/rerank", json=good, timeout=30).status_code == 200
+    # bad user parts of an otherwise good request
+    for user, status, message in (
+        ({"features": [1]}, 422, "user.features: expected an object"),
+        ({"history": [{}] * 1001}, 413, "user.history: 1001 items, more than the limit of 1000"),
+    ):
+        reply = httpx.post(server + "/rerank", json={**good, "user": user}, timeout=30)
+        assert reply.status_code == status and message in reply.json()["error"], reply.text
+    # only JSON bodies are read
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        reply = httpx.post(server + "/rerank", content=json.dumps(good).encode(), headers=headers, timeout=30)
+        assert reply.status_code == 415 and "application/json" in reply.json()["error"], reply.text
+    # every answer the client got is counted, by status
+    text = httpx.get(server + "/metrics").text
+    assert 'status="415"' in text and 'status="422"' in text and 'status="400"' in text, text[:2000]
     # a missing dense feature is named
     partial = {"items": [{"id": good["items"][0]["id"], "features": {"init_score": 1.0}}]}
     reply = httpx.post(server + "/rerank", json=partial, timeout=30)
@@ -248,3 +269,60 @@ def test_a_copied_run_serves_the_same_answers_without_its_training_data(run_dir,
     finally:
         moved.rename(data_dir)
     assert after == before
+
+
+def test_a_failing_request_fails_alone_and_the_batch_is_served():
+    """One poisoned request in a micro-batch: the batch is served again request by request, the poisoned one
+    gets its error and every other request its answer."""
+    import asyncio
+
+    from relist.serve.app import MicroBatcher
+    from relist.serve.metrics import ServiceMetrics
+
+    class Service:
+        def run(self, examples):
+            if "poison" in examples:
+                raise IndexError("index 18 is out of bounds")
+            return [{"echo": e} for e in examples]
+
+    async def scenario():
+        batcher = MicroBatcher(Service(), window_ms=50, max_batch=64, metrics=ServiceMetrics())
+        batcher.task = asyncio.create_task(batcher.loop())
+        requests = [f"r{k}" for k in range(20)] + ["poison"]
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
+        batcher.task.cancel()
+        return requests, results
+
+    requests, results = asyncio.run(scenario())
+    assert [r["echo"] for r in results[:-1]] == requests[:-1]
+    assert isinstance(results[-1], IndexError)
+
+
+def test_a_500_names_a_request_id_never_internals_and_is_counted(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from relist.serve.app import create_app
+    from relist.serve.settings import ServeSettings
+
+    class Parser:
+        def parse(self, body):
+            return body
+
+    class Service:
+        parser = Parser()
+
+        def run(self, examples):
+            if any(e.get("fail") for e in examples):
+                raise IndexError("index 18 is out of bounds for dimension 0 with size 7")
+            return [{"scores": [float("nan")]} if e.get("nan") else {"ok": True} for e in examples]
+
+    app = create_app(ServeSettings(run=tmp_path, window_ms=1.0), service=Service())
+    with TestClient(app) as client:
+        for body in ({"fail": True}, {"nan": True}):  # a model error; a score JSON cannot carry
+            reply = client.post("/rerank", json=body)
+            assert reply.status_code == 500 and "request id" in reply.json()["error"]
+            assert "IndexError" not in reply.text and "index 18" not in reply.text
+        assert client.post("/rerank", json={}).json() == {"ok": True}  # and the service keeps serving
+        text = client.get("/metrics").text
+    assert 'relist_requests_total{path="/rerank",status="500"} 2' in text
+    assert 'relist_requests_total{path="/rerank",status="200"} 1' in text

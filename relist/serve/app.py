@@ -5,6 +5,12 @@ through LAST as one batch on a single worker thread, so the event loop keeps acc
 batch runs. LAST keeps no state between requests, so several uvicorn worker processes can serve the same
 checkpoint (``workers``); each has its own batcher and its own /metrics. The sampling noise comes from
 one seeded generator per process, so a request's exploration depends on what it was batched with.
+
+Only ``application/json`` bodies are read (415 otherwise); they are parsed and checked on a worker thread,
+off the event loop, and every bad body gets a 4xx naming the problem. When a batch fails, its requests
+are served again one by one, so a failure stays with the request that caused it; a 500 names a request
+id (the log has the details under it), never internals. Every answer, 2xx or not, is counted in
+``/metrics`` by status and reason, after the response body was built.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import json
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from relist.batch import collate
 from relist.config import from_mapping, to_mapping
@@ -71,7 +78,7 @@ class Service:
         vocabs = run_vocabularies(gen_dir, names)
         limit = self.evaluator.config.max_len
         max_items = min(settings.max_items or limit, limit)
-        self.parser = RequestParser(schema, vocabs, max_items)
+        self.parser = RequestParser(schema, vocabs, max_items, settings.max_history, settings.max_id_chars)
         self.config = settings.last_config()
         self.last = Last(self.generator, self.evaluator, self.config)
         self.noise = torch.Generator().manual_seed(settings.seed)
@@ -140,11 +147,18 @@ class MicroBatcher:
                 for (_, future), result in zip(pending, results):
                     if not future.done():
                         future.set_result(result)
-            except Exception as err:  # the batch fails, the service goes on
-                log.exception("serve: a batch of %d requests failed", len(pending))
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(err)
+            except Exception:  # noqa: BLE001 - one request may have failed it: serve each alone
+                if len(pending) > 1:
+                    log.warning("serve: a batch of %d requests failed; serving them one by one", len(pending))
+                for example, future in pending:
+                    try:
+                        (result,) = await loop.run_in_executor(self.executor, self.service.run, [example])
+                        self.metrics.observe_batch(1)
+                        if not future.done():
+                            future.set_result(result)
+                    except Exception as err:  # noqa: BLE001 - confined to this request
+                        if not future.done():
+                            future.set_exception(err)
 
 
 def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
@@ -165,9 +179,23 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         metrics.observe("/rerank", status, time.perf_counter() - started, reason)
         return JSONResponse({"error": message}, status_code=status)
 
+    def internal(err: BaseException, started: float) -> JSONResponse:
+        """A 500 whose body names a request id, never internals; the log holds the details under that id."""
+        request_id = uuid.uuid4().hex[:12]
+        log.error("serve: request %s failed: %s: %s", request_id, type(err).__name__, err, exc_info=err)
+        return error(500, f"internal error (request id {request_id}); the service keeps serving", "internal", started)
+
+    def parse(body: bytes):
+        return service.parser.parse(parse_json(body))
+
     @app.post("/rerank")
     async def rerank(request: Request):
         started = time.perf_counter()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return error(
+                415, f"expected Content-Type application/json, got {content_type or 'none'}", "content_type", started
+            )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
             return error(
@@ -184,20 +212,21 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
                     413, f"body larger than the limit of {settings.max_body_bytes} bytes", "body_too_large", started
                 )
         try:
-            example = service.parser.parse(parse_json(bytes(body)))
+            example = await asyncio.to_thread(parse, bytes(body))  # off the event loop
         except BadRequest as err:
             reason = (
-                "malformed_json"
-                if err.status == 400
-                else ("too_many_items" if err.status == 413 else "invalid_request")
+                "malformed_json" if err.status == 400 else ("too_large" if err.status == 413 else "invalid_request")
             )
             return error(err.status, str(err), reason, started)
+        except Exception as err:  # noqa: BLE001 - a parser bug is this request's 500, not the service's
+            return internal(err, started)
         try:
             result = await batcher.submit(example)
-        except Exception as err:  # noqa: BLE001 - reported to the client, the service keeps serving
-            return error(500, f"internal error: {type(err).__name__}: {err}", "internal", started)
+            content = json.dumps(result, allow_nan=False).encode("utf-8")
+        except Exception as err:  # noqa: BLE001 - confined to this request; the service keeps serving
+            return internal(err, started)
         metrics.observe("/rerank", 200, time.perf_counter() - started)
-        return result
+        return Response(content, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz():

@@ -34,11 +34,16 @@ def _reject_constant(name: str):
     raise BadRequest(f"malformed JSON: {name} is not a number JSON allows", 400)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def parse_json(body: bytes) -> object:
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except BadRequest:
         raise
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", 400) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise BadRequest(f"malformed JSON: {err}", 400) from None
 
@@ -46,8 +51,15 @@ def parse_json(body: bytes) -> object:
 class RequestParser:
     """Turns a parsed body into a ``collate`` example; knows the schema, vocabularies and list-length limit."""
 
-    def __init__(self, schema: Schema, vocabs: dict[str, list[str] | None], max_items: int):
-        self.schema, self.max_items = schema, max_items
+    def __init__(
+        self,
+        schema: Schema,
+        vocabs: dict[str, list[str] | None],
+        max_items: int,
+        max_history: int = 1000,
+        max_id_chars: int = 256,
+    ):
+        self.schema, self.max_items, self.max_history, self.max_id_chars = schema, max_items, max_history, max_id_chars
         self.index = {
             name: {v: k for k, v in enumerate(values)} for name, values in vocabs.items() if values is not None
         }
@@ -60,6 +72,12 @@ class RequestParser:
     def _id(self, field: str, value, where: str) -> int:
         if not isinstance(value, str):
             raise BadRequest(f"{where}: expected a string id, got {type(value).__name__}")
+        if len(value) > self.max_id_chars:
+            raise BadRequest(f"{where}: an id of {len(value)} characters, more than the limit of {self.max_id_chars}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{where}: the id holds a lone surrogate (not a character UTF-8 can carry)") from None
         if field in self.index:
             return self.index[field].get(value, 0)
         return int(value) if value.isdigit() and int(value) < self.sizes[field] else 0
@@ -97,9 +115,15 @@ class RequestParser:
                 if name in self.dense:
                     if isinstance(value, bool) or not isinstance(value, (int, float)):
                         raise BadRequest(f"{where}.features.{name}: expected a number, got {type(value).__name__}")
-                    if not math.isfinite(value):
+                    try:
+                        number = float(value)
+                    except OverflowError:
+                        raise BadRequest(f"{where}.features.{name}: the number is outside the float32 range") from None
+                    if not math.isfinite(number):
                         raise BadRequest(f"{where}.features.{name}: {value} is not finite")
-                    dense[k, self.dense.index(name)] = value
+                    if abs(number) > FLOAT32_MAX:
+                        raise BadRequest(f"{where}.features.{name}: {number:g} is outside the float32 range")
+                    dense[k, self.dense.index(name)] = number
                 elif name in self.item_sparse[1:]:
                     sparse[k, self.item_sparse.index(name)] = self._id(name, value, f"{where}.features.{name}")
                 else:
@@ -121,13 +145,18 @@ class RequestParser:
         user_sparse = np.zeros(len(self.user_sparse), dtype=np.int64)
         if "id" in user and self.user_sparse:
             user_sparse[0] = self._id(self.user_sparse[0], user["id"], "user.id")
-        for name, value in (user.get("features") or {}).items():
+        user_features = user.get("features", {})
+        if not isinstance(user_features, dict):
+            raise BadRequest("user.features: expected an object of feature name to id")
+        for name, value in user_features.items():
             if name not in self.user_sparse[1:]:
                 raise BadRequest(f"user.features: unknown feature {name!r}; valid: {sorted(self.user_sparse[1:])}")
             user_sparse[self.user_sparse.index(name)] = self._id(name, value, f"user.features.{name}")
         history = user.get("history", [])
         if not isinstance(history, list):
             raise BadRequest("user.history: expected a list of past clicked items")
+        if len(history) > self.max_history:
+            raise BadRequest(f"user.history: {len(history)} items, more than the limit of {self.max_history}", 413)
         hist = np.zeros((len(history), len(self.hist)), dtype=np.int64)
         for k, entry in enumerate(history):
             if not isinstance(entry, dict):

@@ -20,6 +20,8 @@ class ServeSettings:
     max_batch: int = option(64, help="most requests per micro-batch")
     max_body_bytes: int = option(1 << 20, help="largest accepted request body")
     max_items: int = option(0, help="most candidates per request (0: the evaluator's max_len)")
+    max_history: int = option(1000, help="most history items per request (MIND's longest history: 425)")
+    max_id_chars: int = option(256, help="longest id accepted, in characters")
     threads: int = option(1, help="torch threads per worker process")
     seed: int = option(0, help="seed of the sampling noise")
 
