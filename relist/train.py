@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from relist.batch import INITIAL_SCORE
 from relist.config import convert, option
-from relist.data.store import PreparedDataset
+from relist.data.store import PreparedDataset, vocab_file
 from relist.io import CorruptFileError, atomic_save_tensors, atomic_write_text, load_tensors, read_json, seal, verify
 from relist.metrics import evaluate_lists, logged_order_scores
 from relist.nn import softmax_list_loss
@@ -355,8 +355,8 @@ class Trainer:
         schema = self.data.schema
         (self.out / "vocab").mkdir(exist_ok=True)
         for f in (*schema.item_sparse, *schema.user_sparse, *schema.user_hist):
-            source = self.data.root / "vocab" / f"{f.name}.txt"
-            if source.is_file():
+            source = vocab_file(self.data.root / "vocab", f.name)
+            if source is not None:
                 atomic_write_text(self.out / "vocab" / source.name, source.read_text(encoding="utf-8"))
 
     def build_model(self) -> Reranker:

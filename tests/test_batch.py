@@ -307,3 +307,31 @@ def test_batch_with_empty_history_in_last_list(tmp_path):
     data = PreparedDataset(write_dataset(table, tmp_path / "data", source="test", seed=0))
     batch = data.batch(np.array([0, 1]))
     assert batch.user_hist[:, :, 0].tolist() == [[6, 7], [0, 0]]
+
+
+def test_vocabularies_round_trip_any_string(synthetic, tmp_path):
+    """Ids and categories may hold any character a source reads: line breaks of every kind (which
+    ``str.splitlines`` splits at), separators, a lone surrogate. Each comes back as it went in, at its id."""
+    from relist.data.store import read_vocab, write_vocab
+
+    awkward = ["", "plain", "carriage\rreturn", "new\nline", "v\x0btab", "f\x0cfeed", "fs\x1c", "gs\x1d", "rs\x1e",
+               "nel\x85", "ls\u2028", "ps\u2029", "lone \ud800 surrogate", "wéather ☂"]  # fmt: skip
+    write_vocab(tmp_path / "category.json", awkward)
+    assert read_vocab(tmp_path / "category.json") == awkward
+    data = synthetic
+    table = ListTable(
+        offsets=np.asarray(data.offsets),
+        item_sparse=np.asarray(data.item_sparse),
+        item_dense=np.asarray(data.item_dense),
+        label=np.asarray(data.label),
+        user_sparse=np.asarray(data.user_sparse),
+        hist_offsets=np.asarray(data.hist_offsets),
+        user_hist=np.asarray(data.user_hist),
+        schema=data.schema,
+        splits=data.splits,
+        vocabs={"category": awkward},
+    )
+    written = PreparedDataset(write_dataset(table, tmp_path / "d", "synthetic", 0))
+    assert written.vocab("category") == awkward
+    (tmp_path / "old.txt").write_text("a\rb\nc\u2028d\n", encoding="utf-8", newline="")  # an older dataset's file
+    assert read_vocab(tmp_path / "old.txt") == ["a\rb", "c\u2028d"]

@@ -11,7 +11,8 @@ Layout of a prepared directory::
     arrays/hist_offsets.npy  (n_lists + 1,) int64
     arrays/user_hist.npy     (n_hist_rows, Fh) int64: the user's past positive items, oldest first
     splits/<name>.npy        list indices of each split
-    vocab/<field>.txt        raw value of each id of a sparse field (line k = id k; line 0 = padding)
+    vocab/<field>.json       raw value of each id of a sparse field, a JSON list (item k = id k; 0 = padding);
+                             datasets written before it hold vocab/<field>.txt, one value per line
 
 Writing goes to a temporary sibling directory that is renamed into place at the end, so a failed
 preparation never leaves a half-written dataset behind.
@@ -190,7 +191,7 @@ def write_dataset(
         for name, index in table.splits.items():
             np.save(tmp / "splits" / f"{name}.npy", np.asarray(index, dtype=np.int64))
         for name, values in table.vocabs.items():
-            write_vocab(tmp / "vocab" / f"{name}.txt", values)
+            write_vocab(tmp / "vocab" / f"{name}.json", values)
         hashed = [f"arrays/{n}.npy" for n in ARRAY_NAMES] + [f"splits/{n}.npy" for n in sorted(table.splits)]
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -211,14 +212,36 @@ def write_dataset(
 
 
 def write_vocab(path: Path, values: Sequence[str]) -> None:
-    """One raw value per line, line k holding id k."""
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        handle.writelines(f"{v}\n" for v in values)
+    """The raw values of a field's ids as a JSON list (item k = id k): any string a source can hold comes
+    back the same, line breaks of every kind and lone surrogates included."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump([str(v) for v in values], handle, ensure_ascii=True)
+
+
+VOCAB_SUFFIXES = (".json", ".txt")  # the format, then the one-value-per-line files of older datasets
+
+
+def vocab_file(directory: Path, field: str) -> Path | None:
+    """The vocabulary file of ``field`` in ``directory`` (``<field>.json``, or an older ``<field>.txt``)."""
+    for suffix in VOCAB_SUFFIXES:
+        path = Path(directory) / f"{field}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def read_vocab(path: Path) -> list[str]:
-    """The values ``write_vocab`` wrote. Lines end at "\n" only (``str.splitlines`` would also split at
-    "\r", "\x1c", "\u2028" and others, which ids may hold, and shift every later id)."""
+    """The values ``write_vocab`` wrote; an older ``.txt`` vocabulary holds one value per line, split at "\n"
+    only (``str.splitlines`` would also split at "\r", "\x1c", "\u2028" and others)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a readable vocabulary ({err})") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+        return values
     with open(path, encoding="utf-8", newline="") as handle:
         text = handle.read()
     return text.split("\n")[:-1] if text else []
@@ -254,8 +277,8 @@ class PreparedDataset:
         return self.manifest["counts"]
 
     def vocab(self, field_name: str) -> list[str]:
-        path = self.root / "vocab" / f"{field_name}.txt"
-        if not path.is_file():
+        path = vocab_file(self.root / "vocab", field_name)
+        if path is None:
             raise KeyError(f"{self.root} has no vocabulary for field {field_name!r}")
         return read_vocab(path)
 

@@ -145,7 +145,9 @@ def write_rerank_dataset(
         ),
         schema=schema,
         splits=splits,
-        vocabs={p.stem: read_vocab(p) for p in sorted((data.root / "vocab").glob("*.txt"))},
+        vocabs={
+            p.stem: read_vocab(p) for p in sorted((data.root / "vocab").glob("*")) if p.suffix in (".json", ".txt")
+        },
         info={
             "derived_from": str(data.root),
             "parent_content_hash": data.manifest["content_hash"],

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from relist.batch import collate
 from relist.config import from_mapping, to_mapping
-from relist.data.store import read_vocab
+from relist.data.store import read_vocab, vocab_file
 from relist.last import Last
 from relist.rerankers import load_reranker
 from relist.rerankers.evaluator import load_evaluator
@@ -54,7 +54,8 @@ def run_vocabularies(run: Path, names: set[str]) -> dict[str, list[str] | None]:
         if not (data / "vocab").is_dir():
             raise FileNotFoundError(f"{run} carries no vocab/ and its training data {data} is not there")
         vocab = data / "vocab"
-    return {name: read_vocab(vocab / f"{name}.txt") if (vocab / f"{name}.txt").is_file() else None for name in names}
+    files = {name: vocab_file(vocab, name) for name in names}
+    return {name: read_vocab(path) if path is not None else None for name, path in files.items()}
 
 
 class Service:
