@@ -191,6 +191,12 @@ BAD = {
     "truncated_mid_token": (b"3\tU3\t" + TIME + b"\tN1 N2\tN1-0 N2-1 N3", "impressions", "truncated"),
     "truncated_mid_label": (b"3\tU3\t" + TIME + b"\tN1 N2\tN1-0 N2-", "impressions", "truncated"),
     "truncated_mid_line": (b"3\tU3\t11/12/20", None, "truncated"),
+    "repeated_impression_id": (b"1\tU3\t" + TIME + b"\tN1\tN1-1\n", "impression_id", "1 repeats line 1"),
+    "too_many_items": (
+        b"3\tU3\t" + TIME + b"\tN1\t" + b" ".join([b"N1-0"] * 1001) + b"\n",
+        "impressions",
+        "1001 items, more than the limit of 1000",
+    ),  # fmt: skip
 }
 
 
@@ -210,6 +216,19 @@ def test_the_good_lines_alone_prepare(tmp_path):
     (folder / "behaviors.tsv").write_bytes(b"".join(GOOD))
     data = prepare_from(folder, tmp_path / "out")
     assert data.counts["n_lists"] == 2 and data.counts["n_labelled"] == 5 and data.counts["n_clicks"] == 2
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """Editors save UTF-8 with a BOM; it is dropped from both files, not kept in the first id."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "news.tsv").write_bytes(b"\xef\xbb\xbf" + NEWS)
+    (folder / "behaviors.tsv").write_bytes(b"\xef\xbb\xbf" + b"".join(GOOD))
+    data = prepare_from(folder, tmp_path / "out")
+    assert data.counts["n_lists"] == 2
+    assert "N1" in data.vocab("item_id") and not any(v.startswith("\ufeff") for v in data.vocab("item_id"))
+    categories = data.vocab("category")
+    assert "news" in categories and not any(v.startswith("\ufeff") for v in categories)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -18,8 +18,12 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {what}")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_lines(path: Path, progress: bool | None = None) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield (1-based line number, raw bytes without the newline, whether the line ended with one).
+    """Yield (1-based line number, raw bytes without the newline, whether the line ended with one); a
+    UTF-8 byte-order mark at the start of the file is dropped.
 
     Bytes, not text, so a broken encoding is reported against the field that holds it. A progress bar
     over the bytes read goes to stderr (``progress=None``: only when stderr is a terminal).
@@ -38,6 +42,8 @@ def read_lines(path: Path, progress: bool | None = None) -> Iterator[tuple[int, 
     ):
         pending = 0
         for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(UTF8_BOM):  # an editor's byte-order mark, not data
+                raw = raw[len(UTF8_BOM) :]
             ended = raw.endswith(b"\n")
             pending += len(raw)
             if pending > 1 << 20:

@@ -35,6 +35,7 @@ from relist.data.errors import DataFormatError, read_lines, split_fields
 from relist.data.store import ListTable, Schema, SparseField, random_splits
 
 BEHAVIOR_FIELDS = ("impression_id", "user_id", "time", "history", "impressions")
+MAX_ITEMS = 1000  # the longest impression accepted by default (the 5k subset's longest: 283 items)
 NEWS_FIELDS = ("news_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities")
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 UNKNOWN = "<unknown>"
@@ -65,15 +66,24 @@ def read_news(path: Path) -> dict[str, tuple[str, str]]:
     return news
 
 
-def read_behaviors(path: Path):
-    """Parse behaviors.tsv into per-impression users, times, histories, items and labels."""
+def read_behaviors(path: Path, max_items: int = MAX_ITEMS):
+    """Parse behaviors.tsv into per-impression users, times, histories, items and labels.
+
+    An impression id seen twice, or an impression of more than ``max_items`` items, is refused with its
+    line (and the first line of a repeated id): a repeated id could fall into two splits, and a line of
+    thousands of items is far more likely a corrupt file than an impression."""
     users, times, histories, items, labels = [], [], [], [], []
+    seen: dict[str, int] = {}
     for line, raw, ended in read_lines(path):
         if not raw.strip():
             continue
         impression_id, user, time, history, impressions = split_fields(path, line, raw, BEHAVIOR_FIELDS, b"\t", ended)
         if not impression_id.strip().isdigit():
             raise DataFormatError(path, line, "impression_id", f"expected an integer, found {impression_id!r}")
+        if impression_id.strip() in seen:
+            first = seen[impression_id.strip()]
+            raise DataFormatError(path, line, "impression_id", f"{impression_id.strip()} repeats line {first}")
+        seen[impression_id.strip()] = line
         if not user.strip():
             raise DataFormatError(path, line, "user_id", "empty user id")
         try:
@@ -83,6 +93,10 @@ def read_behaviors(path: Path):
         tokens = impressions.split()
         if not tokens:
             raise DataFormatError(path, line, "impressions", "empty list: an impression needs at least one item")
+        if len(tokens) > max_items:
+            raise DataFormatError(
+                path, line, "impressions", f"{len(tokens)} items, more than the limit of {max_items} (--max-items)"
+            )
         row_items, row_labels = [], []
         for position, token in enumerate(tokens, start=1):
             match = _TOKEN.match(token)
@@ -115,10 +129,10 @@ def _vocab(values) -> dict[str, int]:
     return index
 
 
-def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 50) -> ListTable:
+def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 50, max_items: int = 1000) -> ListTable:
     src = Path(src)
     news = read_news(_find(src, "news.tsv"))
-    users, times, histories, items, labels = read_behaviors(_find(src, "behaviors.tsv"))
+    users, times, histories, items, labels = read_behaviors(_find(src, "behaviors.tsv"), max_items)
 
     item_index = _vocab(i for row in items for i in row)
     for row in histories:

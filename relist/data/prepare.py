@@ -28,6 +28,7 @@ class PrepareConfig:
     )
     overwrite: bool = option(False, help="replace OUT if it exists")
     max_hist: int = option(50, help="mind: keep the user's last N clicked items as history")
+    max_items: int = option(1000, help="mind: refuse an impression of more items than this (file and line named)")
     n_lists: int = option(20000, help="synthetic: number of lists")
     n_users: int = option(2000, help="synthetic: number of users")
     n_items: int = option(5000, help="synthetic: number of items")
@@ -49,7 +50,9 @@ class PrepareConfig:
 
 
 def _mind(cfg: PrepareConfig):
-    return mind.build(_src(cfg), cfg.seed, split_fractions(cfg.splits), max_hist=cfg.max_hist), {}
+    return mind.build(
+        _src(cfg), cfg.seed, split_fractions(cfg.splits), max_hist=cfg.max_hist, max_items=cfg.max_items
+    ), {}
 
 
 def _synthetic(cfg: PrepareConfig):

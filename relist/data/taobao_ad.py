@@ -54,7 +54,7 @@ def _check_header(path: Path, expected: tuple[str, ...]) -> None:
     with open(path, "rb") as handle:
         raw = handle.readline()
     try:
-        header = [h.strip() for h in raw.decode("utf-8").rstrip("\r\n").split(",")]
+        header = [h.strip() for h in raw.decode("utf-8-sig").rstrip("\r\n").split(",")]  # -sig: a BOM is dropped
     except UnicodeDecodeError:
         raise DataFormatError(path, 1, None, "header is not valid UTF-8") from None
     if header != list(expected):
