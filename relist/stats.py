@@ -67,7 +67,10 @@ SEEDS_ONLY = "over seeds only (training variance only)"
 
 def _bootstrap_p(replicates: np.ndarray) -> float:
     """Two-sided bootstrap p: twice the smaller share of replicates on either side of 0, at most 1; a
-    replicate exactly at 0 (common when most units do not differ) counts half to each side."""
+    replicate exactly at 0 (common when most units do not differ) counts half to each side. nan when a
+    replicate is not finite (a resample whose denominator sums to 0): no p is better than a wrong one."""
+    if not np.isfinite(replicates).all():
+        return float("nan")
     at_zero = float(np.mean(replicates == 0))
     below, above = float(np.mean(replicates < 0)) + at_zero / 2, float(np.mean(replicates > 0)) + at_zero / 2
     return min(1.0, 2.0 * min(below, above))
@@ -84,6 +87,8 @@ def crossed_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, see
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if diff.ndim != 2 or diff.size == 0:
         raise ValueError(f"crossed_bootstrap needs two (seeds, units) arrays of one shape, got {np.shape(diff)}")
+    if not np.isfinite(diff).all():
+        raise ValueError("crossed_bootstrap: the per-unit values hold nan or inf (drop undefined units first)")
     n_seeds, n_units = diff.shape
     rng = np.random.default_rng(seed)
     replicates = np.empty(resamples)
@@ -114,10 +119,13 @@ def nested_bootstrap(
     Returns ``mean``, ``low``, ``high`` (95% percentile interval) and ``p`` (two-sided bootstrap). Resampling
     units within resampled seeds counts the within-seed noise twice when it dominates the between-seed
     variance, so the interval is then conservative (see the tests for where its coverage was measured)."""
-    if len(a) != len(b) or not a:
+    if len(a) != len(b) or len(a) == 0:
         raise ValueError(f"nested_bootstrap needs the same number (> 0) of seeds per arm, got {len(a)} and {len(b)}")
-    a_den = a_den or [np.ones_like(x, dtype=np.float64) for x in a]
-    b_den = b_den or [np.ones_like(x, dtype=np.float64) for x in b]
+    if (a_den is None) != (b_den is None):
+        raise ValueError("nested_bootstrap: give both arms' denominators (a ratio) or neither (a mean)")
+    if a_den is None:
+        a_den = [np.ones_like(x, dtype=np.float64) for x in a]
+        b_den = [np.ones_like(x, dtype=np.float64) for x in b]
     parts = [np.stack([a[s], a_den[s], b[s], b_den[s]]).astype(np.float64) for s in range(len(a))]
     if any(p.ndim != 2 or p.shape[1] == 0 for p in parts):
         raise ValueError("nested_bootstrap: every seed needs the same positive number of units in both arms")
@@ -153,7 +161,8 @@ def seeds_only_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 
 
 def wilcoxon_seeds(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Wilcoxon signed-rank test of per-seed values a against b, with its exact two-sided p, and the count of
+    """Wilcoxon signed-rank test of per-seed values a against b, with its exact two-sided p (scipy's exact
+    distribution, which assumes no two |differences| tie: rare for means over many lists), and the count of
     seeds where a is above b. With 5 seeds the smallest possible p is 0.0625; use 10 or more for a verdict."""
     from scipy import stats
 

@@ -81,4 +81,4 @@ def test_experiment_last_end_to_end(tmp_path):
     offline_table = summary[summary.index("### Offline comparisons") : summary.index("### Online comparisons")]
     assert "over seeds and lists" in offline_table and "| evaluator |" not in offline_table
     assert "| LAST parallel | best-of-8 sampling | ndcg@10 |" in offline_table
-    assert "over seeds and users" in summary and "### Delayed feedback against LAST, over seeds" in summary
+    assert "over seeds and users" in summary and "### Delayed feedback and LAST against greedy, over seeds" in summary

@@ -135,3 +135,16 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, float("nan"), 0.01]) == pytest.approx([0.5, float("nan"), 0.02], nan_ok=True)
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_undefined_values_give_an_error_or_no_p_never_a_small_one():
+    a = np.random.default_rng(0).normal(size=(5, 100))
+    b = a.copy()
+    a[0, 3] = np.nan
+    with pytest.raises(ValueError, match="nan or inf"):
+        crossed_bootstrap(a, b, resamples=100)
+    zero = [np.array([1.0, 0.0, 0.0, 0.0])]  # a resample may draw only the units whose denominator is 0
+    result = nested_bootstrap(zero, zero, zero, [np.ones(4)], resamples=200)
+    assert np.isnan(result["p"])
+    with pytest.raises(ValueError, match="both arms' denominators"):
+        nested_bootstrap([2 * np.ones(10)], [2 * np.ones(10)], a_den=[2 * np.ones(10)])

@@ -486,12 +486,15 @@ def _summary(
         cells = []
         for key in OFFLINE:
             values = _by(rows, "offline", m, key)
-            cells.append(f"{np.mean(values):.4f} ± {t_ci95(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}")
+            judged = len(values) > 1 and key != "evaluator"  # the selector's own score: a value, no interval
+            cells.append(f"{np.mean(values):.4f} ± {t_ci95(values):.4f}" if judged else f"{np.mean(values):.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += _offline_comparisons(offline_lists, [m for m in methods if "oracle" not in m], best_of)
     lines += _online_comparisons(online, "generator greedy", "Online comparisons (the simulator's users)")
     if delayed:
-        lines += _online_comparisons(delayed, "generator greedy", "Delayed feedback against LAST, over seeds")
+        lines += _online_comparisons(
+            delayed, "generator greedy", "Delayed feedback and LAST against greedy, over seeds"
+        )
     lines += ["", "## Online (A/B harness on the simulator)", "", online_md]
     for study, keys, title in (
         (
@@ -509,7 +512,9 @@ def _summary(
             lines.append(
                 f"| {m} | "
                 + " | ".join(
-                    f"{np.mean(_by(rows, study, m, key)):+.4f} ± {t_ci95(_by(rows, study, m, key)):.4f}" for key in keys
+                    f"{np.mean(_by(rows, study, m, key)):+.4f}"
+                    + ("" if key == "lift_evaluator" else f" ± {t_ci95(_by(rows, study, m, key)):.4f}")
+                    for key in keys
                 )
                 + " |"
             )

@@ -1,11 +1,12 @@
 """`relist experiment principled`: every model × {base, +P1, +P2, +P1+P2} × seeds, with a summary.
 
-Writes ``results.csv`` (one row per model × variant × seed, every metric), ``summary.md`` (mean ± 95%
-CI over seeds, relative change against base, a paired t-test across seeds, the initial order's row, and
-each variant against the initial order: per-list metrics averaged over seeds, paired bootstrap over the
-test lists), ``metrics.png`` (bars with CIs) and ``obedience.png`` (P1 obedience on valid over
-training). With ``--sweep-model M`` it also runs the paper's two open questions on M: the CS-loss weight
-and the perturbation strategy. ``--resume`` keeps finished runs and continues an interrupted one.
+Writes ``results.csv`` (one row per model × variant × seed, every metric), ``summary.md`` (means with
+their t interval over seeds only, the initial order's rows, and two comparison tables, each variant
+against its model's base and every run against the initial order, with the two-level interval over seeds
+and lists, its bootstrap p, Holm's adjustment, and the seeds-only t and Wilcoxon p for reference),
+``metrics.png`` (bars with CIs) and ``obedience.png`` (P1 obedience on valid over training). With
+``--sweep-model M`` it also runs the paper's two open questions on M: the CS-loss weight and the
+perturbation strategy. ``--resume`` keeps finished runs and continues an interrupted one.
 """
 
 from __future__ import annotations
