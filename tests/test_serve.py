@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relist.batch import collate
 from relist.cli import main
@@ -326,3 +328,64 @@ def test_a_500_names_a_request_id_never_internals_and_is_counted(tmp_path):
         text = client.get("/metrics").text
     assert 'relist_requests_total{path="/rerank",status="500"} 2' in text
     assert 'relist_requests_total{path="/rerank",status="200"} 1' in text
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**600), max_value=10**600)
+    | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def _mutations(good: dict):
+    """Bodies near a good one (a field replaced by arbitrary JSON, an item's feature or id changed) and
+    arbitrary JSON, as bytes; ids may hold lone surrogates (escaped, as a client's JSON encoder writes them)."""
+    item = good["items"][0]
+    feature = st.sampled_from(sorted(item["features"]))
+    near = st.one_of(
+        st.builds(lambda v: {**good, "items": v}, JSON),
+        st.builds(lambda v: {**good, "user": v}, JSON),
+        st.builds(lambda k, v: {**good, "items": [{**item, "features": {**item["features"], k: v}}]}, feature, JSON),
+        st.builds(lambda v: {**good, "items": [{**item, "id": v}]}, JSON | st.text(max_size=12)),
+        st.builds(lambda v: {**good, "user": {"id": "u", "history": v}}, JSON),
+        st.builds(lambda k, v: {**good, k: v}, st.text(max_size=6), JSON),
+    )
+    return st.one_of(near, JSON).map(lambda body: json.dumps(body).encode())
+
+
+def test_fuzzed_bodies_get_a_4xx_never_a_5xx_and_the_metrics_count_them(run_dir):
+    """Property-based: generated bodies sent one at a time (nothing is shed) to a fresh server. Every bad
+    body gets a 4xx naming its problem, a good request after each succeeds, and /metrics counts exactly
+    the statuses the client received."""
+    proc, url = start_server(run_dir, "--max-items", "12")
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    good = request_body(data, 0)
+    received: dict[int, int] = {}
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(_mutations(good))
+    def check(body: bytes):
+        reply = httpx.post(url + "/rerank", content=body, headers={"content-type": "application/json"}, timeout=30)
+        received[reply.status_code] = received.get(reply.status_code, 0) + 1
+        assert reply.status_code < 500, (body[:200], reply.text)
+        if reply.status_code >= 400:
+            assert isinstance(reply.json().get("error"), str) and reply.json()["error"], reply.text
+        after = httpx.post(url + "/rerank", json=good, timeout=30)
+        received[after.status_code] = received.get(after.status_code, 0) + 1
+        assert after.status_code == 200
+
+    try:
+        check()
+        text = httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    counted = {}
+    for line in text.splitlines():
+        if line.startswith('relist_requests_total{path="/rerank"'):
+            counted[int(line.split('status="')[1].split('"')[0])] = int(float(line.split()[-1]))
+    assert counted == received and received.get(200, 0) >= 300 and set(received) - {200}, received
+    print(
+        f"fuzz: statuses received {dict(sorted(received.items()))}, counted by /metrics {dict(sorted(counted.items()))}"
+    )
