@@ -34,6 +34,8 @@ objective and now saves little time.
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -218,6 +220,18 @@ class Last:
     def __init__(self, generator: Generator, evaluator, config: LastConfig | None = None):
         self.generator, self.evaluator = generator.eval(), evaluator.eval()
         self.config = config or LastConfig()
+        self._threads = threading.local()
+
+    def _own_net(self) -> PointerNet:
+        """This thread's copy of the decoding network's modules, sharing the very parameter tensors: weight
+        offsets go in through ``functional_call``, which swaps a module's parameters while it runs, so each
+        thread swaps them on its own copy and ``Last`` can be called from several threads at once."""
+        net = self.generator.net
+        mine = getattr(self._threads, "net", None)
+        if mine is None or self._threads.source is not net:
+            shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
+            self._threads.net, self._threads.source = copy.deepcopy(net, memo=shared), net
+        return self._threads.net
 
     def _gains(self, batch: ListBatch, rows: Tensor, orders: Tensor) -> Tensor:
         """Per-position click probability (N, L) of ``batch[rows]`` shown in ``orders``."""
@@ -247,7 +261,7 @@ class Last:
         space = (
             _Activations(self.generator.net, x, batch.mask, c.scale)
             if c.offsets == "activations"
-            else _Weights(self.generator.net, x, batch.mask, c.scale, c.offsets)
+            else _Weights(self._own_net(), x, batch.mask, c.scale, c.offsets)
         )
         rows = torch.arange(size, device=device)
         identity = rows.new_tensor(range(length)).expand(size, -1)

@@ -438,3 +438,22 @@ def test_delayed_feedback_learner_waits_for_its_delay_and_leaves_the_generator_a
         eager(batch)
     assert eager.updates == 3  # each batch's clicks are used once 30 more requests have been served
     assert weights_hash(eager.generator) != before and weights_hash(gen) == before
+
+
+def test_one_last_serves_eight_threads_with_every_offset_kind_as_it_serves_one():
+    """Weight offsets run through ``functional_call``, which swaps a module's parameters while it runs:
+    each thread does that on its own copy of the modules, so concurrent calls give the sequential answers
+    and the deployed weights stay as they were."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen, ev = small_models(7)
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    batches = [random_batch(20 + k, size=4) for k in range(8)]
+    for offsets in ("activations", "pointer", "decoder", "all"):
+        last = Last(gen, ev, LastConfig(offsets=offsets))
+        expected = [last(b, torch.Generator().manual_seed(k)) for k, b in enumerate(batches)]
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda kb: last(kb[1], torch.Generator().manual_seed(kb[0])), enumerate(batches)))
+        for e, g in zip(expected, got):
+            assert torch.equal(e.order, g.order) and torch.allclose(e.candidates, g.candidates, atol=1e-6), offsets
+    assert all(torch.equal(v, gen.state_dict()[k]) for k, v in before.items())
