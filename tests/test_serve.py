@@ -389,3 +389,46 @@ def test_fuzzed_bodies_get_a_4xx_never_a_5xx_and_the_metrics_count_them(run_dir)
     print(
         f"fuzz: statuses received {dict(sorted(received.items()))}, counted by /metrics {dict(sorted(counted.items()))}"
     )
+
+
+def test_overload_is_shed_with_retry_after_and_readyz_says_so(tmp_path):
+    """With the batch worker busy, requests queue up to --max-queue; the next ones get 503 with
+    Retry-After at once (instead of waiting), /readyz reports not ready, and all recover afterwards."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from relist.serve.app import create_app
+    from relist.serve.settings import ServeSettings
+
+    release = threading.Event()
+
+    class Parser:
+        def parse(self, body):
+            return body
+
+    class Service:
+        parser = Parser()
+
+        def run(self, examples):
+            release.wait(timeout=30)
+            return [{"ok": True} for _ in examples]
+
+    settings = ServeSettings(run=tmp_path, window_ms=1.0, max_batch=1, max_queue=2)
+    with TestClient(create_app(settings, service=Service())) as client, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(client.post, "/rerank", json={})  # taken by the worker, which blocks
+        time.sleep(0.5)
+        queued = [pool.submit(client.post, "/rerank", json={}) for _ in range(2)]
+        time.sleep(0.5)
+        shed = client.post("/rerank", json={})
+        ready = client.get("/readyz")
+        release.set()
+        answers = [f.result(timeout=30) for f in [first, *queued]]
+        after = client.get("/readyz")
+        text = client.get("/metrics").text
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1" and "overloaded" in shed.json()["error"]
+    assert ready.status_code == 503 and ready.json() == {"ready": False, "waiting": 2}
+    assert [a.status_code for a in answers] == [200, 200, 200] and after.status_code == 200
+    assert 'relist_requests_total{path="/rerank",status="503"} 1' in text
+    assert client.app.openapi_url is None  # no schema that would describe an empty body

@@ -174,7 +174,9 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         batcher.task.cancel()
         batcher.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="relist", lifespan=lifespan)
+    # the interactive docs are off: the body is read and checked by hand (relist.serve.requests), so the
+    # generated schema would describe an empty body
+    app = FastAPI(title="relist", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(status: int, message: str, reason: str, started: float) -> JSONResponse:
         metrics.observe("/rerank", status, time.perf_counter() - started, reason)
@@ -212,6 +214,13 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
                 return error(
                     413, f"body larger than the limit of {settings.max_body_bytes} bytes", "body_too_large", started
                 )
+        if batcher.queue.qsize() >= settings.max_queue:  # shed rather than let every request wait
+            metrics.observe("/rerank", 503, time.perf_counter() - started, "overloaded")
+            return JSONResponse(
+                {"error": f"overloaded: {settings.max_queue} requests already waiting; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         try:
             example = await asyncio.to_thread(parse, bytes(body))  # off the event loop
         except BadRequest as err:
@@ -233,6 +242,15 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     async def healthz():
         metrics.observe("/healthz", 200, 0.0)
         return {"status": "ok", "mode": settings.last.mode, "offsets": settings.last.offsets, "pid": os.getpid()}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Ready: the models are loaded (the app exists only after), the batcher runs, the queue has room."""
+        running = batcher.task is not None and not batcher.task.done()
+        waiting = batcher.queue.qsize()
+        ready = running and waiting < settings.max_queue
+        metrics.observe("/readyz", 200 if ready else 503, 0.0)
+        return JSONResponse({"ready": ready, "waiting": waiting}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -267,6 +285,18 @@ def serve(settings: ServeSettings) -> None:
             workers=settings.workers,
             log_level="warning",
             **extra,
+            **_limits(settings),
         )
     else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(
+            create_app(settings), host=settings.host, port=settings.port, log_level="warning", **_limits(settings)
+        )
+
+
+def _limits(settings: ServeSettings) -> dict:
+    """uvicorn's connection bound, keep-alive timeout and shutdown grace period, from the settings."""
+    return {
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_seconds,
+        "timeout_graceful_shutdown": settings.grace_seconds,
+    }
