@@ -55,7 +55,7 @@ def run_train_reranker(cfg: TrainConfig) -> None:
 def run_train_evaluator(cfg: TrainEvaluatorConfig) -> None:
     result = train_evaluator(cfg)
     print(_trained_table(result))
-    print(f"best step {result['best_step']} of {result['steps']} (selected on valid AUC); wrote {cfg.out}/best")
+    print(f"best step {result['best_step']} of {result['steps']} (selected on valid group AUC); wrote {cfg.out}/best")
 
 
 def run_train_generator(cfg: TrainGeneratorConfig) -> None:
