@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -378,76 +379,79 @@ class Trainer:
         if c.batch_size % dist.world:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the number of processes {dist.world}")
         try:
-            resuming = self._prepare_out(dist)
-            seed_everything(c.seed)
-            model = self.build_model().to(self.device)
-            objective = PrincipledObjective(model, self.principled)
-            trained = objective
-            if dist.world > 1:
-                trained = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-            optimiser = torch.optim.Adam(model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
-            average = WeightAverage(model, c.ema_decay)
-            perturb_rng = torch.Generator().manual_seed(c.seed + 7919)
-            train_index = self.data.split("train")
-            steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
-            eval_every = c.eval_every or steps_per_epoch
-            state = {**new_loop_state(), "select_metric": c.select_metric}
-            if resuming:
-                state = self._load_checkpoint(model, optimiser, perturb_rng, average)
-                log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
-            total_steps = (
-                c.epochs * steps_per_epoch if not c.max_steps else min(c.max_steps, c.epochs * steps_per_epoch)
-            )
-            bar = tqdm(
-                total=total_steps,
-                initial=state["step"],
-                desc=f"{c.model}",
-                disable=not (c.progress and dist.main) or None,
-                leave=False,
-            )
-            writer = self._tensorboard() if (c.tensorboard and dist.main) else None
-            started = time.perf_counter()
-            if state["step"] == 0 and not state["history"]:
-                # the untrained model is a candidate too: with the initial skip it serves the initial order
-                self._validate(average.model, state, {}, writer, bar)
-
-            def loss(rows: np.ndarray) -> dict[str, Tensor]:
-                share = len(rows) // dist.world if len(rows) >= dist.world else len(rows)
-                mine = rows[dist.rank * share : (dist.rank + 1) * share] if dist.world > 1 else rows
-                model.train()
-                return trained(self.data.batch(mine, max_len=self.max_len).to(self.device), perturb_rng)
-
-            def validate(state: dict, train_parts: dict) -> bool:
-                return self._validate(average.model, state, train_parts, writer, bar)
-
-            def checkpoint(state: dict) -> None:
-                if dist.main:
-                    self._save_checkpoint(model, optimiser, perturb_rng, state, average)
-                dist.barrier()
-
-            training_loop(
-                state,
-                epochs=c.epochs,
-                patience=c.patience,
-                epoch_batches=lambda epoch: shuffled_batches(train_index, c.batch_size, c.seed, epoch),
-                loss=loss,
-                optimiser=optimiser,
-                validate=validate,
-                eval_every=eval_every,
-                max_steps=c.max_steps,
-                after_step=average.update,
-                after_validation=checkpoint,
-                reduce=dist.mean,
-                progress=bar,
-            )
-            bar.close()
-            if writer is not None:
-                writer.close()
-            result = self._finish(state, time.perf_counter() - started) if dist.main else {}
-            dist.barrier()
-            return result
+            return self._fit(dist)
         finally:
+            gc.collect()  # the DDP modules (whose reducers hold the process group) go before the group does
             dist.close()
+
+    def _fit(self, dist: _Distributed) -> dict:
+        c = self.config
+        resuming = self._prepare_out(dist)
+        seed_everything(c.seed)
+        model = self.build_model().to(self.device)
+        objective = PrincipledObjective(model, self.principled)
+        trained = objective
+        if dist.world > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+        optimiser = torch.optim.Adam(model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+        average = WeightAverage(model, c.ema_decay)
+        perturb_rng = torch.Generator().manual_seed(c.seed + 7919)
+        train_index = self.data.split("train")
+        steps_per_epoch = len(train_index) // c.batch_size + (len(train_index) % c.batch_size > 0)
+        eval_every = c.eval_every or steps_per_epoch
+        state = {**new_loop_state(), "select_metric": c.select_metric}
+        if resuming:
+            state = self._load_checkpoint(model, optimiser, perturb_rng, average)
+            log.info("resuming %s at step %d (epoch %d)", self.out, state["step"], state["epoch"])
+        total_steps = c.epochs * steps_per_epoch if not c.max_steps else min(c.max_steps, c.epochs * steps_per_epoch)
+        bar = tqdm(
+            total=total_steps,
+            initial=state["step"],
+            desc=f"{c.model}",
+            disable=not (c.progress and dist.main) or None,
+            leave=False,
+        )
+        writer = self._tensorboard() if (c.tensorboard and dist.main) else None
+        started = time.perf_counter()
+        if state["step"] == 0 and not state["history"]:
+            # the untrained model is a candidate too: with the initial skip it serves the initial order
+            self._validate(average.model, state, {}, writer, bar)
+
+        def loss(rows: np.ndarray) -> dict[str, Tensor]:
+            share = len(rows) // dist.world if len(rows) >= dist.world else len(rows)
+            mine = rows[dist.rank * share : (dist.rank + 1) * share] if dist.world > 1 else rows
+            model.train()
+            return trained(self.data.batch(mine, max_len=self.max_len).to(self.device), perturb_rng)
+
+        def validate(state: dict, train_parts: dict) -> bool:
+            return self._validate(average.model, state, train_parts, writer, bar)
+
+        def checkpoint(state: dict) -> None:
+            if dist.main:
+                self._save_checkpoint(model, optimiser, perturb_rng, state, average)
+            dist.barrier()
+
+        training_loop(
+            state,
+            epochs=c.epochs,
+            patience=c.patience,
+            epoch_batches=lambda epoch: shuffled_batches(train_index, c.batch_size, c.seed, epoch),
+            loss=loss,
+            optimiser=optimiser,
+            validate=validate,
+            eval_every=eval_every,
+            max_steps=c.max_steps,
+            after_step=average.update,
+            after_validation=checkpoint,
+            reduce=dist.mean,
+            progress=bar,
+        )
+        bar.close()
+        if writer is not None:
+            writer.close()
+        result = self._finish(state, time.perf_counter() - started) if dist.main else {}
+        dist.barrier()
+        return result
 
     def _validate(self, model: Reranker, state: dict, train_parts: dict, writer, bar) -> bool:
         """Validate ``model``, record it in ``state`` (and OUT/best when it is the best so far); whether it improved."""

@@ -16,6 +16,7 @@ DistributedDataParallel, so gradients are averaged over the processes; rank 0 ev
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -226,14 +227,19 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
     )
     agent, curve = train_agent(env, agent_cfg, loop, cfg.seed)
     in_sync = _in_sync(agent)
+    weights = {
+        f"{k}.{n}": p.detach().clone() for k, a in agent.actors.items() for n, p in unwrap(a).state_dict().items()
+    }
     if torch.distributed.is_initialized():
+        # every rank done with the group, and its DDP modules (whose reducers hold the group) gone, before the
+        # group is destroyed: a reducer outliving its group aborted a process at exit now and then
+        torch.distributed.barrier()
+        del agent
+        gc.collect()
         torch.distributed.destroy_process_group()
     if rank != 0:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    weights = {
-        f"{k}.{n}": p.detach().contiguous() for k, a in agent.actors.items() for n, p in unwrap(a).state_dict().items()
-    }
     atomic_save_tensors(weights, out / "actors.safetensors")
     result = {
         "method": cfg.method,
