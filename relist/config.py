@@ -155,7 +155,7 @@ def unflatten(cls: type, values: Mapping[str, Any], source: str) -> dict[str, An
     return values
 
 
-def from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "options", from_text: bool = False) -> T:
+def from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "options") -> T:
     """A ``cls`` from a mapping of field names, every value checked; errors name ``source`` and the key."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
@@ -176,7 +176,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "options
     out = {}
     for name, value in values.items():
         where = f"{source}: {name}" if ":" not in source else f"{source}.{name}"
-        out[name] = convert(hints[name], value, where, from_text)
+        out[name] = convert(hints[name], value, where)
         _check_choices(fields[name], out[name], where)
     try:
         return cls(**out)

@@ -30,22 +30,6 @@ def paired_t_p(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of ``a - b`` and its 95% percentile-bootstrap interval, resampling the paired units (e.g. lists)."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diff.ndim != 1 or len(diff) == 0:
-        raise ValueError(f"paired_bootstrap needs two equal-length 1-d samples, got {np.shape(a)} and {np.shape(b)}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # bounded memory for long samples
-        stop = min(start + 1000, resamples)
-        means[start:stop] = diff[rng.integers(0, len(diff), size=(stop - start, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
-
-
 def ratio_influence(num: np.ndarray, den: np.ndarray) -> tuple[float, np.ndarray]:
     """R = sum(num) / sum(den) over units (e.g. users), and each unit's influence on it (the delta method:
     the interval of R is the interval of the mean of the influences)."""
@@ -81,12 +65,14 @@ def crossed_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, see
     the same test lists), (S, N) arrays paired by seed and by list. Each replicate resamples the S seeds
     and, independently, one set of N lists used for every seed; the statistic is the mean of a - b.
 
-    Returns ``mean``, the 95% percentile interval ``low`` / ``high`` and the two-sided bootstrap ``p``. With
+    Returns ``mean``, the 95% percentile interval ``low`` / ``high``, the two-sided bootstrap ``p`` and the
+    number of ``resamples`` (the resolution of p). With
     one seed it is the bootstrap over lists alone. Per-seed noise that is independent across lists (not
     what offline metrics of seeds that share lists mostly have) makes it conservative."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diff.ndim != 2 or diff.size == 0:
-        raise ValueError(f"crossed_bootstrap needs two (seeds, units) arrays of one shape, got {np.shape(diff)}")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"crossed_bootstrap needs two (seeds, units) arrays of one shape, got {a.shape} and {b.shape}")
+    diff = a - b
     if not np.isfinite(diff).all():
         raise ValueError("crossed_bootstrap: the per-unit values hold nan or inf (drop undefined units first)")
     n_seeds, n_units = diff.shape
@@ -99,7 +85,8 @@ def crossed_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, see
         units = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=r) / n_units  # (r, N)
         replicates[start : start + r] = np.einsum("rs,sn,rn->r", seeds, diff, units)
     low, high = np.percentile(replicates, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": _bootstrap_p(replicates)}
+    p = _bootstrap_p(replicates)
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": p, "resamples": resamples}
 
 
 def nested_bootstrap(
@@ -116,7 +103,8 @@ def nested_bootstrap(
     is its units' mean, or with ``a_den``/``b_den`` the ratio of sums (clicks per request = clicks /
     requests), and the statistic is the mean over the resampled seeds of a - b.
 
-    Returns ``mean``, ``low``, ``high`` (95% percentile interval) and ``p`` (two-sided bootstrap). Resampling
+    Returns ``mean``, ``low``, ``high`` (95% percentile interval), ``p`` (two-sided bootstrap) and
+    ``resamples``. Resampling
     units within resampled seeds counts the within-seed noise twice when it dominates the between-seed
     variance, so the interval is then conservative (see the tests for where its coverage was measured)."""
     if len(a) != len(b) or len(a) == 0:
@@ -148,7 +136,8 @@ def nested_bootstrap(
             values.reshape(-1)[part] = sums[0] / sums[1] - sums[2] / sums[3]
     replicates = values.mean(axis=1)
     low, high = np.percentile(replicates, [2.5, 97.5])
-    return {"mean": observed, "low": float(low), "high": float(high), "p": _bootstrap_p(replicates)}
+    p = _bootstrap_p(replicates)
+    return {"mean": observed, "low": float(low), "high": float(high), "p": p, "resamples": resamples}
 
 
 def seeds_only_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
@@ -189,7 +178,8 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def format_p(p: float, resamples: int) -> str:
-    """A bootstrap p for a table: below the resolution of ``resamples`` replicates it reads "< 1/resamples"."""
+    """A bootstrap p for a table (``resamples``: the bootstrap's, in its result): below the resolution of
+    ``resamples`` replicates it reads "< 1/resamples"."""
     return f"< {1 / resamples:.0e}" if p == 0 else f"{p:.3g}"
 
 

@@ -431,8 +431,8 @@ def _offline_comparisons(offline_lists: dict, methods: list[str], best_of: str) 
     ]
     for (m, reference, metric, two), h in zip(results, adjusted):
         lines.append(
-            f"| {m} | {reference} | {metric} | {format_interval(two)} | {format_p(two['p'], 10_000)} | "
-            f"{format_p(h, 10_000)} |"
+            f"| {m} | {reference} | {metric} | {format_interval(two)} | {format_p(two['p'], two['resamples'])} | "
+            f"{format_p(h, two['resamples'])} |"
         )
     return lines
 
@@ -460,7 +460,10 @@ def _online_comparisons(units: dict, reference: str, title: str) -> list[str]:
         "|---|---|---|---|",
     ]
     for (name, two), h in zip(results, adjusted):
-        lines.append(f"| {name} | {format_interval(two, 5)} | {format_p(two['p'], 2_000)} | {format_p(h, 2_000)} |")
+        lines.append(
+            f"| {name} | {format_interval(two, 5)} | {format_p(two['p'], two['resamples'])} | "
+            f"{format_p(h, two['resamples'])} |"
+        )
     return lines
 
 

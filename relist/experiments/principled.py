@@ -230,8 +230,8 @@ def _comparison_table(title: str, pairs: list[tuple[str, str, np.ndarray, np.nda
     for (model, variant, metric, two, t, wil), holm_p in zip(results, adjusted):
         t_p = "-" if np.isnan(t["p"]) else f"{t['p']:.2g}"
         lines.append(
-            f"| {model} | {variant} | {metric} | {format_interval(two)} | {format_p(two['p'], 10_000)} | "
-            f"{format_p(holm_p, 10_000)} | {t_p} | "
+            f"| {model} | {variant} | {metric} | {format_interval(two)} | {format_p(two['p'], two['resamples'])} | "
+            f"{format_p(holm_p, two['resamples'])} | {t_p} | "
             f"{wil['p']:.3g} ({wil['favour']}/{wil['n']}) |"
         )
     real = [r for r, h in zip(results, adjusted) if h < 0.05]
