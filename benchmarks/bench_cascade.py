@@ -6,10 +6,10 @@ catalogue, pre-ranking 100, ranking 10, by default) and the session model's answ
 the default fusion weights as every stage's action.
 
 - indexed (``relist.sim.cascade``): matching through a FAISS IVF inner-product index over the matching
-  tower's item vectors; every stage's item tower applied once per item when the cascade is built.
+  tower's item vectors; every stage's view of every item built once when the cascade is built.
 - naive: the same stage models computed the plain way: exact matching scores against the whole pool,
-  then top-k; every later stage's item tower (an MLP) applied to every candidate of every request, and the
-  user towers to every history item of every request.
+  then top-k; every later stage's view of an item (its vector plus the stage's error) built for every
+  candidate of every request, and the user towers over every history item of every request.
 
 Both return the same scores for the same items; the script also prints the indexed matching's recall of
 the naive (exact) matching set and the overlap of the shown slates. Each figure is the best of
@@ -37,27 +37,29 @@ from relist.sim.session import SessionParams, Simulator
 
 
 class NaiveCascade(Cascade):
-    """The same stage models without an index or precomputed item towers (per-request work)."""
+    """The same stage models without an index or precomputed item views (per-request work)."""
 
-    def raw(self, rows):
+    def view(self, rows, stage):
         cat = self.catalogue
-        return torch.cat([take(cat.vec, rows), take(cat.bias, rows)[..., None]], dim=-1)
+        raw = torch.cat([take(cat.vec, rows), take(cat.bias, rows)[..., None]], dim=-1)
+        return raw + self.noise[stage] * self.spread * take(self.errors[stage], take(cat.item_keys(), rows))
 
     def user_vector(self, pop, stage):
         rows = self.catalogue.history_rows(pop)
         valid = rows >= 0
-        view = self.towers[stage](self.raw(rows.clamp_min(0)))[..., :-1]
+        view = self.view(rows.clamp_min(0), stage)[..., :-1]
         return (view * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
 
     def _match(self, pop, weight):
         u = self.user_vector(pop, 0) / self.rel_scale[0]
-        query = torch.cat([weight[:, :1] * u, weight[:, 1:2] / self.prior_scale[0]], dim=1)
+        on_prior = weight[:, :1] / self.rel_scale[0] + weight[:, 1:2] / self.prior_scale[0]
+        query = torch.cat([weight[:, :1] * u, on_prior], dim=1)
         return (query @ self.item_views[0].T).topk(self.config.sizes[0], dim=1).indices  # exact, whole pool
 
     def scores(self, pop, rows, stage):
-        view = self.towers[stage](self.raw(rows))  # the MLP over every candidate of every request
+        view = self.view(rows, stage)  # every candidate of every request
         u = self.user_vector(pop, stage)
-        rel = torch.einsum("bkd,bd->bk", view[..., :-1], u) / self.rel_scale[stage]
+        rel = (torch.einsum("bkd,bd->bk", view[..., :-1], u) + view[..., -1]) / self.rel_scale[stage]
         prior = view[..., -1] / self.prior_scale[stage]
         if stage == 0:
             return torch.stack([rel, prior], dim=2)

@@ -79,10 +79,11 @@ def test_stages_keep_their_top_k_by_the_fused_scores(env):
         fused = (cascade.scores(pop, candidates, s) * actions[s][:, None, :]).sum(2)
         expected = candidates.gather(1, fused.topk(sizes[s], dim=1).indices)
         assert torch.equal(out.stages[s].rows, expected)
-    # exact matching keeps the catalogue's best by relevance and prior weights
-    u = cascade.user_vector(pop, 0) / cascade.rel_scale[0]
+    # exact matching keeps the catalogue's best by relevance (predicted appeal) and prior weights
+    u = cascade.user_vector(pop, 0)
     view = cascade.item_views[0]
-    fused = actions[0][:, :1] * (u @ view[:, :-1].T) + actions[0][:, 1:] * view[:, -1] / cascade.prior_scale[0]
+    relevance = (u @ view[:, :-1].T + view[:, -1]) / cascade.rel_scale[0]
+    fused = actions[0][:, :1] * relevance + actions[0][:, 1:] * view[:, -1] / cascade.prior_scale[0]
     best = fused.topk(sizes[0], dim=1).indices.sort(1).values
     assert torch.equal(out.stages[0].rows.sort(1).values, best)
     assert out.slate.shape == (16, sizes[-1])

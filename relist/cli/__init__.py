@@ -74,6 +74,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "relist.cli.sim:run_sim_truth",
         "write a user simulator backed by a synthetic dataset's true click model",
     ),
+    ("sim", "check-cascade"): Command(
+        "relist.sim.cascade_check:CheckCascadeConfig",
+        "relist.cli.sim:run_check_cascade",
+        "check a cascade environment: stage relevance aligned with the click model, held-out users (JSON)",
+    ),
     ("abtest",): Command(
         "relist.sim.abtest:ABTestConfig",
         "relist.cli.sim:run_abtest",

@@ -1,11 +1,14 @@
-"""`relist sim train`, `relist sim truth` and `relist abtest`."""
+"""`relist sim train`, `relist sim truth`, `relist sim check-cascade` and `relist abtest`."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
 from relist.sim.abtest import ABTestConfig
 from relist.sim.abtest import run_abtest as abtest
+from relist.sim.cascade_check import CheckCascadeConfig, run_check
 from relist.sim.train import (
     SimBuildConfig,
     TrainSimConfig,
@@ -68,3 +71,7 @@ def run_abtest(cfg: ABTestConfig) -> None:
     result = abtest(cfg)
     print(result["summary"])
     print(f"wrote {cfg.out} (summary.md, results.csv, per_seed.csv, results.json, abtest.png)")
+
+
+def run_check_cascade(cfg: CheckCascadeConfig) -> None:
+    print(json.dumps(run_check(cfg), indent=2))

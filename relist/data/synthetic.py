@@ -138,6 +138,16 @@ def _distinct_candidates(model: SyntheticClickModel, lengths: torch.Tensor, g: t
     return items, lengths
 
 
+def taste_histories(model: SyntheticClickModel, hist_len: int, g: torch.Generator) -> torch.Tensor:
+    """(n_users, hist_len) item indices, oldest first: each user's top items among 50 popularity draws, by
+    relevance plus Gumbel noise (what the user liked before)."""
+    n_users = model.params.n_users
+    pool = torch.multinomial(model.item_popularity, n_users * 50, replacement=True, generator=g).view(n_users, 50)
+    gumbel = -torch.log(-torch.log(torch.rand(pool.shape, generator=g).clamp_min(1e-12)))
+    taste = model.relevance(torch.arange(n_users), pool) + gumbel
+    return pool.gather(1, taste.topk(hist_len, dim=1).indices.flip(1))
+
+
 def generate(
     config: SyntheticConfig, seed: int, fractions: dict[str, float], chunk: int = 50_000
 ) -> tuple[ListTable, SyntheticClickModel]:
@@ -160,11 +170,7 @@ def generate(
         dim=1,
     )
 
-    # History: the user's top items among a popularity-drawn pool, by relevance plus Gumbel noise.
-    pool = torch.multinomial(model.item_popularity, p.n_users * 50, replacement=True, generator=g).view(p.n_users, 50)
-    gumbel = -torch.log(-torch.log(torch.rand(pool.shape, generator=g).clamp_min(1e-12)))
-    taste = model.relevance(torch.arange(p.n_users), pool) + gumbel
-    hist_items = pool.gather(1, taste.topk(config.hist_len, dim=1).indices.flip(1))  # (n_users, H), oldest first
+    hist_items = taste_histories(model, config.hist_len, g)
 
     parts = {k: [] for k in ("lengths", "sparse", "dense", "label", "users")}
     for start in range(0, config.n_lists, chunk):

@@ -31,10 +31,17 @@ from relist.config import option
 from relist.data.store import PreparedDataset
 from relist.data.synthetic import SyntheticClickModel, SyntheticParams
 from relist.runtime import resolve_device
+from relist.sim import rng
 from relist.sim.cascade import Cascade, CascadeConfig, CascadeOutput
-from relist.sim.catalogue import mind_catalogue, synthetic_catalogue
+from relist.sim.catalogue import (
+    category_share_unknown,
+    dataset_people,
+    kmeans_groups,
+    mind_catalogue,
+    synthetic_catalogue,
+)
 from relist.sim.fit import bisect_leave_bias
-from relist.sim.pool import synthetic_item_pool
+from relist.sim.pool import synthetic_item_pool, unknown_ids
 from relist.sim.response import TruthResponse
 from relist.sim.session import SessionParams, Simulator, Step, Users, in_batches, outcomes, roll_out
 from relist.sim.store import load_simulator, read_config
@@ -52,12 +59,30 @@ class CascadeEnvConfig:
     matching: str = option("auto", help="matching search (auto: a FAISS IVF index on large catalogues)")
     n_items: int = option(5000, help="synthetic catalogue size")
     n_users: int = option(2000, help="synthetic population")
+    users: str = option(
+        "all",
+        help="source sim: every person of the prepared dataset, or the simulator's own pool split",
+        choices=("all", "simulator"),
+    )
+    eval_share: float = option(0.5, help="share of the people held out for evaluation (never seen in training)")
+    split_seed: int = option(0, help="seed of the split of people into training and evaluation users")
+    item_groups: str = option(
+        "auto",
+        help="item groups of CQR and the diversity score: the data's categories, k-means clusters of the item "
+        "vectors, or auto (k-means where over half the items have no category)",
+        choices=("auto", "category", "kmeans"),
+    )
+    n_item_groups: int = option(16, help="k-means clusters (item_groups kmeans)")
     session_requests: float = option(
         0.0, help="target requests per session under the hand-set weights (0: the simulator's, or 4)"
     )
     max_sessions: int = option(3, help="sessions per user (the horizon)")
     reward: str = option("dwell", help="reward of a request", choices=REWARDS)
-    seed: int = option(0, help="seed of the stage models' errors and of the synthetic truth")
+    seed: int | None = option(
+        None,
+        help="world seed: the stage models' errors and the synthetic truth (empty: each run's own seed, so "
+        "that seeds vary the world)",
+    )
     device: str = option("cpu", help="cpu, cuda, cuda:N or auto")
 
 
@@ -89,21 +114,56 @@ class EnvState:
         self.last_clicks[rows] = part.last_clicks
 
 
-class CascadeEnv:
-    """A cascade and the session model, batched over users (see the module docstring)."""
+def split_people(person: Tensor, eval_share: float, seed: int) -> dict[str, Tensor]:
+    """Population rows of training and evaluation users, split by person (``person`` (N,): each row's user id),
+    so that no one is in both: ``eval_share`` of the people, drawn with ``seed``, are evaluation users."""
+    if not 0.0 < eval_share < 1.0:
+        raise ValueError(f"eval_share must lie strictly between 0 and 1, got {eval_share}")
+    ids = torch.unique(person.cpu())
+    if len(ids) < 2:
+        raise ValueError(f"the population has {len(ids)} person; training and evaluation need at least 2")
+    shuffled = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    n_eval = min(max(1, round(eval_share * len(ids))), len(ids) - 1)
+    held_out = torch.isin(person.cpu(), shuffled[:n_eval])
+    rows = torch.arange(len(person))
+    return {"train": rows[~held_out].to(person.device), "eval": rows[held_out].to(person.device)}
 
-    def __init__(self, cascade: Cascade, sim: Simulator, reward: str = "dwell"):
+
+class CascadeEnv:
+    """A cascade and the session model, batched over users (see the module docstring).
+
+    ``people`` holds the population rows of the training users and of the evaluation users (disjoint people,
+    ``split_people``); without it every row is both. Training draws users from its rows at random (keyed);
+    evaluation visits its rows in order, so ``evaluate`` over as many users as there are evaluation people
+    meets each of them once."""
+
+    def __init__(
+        self, cascade: Cascade, sim: Simulator, reward: str = "dwell", people: dict[str, Tensor] | None = None
+    ):
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
         self.cascade, self.sim, self.reward = cascade, sim, reward
+        everyone = torch.arange(cascade.catalogue.n_users, device=self.device)
+        self.people = people or {"train": everyone, "eval": everyone}
 
     @property
     def device(self) -> torch.device:
         return self.cascade.catalogue.device
 
-    def start(self, keys: Tensor, seed: int) -> EnvState:
-        users = self.sim.start(keys, seed)
-        return EnvState(users, torch.zeros(users.size, device=self.device))
+    @property
+    def n_eval_people(self) -> int:
+        return len(self.people["eval"])
+
+    def start(self, keys: Tensor, seed: int, users: str = "train") -> EnvState:
+        """Fresh users for keys ``keys`` (B,): training users drawn at random, or evaluation users in order."""
+        rows = self.people[users]
+        keys = keys.to(self.device)
+        if users == "eval":
+            pop = rows[keys % len(rows)]
+        else:
+            pop = rows[rng.index(seed, len(rows), rng.USER, keys)]
+        users_state = self.sim.start(keys, seed, pop)
+        return EnvState(users_state, torch.zeros(users_state.size, device=self.device))
 
     def first(self, state: EnvState) -> tuple[Tensor, Tensor]:
         """The first stage's observation: population rows (B,) and context (B, D_1)."""
@@ -124,18 +184,24 @@ class CascadeEnv:
 
     @torch.no_grad()
     def evaluate(
-        self, policy: Callable[[int, Tensor], Tensor] | None, n_users: int, seed: int, batch_size: int = 1024
+        self,
+        policy: Callable[[int, Tensor], Tensor] | None,
+        n_users: int,
+        seed: int,
+        batch_size: int = 1024,
+        users: str = "eval",
     ) -> dict[str, Tensor]:
-        """Per-user outcomes of users 0..n_users-1 until they leave for good (``policy``: stage, obs -> action;
-        None for the default weights). The same seed gives every policy the same users and random numbers."""
+        """Per-user outcomes of ``n_users`` users (keys 0..n_users-1) until they leave for good (``policy``: stage,
+        obs -> action; None for the default weights), with each user's population row (``pop``). The same seed
+        gives every policy the same users and random numbers."""
 
         def request(part: EnvState) -> None:
             self.step(part, policy if policy is not None else default_actions(self.cascade, part.users.size))
 
         def run(keys: Tensor) -> dict[str, Tensor]:
-            state = self.start(keys, seed)
+            state = self.start(keys, seed, users)
             roll_out(state, request, self.sim.max_steps)
-            return outcomes(state.users)
+            return {**outcomes(state.users), "pop": state.users.pop.cpu()}
 
         return in_batches(n_users, batch_size, run)
 
@@ -167,7 +233,7 @@ def calibrate_sessions(
 
     def session_length(bias: float) -> float:
         sim.params = replace(one, leave_bias=bias)
-        return float(env.evaluate(None, n_users, seed)["requests"].mean())
+        return float(env.evaluate(None, n_users, seed, users="train")["requests"].mean())
 
     sim.params = replace(full, leave_bias=bisect_leave_bias(session_length, target, iterations))
     return {
@@ -177,15 +243,23 @@ def calibrate_sessions(
     }
 
 
-def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
-    """The environment ``cfg`` describes, with its sessions calibrated; and a description of it."""
+def world_seed(cfg: CascadeEnvConfig, run_seed: int) -> int:
+    """The seed of the stage models' errors (and the synthetic truth): the configuration's, or the run's own."""
+    return cfg.seed if cfg.seed is not None else run_seed
+
+
+def build_env(cfg: CascadeEnvConfig, run_seed: int = 0) -> tuple[CascadeEnv, dict]:
+    """The environment ``cfg`` describes for a run of seed ``run_seed`` (which draws the world unless ``cfg.seed``
+    fixes it), with its sessions calibrated on training users; and a description of it."""
     device = resolve_device(cfg.device)
-    cascade_cfg = CascadeConfig(sizes=tuple(cfg.sizes), matching=cfg.matching, seed=cfg.seed)
+    seed = world_seed(cfg, run_seed)
+    cascade_cfg = CascadeConfig(sizes=tuple(cfg.sizes), matching=cfg.matching, seed=seed)
+    unknown_category = None
     if cfg.source == "synthetic":
         truth = SyntheticClickModel.sample(
-            replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=cfg.seed
+            replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=seed
         )
-        pool = synthetic_item_pool(truth, width=cfg.sizes[-1], device=device, seed=cfg.seed)
+        pool = synthetic_item_pool(truth, width=cfg.sizes[-1], device=device, seed=seed)
         catalogue = synthetic_catalogue(truth, pool)
         sim = Simulator(TruthResponse(truth, device), pool, SessionParams(max_sessions=cfg.max_sessions), cfg.sizes[-1])
         target = cfg.session_requests or 4.0
@@ -196,7 +270,13 @@ def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
         if not hasattr(sim.response, "encode"):
             raise ValueError(f"{cfg.sim}: the cascade needs a learned simulator (`relist sim train`), not a truth one")
         sim = Simulator(sim.response, sim.pool, sim.params.replace(max_sessions=cfg.max_sessions), cfg.sizes[-1])
-        catalogue = mind_catalogue(PreparedDataset(read_config(cfg.sim)["data"]), sim.response, sim.pool)
+        data = PreparedDataset(read_config(cfg.sim)["data"])
+        if cfg.users == "all":
+            users = tuple(t.to(device) for t in dataset_people(data))
+        else:
+            users = (sim.pool.user_sparse, sim.pool.user_hist)
+        catalogue = mind_catalogue(data, sim.response, users)
+        unknown_category = unknown_ids(data).get("category")
         metrics = (
             json.loads((Path(cfg.sim) / "metrics.json").read_text())
             if (Path(cfg.sim) / "metrics.json").is_file()
@@ -205,12 +285,24 @@ def build_env(cfg: CascadeEnvConfig) -> tuple[CascadeEnv, dict]:
         target = cfg.session_requests or metrics.get("session_fit", {}).get("target_requests_per_session", 4.0)
     else:
         raise ValueError(f"source must be 'synthetic' or 'sim', got {cfg.source!r}")
-    env = CascadeEnv(Cascade(catalogue, cascade_cfg), sim, cfg.reward)
+    missing = category_share_unknown(catalogue, unknown_category)
+    use_kmeans = cfg.item_groups == "kmeans" or (cfg.item_groups == "auto" and missing > 0.5)
+    if use_kmeans:  # one k-means per catalogue (fixed seed): the groups do not change with the run
+        catalogue = replace(catalogue, category=kmeans_groups(catalogue.vec, cfg.n_item_groups, seed=0))
+    people = split_people(catalogue.user_sparse[:, 0], cfg.eval_share, cfg.split_seed)
+    env = CascadeEnv(Cascade(catalogue, cascade_cfg), sim, cfg.reward, people)
     fitted = calibrate_sessions(env, target)
     info = {
         "source": cfg.source,
+        "world_seed": seed,
         "n_items": catalogue.n_items,
         "n_users": catalogue.n_users,
+        "train_people": int(len(torch.unique(catalogue.user_sparse[people["train"], 0]))),
+        "eval_people": int(len(torch.unique(catalogue.user_sparse[people["eval"], 0]))),
+        "item_groups": f"k-means, {int(catalogue.category.max()) + 1} clusters of the item vectors "
+        f"({missing:.0%} of the items have no category)"
+        if use_kmeans
+        else f"the data's categories ({int(torch.unique(catalogue.category).numel())})",
         "sizes": list(cfg.sizes),
         "stages": list(env.cascade.names),
         "session": fitted,

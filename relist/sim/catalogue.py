@@ -50,6 +50,10 @@ class Catalogue:
     def device(self) -> torch.device:
         return self.vec.device
 
+    def item_keys(self) -> Tensor:
+        """(n,) every row's item id (sparse column 0): the key of its stage-model errors."""
+        return self.sparse[:, 0]
+
     def history_known(self, pop: Tensor) -> Tensor:
         """(B, H) whether each history entry has a vector for the user towers."""
         if self.hist_known is None:
@@ -125,12 +129,39 @@ def _encode_items(response, schema, sparse: Tensor, dense: Tensor, chunk: int, d
     return torch.cat(vecs), torch.cat(biases)
 
 
+def neutral_dense(response) -> Tensor:
+    """The raw dense values the click model standardises to zero (symlog(x) equal to its training mean): what an
+    item whose dense features are unknown gets, so that they add nothing to its vector instead of the large
+    constant that zeros become after standardisation."""
+    mean = response.dense_mean
+    return torch.sign(mean) * torch.expm1(mean.abs())
+
+
+def dataset_people(data) -> tuple[Tensor, Tensor]:
+    """(user_sparse (N, Fu), user_hist (N, H, Fh)): one row per person (user id) of a prepared dataset, with
+    the history of that person's list that has the longest one."""
+    users = np.asarray(data.user_sparse[:, 0])
+    hist_len = np.diff(np.asarray(data.hist_offsets))
+    order = np.lexsort((-hist_len, users))  # by user, longest history first
+    first = order[np.r_[True, users[order][1:] != users[order][:-1]]]
+    batch = data.batch(np.sort(first), max_len=1)
+    return batch.user_sparse, batch.user_hist
+
+
 @torch.no_grad()
-def mind_catalogue(data, response, pool, category_field: str = "category", chunk: int = 2048) -> Catalogue:
-    """Every item of a prepared MIND dataset's lists, with the learned click model's item vectors and biases.
+def mind_catalogue(
+    data, response, users: tuple[Tensor, Tensor], category_field: str = "category", chunk: int = 2048
+) -> Catalogue:
+    """Every item of a prepared MIND dataset's lists, with the learned click model's item vectors and biases,
+    and the population ``users`` (user_sparse, user_hist) on their device.
 
     Item-level dense features are averaged over the item's rows; user-item features (category affinity)
-    are recomputed per user when a slate is shown. Users come from ``pool`` (the simulator's ``ListPool``)."""
+    are recomputed per user when a slate is shown. Each item is encoded as the click model reads it in that
+    role: a candidate with its own fields and dense features; a history entry with its history fields only
+    (``neutral_dense`` makes the dense part exactly zero), which is the click model's own user tower, so the
+    stages' user towers carry no constant from features that histories do not have."""
+    user_sparse, user_hist = users
+    device_out = user_sparse.device
     sparse_all = torch.from_numpy(np.array(data.item_sparse))
     dense_all = torch.from_numpy(np.array(data.item_dense, dtype=np.float32))
     ids, inverse = torch.unique(sparse_all[:, 0], return_inverse=True)
@@ -146,8 +177,8 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     vocab = data.schema.item_sparse[0].vocab
     id_to_row = torch.full((vocab,), -1, dtype=torch.long)
     id_to_row[ids] = torch.arange(len(ids))
-    # every item id that histories hold (most MIND history items were never impressed in the subset):
-    # sparse fields from the history columns of the same names, dense features unknown (zeros)
+    # every item id that histories hold, read as the click model reads a history entry: its history fields
+    # (the ones sharing an item field's table) and no dense features, which it never sees there
     hist_all = torch.from_numpy(np.array(data.user_hist))
     hist_names = [f.name for f in data.schema.user_hist]
     names = [f.name for f in data.schema.item_sparse]
@@ -155,27 +186,46 @@ def mind_catalogue(data, response, pool, category_field: str = "category", chunk
     for k, name in enumerate(names):
         if name in hist_names:
             hist_sparse[hist_all[:, 0], k] = hist_all[:, hist_names.index(name)]
-    hist_dense = torch.zeros(vocab, dense.shape[1])
-    hist_sparse[ids], hist_dense[ids] = sparse, dense  # impressed items keep their own fields
     known = hist_sparse[:, 0] > 0
-    # item vector and prior of every id, impressed or not, encoded once: each as a one-item list of an
-    # unknown user with no history; the impressed items' rows are those of their ids
     device = next(response.parameters()).device
-    hist_vec, hist_bias = _encode_items(response, data.schema, hist_sparse, hist_dense, chunk, device)
-    vec, bias = hist_vec[ids], hist_bias[ids]
+    neutral = neutral_dense(response).cpu()
+    hist_vec, hist_bias = _encode_items(response, data.schema, hist_sparse, neutral.expand(vocab, -1), chunk, device)
+    # the candidates as the click model reads candidates: their own fields and dense features
+    vec, bias = _encode_items(response, data.schema, sparse, dense, chunk, device)
     cat_col = names.index(category_field)
     return Catalogue(
-        vec=vec.to(pool.device),
-        bias=bias.to(pool.device),
-        category=sparse[:, cat_col].to(pool.device),
-        sparse=sparse.to(pool.device),
-        dense=dense.to(pool.device),
-        user_sparse=pool.user_sparse,
-        user_hist=pool.user_hist,
-        id_to_row=id_to_row.to(pool.device),
+        vec=vec.to(device_out),
+        bias=bias.to(device_out),
+        category=sparse[:, cat_col].to(device_out),
+        sparse=sparse.to(device_out),
+        dense=dense.to(device_out),
+        user_sparse=user_sparse,
+        user_hist=user_hist,
+        id_to_row=id_to_row.to(device_out),
         affinity=_affinity_columns(data),
         schema=data.schema,
-        hist_vec=hist_vec.to(pool.device),
-        hist_bias=hist_bias.to(pool.device),
-        hist_known=known.to(pool.device),
+        hist_vec=hist_vec.to(device_out),
+        hist_bias=hist_bias.to(device_out),
+        hist_known=known.to(device_out),
     )
+
+
+def kmeans_groups(vec: Tensor, k: int, seed: int = 0, iterations: int = 25) -> Tensor:
+    """(n,) int64 cluster of every item vector: FAISS k-means with ``k`` centroids, fitted once per catalogue
+    (the item groups of CQR and the diversity score where the data's categories are missing)."""
+    import faiss  # only k-means item groups need it
+
+    x = np.ascontiguousarray(vec.detach().cpu().numpy(), dtype=np.float32)
+    k = max(1, min(k, len(x)))
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, verbose=False)
+    kmeans.train(x)
+    _, assigned = kmeans.index.search(x, 1)
+    return torch.from_numpy(assigned[:, 0].astype(np.int64)).to(vec.device)
+
+
+def category_share_unknown(catalogue: Catalogue, unknown: int | None) -> float:
+    """Share of the catalogue's items whose category is the "unknown" value (or padding)."""
+    missing = catalogue.category == 0
+    if unknown is not None:
+        missing |= catalogue.category == unknown
+    return float(missing.float().mean())

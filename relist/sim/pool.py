@@ -25,6 +25,7 @@ from torch import Tensor
 
 from relist.batch import ListBatch
 from relist.data.store import PreparedDataset, Schema, SparseField
+from relist.data.synthetic import taste_histories
 from relist.sim import rng
 
 # dense feature -> the sparse field whose history share it is (mind.py's definition)
@@ -199,7 +200,7 @@ def synthetic_item_pool(
     seed: int = 0,
 ) -> ItemPool:
     """An ``ItemPool`` over a ``SyntheticClickModel``'s whole catalogue, item features made as the synthetic source
-    makes them; histories are popularity draws (enough for speed measurements, not the source's taste-biased ones)."""
+    makes them; histories are taste-biased as the source's are (``relist.data.synthetic.taste_histories``)."""
     p = truth.params
     g = torch.Generator().manual_seed(seed)
     dense = torch.cat(
@@ -211,9 +212,7 @@ def synthetic_item_pool(
     )
     ids = torch.arange(p.n_items)
     sparse = torch.stack([ids + 1, truth.item_category + 1], dim=1)
-    hist = torch.multinomial(truth.item_popularity, p.n_users * hist_len, replacement=True, generator=g).view(
-        p.n_users, hist_len
-    )
+    hist = taste_histories(truth, hist_len, g)
     users = torch.arange(p.n_users)
     schema = _synthetic_schema(p)
     return ItemPool(

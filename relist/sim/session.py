@@ -122,15 +122,18 @@ class Simulator:
     def device(self) -> torch.device:
         return self.pool.device
 
-    def start(self, keys: Tensor, seed: int) -> Users:
-        """Fresh users for global indices ``keys`` (B,); each is drawn from the pool's population."""
+    def start(self, keys: Tensor, seed: int, pop: Tensor | None = None) -> Users:
+        """Fresh users for global indices ``keys`` (B,); each is drawn from the pool's population, or is the
+        population row ``pop`` (B,) given."""
         keys = keys.to(device=self.device, dtype=torch.long)
         zeros = torch.zeros_like(keys)
         fzeros = torch.zeros(keys.shape, dtype=torch.float32, device=self.device)
+        if pop is None:
+            pop = rng.index(seed, self.pool.n_users, rng.USER, keys)
         return Users(
             seed,
             keys,
-            rng.index(seed, self.pool.n_users, rng.USER, keys),
+            pop.to(device=self.device, dtype=torch.long),
             zeros.clone(),
             zeros.clone(),
             zeros.clone(),
