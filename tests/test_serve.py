@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -95,7 +98,11 @@ def start_server(run: Path, *args: str, wait: float = 60):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    proc, url = start_server(run_dir, "--window-ms", "40", "--max-items", "12", "--max-body-bytes", "60000")
+    proc, url = start_server(
+        run_dir,
+        *("--window-ms", "40", "--max-items", "12", "--max-body-bytes", "60000"),
+        *("--header-timeout-seconds", "1", "--body-timeout-seconds", "1"),
+    )
     yield url
     proc.terminate()
     proc.wait(timeout=20)
@@ -323,11 +330,13 @@ def test_a_500_names_a_request_id_never_internals_and_is_counted(tmp_path):
         for body in ({"fail": True}, {"nan": True}):  # a model error; a score JSON cannot carry
             reply = client.post("/rerank", json=body)
             assert reply.status_code == 500 and "request id" in reply.json()["error"]
+            assert reply.json()["request_id"] == reply.headers["x-request-id"]
             assert "IndexError" not in reply.text and "index 18" not in reply.text
         assert client.post("/rerank", json={}).json() == {"ok": True}  # and the service keeps serving
         text = client.get("/metrics").text
     assert 'relist_requests_total{path="/rerank",status="500"} 2' in text
     assert 'relist_requests_total{path="/rerank",status="200"} 1' in text
+    assert 'relist_request_errors_total{path="/rerank",status="500",reason="internal"} 2' in text
 
 
 JSON = st.recursive(
@@ -428,7 +437,209 @@ def test_overload_is_shed_with_retry_after_and_readyz_says_so(tmp_path):
         after = client.get("/readyz")
         text = client.get("/metrics").text
     assert shed.status_code == 503 and shed.headers["retry-after"] == "1" and "overloaded" in shed.json()["error"]
-    assert ready.status_code == 503 and ready.json() == {"ready": False, "waiting": 2}
+    assert shed.json()["request_id"] == shed.headers["x-request-id"]  # a 5xx names its request id
+    assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["waiting"] == 2
     assert [a.status_code for a in answers] == [200, 200, 200] and after.status_code == 200
     assert 'relist_requests_total{path="/rerank",status="503"} 1' in text
+    assert 'relist_request_errors_total{path="/rerank",status="503",reason="queue_full"} 1' in text
     assert client.app.openapi_url is None  # no schema that would describe an empty body
+
+
+class EchoParser:
+    def parse(self, body):
+        return body
+
+
+class SlowService:
+    """Stands in for a slow model: every request in a batch costs ``per_request`` seconds."""
+
+    parser = EchoParser()
+
+    def __init__(self, per_request: float):
+        self.per_request = per_request
+
+    def run(self, examples):
+        time.sleep(self.per_request * len(examples))
+        return [{"ok": True} for _ in examples]
+
+
+@contextmanager
+def serving(app, settings):
+    """The app behind uvicorn, with the service's own protocol and options, on loopback in a thread."""
+    import uvicorn
+
+    from relist.serve.app import uvicorn_options
+
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://{settings.host}:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def burst(client: httpx.Client, url: str, clients: int) -> list[tuple[int, float, str | None]]:
+    """``clients`` requests sent at the same moment: (status, seconds, Retry-After) of each."""
+    start = threading.Barrier(clients)
+
+    def one(_):
+        start.wait()
+        t = time.perf_counter()
+        reply = client.post(url + "/rerank", json={})
+        return reply.status_code, time.perf_counter() - t, reply.headers.get("retry-after")
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(clients)))
+
+
+def test_a_burst_past_the_expected_wait_deadline_is_shed_and_the_served_stay_in_time(tmp_path):
+    """A model that takes 40 ms per request and a 150 ms deadline: a burst of 40 requests gets 503s with
+    Retry-After for those whose expected wait is past the deadline, and the served ones come back in time;
+    without the deadline every request is served and the last waits for all 39 ahead of it. One request at
+    a time, before and after, is never shed."""
+    from relist.serve.app import create_app
+    from relist.serve.settings import ServeSettings
+
+    per_request, clients = 0.04, 40
+    outcomes = {}
+    for deadline_ms in (150.0, 0.0):
+        settings = ServeSettings(
+            run=tmp_path, port=free_port(), window_ms=1.0, max_batch=2, max_queue=10_000, deadline_ms=deadline_ms
+        )
+        with serving(create_app(settings, service=SlowService(per_request)), settings) as url:
+            with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=clients)) as client:
+                light = [client.post(url + "/rerank", json={}).status_code for _ in range(6)]
+                outcomes[deadline_ms] = burst(client, url, clients)
+                time.sleep(0.3)  # the admitted requests drain
+                after = [client.post(url + "/rerank", json={}).status_code for _ in range(3)]
+                text = client.get(url + "/metrics").text
+        assert light == [200] * 6 and after == [200] * 3, (light, after)
+        shed = [r for r in outcomes[deadline_ms] if r[0] == 503]
+        counted = f'relist_request_errors_total{{path="/rerank",status="503",reason="deadline"}} {len(shed)}'
+        assert (counted in text) if shed else ('reason="deadline"' not in text), text
+    served = [seconds for status, seconds, _ in outcomes[150.0] if status == 200]
+    shed = [(seconds, retry) for status, seconds, retry in outcomes[150.0] if status == 503]
+    assert {status for status, _, _ in outcomes[150.0]} == {200, 503}
+    assert len(shed) >= clients // 2 and all(retry is not None and int(retry) >= 1 for _, retry in shed)
+    assert max(served) < 0.7 and max(seconds for seconds, _ in shed) < 0.7, (sorted(served), shed)
+    unshed = [seconds for status, seconds, _ in outcomes[0.0] if status == 200]
+    assert len(unshed) == clients and max(unshed) > 0.8 * clients * per_request  # the control: no bound
+
+
+def read_until_closed(sock: socket.socket, limit: float) -> bytes:
+    sock.settimeout(limit)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return received
+
+
+def trickle(url: str, prefix: bytes, rest: bytes, pause: float = 0.3) -> tuple[bytes, float]:
+    """Send ``prefix`` at once and then ``rest`` a byte at a time, ``pause`` s apart, until the server answers
+    or closes; (what it sent, seconds until it closed)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        started = time.perf_counter()
+        sock.sendall(prefix)
+        for k in range(len(rest)):
+            if select.select([sock], [], [], pause)[0]:
+                break  # the server answered or closed
+            try:
+                sock.sendall(rest[k : k + 1])
+            except OSError:
+                break
+        received = read_until_closed(sock, 10)
+        return received, time.perf_counter() - started
+
+
+def errors_counted(url: str) -> dict[tuple[str, str, str], int]:
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("relist_request_errors_total{"):
+            labels = dict(part.split("=") for part in line[line.index("{") + 1 : line.index("}")].split(","))
+            out[tuple(labels[k].strip('"') for k in ("path", "status", "reason"))] = int(float(line.split()[-1]))
+    return out
+
+
+def test_slow_headers_and_bodies_get_408_and_their_connections_are_closed(run_dir, server):
+    """The real server with 1 s header and body timeouts: headers sent a byte every 0.3 s (30 s in all), a
+    body stalled at a byte every 0.3 s, and a connection that sends nothing are all let go within about
+    a second, the first two with a 408 counted in /metrics; the next request is served."""
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    body = json.dumps(request_body(data, 0)).encode()
+    head = (
+        b"POST /rerank HTTP/1.1\r\nHost: relist\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    before = errors_counted(server)
+    slow_head, head_seconds = trickle(server, b"", head + body)
+    slow_body, body_seconds = trickle(server, head, body)
+    silent, silent_seconds = trickle(server, b"", b"")  # nothing sent: closed, not answered
+    after = errors_counted(server)
+    for received, seconds in ((slow_head, head_seconds), (slow_body, body_seconds)):
+        assert seconds < 4 and (received == b"" or received.startswith(b"HTTP/1.1 408")), (seconds, received[:200])
+    assert b"request body not complete within 1 s" in slow_body or slow_body == b""
+    assert silent == b"" and silent_seconds < 4
+    grew = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    assert grew(("(other)", "408", "header_timeout")) == 1 and grew(("/rerank", "408", "body_timeout")) == 1, after
+    assert httpx.post(server + "/rerank", content=body, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_every_non_2xx_is_counted_by_status_and_reason_and_a_5xx_names_a_request_id(tmp_path):
+    """Unknown paths and methods, bytes that are not HTTP, connections past the bound and a failure no
+    handler caught: each answer is counted by path, status and reason; every 5xx body names its request id
+    (the x-request-id header of the answer) and no internals."""
+    from relist.serve.app import Counted, create_app
+    from relist.serve.metrics import ServiceMetrics
+    from relist.serve.settings import ServeSettings
+
+    settings = ServeSettings(run=tmp_path, port=free_port(), window_ms=1.0, max_connections=2)
+    with serving(create_app(settings, service=SlowService(0.0)), settings) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with httpx.Client(timeout=10) as client:
+            missing, wrong_method = client.get(url + "/nowhere"), client.get(url + "/rerank")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            garbage = read_until_closed(sock, 5)
+        idle = [socket.create_connection((host, int(port))) for _ in range(2)]  # the bound: 2 connections
+        try:
+            time.sleep(0.2)
+            refused = httpx.post(url + "/rerank", json={}, timeout=10)
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.2)
+        served = httpx.post(url + "/rerank", json={}, timeout=10)
+        counted = errors_counted(url)
+    assert missing.status_code == 404 and "error" in missing.json()
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert garbage.startswith(b"HTTP/1.1 400")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["request_id"] == refused.headers["x-request-id"] and "connections" in refused.json()["error"]
+    assert served.status_code == 200 and served.headers["x-request-id"]
+    assert counted == {
+        ("(other)", "404", "not_found"): 1,
+        ("/rerank", "405", "method_not_allowed"): 1,
+        ("(other)", "400", "bad_http"): 1,
+        ("/rerank", "503", "connections"): 1,
+    }
+
+    async def failing(scope, receive, send):  # a failure outside every handler
+        raise KeyError("secret internal detail")
+
+    from fastapi.testclient import TestClient
+
+    metrics = ServiceMetrics()
+    reply = TestClient(Counted(failing, metrics)).get("/rerank")
+    assert reply.status_code == 500 and reply.json()["request_id"] == reply.headers["x-request-id"]
+    assert "secret" not in reply.text and "KeyError" not in reply.text
+    assert metrics.errors == {("/rerank", 500, "internal"): 1}

@@ -1,4 +1,4 @@
-"""The FastAPI application: POST /rerank, GET /healthz, GET /metrics, with micro-batching.
+"""The FastAPI application: POST /rerank, GET /healthz, GET /readyz, GET /metrics, with micro-batching.
 
 Concurrent /rerank requests wait up to ``window_ms`` (or until ``max_batch`` are queued) and are run
 through LAST as one batch on a single worker thread, so the event loop keeps accepting requests while a
@@ -6,11 +6,15 @@ batch runs. LAST keeps no state between requests, so several uvicorn worker proc
 checkpoint (``workers``); each has its own batcher and its own /metrics. The sampling noise comes from
 one seeded generator per process, so a request's exploration depends on what it was batched with.
 
-Only ``application/json`` bodies are read (415 otherwise); they are parsed and checked on a worker thread,
-off the event loop, and every bad body gets a 4xx naming the problem. When a batch fails, its requests
-are served again one by one, so a failure stays with the request that caused it; a 500 names a request
-id (the log has the details under it), never internals. Every answer, 2xx or not, is counted in
-``/metrics`` by status and reason, after the response body was built.
+Only ``application/json`` bodies are read (415 otherwise), within ``body_timeout_seconds`` (408); they are
+parsed and checked on a worker thread, off the event loop, and every bad body gets a 4xx naming the
+problem. Load is shed with 503 and ``Retry-After`` when ``max_queue`` requests are waiting, or when the
+expected wait (requests admitted ahead x an exponentially weighted mean of the recent service time per
+request) exceeds ``deadline_ms``, so that the requests that are served are served in time. When a batch
+fails, its requests are served again one by one, so a failure stays with the request that caused it.
+Every answer carries an ``x-request-id`` header; a 5xx body names it (the log has a 500's details under
+it), never internals. Every answer, 2xx or not, is counted in ``/metrics`` by path and status, and every
+non-2xx also by reason, after its body was built.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from http import HTTPStatus
+from math import ceil
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from relist.batch import collate
 from relist.config import from_mapping, to_mapping
@@ -38,7 +46,7 @@ from relist.rerankers import load_reranker
 from relist.rerankers.evaluator import load_evaluator
 from relist.serve.metrics import ServiceMetrics
 from relist.serve.requests import BadRequest, RequestParser, parse_json
-from relist.serve.settings import ServeSettings
+from relist.serve.settings import LIMITS, ServeSettings
 
 log = logging.getLogger("relist")
 SETTINGS_ENV = "RELIST_SERVE_SETTINGS"
@@ -111,7 +119,13 @@ class Service:
 
 
 class MicroBatcher:
-    """Collects concurrent requests for a short window and runs them as one batch on a worker thread."""
+    """Collects concurrent requests for a short window and runs them as one batch on a worker thread.
+
+    It also measures its service time per request (each batch's time over its size, an exponentially
+    weighted mean with weight ``COST_WEIGHT`` on the newest batch) and counts the requests admitted and
+    not yet answered, whose product is the expected wait of a request admitted now."""
+
+    COST_WEIGHT = 0.2
 
     def __init__(self, service: Service, window_ms: float, max_batch: int, metrics: ServiceMetrics):
         self.service, self.window, self.max_batch, self.metrics = (
@@ -123,11 +137,28 @@ class MicroBatcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relist-batch")
         self.task: asyncio.Task | None = None
+        self.cost = 0.0  # seconds of service per request, recent mean; 0 until a batch has run
+        self.admitted = 0  # requests past load shedding and not answered yet (event loop only)
+
+    def expected_wait(self) -> float:
+        """Seconds a request admitted now is expected to wait for the ones ahead of it."""
+        return self.admitted * self.cost
+
+    def _measured(self, seconds: float, size: int) -> None:
+        per_request = seconds / size
+        self.cost = per_request if self.cost == 0 else self.cost + self.COST_WEIGHT * (per_request - self.cost)
 
     async def submit(self, example) -> dict:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((example, future))
         return await future
+
+    async def _run(self, examples: list) -> list[dict]:
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.service.run, examples)
+        finally:
+            self._measured(time.perf_counter() - started, len(examples))
 
     async def loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,7 +174,7 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                results = await loop.run_in_executor(self.executor, self.service.run, [e for e, _ in pending])
+                results = await self._run([e for e, _ in pending])
                 self.metrics.observe_batch(len(pending))
                 for (_, future), result in zip(pending, results):
                     if not future.done():
@@ -153,7 +184,7 @@ class MicroBatcher:
                     log.warning("serve: a batch of %d requests failed; serving them one by one", len(pending))
                 for example, future in pending:
                     try:
-                        (result,) = await loop.run_in_executor(self.executor, self.service.run, [example])
+                        (result,) = await self._run([example])
                         self.metrics.observe_batch(1)
                         if not future.done():
                             future.set_result(result)
@@ -162,15 +193,63 @@ class MicroBatcher:
                             future.set_exception(err)
 
 
+REASON, REQUEST_ID = "relist.reason", "relist.request_id"  # per-request scope state the middleware reads
+
+
+def internal_error(request_id: str) -> dict:
+    """The body of a 500: the request id, never internals (the log has the details under the id)."""
+    return {"error": f"internal error (request id {request_id}); the service keeps serving", "request_id": request_id}
+
+
+class Counted:
+    """ASGI middleware: every answer gets an ``x-request-id`` header and is counted in the metrics by path
+    and status (a non-2xx also by the reason its handler put in the request's state) when its headers are
+    sent, that is after its body was built. An exception no handler caught becomes a 500 naming the request
+    id (the log has the details); one after the answer has started is logged."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        request_id = state[REQUEST_ID] = uuid.uuid4().hex[:12]
+        answered = False
+
+        async def counted_send(message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+                self.metrics.observe(scope["path"], message["status"], time.perf_counter() - started, state.get(REASON))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except Exception as err:  # noqa: BLE001 - this request's failure, not the service's
+            log.error("serve: request %s failed: %s: %s", request_id, type(err).__name__, err, exc_info=err)
+            if not answered:
+                state[REASON] = "internal"
+                await JSONResponse(internal_error(request_id), status_code=500)(scope, receive, counted_send)
+
+
 def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
     service = service or Service(settings)
     metrics = ServiceMetrics()
     batcher = MicroBatcher(service, settings.window_ms, settings.max_batch, metrics)
+    limits = {
+        "header_timeout": settings.header_timeout_seconds,
+        "max_connections": settings.max_connections,
+        "metrics": metrics,
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.task = asyncio.create_task(batcher.loop())
-        yield
+        yield {LIMITS: limits}  # read by the server's protocol (relist.serve.protocol), one per process
         batcher.task.cancel()
         batcher.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -178,79 +257,110 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     # generated schema would describe an empty body
     app = FastAPI(title="relist", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(status: int, message: str, reason: str, started: float) -> JSONResponse:
-        metrics.observe("/rerank", status, time.perf_counter() - started, reason)
-        return JSONResponse({"error": message}, status_code=status)
+    app.add_middleware(Counted, metrics=metrics)
 
-    def internal(err: BaseException, started: float) -> JSONResponse:
-        """A 500 whose body names a request id, never internals; the log holds the details under that id."""
-        request_id = uuid.uuid4().hex[:12]
-        log.error("serve: request %s failed: %s: %s", request_id, type(err).__name__, err, exc_info=err)
-        return error(500, f"internal error (request id {request_id}); the service keeps serving", "internal", started)
+    def answer(request: Request, status: int, message: str, reason: str, headers: dict | None = None) -> JSONResponse:
+        """An error answer, ``{"error": message}`` (and the request id for a 5xx), and its reason for the metrics."""
+        state = request.scope["state"]
+        state[REASON] = reason
+        body = {"error": message, "request_id": state[REQUEST_ID]} if status >= 500 else {"error": message}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def internal(request: Request, err: BaseException) -> JSONResponse:
+        """A 500 whose body names the request id, never internals; the log holds the details under that id."""
+        state = request.scope["state"]
+        log.error("serve: request %s failed: %s: %s", state[REQUEST_ID], type(err).__name__, err, exc_info=err)
+        state[REASON] = "internal"
+        return JSONResponse(internal_error(state[REQUEST_ID]), status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        """Unknown paths and methods: the same ``{"error": ...}`` answer, counted under the status's name."""
+        reason = HTTPStatus(err.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        return answer(request, err.status_code, str(err.detail), reason, err.headers)
+
+    def shed(request: Request, message: str, reason: str, retry_after: float) -> JSONResponse:
+        return answer(
+            request,
+            503,
+            f"overloaded: {message}; retry shortly",
+            reason,
+            {"Retry-After": str(max(1, ceil(retry_after)))},
+        )
 
     def parse(body: bytes):
         return service.parser.parse(parse_json(body))
 
-    @app.post("/rerank")
-    async def rerank(request: Request):
-        started = time.perf_counter()
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            return error(
-                415, f"expected Content-Type application/json, got {content_type or 'none'}", "content_type", started
-            )
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            return error(
-                413,
-                f"body of {declared} bytes, more than the limit of {settings.max_body_bytes}",
-                "body_too_large",
-                started,
-            )
+    async def read_body(request: Request) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > settings.max_body_bytes:
-                return error(
-                    413, f"body larger than the limit of {settings.max_body_bytes} bytes", "body_too_large", started
-                )
-        if batcher.queue.qsize() >= settings.max_queue:  # shed rather than let every request wait
-            metrics.observe("/rerank", 503, time.perf_counter() - started, "overloaded")
-            return JSONResponse(
-                {"error": f"overloaded: {settings.max_queue} requests already waiting; retry shortly"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
+                raise BadRequest(f"body larger than the limit of {settings.max_body_bytes} bytes", 413)
+        return bytes(body)
+
+    @app.post("/rerank")
+    async def rerank(request: Request):
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            message = f"expected Content-Type application/json, got {content_type or 'none'}"
+            return answer(request, 415, message, "content_type")
+        close = {"Connection": "close"}  # the body is left unread: do not keep the connection
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            message = f"body of {declared} bytes, more than the limit of {settings.max_body_bytes}"
+            return answer(request, 413, message, "body_too_large", close)
         try:
-            example = await asyncio.to_thread(parse, bytes(body))  # off the event loop
+            body = await asyncio.wait_for(read_body(request), settings.body_timeout_seconds)
+        except asyncio.TimeoutError:
+            message = f"request body not complete within {settings.body_timeout_seconds:g} s"
+            return answer(request, 408, message, "body_timeout", close)
         except BadRequest as err:
-            reason = (
-                "malformed_json" if err.status == 400 else ("too_large" if err.status == 413 else "invalid_request")
-            )
-            return error(err.status, str(err), reason, started)
-        except Exception as err:  # noqa: BLE001 - a parser bug is this request's 500, not the service's
-            return internal(err, started)
+            return answer(request, err.status, str(err), "body_too_large", close)
+        except ClientDisconnect:
+            return answer(request, 499, "the client closed the connection during the body", "client_disconnected")
+        if batcher.queue.qsize() >= settings.max_queue:  # shed rather than let every request wait
+            return shed(request, f"{settings.max_queue} requests already waiting", "queue_full", 1)
+        wait = batcher.expected_wait()
+        if settings.deadline_ms and wait * 1000 > settings.deadline_ms:
+            message = f"expected wait {wait * 1000:.0f} ms, longer than the deadline of {settings.deadline_ms:g} ms"
+            return shed(request, message, "deadline", wait)
+        batcher.admitted += 1
         try:
-            result = await batcher.submit(example)
-            content = json.dumps(result, allow_nan=False).encode("utf-8")
-        except Exception as err:  # noqa: BLE001 - confined to this request; the service keeps serving
-            return internal(err, started)
-        metrics.observe("/rerank", 200, time.perf_counter() - started)
+            try:
+                example = await asyncio.to_thread(parse, body)  # off the event loop
+            except BadRequest as err:
+                reason = {400: "malformed_json", 413: "too_large"}.get(err.status, "invalid_request")
+                return answer(request, err.status, str(err), reason)
+            except Exception as err:  # noqa: BLE001 - a parser bug is this request's 500, not the service's
+                return internal(request, err)
+            try:
+                result = await batcher.submit(example)
+                content = json.dumps(result, allow_nan=False).encode("utf-8")
+            except Exception as err:  # noqa: BLE001 - confined to this request; the service keeps serving
+                return internal(request, err)
+        finally:
+            batcher.admitted -= 1
         return Response(content, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz():
-        metrics.observe("/healthz", 200, 0.0)
         return {"status": "ok", "mode": settings.last.mode, "offsets": settings.last.offsets, "pid": os.getpid()}
 
     @app.get("/readyz")
-    async def readyz():
-        """Ready: the models are loaded (the app exists only after), the batcher runs, the queue has room."""
+    async def readyz(request: Request):
+        """Ready: the models are loaded (the app exists only after), the batcher runs, the queue has room and
+        the expected wait is within the deadline."""
         running = batcher.task is not None and not batcher.task.done()
-        waiting = batcher.queue.qsize()
-        ready = running and waiting < settings.max_queue
-        metrics.observe("/readyz", 200 if ready else 503, 0.0)
-        return JSONResponse({"ready": ready, "waiting": waiting}, status_code=200 if ready else 503)
+        waiting, wait_ms = batcher.queue.qsize(), batcher.expected_wait() * 1000
+        in_time = not settings.deadline_ms or wait_ms <= settings.deadline_ms
+        body = {"ready": running and waiting < settings.max_queue and in_time, "waiting": waiting}
+        body["expected_wait_ms"] = round(wait_ms, 1)
+        if body["ready"]:
+            return body
+        request.scope["state"][REASON] = "not_ready"
+        body["request_id"] = request.scope["state"][REQUEST_ID]
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -280,23 +390,25 @@ def serve(settings: ServeSettings) -> None:
         uvicorn.run(
             "relist.serve.app:app_from_env",
             factory=True,
-            host=settings.host,
-            port=settings.port,
             workers=settings.workers,
-            log_level="warning",
             **extra,
-            **_limits(settings),
+            **uvicorn_options(settings),
         )
     else:
-        uvicorn.run(
-            create_app(settings), host=settings.host, port=settings.port, log_level="warning", **_limits(settings)
-        )
+        uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 
-def _limits(settings: ServeSettings) -> dict:
-    """uvicorn's connection bound, keep-alive timeout and shutdown grace period, from the settings."""
+def uvicorn_options(settings: ServeSettings) -> dict:
+    """uvicorn's settings: address, keep-alive timeout and shutdown grace period from the settings, and the
+    protocol that adds the header timeout and the counted connection bound (``relist.serve.protocol``)."""
+    from relist.serve.protocol import ServeProtocol  # imports uvicorn
+
     return {
-        "limit_concurrency": settings.max_connections,
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "http": ServeProtocol,
+        "limit_concurrency": None,  # ServeProtocol bounds the connections and counts what it refuses
         "timeout_keep_alive": settings.keep_alive_seconds,
         "timeout_graceful_shutdown": settings.grace_seconds,
     }

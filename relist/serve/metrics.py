@@ -6,25 +6,34 @@ import threading
 from collections import Counter
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+PATHS = ("/rerank", "/healthz", "/readyz", "/metrics")
+OTHER = "(other)"  # any other path, and answers given before a path was read: one label, however many paths
+
+
+def path_label(path: str) -> str:
+    """The label of a request path: the service's own paths, or one label for all others."""
+    return path if path in PATHS else OTHER
 
 
 class ServiceMetrics:
-    """Request counts by status, errors by reason, latency and micro-batch size histograms."""
+    """Answers by path and status, non-2xx answers by path, status and reason, latency and batch sizes."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: Counter = Counter()  # (path, status) -> count
-        self.errors: Counter = Counter()  # reason -> count
+        self.errors: Counter = Counter()  # (path, status, reason) -> count
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.batches = 0
         self.batched_requests = 0
 
-    def observe(self, path: str, status: int, seconds: float, error: str | None = None) -> None:
+    def observe(self, path: str, status: int, seconds: float, reason: str | None = None) -> None:
+        """Count one answer; a non-2xx one also under its reason (``unspecified`` when none was given)."""
+        path = path_label(path)
         with self.lock:
             self.requests[path, status] += 1
-            if error:
-                self.errors[error] += 1
+            if not 200 <= status < 300:
+                self.errors[path, status, reason or "unspecified"] += 1
             if path == "/rerank":
                 k = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
                 self.latency[k] += 1
@@ -38,19 +47,22 @@ class ServiceMetrics:
     def render(self) -> str:
         with self.lock:
             lines = [
-                "# HELP relist_requests_total HTTP requests by path and status.",
+                "# HELP relist_requests_total HTTP answers by path and status.",
                 "# TYPE relist_requests_total counter",
             ]
             lines += [
                 f'relist_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())
             ]
             lines += [
-                "# HELP relist_request_errors_total Rejected or failed /rerank requests by reason.",
+                "# HELP relist_request_errors_total Non-2xx answers by path, status and reason.",
                 "# TYPE relist_request_errors_total counter",
             ]
-            lines += [f'relist_request_errors_total{{reason="{r}"}} {n}' for r, n in sorted(self.errors.items())]
             lines += [
-                "# HELP relist_rerank_latency_seconds /rerank latency, body received to response ready.",
+                f'relist_request_errors_total{{path="{p}",status="{s}",reason="{r}"}} {n}'
+                for (p, s, r), n in sorted(self.errors.items())
+            ]
+            lines += [
+                "# HELP relist_rerank_latency_seconds /rerank latency, request headers read to response ready.",
                 "# TYPE relist_rerank_latency_seconds histogram",
             ]
             running = 0

@@ -8,6 +8,8 @@ from pathlib import Path
 from relist.config import option
 from relist.last import LastConfig
 
+LIMITS = "relist.limits"  # lifespan-state key of the limits the server's protocol reads (relist.serve.protocol)
+
 
 @dataclass
 class ServeSettings:
@@ -22,9 +24,20 @@ class ServeSettings:
     max_items: int = option(0, help="most candidates per request (0: the evaluator's max_len)")
     max_history: int = option(1000, help="most history items per request (MIND's longest history: 425)")
     max_queue: int = option(256, help="requests waiting for a batch before new ones are shed (503, Retry-After)")
-    max_connections: int = option(512, help="open connections before new ones are refused (503)")
+    deadline_ms: float = option(
+        500.0,
+        help="shed a request (503, Retry-After) once its expected wait (requests ahead x recent service time per "
+        "request) is longer than this; 0: off",
+    )
+    max_connections: int = option(512, help="open connections past which a request gets 503 with Retry-After")
     keep_alive_seconds: float = option(5.0, help="how long an idle keep-alive connection is held")
     grace_seconds: float = option(10.0, help="on SIGTERM, how long in-flight requests may finish before exit")
+    header_timeout_seconds: float = option(
+        10.0,
+        help="a request line and headers not complete this long after the connection opened (or, kept alive, "
+        "after their first byte) get 408 and the connection is closed",
+    )
+    body_timeout_seconds: float = option(10.0, help="a body not complete this long after its headers gets 408")
     max_id_chars: int = option(256, help="longest id accepted, in characters")
     threads: int = option(1, help="torch threads per worker process")
     seed: int = option(0, help="seed of the sampling noise")
@@ -33,5 +46,10 @@ class ServeSettings:
         return self.last
 
     def __post_init__(self):
+        for name in ("header_timeout_seconds", "body_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"serve: --{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.deadline_ms < 0:
+            raise ValueError(f"serve: --deadline-ms must be 0 (off) or positive, got {self.deadline_ms}")
         if self.last.select != "evaluator":
             raise ValueError("serve: --select must be 'evaluator' (oracle selection reads labels, which requests lack)")
