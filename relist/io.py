@@ -35,43 +35,53 @@ class CorruptFileError(ValueError):
     """A saved file that is missing, truncated or not what its checksum says; the message names it."""
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its file name when the system's error names none (a full disk's ENOSPC);
+    errors raised with a message of their own are kept as they are."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
 @contextmanager
 def _temporary_beside(path: Path, mode: str = "w", **kwargs) -> Iterator[tuple[Any, str]]:
-    """An open temporary file beside ``path`` and its name; removed if the block fails (a full disk)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """An open temporary file beside ``path`` and its name, renamed over ``path`` when the block ends. If
+    the block, the close or the rename fails (a full disk), the temporary file is removed and an OSError
+    names ``path``."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle, tmp
-    except BaseException:
+        os.replace(tmp, path)
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from err
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    with _temporary_beside(path, "w", encoding="utf-8", newline="") as (handle, tmp):
+    with _temporary_beside(Path(path), "w", encoding="utf-8", newline="") as (handle, _):
         handle.write(text)
-    os.replace(tmp, path)
 
 
 def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors`` file written beside ``path``, then renamed over it."""
-    path = Path(path)
-    with _temporary_beside(path, "wb") as (_, tmp):
+    with _temporary_beside(Path(path), "wb") as (_, tmp):
         save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 def atomic_write_csv(path: Path, rows: list[dict]) -> None:
     """Rows of dicts as CSV (the union of their keys, in first-seen order), written atomically."""
-    path = Path(path)
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with _temporary_beside(path, "w", newline="", encoding="utf-8") as (handle, tmp):
+    with _temporary_beside(Path(path), "w", newline="", encoding="utf-8") as (handle, _):
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ---- checksums --------------------------------------------------------------------------------------------
@@ -173,15 +183,21 @@ def load_model(directory: Path, legacy_meta: str | None = None) -> tuple[dict, d
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; when the block ends without an error it replaces
-    ``out`` (a previous ``out`` is removed only then), and on any error it is removed and ``out`` is untouched."""
+    ``out`` (a previous ``out`` is removed only then), and on any error it is removed and ``out`` is untouched
+    (an OSError that names no file, such as a full disk's, is raised naming ``out``)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:
+        raise _naming(err, out) from err
     try:
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise _naming(err, out) from err
         raise

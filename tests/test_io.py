@@ -51,3 +51,49 @@ def test_checksums_name_the_changed_or_missing_file(tmp_path):
     (tmp_path / "m" / io.CHECKSUMS).write_text("[1]")
     with pytest.raises(io.CorruptFileError, match="expected a mapping of file names"):
         io.verify(tmp_path / "m")
+
+
+class FullDisk:
+    """A file whose every write fails as on a full disk."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_a_full_disk_is_an_error_naming_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """ENOSPC while writing a text, CSV or tensor file, or a dataset directory: the OSError keeps its errno
+    and names the file being written; the old file stays and no temporary file or directory is left."""
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    real_fdopen = io.os.fdopen
+    with monkeypatch.context() as patch:
+        patch.setattr(io.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+        for write in (lambda: io.atomic_write_text(target, "new"), lambda: io.atomic_write_csv(target, [{"a": 1}])):
+            with pytest.raises(OSError) as err:
+                write()
+            assert err.value.errno == errno.ENOSPC and str(target) in str(err.value)
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "save_file", lambda *a, **k: FullDisk(None).write())
+        with pytest.raises(OSError) as err:
+            io.atomic_save_tensors({"w": torch.zeros(3)}, tmp_path / "w.safetensors")
+        assert err.value.errno == errno.ENOSPC and str(tmp_path / "w.safetensors") in str(err.value)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+    from relist.data import store
+    from relist.data.prepare import PrepareConfig, prepare
+
+    monkeypatch.setattr(store.np, "save", lambda *a, **k: FullDisk(None).write())  # numpy's, restored after
+    with pytest.raises(OSError) as err:
+        prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=50, n_users=10, n_items=40))
+    assert err.value.errno == errno.ENOSPC and str(tmp_path / "data") in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no partial dataset directory
