@@ -233,3 +233,48 @@ def test_synthetic_click_model_has_position_bias_and_context_effect():
             p_same = truth.click_prob(user, after_same, mask[:1])[0, 9]
             p_other = truth.click_prob(user, after_other, mask[:1])[0, 9]
             assert p_same < p_other
+
+
+@pytest.mark.parametrize("name", ["raw_sample.csv", "ad_feature.csv", "user_profile.csv"])
+def test_taobao_blank_lines_are_not_records(tmp_path, name):
+    """Blank lines (at the end, with CR LF, or between records) prepare the same lists as the file without
+    them; a line of empty fields is still refused with its line."""
+    write_taobao(tmp_path / "raw", 4)
+    clean = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "a")))
+    path = tmp_path / "raw" / name
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + "\n" + "".join(lines[5:]) + "\n\r\n\n")
+    blank = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "b")))
+    assert blank.manifest["content_hash"] == clean.manifest["content_hash"]
+    assert blank.vocab("user_id") == clean.vocab("user_id")
+    path.write_text("".join(lines[:5]) + "," * (lines[0].count(",")) + "\n" + "".join(lines[5:]) + "\n")
+    with pytest.raises(DataFormatError) as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "c"))
+    assert (err.value.path, err.value.line) == (str(path), 6)
+
+
+@pytest.mark.parametrize("price", ["nan", "inf", "-inf", "NaN"])
+def test_taobao_non_finite_price_names_file_line_and_field(tmp_path, price):
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / "ad_feature.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[7] = lines[7].rsplit(",", 1)[0] + f",{price}\n"
+    path.write_text("".join(lines))
+    with pytest.raises(DataFormatError, match="expected a finite number") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 8, "price")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["spar_ft", "label", "profile"])
+def test_prm_public_deep_nesting_names_file_line_and_field(tmp_path, field):
+    write_prm(tmp_path / "p.txt", 2, n_null=0)
+    path = tmp_path / "p.txt"
+    lines = path.read_text().splitlines(keepends=True)
+    parts = lines[4].rstrip("\n").split("|")
+    parts[("uid", "profile", "spar_ft", "dens_ft1", "dens_ft2", "label").index(field)] = "[" * 100_000 + "]" * 100_000
+    lines[4] = "|".join(parts) + "\n"
+    path.write_text("".join(lines))
+    with pytest.raises(DataFormatError, match="nested too deeply") as err:
+        prepare(PrepareConfig(source="prm-public", src=path, out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 5, field)

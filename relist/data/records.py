@@ -12,14 +12,23 @@ from relist.data.errors import DataFormatError
 
 
 def parse_literal(path: Path, line: int, field: str, text: str, ended: bool = True):
-    """A JSON/Python literal (lists of numbers); never ``eval``."""
+    """A JSON/Python literal (lists of numbers); never ``eval``. Nesting deeper than the parser's recursion
+    limit is an error naming the file, line and field."""
     try:
         return json.loads(text)
     except ValueError:
         pass
+    except RecursionError:
+        raise DataFormatError(
+            path, line, field, "lists nested too deeply (a list of numbers per item expected)"
+        ) from None
     try:
         return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except RecursionError:
+        raise DataFormatError(
+            path, line, field, "lists nested too deeply (a list of numbers per item expected)"
+        ) from None
+    except (ValueError, SyntaxError, MemoryError):
         hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
         raise DataFormatError(path, line, field, f"cannot parse {text[:60]!r} as a list literal{hint}") from None
 

@@ -24,6 +24,7 @@ records prepare in minutes on two cores.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -68,10 +69,11 @@ def _locate(
     number: tuple[str, ...] = (),
     binary: tuple[str, ...] = (),
 ) -> None:
-    """Scan ``path`` line by line and raise a DataFormatError at the first bad line (slow path, on error only)."""
+    """Scan ``path`` line by line and raise a DataFormatError at the first bad line (slow path, on error only);
+    blank lines are skipped, as the fast path drops them."""
     with open(path, "rb") as handle:
         for line, raw in enumerate(handle, start=1):
-            if line == 1:
+            if line == 1 or not raw.strip():
                 continue
             ended = raw.endswith(b"\n")
             try:
@@ -95,9 +97,38 @@ def _locate(
                     raise DataFormatError(path, line, name, f"expected 0 or 1, found {cell!r}")
                 if name in number:
                     try:
-                        float(cell)
+                        value = float(cell)
                     except ValueError:
                         raise DataFormatError(path, line, name, f"expected a number, found {cell!r}") from None
+                    if not math.isfinite(value):
+                        raise DataFormatError(path, line, name, f"expected a finite number, found {cell!r}")
+
+
+def _trailing_blank_lines(path: Path, window: int = 1 << 16) -> int:
+    """How many blank lines end the file (counted in its last ``window`` bytes)."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, handle.seek(0, 2) - window))
+        pieces = handle.read().split(b"\n")
+    count = 0
+    for piece in reversed(pieces[:-1]):  # the piece after the last newline is not a line
+        if piece.strip():
+            break
+        count += 1
+    return count
+
+
+def _drop_blank_lines(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
+    """The frame without the rows of blank lines (every cell null). Rows of empty cells that are not blank
+    lines (",,,") are kept, so that the checks of required fields name their line."""
+    blank = frame.select(pl.all_horizontal(pl.all().is_null())).to_series()
+    n = int(blank.sum())
+    if n == 0:
+        return frame
+    if bool(blank.tail(n).all()) and _trailing_blank_lines(path) >= n:  # the usual case: blank lines at the end
+        return frame.head(frame.height - n)
+    with open(path, "rb") as handle:
+        blank_lines = sum(1 for raw in handle if not raw.strip())
+    return frame.filter(~blank) if blank_lines == n else frame
 
 
 def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number=(), binary=()) -> pl.DataFrame:
@@ -120,6 +151,7 @@ def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number
     except Exception:  # noqa: BLE001 - polars raises several types; find and name the line ourselves
         _locate(path, columns, integer, number, binary)
         raise
+    frame = _drop_blank_lines(path, frame)
     required = [c for c in integer + number + binary if c in frame.columns]
     bad = (
         frame.with_row_index("_row").filter(pl.any_horizontal([pl.col(c).is_null() for c in required]))
@@ -130,6 +162,14 @@ def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number
         _locate(path, columns, integer, number, binary)
         row = int(bad["_row"][0])
         raise DataFormatError(path, row + 2, None, "missing value in a required field")
+    if number:
+        bad = frame.with_row_index("_row").filter(pl.any_horizontal([~pl.col(c).is_finite() for c in number]))
+        if bad.height:
+            _locate(path, columns, integer, number, binary)  # names the line of the first NaN or infinity
+            column = next(c for c in number if not math.isfinite(bad[c][0]))
+            raise DataFormatError(
+                path, int(bad["_row"][0]) + 2, column, f"expected a finite number, found {bad[column][0]}"
+            )
     if binary:
         bad = frame.with_row_index("_row").filter(pl.any_horizontal([~pl.col(c).is_in([0, 1]) for c in binary]))
         if bad.height:
@@ -243,8 +283,10 @@ def build(
     if profile is None:
         raise FileNotFoundError(f"{src}: no user_profile.csv")
     _check_header(src / "user_profile.csv", PROFILE_COLUMNS)
+    profile = _drop_blank_lines(src / "user_profile.csv", profile)
     profile = profile.with_columns(pl.col("userid").str.strip_chars().cast(pl.Int64, strict=False))
     if profile["userid"].null_count():
+        _locate(src / "user_profile.csv", PROFILE_COLUMNS, integer=("userid",))
         row = int(profile.with_row_index("_r").filter(pl.col("userid").is_null())["_r"][0])
         raise DataFormatError(src / "user_profile.csv", row + 2, "userid", "expected an integer")
     users = (
