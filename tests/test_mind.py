@@ -266,3 +266,32 @@ def test_bad_input_through_the_cli(tmp_path, capsys, case):
     assert captured.out == ""
     assert not out.exists()
     assert not out.parent.exists() or not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_long_histories_are_cut_to_their_newest_clicks_and_counted(tmp_path):
+    """A history longer than --max-history keeps its newest clicks, and the manifest counts the histories
+    cut; the subset's histories (at most 425 items) are all within the default."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "news.tsv").write_bytes(NEWS)
+    clicks = [f"H{k}".encode() for k in range(12)]
+    long_line = b"3\tU3\t" + TIME + b"\t" + b" ".join(clicks) + b"\tN1-1 N2-0\n"
+    (folder / "behaviors.tsv").write_bytes(b"".join(GOOD) + long_line)
+    cut = PreparedDataset(prepare(PrepareConfig(source="mind", src=folder, out=tmp_path / "cut", max_history=5)))
+    full = PreparedDataset(prepare(PrepareConfig(source="mind", src=folder, out=tmp_path / "full")))
+    assert cut.manifest["info"]["histories_cut"] == 1 and full.manifest["info"]["histories_cut"] == 0
+
+    def history(data: PreparedDataset, k: int) -> list[str]:
+        vocab = data.vocab("item_id")
+        return [vocab[i] for i in data.user_hist[data.hist_offsets[k] : data.hist_offsets[k + 1], 0]]
+
+    assert history(cut, 2) == [c.decode() for c in clicks[-5:]]  # the newest five, oldest first
+    assert history(cut, 0) == history(full, 0) == ["N1", "N2"]  # a short history is kept whole
+    longest = max(len(line.split(b"\t")[3].split()) for line in raw_lines())
+    assert longest < PrepareConfig.max_history  # the default cuts nothing of the subset
+
+
+def test_the_subset_prepared_with_the_defaults_cuts_and_refuses_nothing(prepared):
+    info = prepared().manifest["info"]
+    assert info["histories_cut"] == 0
+    assert max(np.diff(np.asarray(prepared().offsets))) == 283 < PrepareConfig.max_items

@@ -278,3 +278,59 @@ def test_prm_public_deep_nesting_names_file_line_and_field(tmp_path, field):
     with pytest.raises(DataFormatError, match="nested too deeply") as err:
         prepare(PrepareConfig(source="prm-public", src=path, out=tmp_path / "out"))
     assert (err.value.path, err.value.line, err.value.field) == (str(path), 5, field)
+
+
+def longest_label_lines(path, sep: str, field: int) -> list[tuple[int, int]]:
+    """(line number, number of labels) of every list line of a file, null lines left out."""
+    return [
+        (k, len(ast.literal_eval(line.split(sep)[field])))
+        for k, line in enumerate(path.read_text().splitlines(), start=1)
+        if line.strip() and "null" not in line
+    ]
+
+
+@pytest.mark.parametrize("source", ["prm-public", "librerank"])
+def test_a_list_longer_than_max_items_is_refused_with_file_and_line(tmp_path, source):
+    """The longest list of the files passes at a limit of its own length and is refused one below it, at the
+    first line that holds more items than the limit; nothing is written."""
+    if source == "prm-public":
+        write_prm(tmp_path / "p.txt", 4)
+        src, files, sep, field = tmp_path / "p.txt", [tmp_path / "p.txt"], "|", 5
+    else:
+        write_librerank(tmp_path / "lr", 4)
+        src, sep, field = tmp_path / "lr", "\t", 4
+        files = [tmp_path / "lr" / f"data.{n}" for n in ("train", "valid", "test")]
+    lines = [(path, k, n) for path in files for k, n in longest_label_lines(path, sep, field)]
+    longest = max(n for _, _, n in lines)
+    prepare(PrepareConfig(source=source, src=src, out=tmp_path / "ok", max_items=longest))
+    path, line, n = next((p, k, n) for p, k, n in lines if n > longest - 1)
+    with pytest.raises(DataFormatError, match=f"{n} items, more than the limit of {longest - 1}") as err:
+        prepare(PrepareConfig(source=source, src=src, out=tmp_path / "out", max_items=longest - 1))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), line, "label")
+    assert not (tmp_path / "out").exists()
+
+
+def test_taobao_and_synthetic_lists_fit_max_items_by_construction(tmp_path):
+    write_taobao(tmp_path / "raw", 0)
+    with pytest.raises(ValueError, match="--keep-last 30 is more than --max-items 20"):
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "t", max_items=20))
+    short = PreparedDataset(
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "t", max_items=20, keep_last=20))
+    )
+    assert max(short.lengths()) <= 20
+    with pytest.raises(ValueError, match="--max-len 30 is more than --max-items 12"):
+        prepare(PrepareConfig(source="synthetic", out=tmp_path / "s", n_lists=50, max_items=12))
+    assert not (tmp_path / "s").exists()
+
+
+def test_synthetic_histories_cut_to_max_history_keep_the_newest(tmp_path):
+    full = PreparedDataset(prepare(PrepareConfig(source="synthetic", out=tmp_path / "a", n_lists=80, seed=3)))
+    cut = PreparedDataset(
+        prepare(PrepareConfig(source="synthetic", out=tmp_path / "b", n_lists=80, seed=3, max_history=4))
+    )
+    assert full.manifest["info"]["histories_cut"] == 0 and cut.manifest["info"]["histories_cut"] == 80
+    for k in (0, 41, 79):
+        whole = np.asarray(full.user_hist[full.hist_offsets[k] : full.hist_offsets[k + 1]])
+        kept = np.asarray(cut.user_hist[cut.hist_offsets[k] : cut.hist_offsets[k + 1]])
+        assert len(whole) == 10 and np.array_equal(kept, whole[-4:])
+    assert np.array_equal(np.asarray(cut.item_sparse), np.asarray(full.item_sparse))

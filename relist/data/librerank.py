@@ -8,6 +8,7 @@ LibRerank's ids already share one id space (1 .. ft_num - 1), so they are kept a
 Splits: data.train -> ``ranker`` (LibRerank trains the initial ranker on it), data.valid -> ``train``
 (LibRerank's re-ranker training file) except a random ``valid_share`` of it held out as ``valid``
 (LibRerank has no validation split and selects models on test; relist never does), data.test -> ``test``.
+A line of more than ``max_items`` items is refused with its file and line (``relist.data.prepare`` says why).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from relist.data.errors import DataFormatError, read_lines
-from relist.data.prm_public import table_from_records
-from relist.data.records import ListRecords, parse_literal
+from relist.data.prm_public import MAX_ITEMS, table_from_records
+from relist.data.records import ListRecords, parse_fields
 
 FIELDS = ("uid", "profile", "spar_ft", "dens_ft", "label")
 STAT_KEYS = ("ft_num", "profile_fnum", "itm_spar_fnum", "itm_dens_fnum")
@@ -38,7 +39,7 @@ def read_stat(path: Path) -> dict:
     return stat
 
 
-def build(src: Path, seed: int, valid_share: float = 0.1):
+def build(src: Path, seed: int, valid_share: float = 0.1, max_items: int = MAX_ITEMS):
     if not 0.0 < valid_share < 1.0:
         raise ValueError(f"valid_share must be in (0, 1), got {valid_share}")
     src = Path(src)
@@ -66,14 +67,7 @@ def build(src: Path, seed: int, valid_share: float = 0.1):
                     None,
                     f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), found {len(parts)}{hint}",
                 )
-            values = []
-            for field, part in zip(FIELDS, parts):
-                try:
-                    text = part.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DataFormatError(path, line, field, "not valid UTF-8") from None
-                values.append(parse_literal(path, line, field, text, ended))
-            uid, profile, sparse, dense, label = values
+            uid, profile, sparse, dense, label = parse_fields(path, line, parts, FIELDS, ended, max_items)
             records.add(line, uid, profile, sparse, dense, label)
             width = records.widths
             if (width[1], width[2]) != (stat["itm_spar_fnum"], stat["itm_dens_fnum"]):

@@ -36,6 +36,7 @@ from relist.data.store import ListTable, Schema, SparseField, random_splits
 
 BEHAVIOR_FIELDS = ("impression_id", "user_id", "time", "history", "impressions")
 MAX_ITEMS = 1000  # the longest impression accepted by default (the 5k subset's longest: 283 items)
+MAX_HISTORY = 1000  # history items read per impression by default (the 5k subset's longest: 425)
 NEWS_FIELDS = ("news_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities")
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 UNKNOWN = "<unknown>"
@@ -66,13 +67,16 @@ def read_news(path: Path) -> dict[str, tuple[str, str]]:
     return news
 
 
-def read_behaviors(path: Path, max_items: int = MAX_ITEMS):
-    """Parse behaviors.tsv into per-impression users, times, histories, items and labels.
+def read_behaviors(path: Path, max_items: int = MAX_ITEMS, max_history: int = MAX_HISTORY):
+    """Parse behaviors.tsv into per-impression users, times, histories, items, labels and the number of
+    histories cut.
 
     An impression id seen twice, or an impression of more than ``max_items`` items, is refused with its
     line (and the first line of a repeated id): a repeated id could fall into two splits, and a line of
-    thousands of items is far more likely a corrupt file than an impression."""
+    thousands of items is far more likely a corrupt file than an impression. A history longer than
+    ``max_history`` keeps its newest clicks (``relist.data.prepare`` says why)."""
     users, times, histories, items, labels = [], [], [], [], []
+    cut = 0
     seen: dict[str, int] = {}
     for line, raw, ended in read_lines(path):
         if not raw.strip():
@@ -110,14 +114,17 @@ def read_behaviors(path: Path, max_items: int = MAX_ITEMS):
                 )
             row_items.append(match.group(1))
             row_labels.append(match.group(2) == "1")
+        clicked = history.split()
+        if len(clicked) > max_history:
+            clicked, cut = clicked[len(clicked) - max_history :], cut + 1
         users.append(user.strip())
         times.append(stamp)
-        histories.append(history.split())
+        histories.append(clicked)
         items.append(row_items)
         labels.append(row_labels)
     if not items:
         raise DataFormatError(path, None, None, "no impressions in the file")
-    return users, np.array(times), histories, items, labels
+    return users, np.array(times), histories, items, labels, cut
 
 
 def _vocab(values) -> dict[str, int]:
@@ -129,10 +136,17 @@ def _vocab(values) -> dict[str, int]:
     return index
 
 
-def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 50, max_items: int = 1000) -> ListTable:
+def build(
+    src: Path,
+    seed: int,
+    fractions: Mapping[str, float],
+    max_hist: int = 50,
+    max_items: int = MAX_ITEMS,
+    max_history: int = MAX_HISTORY,
+) -> ListTable:
     src = Path(src)
     news = read_news(_find(src, "news.tsv"))
-    users, times, histories, items, labels = read_behaviors(_find(src, "behaviors.tsv"), max_items)
+    users, times, histories, items, labels, cut = read_behaviors(_find(src, "behaviors.tsv"), max_items, max_history)
 
     item_index = _vocab(i for row in items for i in row)
     for row in histories:
@@ -265,5 +279,6 @@ def build(src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 
             "time_range": [float(times.min()), float(times.max())],
             "max_hist": max_hist,
             "global_ctr_fit": float(global_ctr),
+            "histories_cut": cut,
         },
     )

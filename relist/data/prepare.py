@@ -1,4 +1,16 @@
-"""`relist data prepare SOURCE`: raw files -> a prepared dataset, through one registry of sources."""
+"""`relist data prepare SOURCE`: raw files -> a prepared dataset, through one registry of sources.
+
+Lengths are bounded for every source, with defaults above anything the real data holds (MIND's longest
+impression is 283 items and its longest history 425; Taobao lists are at most ``--keep-last``, 30):
+
+- A list longer than ``max_items`` is refused, naming its file and line (MIND, PRM Public, LibRerank: one
+  list per line; Taobao Ad and synthetic lists are bounded by ``--keep-last`` and ``--max-len``, which
+  must not exceed it). Cutting a logged list would change which items its labels and metrics are about,
+  and a list far longer than any real one is far more likely a corrupt or misread file than data.
+- A history longer than ``max_history`` is cut to its newest items, and the number of histories cut is
+  ``histories_cut`` in the manifest's info. A history is context for the list, its oldest clicks count
+  least, and real logs have long tails of heavy users, so refusing them would fail ordinary files.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +19,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from relist.config import option
 from relist.data import librerank, mind, prm_public, synthetic, taobao_ad
-from relist.data.store import ListTable, split_fractions, write_dataset
+from relist.data.store import ListTable, cut_histories, split_fractions, write_dataset
 
 log = logging.getLogger("relist")
 
@@ -28,7 +42,10 @@ class PrepareConfig:
     )
     overwrite: bool = option(False, help="replace OUT if it exists")
     max_hist: int = option(50, help="mind: keep the user's last N clicked items as history")
-    max_items: int = option(1000, help="mind: refuse an impression of more items than this (file and line named)")
+    max_items: int = option(1000, help="most items per list; a longer list is refused, naming its file and line")
+    max_history: int = option(
+        1000, help="most history items read per list; longer histories are cut to their newest, counted in the manifest"
+    )
     n_lists: int = option(20000, help="synthetic: number of lists")
     n_users: int = option(2000, help="synthetic: number of users")
     n_items: int = option(5000, help="synthetic: number of items")
@@ -50,12 +67,16 @@ class PrepareConfig:
 
 
 def _mind(cfg: PrepareConfig):
-    return mind.build(
-        _src(cfg), cfg.seed, split_fractions(cfg.splits), max_hist=cfg.max_hist, max_items=cfg.max_items
-    ), {}
+    splits = split_fractions(cfg.splits)
+    table = mind.build(
+        _src(cfg), cfg.seed, splits, max_hist=cfg.max_hist, max_items=cfg.max_items, max_history=cfg.max_history
+    )
+    return table, {}
 
 
 def _synthetic(cfg: PrepareConfig):
+    if cfg.max_len > cfg.max_items:
+        raise ValueError(f"synthetic: --max-len {cfg.max_len} is more than --max-items {cfg.max_items}")
     params = replace(synthetic.SyntheticParams(), n_users=cfg.n_users, n_items=cfg.n_items)
     config = synthetic.SyntheticConfig(
         n_lists=cfg.n_lists, min_len=cfg.min_len, max_len=cfg.max_len, logged_order=cfg.logged_order, params=params
@@ -65,6 +86,8 @@ def _synthetic(cfg: PrepareConfig):
 
 
 def _taobao(cfg: PrepareConfig):
+    if cfg.keep_last > cfg.max_items:
+        raise ValueError(f"taobao-ad: --keep-last {cfg.keep_last} is more than --max-items {cfg.max_items}")
     table = taobao_ad.build(
         _src(cfg), cfg.seed, split_fractions(cfg.splits), window_seconds=cfg.window_seconds, keep_last=cfg.keep_last
     )
@@ -72,11 +95,12 @@ def _taobao(cfg: PrepareConfig):
 
 
 def _prm(cfg: PrepareConfig):
-    return prm_public.build(_src(cfg), cfg.seed, split_fractions(cfg.splits), sample=cfg.sample), {}
+    splits = split_fractions(cfg.splits)
+    return prm_public.build(_src(cfg), cfg.seed, splits, sample=cfg.sample, max_items=cfg.max_items), {}
 
 
 def _librerank(cfg: PrepareConfig):
-    return librerank.build(_src(cfg), cfg.seed, valid_share=cfg.valid_share), {}
+    return librerank.build(_src(cfg), cfg.seed, valid_share=cfg.valid_share, max_items=cfg.max_items), {}
 
 
 SOURCES: dict[str, Callable[[PrepareConfig], tuple[ListTable, dict]]] = {
@@ -102,8 +126,16 @@ def prepare(cfg: PrepareConfig) -> Path:
         raise ValueError(f"unknown source {cfg.source!r}; valid: {sorted(SOURCES)}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already exists (pass --overwrite to replace it)")
+    if cfg.max_items < 1 or cfg.max_history < 0:
+        raise ValueError(
+            f"--max-items must be positive and --max-history non-negative, got {cfg.max_items} and {cfg.max_history}"
+        )
     log.info("preparing %s from %s", cfg.source, cfg.src)
     table, extras = SOURCES[cfg.source](cfg)
+    longest = int(np.diff(table.offsets).max()) if table.n_lists else 0
+    if longest > cfg.max_items:  # the sources refuse such lists with their line; this guards the rule itself
+        raise ValueError(f"{cfg.source}: a list of {longest} items, more than --max-items {cfg.max_items}")
+    table.info["histories_cut"] = table.info.get("histories_cut", 0) + cut_histories(table, cfg.max_history)
     return write_dataset(
         table, cfg.out, source=cfg.source, seed=cfg.seed, overwrite=cfg.overwrite, config=asdict(cfg), extras=extras
     )

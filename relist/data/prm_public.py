@@ -7,7 +7,8 @@ item. ``--src`` is a file or a folder whose ``*.txt*`` files are read in name or
 ``set1.train.txt.part1`` and ``.part2``).
 
 As LibRerank: lines containing "null" are skipped (counted in the manifest), and ``sample`` keeps a
-random share of the lists (LibRerank: 0.1). Deviation: ids are re-indexed per field from 1 (LibRerank
+random share of the lists (LibRerank: 0.1). A line of more than ``max_items`` items is refused with its
+file and line (``relist.data.prepare`` says why). Deviation: ids are re-indexed per field from 1 (LibRerank
 shares one counter across fields); the user id is re-indexed too.
 """
 
@@ -20,10 +21,11 @@ from typing import Mapping
 import numpy as np
 
 from relist.data.errors import DataFormatError, read_lines
-from relist.data.records import ListRecords, parse_literal, reindex
+from relist.data.records import ListRecords, parse_fields, reindex
 from relist.data.store import ListTable, Schema, SparseField, random_splits
 
 FIELDS = ("uid", "profile", "spar_ft", "dens_ft1", "dens_ft2", "label")
+MAX_ITEMS = 1000  # a line of more items is refused with its file and line
 log = logging.getLogger("relist")
 
 
@@ -36,7 +38,7 @@ def _files(src: Path) -> list[Path]:
     return files
 
 
-def read(paths: list[Path], sample: float, seed: int) -> tuple[ListRecords, int]:
+def read(paths: list[Path], sample: float, seed: int, max_items: int = MAX_ITEMS) -> tuple[ListRecords, int]:
     rng = np.random.default_rng(seed)
     records: ListRecords | None = None
     skipped = 0
@@ -62,14 +64,7 @@ def read(paths: list[Path], sample: float, seed: int) -> tuple[ListRecords, int]
                     None,
                     f"expected {len(FIELDS)} '|'-separated fields ({'|'.join(FIELDS)}), found {len(parts)}{hint}",
                 )
-            values = []
-            for name, part in zip(FIELDS, parts):
-                try:
-                    text = part.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DataFormatError(path, line, name, "not valid UTF-8") from None
-                values.append(parse_literal(path, line, name, text, ended))
-            uid, profile, sparse, dense1, dense2, label = values
+            uid, profile, sparse, dense1, dense2, label = parse_fields(path, line, parts, FIELDS, ended, max_items)
             if not isinstance(uid, int):
                 raise DataFormatError(path, line, "uid", f"expected an integer, found {uid!r}")
             try:
@@ -82,11 +77,13 @@ def read(paths: list[Path], sample: float, seed: int) -> tuple[ListRecords, int]
     return records, skipped
 
 
-def build(src: Path, seed: int, fractions: Mapping[str, float], sample: float = 1.0) -> ListTable:
+def build(
+    src: Path, seed: int, fractions: Mapping[str, float], sample: float = 1.0, max_items: int = MAX_ITEMS
+) -> ListTable:
     if not 0.0 < sample <= 1.0:
         raise ValueError(f"sample must be in (0, 1], got {sample}")
     paths = _files(Path(src))
-    records, skipped = read(paths, sample, seed)
+    records, skipped = read(paths, sample, seed, max_items)
     if len(records) == 0:
         raise DataFormatError(paths[0], None, None, "no usable lists")
     if skipped:

@@ -33,6 +33,23 @@ def parse_literal(path: Path, line: int, field: str, text: str, ended: bool = Tr
         raise DataFormatError(path, line, field, f"cannot parse {text[:60]!r} as a list literal{hint}") from None
 
 
+def parse_fields(path: Path, line: int, parts: list[bytes], names: tuple[str, ...], ended: bool, max_items: int):
+    """The literals of a line's fields, the ``label`` field first: a list of more than ``max_items`` labels is
+    refused with its file and line before the (far larger) feature fields are parsed."""
+    values = {}
+    for name in ("label", *(n for n in names if n != "label")):
+        try:
+            text = parts[names.index(name)].decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataFormatError(path, line, name, "not valid UTF-8") from None
+        values[name] = parse_literal(path, line, name, text, ended)
+        if name == "label" and isinstance(values[name], list) and len(values[name]) > max_items:
+            raise DataFormatError(
+                path, line, "label", f"{len(values[name])} items, more than the limit of {max_items} (--max-items)"
+            )
+    return [values[n] for n in names]
+
+
 class ListRecords:
     """Accumulates validated lists: user key, user sparse values, item sparse rows, item dense rows, labels.
 

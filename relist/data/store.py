@@ -99,6 +99,20 @@ class ListTable:
         assert np.isfinite(self.item_dense).all(), "dense features must be finite"
 
 
+def cut_histories(table: ListTable, max_history: int) -> int:
+    """Keep each list's newest ``max_history`` history items (in place); returns how many histories were cut."""
+    lengths = np.diff(table.hist_offsets)
+    over = lengths > max_history
+    if not over.any():
+        return 0
+    kept = np.minimum(lengths, max_history)
+    ends = table.hist_offsets[1:]
+    rows = np.concatenate([np.arange(end - k, end) for end, k in zip(ends, kept)]) if kept.sum() else np.zeros(0, int)
+    table.user_hist = table.user_hist[rows]
+    table.hist_offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    return int(over.sum())
+
+
 def random_splits(n_lists: int, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
     """Split list indices at random into named parts of the given relative sizes (sorted indices)."""
     names = list(fractions)
