@@ -1,20 +1,23 @@
 """The cascade simulator: determinism given actions, matching through the index, scores, CQR, PettingZoo
-and Gymnasium."""
+and Gymnasium; the committed environments are sound (check-cascade), users held out, worlds seeded."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
+from relist.config import load_yaml
 from relist.data.synthetic import SyntheticClickModel, SyntheticParams
 from relist.rl.replay import quantile_rescale
 from relist.sim.cascade import Cascade, CascadeConfig
-from relist.sim.cascade_env import CascadeEnvConfig, build_env, session_metrics
+from relist.sim.cascade_check import check_cascade, passed
+from relist.sim.cascade_env import CascadeEnvConfig, build_env, session_metrics, split_people
 from relist.sim.cascade_interfaces import CascadeAECEnv, CascadeGymEnv
 from relist.sim.catalogue import synthetic_catalogue
 from relist.sim.pool import synthetic_item_pool
@@ -204,3 +207,91 @@ def test_gymnasium_single_agent_api(env):
     assert runs == [episode(hand_set, seed) for seed in range(3)]  # a seed replays its user's session
     assert any(sum(r) > 0 for r in runs)  # users click and dwell
     assert runs != [episode(reversed_, seed) for seed in range(3)]  # the stage's action reaches the user
+
+
+# ------------------------------------------------------------------ a sound environment
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cascade"
+
+
+def _assert_sound(check: dict) -> None:
+    assert all(r > 0.1 for r in check["relevance_appeal_spearman"]), check
+    assert check["appeal_flipped"] < check["appeal_handset"] < check["appeal_best"], check
+    assert check["dwell_flipped"] < check["dwell_handset"], check
+    assert check["users_disjoint"] is True and passed(check)
+
+
+def test_the_committed_synthetic_environment_is_sound():
+    """configs/cascade/synthetic_100k.yaml: every stage's relevance agrees with the true appeal, distrusting
+    relevance loses, and training and evaluation users are different people."""
+    cfg = load_yaml(CascadeEnvConfig, CONFIGS / "synthetic_100k.yaml")
+    assert cfg.seed is None and cfg.n_items == 100_000  # each run seed draws its world
+    env, info = build_env(cfg, 1)
+    assert info["world_seed"] == 1
+    _assert_sound(check_cascade(env, 1, n_users=200))
+
+
+def test_the_committed_mind_environment_is_sound(mind_data, tmp_path):
+    """configs/cascade/mind.yaml on a simulator fitted to the MIND subset: the same checks, and item groups
+    from k-means (MIND's catalogue has almost no categories)."""
+    from relist.cli import main
+
+    code = main(
+        ["sim", "train", "--data", str(mind_data.root), "--out", str(tmp_path / "sim"), "--log-fraction", "0.0319"]
+    )
+    assert code == 0
+    cfg = replace(load_yaml(CascadeEnvConfig, CONFIGS / "mind.yaml"), sim=str(tmp_path / "sim"))
+    assert cfg.seed is None
+    env, info = build_env(cfg, 0)
+    assert info["item_groups"].startswith("k-means")
+    assert int(env.cascade.catalogue.category.max()) + 1 == cfg.n_item_groups
+    assert info["eval_people"] > 1000  # every person of the dataset, half held out
+    _assert_sound(check_cascade(env, 0, n_users=300))
+
+
+def test_evaluation_users_are_people_training_never_meets(env):
+    catalogue = env.cascade.catalogue
+    person = catalogue.user_sparse[:, 0]
+    train = env.start(torch.arange(5000), 0, "train").users.pop
+    evaluation = env.start(torch.arange(env.n_eval_people), 0, "eval").users.pop
+    assert not set(person[train].tolist()) & set(person[evaluation].tolist())
+    # evaluation over as many users as there are evaluation people meets each of them once
+    assert sorted(evaluation.tolist()) == sorted(env.people["eval"].tolist())
+    # a split by person keeps every row of a person on one side
+    rows = split_people(torch.tensor([7, 7, 3, 3, 3, 9, 1, 1]), 0.5, 0)
+    sides = {p: {("eval" if r in rows["eval"] else "train") for r in range(8) if [7, 7, 3, 3, 3, 9, 1, 1][r] == p}
+             for p in (7, 3, 9, 1)}  # fmt: skip
+    assert all(len(s) == 1 for s in sides.values()) and {"train", "eval"} == set.union(*sides.values())
+
+
+def test_each_run_seed_draws_its_world_unless_the_file_fixes_it():
+    cfg = CascadeEnvConfig(source="synthetic", n_items=800, n_users=100, sizes=(100, 20, 5))
+    a, b = build_env(cfg, 0)[0], build_env(cfg, 1)[0]
+    assert not torch.equal(a.cascade.item_views[0], b.cascade.item_views[0])
+    assert not torch.equal(a.cascade.catalogue.vec, b.cascade.catalogue.vec)  # the synthetic truth too
+    fixed = replace(cfg, seed=4)
+    c, d = build_env(fixed, 0)[0], build_env(fixed, 1)[0]
+    assert torch.equal(c.cascade.item_views[0], d.cascade.item_views[0])
+
+
+def test_item_groups_come_from_kmeans_where_asked():
+    cfg = CascadeEnvConfig(source="synthetic", n_items=800, n_users=100, sizes=(100, 20, 5))
+    own, own_info = build_env(cfg, 0)
+    assert own_info["item_groups"].startswith("the data's categories")
+    clustered, info = build_env(replace(cfg, item_groups="kmeans", n_item_groups=6), 0)
+    groups = clustered.cascade.catalogue.category
+    assert info["item_groups"].startswith("k-means") and set(groups.tolist()) == set(range(6))
+    # clusters of the item vectors: items of a cluster are closer to its centre than to the others'
+    vec = clustered.cascade.catalogue.vec
+    centres = torch.stack([vec[groups == k].mean(0) for k in range(6)])
+    assert (torch.cdist(vec, centres).argmin(1) == groups).float().mean() > 0.95
+
+
+def test_stage_errors_are_fixed_per_item_and_shrink_downstream(env):
+    """The same item gets the same error wherever it appears, and later stages see items more accurately."""
+    cascade = env.cascade
+    x = torch.cat([cascade.catalogue.vec, cascade.catalogue.bias[:, None]], dim=1)
+    errors = [float((view - x).pow(2).mean()) for view in cascade.item_views]
+    assert errors == sorted(errors, reverse=True) and errors[-1] > 0
+    again = Cascade(cascade.catalogue, cascade.config)
+    assert all(torch.equal(a, b) for a, b in zip(again.item_views, cascade.item_views))

@@ -155,52 +155,67 @@ def test_td3_has_twin_critics_and_delays_its_actor(env):
     assert "actor_loss" in out and not all(torch.equal(a, b) for a, b in zip(before, agent.actors.parameters()))
 
 
-def test_experiment_command_end_to_end(env_yaml, tmp_path):
-    out = tmp_path / "exp"
+def _experiment(env_yaml, out, *extra):
     printed = io.StringIO()
+    args = ["experiment", "unexrl", "--env", str(env_yaml), "--out", str(out), "--seeds", "2"]
+    args += ["--methods", "cem,ddpg,unexrl", "--stages", "3,4", "--stage-methods", "unexrl", "--stage-seeds", "1"]
+    args += ["--steps", "12", "--n-envs", "32", "--eval-every", "6", "--cem-users", "8", "--reference-budget", "2"]
+    args += ["--resamples", "200", *extra]
     with contextlib.redirect_stdout(printed):
-        code = main(
-            [
-                "experiment",
-                "unexrl",
-                "--env",
-                str(env_yaml),
-                "--out",
-                str(out),
-                "--seeds",
-                "2",
-                "--methods",
-                "cem,ddpg,unexrl",
-                "--stages",
-                "3,4",
-                "--stage-methods",
-                "unexrl",
-                "--stage-seeds",
-                "1",
-                "--steps",
-                "12",
-                "--n-envs",
-                "32",
-                "--eval-every",
-                "6",
-                "--eval-users",
-                "40",
-                "--cem-iterations",
-                "2",
-            ]
-        )
-    assert code == 0
+        return main(args)
+
+
+def test_experiment_command_end_to_end(env_yaml, tmp_path, capsys):
     import csv
 
+    out = tmp_path / "exp"
+    assert _experiment(env_yaml, out) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    # 3 stages: default, random, cem, ddpg, unexrl over two seeds; 4 stages: default, unexrl over one
-    assert len(rows) == 2 * 5 + 2
+    # 3 stages: default, random, cem, ddpg, unexrl, reference over two seeds; 4 stages: default, unexrl over one
+    assert len(rows) == 2 * 6 + 2
     assert {r["stages"] for r in rows} == {"3", "4"}
+    budget = 12 * 32
+    for r in rows:  # equal budgets: RL exactly, CEM until the budget is spent (at most one candidate more)
+        used = int(r["requests_used"])
+        if r["method"] in ("ddpg", "unexrl"):
+            assert used == budget
+        elif r["method"] == "cem":
+            assert budget <= used <= budget + 8 * 3 * 100
+        elif r["method"] == "reference":
+            assert used >= 2 * budget
+    checks = list(csv.DictReader(open(out / "checks.csv")))
+    assert [c["users_disjoint"] for c in checks] == ["True", "True"]
+    assert {c["world_seed"] for c in checks} == {"0", "1"}  # each seed its own world
     summary = (out / "summary.md").read_text()
-    assert "UNEX-RL (CIC)" in summary and "vs CEM" in summary and "More stages" in summary
+    assert "Is the environment sound?" in summary and "vs CEM" in summary and "More stages" in summary
+    assert "best fixed fusion (reference)" in summary and "Holm p" in summary and "Wilcoxon p" in summary
     assert (out / "curves.png").is_file() and (out / "stages.png").is_file()
     curves = list(csv.DictReader(open(out / "curves.csv")))
     assert {c["step"] for c in curves if c["method"] == "unexrl"} == {"0", "6", "12"}
+    assert {c["step"] for c in curves if c["method"] == "cem"} == {"0", "6", "12"}
+    # the curve's last point is the table's evaluation: the same users
+    for method in ("ddpg", "unexrl"):
+        last = [c for c in curves if c["method"] == method and c["step"] == "12" and c["stages"] == "3"]
+        table = [r for r in rows if r["method"] == method and r["stages"] == "3"]
+        assert sorted(float(c["session_dwell"]) for c in last) == pytest.approx(
+            sorted(float(r["session_dwell"]) for r in table)
+        )
+
+    # --resume keeps every finished run (an interrupted run: one run file lost) and redoes only what is missing
+    lost = out / "runs" / "3-stages" / "ddpg" / "seed-1.json"
+    kept = (out / "runs" / "3-stages" / "unexrl" / "seed-0.json").stat().st_mtime_ns
+    lost.unlink()
+    assert _experiment(env_yaml, out, "--resume") == 0
+    assert lost.is_file()
+    assert (out / "runs" / "3-stages" / "unexrl" / "seed-0.json").stat().st_mtime_ns == kept
+    again = list(csv.DictReader(open(out / "results.csv")))
+    key = lambda r: (r["stages"], r["method"], r["seed"])  # noqa: E731
+    before = {key(r): r["session_dwell"] for r in rows}
+    assert {key(r): r["session_dwell"] for r in again} == before  # the redone run reproduces the lost one
+    # other settings are refused, and a plain rerun does not overwrite
+    assert _experiment(env_yaml, out, "--resume", "--cem-users", "9") == 2
+    assert "cem_users" in capsys.readouterr().err
+    assert _experiment(env_yaml, out) == 2
 
 
 def test_two_process_ddp_training(env_yaml, tmp_path):
@@ -219,8 +234,6 @@ def test_two_process_ddp_training(env_yaml, tmp_path):
         "32",
         "--eval-every",
         "10",
-        "--eval-users",
-        "20",
     ]
     two = subprocess.run(
         [
@@ -246,3 +259,47 @@ def test_two_process_ddp_training(env_yaml, tmp_path):
     assert result["world_size"] == 2 and result["ranks_in_sync"] is True
     assert result["final"]["requests"] == 10 * 32 * 2
     assert (tmp_path / "two" / "actors.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["unexrl", "unexrl_no_sg"])
+def test_without_sg_the_matching_actor_learns_through_the_later_stages(env, method):
+    """The cascading path a_1 -> o_2 -> a_2 -> o_3 -> a_3: with the stop-gradient (UNEX-RL) the matching actor gets
+    no gradient from what the later stages do with its candidates; without it (``unexrl_no_sg``) it does, and
+    the values of the chain are the same either way."""
+    agent = MultiStageAgent(env.cascade, method_config(method), default_actions(env.cascade, 1), torch.Generator())
+    agent.start_training()
+    state = env.start(torch.arange(64), 3)
+    pop, ctx = env.first(state)
+    chain = agent.chain(pop, ctx)
+    downstream = sum(a.pow(2).sum() for a in chain.actions[1:])  # the later stages' actions only
+    matching = list(agent.actors["0"].parameters())
+    grads = torch.autograd.grad(downstream, matching, allow_unused=True)
+    reached = sum(float(g.abs().sum()) for g in grads if g is not None)
+    if method == "unexrl":
+        assert reached == 0.0
+    else:
+        assert reached > 0.0
+    plain = env.cascade(pop, ctx, [a.detach() for a in chain.actions])
+    assert all(torch.equal(x.stages[s].rows, plain.stages[s].rows) for x in (chain,) for s in range(3))
+
+
+def test_cem_counts_every_request_it_plays_out_and_stops_at_its_budget(env):
+    from relist.rl.cem import CEMConfig, train_cem
+
+    played = []
+    evaluate_users = env.evaluate
+
+    def counting(*args, **kwargs):
+        out = evaluate_users(*args, **kwargs)
+        assert kwargs.get("users") == "train"  # CEM scores its candidates on training users only
+        played.append(int(out["requests"].sum()))
+        return out
+
+    env.evaluate = counting
+    try:
+        _, history = train_cem(env, CEMConfig(iterations=100, population=6, elite=2, users=16, budget=900), 0)
+    finally:
+        env.evaluate = evaluate_users
+    assert history[-1]["requests"] == sum(played)
+    assert sum(played[:-1]) < 900 <= sum(played)  # the last candidate scored is the one that spent the budget
+    assert len(history) >= 2

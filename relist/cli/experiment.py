@@ -20,4 +20,4 @@ def run_last(cfg: last.LastExperimentConfig) -> None:
 def run_unexrl(cfg: unexrl.UnexrlExperimentConfig) -> None:
     result = unexrl.run_experiment(cfg)
     print(result["summary"])
-    print(f"wrote {cfg.out}/results.csv, curves.csv, summary.md, curves.png, stages.png, env.json")
+    print(f"wrote {cfg.out}/results.csv, curves.csv, checks.csv, summary.md, curves.png, stages.png, env.json, runs/")

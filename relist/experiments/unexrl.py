@@ -1,19 +1,34 @@
 """`relist experiment unexrl`: the UNEX-RL paper's table on a simulated cascade, learning curves, 3/4/5 stages.
 
-For every seed and method (CEM, DDPG, TD3, independent DDPG, UNEX-RL-CTDE, UNEX-RL with CIC, and the
-ablations without stop-gradient and without CQR) one agent is trained on the environment ``--env``
-describes (``relist.sim.cascade_env.CascadeEnvConfig``) and evaluated on fixed users: session dwell
-(seconds per session, the paper's WatchTime) and session length (requests per session). The same
-users and random numbers serve every method of a seed (eval seed ``10000 + seed``), so differences are
-paired; the hand-set default weights and random fixed weights are evaluated alongside.
+For every seed the environment ``--env`` describes (``relist.sim.cascade_env.CascadeEnvConfig``) is built
+with its world drawn from the seed (the stage models' errors, and the synthetic truth; unless the file fixes
+``seed``), checked (``relist.sim.cascade_check``: stage relevance aligned with the click model, the fusion
+that distrusts relevance below the hand-set one, training and evaluation users different people), and
+every method is trained on it and evaluated on the held-out evaluation people: session dwell (seconds per
+session, the paper's WatchTime) and session length (requests per session).
 
-Then the paper's open question, more stages: the stage-count study trains ``--stage-methods`` on
-cascades of each count in ``--stages`` (the environment's sizes for its own count, otherwise sizes
-spaced geometrically between its first and last).
+- **Methods**: CEM, DDPG, TD3, independent DDPG, UNEX-RL-CTDE, UNEX-RL with CIC, the ablations without
+  stop-gradient and without CQR, ``unexrl_q1``; the hand-set weights and random fixed weights alongside.
+- **Equal budgets**: every method may use ``steps x n_envs`` simulated user-requests for training; CEM's
+  count includes every request of every session it plays out to score its candidates.
+- **A ceiling**: the best fixed fusion a CEM search with ``reference_budget`` times the budget finds on
+  training users ("best fixed fusion (reference)"), so the table says how much of the achievable gain of a
+  fixed fusion each method reaches, and whether a per-request policy beats a fixed fusion at all.
+- **Learning curves** against requests, evaluated on the same users as the table.
+- **Statistics** (``relist.stats``): per method, the mean session dwell over seeds with a two-level 95%
+  interval (nested bootstrap over seeds, then evaluation users within a seed: the unit that varies between
+  one result and the next); the difference against UNEX-RL (CIC) with its interval and Holm-adjusted
+  bootstrap p over the table's comparisons; the exact Wilcoxon signed-rank p of the per-seed values; and
+  the count of seeds above the hand-set weights. The outcome can be bimodal across seeds (a run finds a
+  better fusion or does not): the counts and Wilcoxon say that where a mean cannot.
+- **More stages**, the paper's open question: ``--stage-methods`` on cascades of each count in ``--stages``
+  (the environment's sizes for its own count, otherwise sizes spaced geometrically between its first and
+  last).
 
-Writes ``results.csv`` (one row per stages x method x seed), ``curves.csv`` (learning curves),
-``summary.md`` (mean ± 95% CI over seeds (t), paired t-tests against UNEX-RL, the verdict on the paper's
-ordering), ``curves.png`` and ``stages.png``; ``env.json`` describes the calibrated environment.
+Every (stages, method, seed) run is written to ``runs/`` when it ends, with its evaluation users' outcomes;
+``--resume`` keeps the finished ones (a run with a different configuration is refused). Writes
+``results.csv``, ``curves.csv``, ``checks.csv``, ``summary.md``, ``curves.png``, ``stages.png`` and
+``env.json``.
 """
 
 from __future__ import annotations
@@ -21,25 +36,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from relist.config import load_yaml, option
-from relist.io import atomic_write_csv
+from relist.io import atomic_write_csv, atomic_write_text, read_json
 from relist.rl.agents import METHODS, method_config
-from relist.rl.cem import CEMConfig, train_cem
-from relist.rl.loop import (
-    LoopConfig,
-    evaluate,
-    fixed_policy,
-    greedy_policy,
-    train_agent,
-)
-from relist.sim.cascade_env import CascadeEnvConfig, build_env
-from relist.stats import paired_t_p, t_ci95
+from relist.rl.cem import CEMConfig, train_cem, weights_of
+from relist.rl.loop import LoopConfig, evaluate_users, fixed_policy, greedy_policy, train_agent
+from relist.sim.cascade_check import check_cascade, passed
+from relist.sim.cascade_env import CascadeEnvConfig, build_env, default_actions, session_metrics
+from relist.stats import format_p, holm, nested_bootstrap, wilcoxon_seeds
 
 log = logging.getLogger("relist")
 ALL_METHODS = ("cem", *METHODS)
@@ -55,6 +65,7 @@ LABELS = {
     "unexrl_q1": "UNEX-RL, Q_g on o_1 only (ours)",
     "default": "hand-set weights",
     "random": "random weights",
+    "reference": "best fixed fusion (reference)",
 }
 PAPER = {
     "unexrl": (1056.2, 24.2),
@@ -63,7 +74,21 @@ PAPER = {
     "ddpg": (732.6, 18.2),
     "cem": (654.0, 15.3),
 }
-METRICS = ("session_dwell", "session_length")
+FIXED = ("default", "random", "reference")
+REF = "unexrl"
+OUTCOMES = ("dwell", "sessions", "requests", "clicks")
+RESUME_IGNORES = (
+    "out",
+    "resume",
+    "overwrite",
+    "threads",
+    "resamples",
+    "seeds",
+    "methods",
+    "stages",
+    "stage_methods",
+    "stage_seeds",
+)
 
 
 @dataclass
@@ -72,7 +97,7 @@ class UnexrlExperimentConfig:
         help="environment YAML (relist.sim.cascade_env.CascadeEnvConfig fields: source, sim, sizes, ...)"
     )
     out: Path = option(help="output directory")
-    seeds: int = option(5, help="seeds per method")
+    seeds: int = option(10, help="seeds per method (each seed draws its own world unless the env file fixes it)")
     seed: int = option(0, help="first seed")
     methods: tuple[str, ...] = option(ALL_METHODS, help="methods of the main table", choices=ALL_METHODS)
     stages: tuple[int, ...] = option((3, 4, 5), help="stage counts of the stage study (empty: skip it)")
@@ -84,10 +109,14 @@ class UnexrlExperimentConfig:
     n_envs: int = option(128, help="simulated users in parallel during training")
     updates_per_step: int = option(1, help="gradient updates per training step")
     eval_every: int = option(100, help="steps between evaluations (learning curves)")
-    eval_users: int = option(1000, help="users of the final evaluation (curves use half)")
-    cem_iterations: int = option(8, help="CEM iterations")
+    eval_users: int = option(0, help="evaluation users (0: every evaluation person once)")
+    cem_population: int = option(12, help="CEM candidates per iteration")
+    cem_users: int = option(32, help="training users scoring each CEM candidate")
+    reference_budget: float = option(10.0, help="budget of the best-fixed-fusion search, in training budgets (0: none)")
+    resamples: int = option(2000, help="bootstrap resamples of every interval and p")
     threads: int = option(1, help="torch threads")
-    overwrite: bool = option(False, help="replace OUT if it exists")
+    resume: bool = option(False, help="keep the finished runs in OUT and run the rest")
+    overwrite: bool = option(False, help="run everything again into an OUT that holds results")
 
 
 def stage_sizes(base: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -97,40 +126,117 @@ def stage_sizes(base: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(int(round(first * (last / first) ** (k / (n - 1)))) for k in range(n))
 
 
-def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> tuple[dict, list[dict]]:
-    loop = LoopConfig(
+def budget(cfg: UnexrlExperimentConfig) -> int:
+    """Simulated user-requests every method may use for training."""
+    return cfg.steps * cfg.n_envs
+
+
+def _loop(cfg: UnexrlExperimentConfig) -> LoopConfig:
+    return LoopConfig(
         steps=cfg.steps,
         n_envs=cfg.n_envs,
         updates_per_step=cfg.updates_per_step,
         eval_every=cfg.eval_every,
-        eval_users=max(cfg.eval_users // 2, 2),
+        eval_users=cfg.eval_users,
     )
+
+
+def _cem_curve(env, history: list[dict], cfg: UnexrlExperimentConfig, seed: int) -> list[dict]:
+    """CEM's learning curve at the RL methods' evaluation points: the fusion CEM held after each number of
+    requests, evaluated on the evaluation users."""
+    loop, curve = _loop(cfg), []
+    checkpoints = sorted({*range(0, cfg.steps + 1, cfg.eval_every), cfg.steps})
+    for step in checkpoints:
+        spent = step * cfg.n_envs
+        done = [h for h in history if h["requests"] <= spent]
+        weights = weights_of(done[-1], env) if done else default_actions(env.cascade, 1)
+        metrics = session_metrics(evaluate_users(env, fixed_policy(weights), loop, seed))
+        used = done[-1]["requests"] if done else 0
+        curve.append({"step": step, "requests": used, **metrics})
+    return curve
+
+
+def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> dict:
+    """Train ``method`` on ``env`` for seed ``seed`` and evaluate it; the run's record (metrics, requests used,
+    the evaluation users' outcomes and the learning curve)."""
+    loop = _loop(cfg)
     started = time.perf_counter()
+    curve, used = [], 0
     if method == "cem":
-        weights, cem_curve = train_cem(env, CEMConfig(iterations=cfg.cem_iterations), seed)
-        policy = fixed_policy(weights)
-        curve = [
-            {"step": c["iteration"], "requests": c["requests"], "session_dwell": c["mean_score"]} for c in cem_curve
-        ]
-    elif method in ("default", "random"):
-        if method == "random":
-            g = torch.Generator().manual_seed(seed)
-            policy = fixed_policy([torch.rand(1, m, generator=g) * 2 - 1 for m in env.cascade.action_dims])
-        else:
-            policy = None
-        curve = []
+        cem = CEMConfig(iterations=10**6, population=cfg.cem_population, users=cfg.cem_users, budget=budget(cfg))
+        weights, history = train_cem(env, cem, seed)
+        policy, used = fixed_policy(weights), history[-1]["requests"]
+        curve = _cem_curve(env, history, cfg, seed)
+    elif method == "reference":
+        cem = CEMConfig(
+            iterations=10**6,
+            population=2 * cfg.cem_population,
+            elite=6,
+            users=2 * cfg.cem_users,
+            init_std=1.0,
+            budget=int(cfg.reference_budget * budget(cfg)),
+        )
+        weights, history = train_cem(env, cem, 7919 + seed)
+        policy, used = fixed_policy(weights), history[-1]["requests"]
+    elif method == "random":
+        g = torch.Generator().manual_seed(seed)
+        policy = fixed_policy([torch.rand(1, m, generator=g) * 2 - 1 for m in env.cascade.action_dims])
+    elif method == "default":
+        policy = None
     else:
         agent, curve = train_agent(env, method_config(method), loop, seed)
-        policy = greedy_policy(agent)
+        policy, used = greedy_policy(agent), cfg.steps * cfg.n_envs
     seconds = time.perf_counter() - started
-    final = evaluate(env, policy, replace(loop, eval_users=cfg.eval_users), seed)
-    return {"method": method, "seed": seed, "train_seconds": round(seconds, 2), **final}, curve
+    users = evaluate_users(env, policy, loop, seed)
+    return {
+        "method": method,
+        "seed": seed,
+        "requests_used": int(used),
+        "train_seconds": round(seconds, 2),
+        **session_metrics(users),
+        "users": {k: users[k].tolist() for k in OUTCOMES},
+        "curve": curve,
+    }
+
+
+def _run_path(out: Path, n_stages: int, method: str, seed: int) -> Path:
+    return out / "runs" / f"{n_stages}-stages" / method / f"seed-{seed}.json"
+
+
+def _check_path(out: Path, seed: int) -> Path:
+    return out / "runs" / "checks" / f"seed-{seed}.json"
+
+
+def _fingerprint(cfg: UnexrlExperimentConfig) -> dict:
+    """What a resumed run must share with the one it continues."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in RESUME_IGNORES}
+    settings["env_file"] = Path(cfg.env).read_text(encoding="utf-8")
+    return settings
+
+
+def _prepare_out(cfg: UnexrlExperimentConfig) -> Path:
+    out = Path(cfg.out)
+    settings = _fingerprint(cfg)
+    stamp = out / "experiment.json"
+    if out.exists() and any(out.iterdir()):
+        if cfg.resume and stamp.is_file():
+            before = read_json(stamp)
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(
+                    f"{out}: --resume with different settings ({', '.join(changed)}) than the runs there; "
+                    "use a new --out"
+                )
+        elif cfg.resume:
+            raise FileExistsError(f"{out} holds files but no experiment.json: not an unexrl experiment to resume")
+        elif not cfg.overwrite:
+            raise FileExistsError(f"{out} already exists (pass --resume to continue it or --overwrite to redo it)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(settings, indent=2))
+    return out
 
 
 def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     methods, stage_methods = list(cfg.methods), list(cfg.stage_methods)
     for m in methods + stage_methods:
         if m not in ALL_METHODS:
@@ -140,152 +246,312 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     env_cfg = load_yaml(CascadeEnvConfig, cfg.env)
-    counts = list(cfg.stages)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_out(cfg)
+    base = len(env_cfg.sizes)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    rows, curves, envs = [], [], {}
     stage_seeds = seeds[: cfg.stage_seeds] if cfg.stage_seeds > 0 else seeds
-    plan = [(len(env_cfg.sizes), m, seeds) for m in ["default", "random", *methods]]
-    plan += [(n, m, stage_seeds) for n in counts if n != len(env_cfg.sizes) for m in ["default", *stage_methods]]
-    for n_stages, method, run_seeds in plan:
-        if n_stages not in envs:
-            sizes = stage_sizes(tuple(env_cfg.sizes), n_stages)
-            envs[n_stages] = build_env(replace(env_cfg, sizes=sizes))
-            log.info("environment with %d stages %s: %s", n_stages, sizes, envs[n_stages][1]["session"])
-        env = envs[n_stages][0]
+    main = ["default", "random", *methods] + (["reference"] if cfg.reference_budget > 0 else [])
+    plan = [(base, seeds, main)] + [(n, stage_seeds, ["default", *stage_methods]) for n in cfg.stages if n != base]
+    records, checks, infos = [], [], {}
+    for n_stages, run_seeds, run_methods in plan:
+        sizes = stage_sizes(tuple(env_cfg.sizes), n_stages)
         for seed in run_seeds:
-            row, curve = run_method(env, method, cfg, seed)
-            rows.append({"stages": n_stages, **row})
-            curves += [{"stages": n_stages, "method": method, "seed": seed, **c} for c in curve]
-            log.info(
-                "%d stages, %s, seed %d: session dwell %.1f, length %.2f",
-                n_stages,
-                method,
-                seed,
-                row["session_dwell"],
-                row["session_length"],
-            )
-            atomic_write_csv(out / "results.csv", rows)
-            atomic_write_csv(out / "curves.csv", curves)
-    (out / "env.json").write_text(json.dumps({n: info for n, (_, info) in envs.items()}, indent=2, default=str))
-    summary = _summary(rows, methods, stage_methods, counts, len(env_cfg.sizes), cfg, envs)
-    (out / "summary.md").write_text(summary, encoding="utf-8")
-    _plots(out, rows, curves, methods, len(env_cfg.sizes))
-    return {"rows": rows, "summary": summary}
-
-
-def _values(rows, stages, method, metric) -> list[float]:
-    return [r[metric] for r in sorted(rows, key=lambda r: r["seed"]) if r["stages"] == stages and r["method"] == method]
-
-
-def _summary(rows, methods, stage_methods, counts, base_stages, cfg, envs) -> str:
-    info = envs[base_stages][1]
-    lines = [
-        f"# UNEX-RL on a simulated {base_stages}-stage cascade",
-        "",
-        f"Environment `{cfg.env}`: {info['source']}, {info['n_items']:,} items, {info['n_users']:,} users, stages "
-        f"{' -> '.join(map(str, info['sizes']))}; sessions calibrated so that the hand-set weights give "
-        f"{info['session']['target_requests_per_session']:.2f} requests per session (first session). "
-        f"Training: {cfg.steps} steps x {cfg.n_envs} users; evaluation on {cfg.eval_users} users per seed "
-        f"(the same users for every method of a seed). Mean ± 95% CI (t) over {cfg.seeds} seed(s); "
-        "p: paired t-test across seeds against UNEX-RL (CIC).",
-        "",
-        "| method | session dwell (s) | session length (requests) | clicks / request | paper WatchTime / length |",
-        "|---|---|---|---|---|",
-    ]
-    ref = "unexrl" if "unexrl" in methods else None
-    for method in ["default", "random", *methods]:
-        cells = []
-        for metric in METRICS + ("clicks_per_request",):
-            v = _values(rows, base_stages, method, metric)
-            cell = f"{np.mean(v):.4g} ± {t_ci95(v):.3g}"
-            if ref and method not in (ref, "default", "random") and metric in METRICS:
-                cell += f" (p={paired_t_p(_values(rows, base_stages, ref, metric), v):.2g})"
-            cells.append(cell)
-        paper = PAPER.get(method)
-        cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    if ref:
-        lines += [
-            "",
-            "Does UNEX-RL (CIC) beat each method, as in the paper? (mean difference over seeds, paired t-test)",
-            "",
-        ]
-        for other in [
-            m
-            for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1")
-            if m in methods
-        ]:
-            parts = []
-            for metric in METRICS:
-                a, b = _values(rows, base_stages, ref, metric), _values(rows, base_stages, other, metric)
-                diff, p = float(np.mean(a) - np.mean(b)), paired_t_p(a, b)
-                verdict = (
-                    "yes" if diff > 0 and p < 0.05 else ("no, worse" if diff < 0 and p < 0.05 else "not significantly")
+            env = None
+            todo = []
+            for method in run_methods:
+                path = _run_path(out, n_stages, method, seed)
+                if path.is_file() and not cfg.overwrite:
+                    records.append({"stages": n_stages, **read_json(path)})
+                else:
+                    todo.append(method)
+            check_file = _check_path(out, seed)
+            need_check = n_stages == base and (cfg.overwrite or not check_file.is_file())
+            if todo or need_check:
+                env, info = build_env(replace(env_cfg, sizes=sizes), seed)
+                infos.setdefault(str(n_stages), {})[str(seed)] = info
+                log.info("%d stages %s, seed %d: %s", n_stages, sizes, seed, info["session"])
+            if n_stages == base:
+                if need_check:
+                    _write_json(check_file, {"seed": seed, **check_cascade(env, seed)})
+                checks.append(read_json(check_file))
+            for method in todo:
+                record = run_method(env, method, cfg, seed)
+                _write_json(_run_path(out, n_stages, method, seed), record)
+                records.append({"stages": n_stages, **record})
+                log.info(
+                    "%d stages, %s, seed %d: session dwell %.1f, length %.2f (%d requests, %.0f s)",
+                    n_stages,
+                    method,
+                    seed,
+                    record["session_dwell"],
+                    record["session_length"],
+                    record["requests_used"],
+                    record["train_seconds"],
                 )
-                parts.append(f"{metric.replace('_', ' ')} {diff:+.4g} (p={p:.2g}): {verdict}")
-            lines.append(f"- vs {LABELS[other]}: " + "; ".join(parts))
-    others = [n for n in counts if n != base_stages]
-    if others:
-        n_seeds = cfg.stage_seeds if cfg.stage_seeds > 0 else cfg.seeds
-        lines += [
-            "",
-            "## More stages (the paper's open question)",
-            "",
-            f"Mean ± 95% CI over {n_seeds} seed(s).",
-            "",
-            "| stages | sizes | method | session dwell (s) | session length |",
-            "|---|---|---|---|---|",
-        ]
-        for n in sorted(set(counts) | {base_stages}):
-            if n not in envs:
-                continue
-            for method in ["default", *stage_methods]:
-                d, s = _values(rows, n, method, "session_dwell"), _values(rows, n, method, "session_length")
-                if d:
-                    lines.append(
-                        f"| {n} | {' -> '.join(map(str, envs[n][1]['sizes']))} | {LABELS[method]} | "
-                        f"{np.mean(d):.4g} ± {t_ci95(d):.3g} | {np.mean(s):.3g} ± {t_ci95(s):.2g} |"
-                    )
+            _write_tables(out, records, checks)
+    if infos:
+        previous = read_json(out / "env.json") if (out / "env.json").is_file() else {}
+        for n, by_seed in infos.items():
+            previous.setdefault(n, {}).update(by_seed)
+        atomic_write_text(out / "env.json", json.dumps(previous, indent=2, default=str))
+    summary = _summary(records, checks, methods, stage_methods, cfg, base, env_cfg)
+    atomic_write_text(out / "summary.md", summary)
+    _plots(out, records, methods, base)
+    return {"rows": [_row(r) for r in records], "checks": checks, "summary": summary}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(value))
+
+
+def _row(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("users", "curve")}
+
+
+def _write_tables(out: Path, records: list[dict], checks: list[dict]) -> None:
+    atomic_write_csv(out / "results.csv", [_row(r) for r in records])
+    curves = [
+        {"stages": r["stages"], "method": r["method"], "seed": r["seed"], **c} for r in records for c in r["curve"]
+    ]
+    if curves:
+        atomic_write_csv(out / "curves.csv", curves)
+    rows = [
+        {
+            **{k: v for k, v in c.items() if k not in ("relevance_appeal_spearman", "stages")},
+            **{f"spearman_{name}": r for name, r in zip(c["stages"], c["relevance_appeal_spearman"])},
+        }
+        for c in checks
+    ]
+    if rows:
+        atomic_write_csv(out / "checks.csv", rows)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _by_seed(records, n_stages: int, method: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in records if r["stages"] == n_stages and r["method"] == method}
+
+
+def _arm(runs: dict[int, dict], seeds: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    dwell = [np.asarray(runs[s]["users"]["dwell"]) for s in seeds]
+    sessions = [np.asarray(runs[s]["users"]["sessions"]) for s in seeds]
+    return dwell, sessions
+
+
+def method_stats(records, n_stages: int, methods: list[str], resamples: int) -> dict[str, dict]:
+    """Per method: the mean session dwell over seeds with its two-level interval, its difference from UNEX-RL
+    (CIC) with interval and bootstrap p (Holm-adjusted over ``methods``), the Wilcoxon p over seeds, the
+    seeds above the hand-set weights, and the share of the reference's gain over the hand-set weights."""
+    default = _by_seed(records, n_stages, "default")
+    ref = _by_seed(records, n_stages, REF)
+    reference = _by_seed(records, n_stages, "reference")
+    stats = {}
+    for method in methods:
+        runs = _by_seed(records, n_stages, method)
+        seeds = sorted(runs)
+        if not seeds:
+            continue
+        dwell, sessions = _arm(runs, seeds)
+        zeros = [np.zeros_like(d) for d in dwell]
+        ones = [np.ones_like(d) for d in dwell]
+        entry = {
+            "seeds": len(seeds),
+            "mean": nested_bootstrap(dwell, zeros, sessions, ones, resamples=resamples),
+            "length": float(np.mean([runs[s]["session_length"] for s in seeds])),
+            "clicks": float(np.mean([runs[s]["clicks_per_request"] for s in seeds])),
+            "requests": int(np.mean([runs[s]["requests_used"] for s in seeds])),
+        }
+        common = [s for s in seeds if s in default]
+        entry["above_default"] = (
+            sum(runs[s]["session_dwell"] > default[s]["session_dwell"] for s in common),
+            len(common),
+        )
+        paired = [s for s in seeds if s in ref]
+        if method != REF and paired:
+            a, a_den = _arm(ref, paired)
+            b, b_den = _arm(runs, paired)
+            entry["vs_ref"] = nested_bootstrap(a, b, a_den, b_den, resamples=resamples)
+            entry["wilcoxon"] = wilcoxon_seeds(
+                [ref[s]["session_dwell"] for s in paired], [runs[s]["session_dwell"] for s in paired]
+            )
+        top = [s for s in seeds if s in reference and s in default]
+        if top and method != "reference":
+            gain = np.mean([reference[s]["session_dwell"] - default[s]["session_dwell"] for s in top])
+            own = np.mean([runs[s]["session_dwell"] - default[s]["session_dwell"] for s in top])
+            entry["share_of_reference"] = float(own / gain) if gain > 0 else float("nan")
+        stats[method] = entry
+    family = [m for m in stats if "vs_ref" in stats[m] and m not in ("default", "random")]
+    for m, p in zip(family, holm([stats[m]["vs_ref"]["p"] for m in family])):
+        stats[m]["holm"] = p
+    return stats
+
+
+def _interval(r: dict, digits: int = 0) -> str:
+    return f"{r['mean']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}]"
+
+
+def _diff(r: dict) -> str:
+    return f"{r['mean']:+.0f} [{r['low']:+.0f}, {r['high']:+.0f}]"
+
+
+def _check_lines(checks: list[dict]) -> list[str]:
+    if not checks:
+        return []
+    ok = sum(passed(c) for c in checks)
+    stages = checks[0]["stages"]
+    lines = [
+        "## Is the environment sound? (`relist sim check-cascade`, each seed's world)",
+        "",
+        f"Passed on {ok} of {len(checks)} seeds (relevance positively aligned with the click model's appeal at "
+        'every stage, the fusion "relevance -1, prior +1" below the hand-set one in appeal and in session '
+        "dwell, training and evaluation users different people).",
+        "",
+        "| seed | Spearman " + " / ".join(stages) + " | appeal hand-set / flipped / best | "
+        "dwell hand-set / flipped (s) | users disjoint | train / eval people |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sorted(checks, key=lambda c: c["seed"]):
+        rho = " / ".join(f"{r:.2f}" for r in c["relevance_appeal_spearman"])
+        lines.append(
+            f"| {c['seed']} | {rho} | {c['appeal_handset']:.3f} / {c['appeal_flipped']:.3f} / {c['appeal_best']:.3f} | "
+            f"{c['dwell_handset']:.0f} / {c['dwell_flipped']:.0f} | {str(c['users_disjoint']).lower()} | "
+            f"{c['train_people']} / {c['eval_people']} |"
+        )
+    return lines + [""]
+
+
+def _summary(records, checks, methods, stage_methods, cfg, base, env_cfg) -> str:
+    main = ["default", "random", *methods] + (["reference"] if cfg.reference_budget > 0 else [])
+    stats = method_stats(records, base, main, cfg.resamples)
+    n_seeds = max((s["seeds"] for s in stats.values()), default=0)
+    world = f"seed {env_cfg.seed} for every run" if env_cfg.seed is not None else "drawn from each run's seed"
+    lines = [
+        f"# UNEX-RL on a simulated {base}-stage cascade",
+        "",
+        f"Environment `{cfg.env}` ({env_cfg.source}; stages {' -> '.join(map(str, env_cfg.sizes))}; world "
+        f"{world}). Every method trains on at most {budget(cfg):,} simulated user-requests of training users "
+        f"({cfg.steps} steps x {cfg.n_envs} users; CEM: every request of the sessions it plays out, "
+        f"{cfg.cem_population} candidates x {cfg.cem_users} users per iteration) and is evaluated on the held-out "
+        "evaluation people (the same users and random numbers for every method of a seed). The reference is "
+        f"CEM with {cfg.reference_budget:g}x the budget on training users.",
+        "",
+        *_check_lines(checks),
+        f"## The table ({n_seeds} seeds)",
+        "",
+        "Session dwell: mean over seeds [95% interval over seeds and evaluation users, nested bootstrap, "
+        f"{cfg.resamples} resamples]. Against UNEX-RL (CIC): the difference with the same interval, its bootstrap "
+        "p Holm-adjusted over the table's comparisons, and the exact Wilcoxon signed-rank p over seeds. "
+        "Above hand-set: seeds where the method's session dwell beats the hand-set weights'. Of reference: "
+        "the share of the best fixed fusion's gain over the hand-set weights.",
+        "",
+        "| method | requests used | session dwell (s) | vs UNEX-RL (CIC) | Holm p | Wilcoxon p | above hand-set | "
+        "of reference | session length | clicks / request | paper WatchTime / length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in main:
+        st = stats.get(method)
+        if st is None:
+            continue
+        vs = _diff(st["vs_ref"]) if "vs_ref" in st else "-"
+        holm_p = format_p(st["holm"], cfg.resamples) if "holm" in st else "-"
+        wil = f"{st['wilcoxon']['p']:.3g}" if "wilcoxon" in st else "-"
+        above = f"{st['above_default'][0]}/{st['above_default'][1]}" if method != "default" else "-"
+        share = f"{st['share_of_reference']:.0%}" if np.isfinite(st.get("share_of_reference", np.nan)) else "-"
+        paper = PAPER.get(method)
+        lines.append(
+            f"| {LABELS[method]} | {st['requests']:,} | {_interval(st['mean'])} | {vs} | {holm_p} | {wil} | {above} | "
+            f"{share} | {st['length']:.2f} | {st['clicks']:.3f} | "
+            + (f"{paper[0]} / {paper[1]}" if paper else "-")
+            + " |"
+        )
+    lines += ["", *_verdicts(stats, methods), *_stage_lines(records, stage_methods, cfg, base), ""]
     return "\n".join(lines) + "\n"
 
 
-def _plots(out: Path, rows, curves, methods, base_stages) -> None:
+def _verdicts(stats, methods) -> list[str]:
+    if REF not in stats:
+        return []
+    out = ["Does UNEX-RL (CIC) beat each method, as in the paper? (Holm-adjusted bootstrap p < 0.05)", ""]
+    for m in [m for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1")]:
+        st = stats.get(m)
+        if m not in methods or st is None or "vs_ref" not in st:
+            continue
+        d, p = st["vs_ref"], st["holm"]
+        verdict = "not resolved" if p >= 0.05 else ("yes" if d["mean"] > 0 else "no, it is worse")
+        out.append(f"- vs {LABELS[m]}: {_diff(d)} s (Holm p {p:.3g}, Wilcoxon p {st['wilcoxon']['p']:.3g}): {verdict}")
+    if "reference" in stats and "default" in stats:
+        ref_gain = stats["reference"]["mean"]["mean"] - stats["default"]["mean"]["mean"]
+        out.append(f"- the best fixed fusion's gain over the hand-set weights: {ref_gain:+.0f} s per session")
+    return out + [""]
+
+
+def _stage_lines(records, stage_methods, cfg, base) -> list[str]:
+    counts = sorted({r["stages"] for r in records})
+    if len(counts) < 2:
+        return []
+    lines = [
+        "## More stages (the paper's open question)",
+        "",
+        "Session dwell, mean [95% interval over seeds and evaluation users]; seeds above the hand-set weights.",
+        "",
+        "| stages | method | seeds | session dwell (s) | above hand-set | session length |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in counts:
+        stats = method_stats(records, n, ["default", *stage_methods], cfg.resamples)
+        for method, st in stats.items():
+            above = f"{st['above_default'][0]}/{st['above_default'][1]}" if method != "default" else "-"
+            lines.append(
+                f"| {n} | {LABELS[method]} | {st['seeds']} | {_interval(st['mean'])} | {above} | {st['length']:.2f} |"
+            )
+    return lines
+
+
+def _plots(out: Path, records, methods, base) -> None:
     import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for k, method in enumerate(methods):
-        points = [c for c in curves if c["stages"] == base_stages and c["method"] == method]
-        steps = sorted({c["step"] for c in points})  # CEM's request counts differ by seed: group by step
-        if steps:
-            xs = [np.mean([c["requests"] for c in points if c["step"] == t]) for t in steps]
-            mean = [np.mean([c["session_dwell"] for c in points if c["step"] == t]) for t in steps]
-            ax.plot(xs, mean, marker="o", ms=3, label=LABELS[method], color=f"C{k}")
-    default = np.mean(_values(rows, base_stages, "default", "session_dwell"))
-    ax.axhline(default, color="black", linestyle="--", label="hand-set weights")
-    ax.set_xlabel("simulated requests used for training")
-    ax.set_ylabel("session dwell (s), mean over seeds")
+        runs = [r for r in records if r["stages"] == base and r["method"] == method and r["curve"]]
+        steps = sorted({c["step"] for r in runs for c in r["curve"]})
+        if not steps:
+            continue
+        xs = [np.mean([c["requests"] for r in runs for c in r["curve"] if c["step"] == t]) for t in steps]
+        mean = [np.mean([c["session_dwell"] for r in runs for c in r["curve"] if c["step"] == t]) for t in steps]
+        ax.plot(xs, mean, marker="o", ms=3, label=LABELS[method], color=f"C{k % 10}")
+    for method, style in (("default", "--"), ("reference", ":")):
+        runs = [r for r in records if r["stages"] == base and r["method"] == method]
+        if runs:
+            level = np.mean([r["session_dwell"] for r in runs])
+            ax.axhline(level, color="black", linestyle=style, label=LABELS[method])
+    ax.set_xlabel("simulated user-requests used for training")
+    ax.set_ylabel("session dwell (s) of the evaluation users, mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
 
-    counts = sorted({r["stages"] for r in rows})
+    counts = sorted({r["stages"] for r in records})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] != "random")):
-        xs = [n for n in counts if _values(rows, n, method, "session_dwell")]
+    names = dict.fromkeys(r["method"] for r in records if r["method"] not in ("random", "reference"))
+    for k, method in enumerate(names):
+        xs = [n for n in counts if _by_seed(records, n, method)]
         if len(xs) < 2:
             continue
-        means = [np.mean(_values(rows, n, method, "session_dwell")) for n in xs]
-        errs = [t_ci95(_values(rows, n, method, "session_dwell")) for n in xs]
-        ax.errorbar(xs, means, yerr=np.nan_to_num(errs), marker="o", capsize=3, label=LABELS[method], color=f"C{k}")
+        values = [[r["session_dwell"] for r in _by_seed(records, n, method).values()] for n in xs]
+        means = [np.mean(v) for v in values]
+        spread = [np.std(v) for v in values]
+        ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=LABELS[method], color=f"C{k % 10}")
     ax.set_xlabel("stages")
-    ax.set_ylabel("session dwell (s)")
+    ax.set_ylabel("session dwell (s), mean ± sd over seeds")
     ax.set_xticks(counts)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "stages.png", dpi=120)
     plt.close(fig)

@@ -18,14 +18,26 @@ UNEX-RL's three parts, each a switch:
   s > 1 are the stale copies stored when the transition was collected. The critic's own input (o, a) is
   the stored one: the cascade is deterministic, so rebuilding o from the stored actions returns the
   stored o exactly (tested), and the rebuild is skipped.
-- ``sg`` (stop-gradient on the cascading path): top-K selection is discrete, so o_{s+1} has no gradient
-  with respect to a_s. Without SG we give it one: the mean scores in o_{s+1} carry a straight-through
-  gradient through a softmax over stage s's fused scores (``Cascade.forward(relaxed=True)``), and the
-  actor loss differentiates through it (our construction; the paper does not spell out the path it cuts).
+- ``sg`` (stop-gradient on the cascading path). The cascading path is a_s -> o_{s+1}: what stage s keeps
+  is what stage s+1 observes. In the actor loss of the CIC chain, with SG (the paper's choice: the path
+  through the discrete top-K selections is long and its gradient noisy, so the paper stops it for
+  variance), each o_{s+1} is a constant with respect to a_1..a_s, so actor s learns only from
+  dQ/da_s, its own action's direct slope in the critic; upstream actors get no gradient from what their
+  choice does to the downstream observations and, through the downstream actors, to a_{s+1}..a_N. In
+  relist that is literal: top-K selection has no gradient, and the observations carry none. Without SG
+  (``sg=False``) we give the path one: the mean scores in o_{s+1} carry a straight-through gradient
+  through a softmax over stage s's fused scores (``Cascade.forward(relaxed=True)``: values unchanged,
+  gradients as if the stage kept a soft mixture of its candidates), and the actor loss differentiates
+  through it, so dQ/do_{s+1} do_{s+1}/da_s and dQ/da_{s+1} dpi_{s+1}/do_{s+1} do_{s+1}/da_s reach
+  actor s (our construction; the paper does not spell out the path it cuts). ``chain`` builds the path
+  either way; the tests check that the matching actor's gradient through the later stages is zero with
+  SG and not without.
 - ``cqr`` (category-quantile rescaling): rewards replaced by their quantile within their (user group,
   item group) cell among the replay buffer's rewards (``relist.rl.replay.quantile_rescale``). User group:
-  quartile of history length; item group: category of the first shown item. Without CQR, rewards are
-  divided by a fixed scale (the default weights' mean reward).
+  quartile of history length (activity); item group: the group of the first shown item, the data's
+  category or, where categories are missing (96% of MIND's catalogue), a k-means cluster of the click
+  model's item vectors (``CascadeEnvConfig.item_groups``; a deviation: the paper's groups are not
+  available). Without CQR, rewards are divided by a fixed scale (the default weights' mean reward).
 
 ``twin`` adds TD3's clipped double Q, target-policy smoothing and delayed actor updates.
 
@@ -218,6 +230,12 @@ class MultiStageAgent(nn.Module):
 
         return act
 
+    def chain(self, pop: Tensor, ctx: Tensor):
+        """The cascading information chain of the current (trained) actors from first observations ``ctx``:
+        every stage's observation rebuilt from the upstream actions, with the cascading path's gradient
+        stopped (``sg``) or relaxed (see the module docstring)."""
+        return self.cascade(pop, ctx, self.policy(train=True), relaxed=not self.config.sg)
+
     def _global_obs(self, obs: list[Tensor]) -> Tensor:
         return torch.cat(obs, 1) if self.config.critic_obs == "all" else obs[0]
 
@@ -288,7 +306,7 @@ class MultiStageAgent(nn.Module):
         first = self.critics[0]
         if c.critic == "global":
             if c.cic:  # the chain of current actors, rebuilt from the first observation
-                chain = self.cascade(batch.pop, batch.ctx, self.policy(train=True), relaxed=not c.sg)
+                chain = self.chain(batch.pop, batch.ctx)
                 x, a = self._global_obs(chain.obs), torch.cat(chain.actions, 1)
             else:
                 x = self._global_obs(obs)

@@ -4,10 +4,12 @@ Experience: ``n_envs`` simulated users request in lockstep; a user who leaves fo
 new one (users are numbered in order of arrival, so every random draw is keyed and a seed replays the
 same run). A transition is one request: every stage's observation and action, the request's reward
 (dwell seconds or clicks), whether the user left for good, and the next request's first observation
-(for CIC) and stage observations as they were collected (for the stale methods). The first ``warmup``
-steps act uniformly at random. Every ``eval_every`` steps the deterministic policy is evaluated on
-``eval_users`` fixed users (the same users and random numbers for every method of a seed): the
-learning curve.
+(for CIC) and stage observations as they were collected (for the stale methods). Training users are
+drawn from the environment's training people only. The first ``warmup`` steps act uniformly at random.
+Every ``eval_every`` steps the deterministic policy is evaluated on the evaluation people (held out:
+never met in training; the same users and random numbers for every method of a seed): the learning
+curve, against the simulated requests used for training (``steps x n_envs``, the budget every method
+of ``relist experiment unexrl`` gets).
 
 Under ``torchrun`` (WORLD_SIZE > 1) every process is an environment worker with its own users (keys
 offset by rank) and its own replay buffer, and a learner whose actors and critics are wrapped in
@@ -57,7 +59,7 @@ class LoopConfig:
     updates_per_step: int = 1
     buffer: int = 100_000
     eval_every: int = 100
-    eval_users: int = 500
+    eval_users: int = 0  # 0: every evaluation person once
     eval_seed: int = 10_000
 
 
@@ -79,8 +81,15 @@ def greedy_policy(agent: MultiStageAgent):
     return act
 
 
-def evaluate(env: CascadeEnv, policy, cfg: LoopConfig, seed: int, n_users: int | None = None) -> dict[str, float]:
-    return session_metrics(env.evaluate(policy, n_users or cfg.eval_users, cfg.eval_seed + seed))
+def evaluate_users(env: CascadeEnv, policy, cfg: LoopConfig, seed: int) -> dict:
+    """Per-user outcomes of the evaluation users (``cfg.eval_users``; 0: every evaluation person once) under
+    ``policy``, with the seed's common random numbers (eval seed ``cfg.eval_seed + seed``)."""
+    return env.evaluate(policy, cfg.eval_users or env.n_eval_people, cfg.eval_seed + seed)
+
+
+def evaluate(env: CascadeEnv, policy, cfg: LoopConfig, seed: int) -> dict[str, float]:
+    """``session_metrics`` of ``evaluate_users``."""
+    return session_metrics(evaluate_users(env, policy, cfg, seed))
 
 
 def train_agent(
@@ -192,7 +201,7 @@ class RLTrainConfig:
     n_envs: int = option(128, help="simulated users in parallel per process")
     updates_per_step: int = option(1, help="gradient updates per step")
     eval_every: int = option(100, help="steps between evaluations")
-    eval_users: int = option(500, help="users per evaluation")
+    eval_users: int = option(0, help="users per evaluation (0: every evaluation person once)")
     threads: int = option(1, help="torch threads per process")
     overwrite: bool = option(False, help="replace OUT if it exists")
 
@@ -217,7 +226,7 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
     if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     agent_cfg = method_config(cfg.method)
-    env, info = build_env(load_yaml(CascadeEnvConfig, cfg.env))
+    env, info = build_env(load_yaml(CascadeEnvConfig, cfg.env), cfg.seed)
     loop = LoopConfig(
         steps=cfg.steps,
         n_envs=cfg.n_envs,
