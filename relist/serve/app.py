@@ -9,8 +9,9 @@ one seeded generator per process, so a request's exploration depends on what it 
 Only ``application/json`` bodies are read (415 otherwise), within ``body_timeout_seconds`` (408); they are
 parsed and checked on a worker thread, off the event loop, and every bad body gets a 4xx naming the
 problem. Load is shed with 503 and ``Retry-After`` when ``max_queue`` requests are waiting, or when the
-expected wait (requests admitted ahead x an exponentially weighted mean of the recent service time per
-request) exceeds ``deadline_ms``, so that the requests that are served are served in time. When a batch
+expected wait (the requests admitted ahead x the recent service time per request, ``BatchTime``) exceeds
+``deadline_ms``, so that the requests that are served are served in time; the server's protocol sheds
+before the body is read (``relist.serve.protocol``), the handler again after it. When a batch
 fails, its requests are served again one by one, so a failure stays with the request that caused it.
 Every answer carries an ``x-request-id`` header; a 5xx body names it (the log has a 500's details under
 it), never internals. Every answer, 2xx or not, is counted in ``/metrics`` by path and status, and every
@@ -118,14 +119,35 @@ class Service:
         return results
 
 
+class BatchTime:
+    """Recent service time per request: the batches' seconds over their sizes, both exponentially weighted
+    means over the batches (``weight`` on the newest), so that a large batch counts for its size and the
+    few small batches of a quiet moment do not make the requests ahead look costlier than they are."""
+
+    def __init__(self, weight: float = 0.1):
+        self.weight = weight
+        self.size = self.seconds = 0.0  # weighted means; 0 before any batch
+
+    def add(self, size: int, seconds: float) -> None:
+        if self.size == 0:
+            self.size, self.seconds = float(size), seconds
+        else:
+            self.size += self.weight * (size - self.size)
+            self.seconds += self.weight * (seconds - self.seconds)
+
+    def per_request(self) -> float:
+        return self.seconds / self.size if self.size else 0.0
+
+    def drain(self, requests: int) -> float:
+        """Seconds expected to serve ``requests`` queued requests."""
+        return requests * self.per_request()
+
+
 class MicroBatcher:
     """Collects concurrent requests for a short window and runs them as one batch on a worker thread.
 
-    It also measures its service time per request (each batch's time over its size, an exponentially
-    weighted mean with weight ``COST_WEIGHT`` on the newest batch) and counts the requests admitted and
-    not yet answered, whose product is the expected wait of a request admitted now."""
-
-    COST_WEIGHT = 0.2
+    It also times its batches (``BatchTime``) and counts the requests admitted and not yet answered, from
+    which it expects how long a request admitted now waits for the ones ahead of it."""
 
     def __init__(self, service: Service, window_ms: float, max_batch: int, metrics: ServiceMetrics):
         self.service, self.window, self.max_batch, self.metrics = (
@@ -137,16 +159,12 @@ class MicroBatcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relist-batch")
         self.task: asyncio.Task | None = None
-        self.cost = 0.0  # seconds of service per request, recent mean; 0 until a batch has run
+        self.batch_time = BatchTime()
         self.admitted = 0  # requests past load shedding and not answered yet (event loop only)
 
     def expected_wait(self) -> float:
-        """Seconds a request admitted now is expected to wait for the ones ahead of it."""
-        return self.admitted * self.cost
-
-    def _measured(self, seconds: float, size: int) -> None:
-        per_request = seconds / size
-        self.cost = per_request if self.cost == 0 else self.cost + self.COST_WEIGHT * (per_request - self.cost)
+        """Seconds a request admitted now is expected to wait for the ones ahead of it (0 before any batch)."""
+        return self.batch_time.drain(self.admitted)
 
     async def submit(self, example) -> dict:
         future = asyncio.get_running_loop().create_future()
@@ -158,7 +176,7 @@ class MicroBatcher:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, self.service.run, examples)
         finally:
-            self._measured(time.perf_counter() - started, len(examples))
+            self.batch_time.add(len(examples), time.perf_counter() - started)
 
     async def loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,10 +258,22 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     service = service or Service(settings)
     metrics = ServiceMetrics()
     batcher = MicroBatcher(service, settings.window_ms, settings.max_batch, metrics)
+
+    def overloaded() -> tuple[str, str, str] | None:
+        """(reason, message, Retry-After) when a /rerank request arriving now is to be shed, else None."""
+        if batcher.queue.qsize() >= settings.max_queue:  # shed rather than let every request wait
+            return "queue_full", f"{settings.max_queue} requests already waiting", "1"
+        wait = batcher.expected_wait()
+        if settings.deadline_ms and wait * 1000 > settings.deadline_ms:
+            message = f"expected wait {wait * 1000:.0f} ms, longer than the deadline of {settings.deadline_ms:g} ms"
+            return "deadline", message, str(max(1, ceil(wait)))  # whole seconds, at least one
+        return None
+
     limits = {
         "header_timeout": settings.header_timeout_seconds,
         "max_connections": settings.max_connections,
         "metrics": metrics,
+        "overloaded": overloaded,  # the protocol sheds before the body is read, and so does rerank below
     }
 
     @asynccontextmanager
@@ -279,14 +309,8 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         reason = HTTPStatus(err.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
         return answer(request, err.status_code, str(err.detail), reason, err.headers)
 
-    def shed(request: Request, message: str, reason: str, retry_after: float) -> JSONResponse:
-        return answer(
-            request,
-            503,
-            f"overloaded: {message}; retry shortly",
-            reason,
-            {"Retry-After": str(max(1, ceil(retry_after)))},
-        )
+    def shed(request: Request, message: str, reason: str, retry_after: str) -> JSONResponse:
+        return answer(request, 503, f"overloaded: {message}; retry shortly", reason, {"Retry-After": retry_after})
 
     def parse(body: bytes):
         return service.parser.parse(parse_json(body))
@@ -319,12 +343,10 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             return answer(request, err.status, str(err), "body_too_large", close)
         except ClientDisconnect:
             return answer(request, 499, "the client closed the connection during the body", "client_disconnected")
-        if batcher.queue.qsize() >= settings.max_queue:  # shed rather than let every request wait
-            return shed(request, f"{settings.max_queue} requests already waiting", "queue_full", 1)
-        wait = batcher.expected_wait()
-        if settings.deadline_ms and wait * 1000 > settings.deadline_ms:
-            message = f"expected wait {wait * 1000:.0f} ms, longer than the deadline of {settings.deadline_ms:g} ms"
-            return shed(request, message, "deadline", wait)
+        verdict = overloaded()
+        if verdict is not None:
+            reason, message, retry_after = verdict
+            return shed(request, message, reason, retry_after)
         batcher.admitted += 1
         try:
             try:

@@ -6,6 +6,8 @@
   nothing) and the connection is closed. uvicorn bounds only the idle time after a response.
 - Connection bound: past ``max_connections`` open connections a request gets 503 with ``Retry-After``
   and a request id, counted in /metrics (uvicorn's own bound answers in plain text, uncounted).
+- Load shedding before the body is read: a POST /rerank that the app's ``overloaded()`` would shed gets its
+  503 here, without going through the app, so that refusing costs the core that serves as little as it can.
 - uvicorn's 400 for bytes that are not HTTP is counted in /metrics too.
 
 The limits and the metrics come from the app's lifespan state (``LIMITS`` key), so every worker process
@@ -42,6 +44,7 @@ class ServeProtocol(H11Protocol):
         self.header_timeout = float(limits.get("header_timeout", DEFAULT_HEADER_TIMEOUT))
         self.max_connections = int(limits.get("max_connections") or 0)
         self.metrics = limits.get("metrics")
+        self.overloaded = limits.get("overloaded")
         self.header_timer: asyncio.TimerHandle | None = None
         self.partial = False  # bytes of a request whose headers are not complete yet
         self.served_app, self.app = self.app, self._bounded
@@ -95,20 +98,32 @@ class ServeProtocol(H11Protocol):
         super().send_400_response(msg)
 
     async def _bounded(self, scope, receive, send) -> None:
-        """The app, or 503 while more than ``max_connections`` connections are open."""
+        """The app, or 503 while more than ``max_connections`` connections are open or the app would shed."""
         if self.max_connections and len(self.connections) > self.max_connections:
-            request_id = uuid.uuid4().hex[:12]
-            message = f"overloaded: more than {self.max_connections} open connections; retry shortly"
-            body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
-            self._count(scope.get("path", ""), 503, "connections")
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1"),
-                (b"connection", b"close"),
-                (b"x-request-id", request_id.encode()),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            message = f"more than {self.max_connections} open connections"
+            await self._refuse(scope, send, "connections", message, "1", close=True)
             return
+        if self.overloaded is not None and scope.get("method") == "POST" and scope.get("path") == "/rerank":
+            verdict = self.overloaded()
+            if verdict is not None:
+                reason, message, retry_after = verdict
+                await self._refuse(scope, send, reason, message, retry_after, close=False)
+                return
         await self.served_app(scope, receive, send)
+
+    async def _refuse(self, scope, send, reason: str, message: str, retry_after: str, close: bool) -> None:
+        """503 with Retry-After and a request id, counted; the unread body is skipped by the protocol."""
+        request_id = uuid.uuid4().hex[:12]
+        payload = {"error": f"overloaded: {message}; retry shortly", "request_id": request_id}
+        body = json.dumps(payload).encode("utf-8")
+        self._count(scope.get("path", ""), 503, reason)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", retry_after.encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

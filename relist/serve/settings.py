@@ -26,8 +26,8 @@ class ServeSettings:
     max_queue: int = option(256, help="requests waiting for a batch before new ones are shed (503, Retry-After)")
     deadline_ms: float = option(
         500.0,
-        help="shed a request (503, Retry-After) once its expected wait (requests ahead x recent service time per "
-        "request) is longer than this; 0: off",
+        help="shed a request (503, Retry-After) once its expected wait (the requests admitted ahead of it x the "
+        "recent service time per request) is longer than this; 0: off",
     )
     max_connections: int = option(512, help="open connections past which a request gets 503 with Retry-After")
     keep_alive_seconds: float = option(5.0, help="how long an idle keep-alive connection is held")
