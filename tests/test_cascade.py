@@ -247,6 +247,17 @@ def test_the_committed_mind_environment_is_sound(mind_data, tmp_path):
     assert int(env.cascade.catalogue.category.max()) + 1 == cfg.n_item_groups
     assert info["eval_people"] > 1000  # every person of the dataset, half held out
     _assert_sound(check_cascade(env, 0, n_users=300))
+    # an item's stage error is the same in a history and as a candidate
+    cascade, cat = env.cascade, env.cascade.catalogue
+    both = cat.hist_known[cat.item_keys()].nonzero().squeeze(1)  # catalogue rows whose id histories hold
+    assert len(both) > 100
+    x = torch.cat([cat.vec, cat.bias[:, None]], dim=1)
+    xh = torch.cat([cat.hist_vec, cat.hist_bias[:, None]], dim=1)
+    ids = cat.item_keys()[both]
+    for s in range(cascade.n_stages):
+        as_candidate = cascade.item_views[s][both] - x[both]
+        in_history = cascade.hist_views[s][ids] - xh[ids]
+        torch.testing.assert_close(as_candidate, in_history, atol=1e-5, rtol=1e-4)
 
 
 def test_evaluation_users_are_people_training_never_meets(env):
@@ -257,6 +268,19 @@ def test_evaluation_users_are_people_training_never_meets(env):
     assert not set(person[train].tolist()) & set(person[evaluation].tolist())
     # evaluation over as many users as there are evaluation people meets each of them once
     assert sorted(evaluation.tolist()) == sorted(env.people["eval"].tolist())
+    assert sorted(env.evaluate(None, env.n_eval_people, 3)["pop"].tolist()) == sorted(env.people["eval"].tolist())
+
+
+def test_sessions_are_calibrated_on_training_users_only(env):
+    from relist.sim.cascade_env import calibrate_sessions
+
+    seen, start, params = [], env.start, env.sim.params
+    env.start = lambda keys, seed, users="train": seen.append(users) or start(keys, seed, users)
+    try:
+        calibrate_sessions(env, 3.0, n_users=32, iterations=2)
+    finally:
+        env.start, env.sim.params = start, params
+    assert seen and set(seen) == {"train"}
     # a split by person keeps every row of a person on one side
     rows = split_people(torch.tensor([7, 7, 3, 3, 3, 9, 1, 1]), 0.5, 0)
     sides = {p: {("eval" if r in rows["eval"] else "train") for r in range(8) if [7, 7, 3, 3, 3, 9, 1, 1][r] == p}

@@ -23,16 +23,19 @@ session, the paper's WatchTime) and session length (requests per session).
   better fusion or does not): the counts and Wilcoxon say that where a mean cannot.
 - **More stages**, the paper's open question: ``--stage-methods`` on cascades of each count in ``--stages``
   (the environment's sizes for its own count, otherwise sizes spaced geometrically between its first and
-  last).
+  last), every count over the same seeds, each count's worlds checked.
 
-Every (stages, method, seed) run is written to ``runs/`` when it ends, with its evaluation users' outcomes;
-``--resume`` keeps the finished ones (a run with a different configuration is refused). Writes
-``results.csv``, ``curves.csv``, ``checks.csv``, ``summary.md``, ``curves.png``, ``stages.png`` and
-``env.json``.
+Every (stages, method, seed) run is written to ``runs/`` when it ends, with its evaluation users' outcomes
+and a summary of the fusion weights it set; every world's check too. ``--resume`` keeps the finished runs
+and refuses an OUT written under other settings (the options that change a run, the environment file's
+text, the simulator's files; not the code's version); ``--overwrite`` removes the run records it wrote and
+starts over. Verdicts need at least ``MIN_SEEDS_FOR_VERDICT`` seeds. Writes ``results.csv``,
+``curves.csv``, ``checks.csv``, ``summary.md``, ``curves.png``, ``stages.png`` and ``env.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -77,6 +80,7 @@ PAPER = {
 FIXED = ("default", "random", "reference")
 REF = "unexrl"
 OUTCOMES = ("dwell", "sessions", "requests", "clicks")
+MIN_SEEDS_FOR_VERDICT = 5  # a bootstrap over fewer seeds cannot see the spread between worlds
 RESUME_IGNORES = (
     "out",
     "resume",
@@ -148,7 +152,8 @@ def _cem_curve(env, history: list[dict], cfg: UnexrlExperimentConfig, seed: int)
     checkpoints = sorted({*range(0, cfg.steps + 1, cfg.eval_every), cfg.steps})
     for step in checkpoints:
         spent = step * cfg.n_envs
-        done = [h for h in history if h["requests"] <= spent]
+        # at the end, the fusion CEM returned (its last candidate may have gone past the budget)
+        done = history if step == cfg.steps else [h for h in history if h["requests"] <= spent]
         weights = weights_of(done[-1], env) if done else default_actions(env.cascade, 1)
         metrics = session_metrics(evaluate_users(env, fixed_policy(weights), loop, seed))
         used = done[-1]["requests"] if done else 0
@@ -194,8 +199,27 @@ def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> dict
         "requests_used": int(used),
         "train_seconds": round(seconds, 2),
         **session_metrics(users),
+        "fusion": fusion_summary(env, policy, loop, seed),
         "users": {k: users[k].tolist() for k in OUTCOMES},
         "curve": curve,
+    }
+
+
+@torch.no_grad()
+def fusion_summary(env, policy, loop: LoopConfig, seed: int) -> dict[str, dict[str, list[float]]]:
+    """Per stage, the mean and standard deviation of each fusion weight the policy sets on the evaluation users'
+    first requests (what a run learned, in a form that can be read: a fixed fusion has sd 0)."""
+    n = loop.eval_users or env.n_eval_people
+    state = env.start(torch.arange(n), loop.eval_seed + seed, "eval")
+    pop, ctx = env.first(state)
+    out = env.cascade(pop, ctx, policy if policy is not None else default_actions(env.cascade, n))
+    return {
+        name: {
+            "heads": list(heads),
+            "mean": [round(float(v), 4) for v in a.mean(0)],
+            "sd": [round(float(v), 4) for v in a.std(0)],
+        }
+        for name, heads, a in zip(env.cascade.names, env.cascade.heads, out.actions)
     }
 
 
@@ -203,14 +227,26 @@ def _run_path(out: Path, n_stages: int, method: str, seed: int) -> Path:
     return out / "runs" / f"{n_stages}-stages" / method / f"seed-{seed}.json"
 
 
-def _check_path(out: Path, seed: int) -> Path:
-    return out / "runs" / "checks" / f"seed-{seed}.json"
+def _check_path(out: Path, n_stages: int, seed: int) -> Path:
+    return out / "runs" / f"{n_stages}-stages" / "check" / f"seed-{seed}.json"
+
+
+def _our_files(out: Path) -> list[Path]:
+    """The run records and checks an experiment writes under OUT/runs (what --overwrite removes)."""
+    return sorted((out / "runs").glob("*-stages/*/seed-*.json"))
 
 
 def _fingerprint(cfg: UnexrlExperimentConfig) -> dict:
     """What a resumed run must share with the one it continues."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in RESUME_IGNORES}
     settings["env_file"] = Path(cfg.env).read_text(encoding="utf-8")
+    env_cfg = load_yaml(CascadeEnvConfig, cfg.env)
+    if env_cfg.source == "sim":  # the simulator's own files, wherever the path points
+        digest = hashlib.sha256()
+        for name in ("config.json", "model.safetensors"):
+            path = Path(env_cfg.sim) / name
+            digest.update(path.read_bytes() if path.is_file() else b"")
+        settings["simulator"] = digest.hexdigest()
     return settings
 
 
@@ -218,8 +254,17 @@ def _prepare_out(cfg: UnexrlExperimentConfig) -> Path:
     out = Path(cfg.out)
     settings = _fingerprint(cfg)
     stamp = out / "experiment.json"
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be at least 1 (it sets every method's budget), got {cfg.steps}")
     if out.exists() and any(out.iterdir()):
-        if cfg.resume and stamp.is_file():
+        if cfg.overwrite and cfg.resume:
+            raise ValueError("--resume and --overwrite contradict each other: pick one")
+        if cfg.overwrite:
+            if not stamp.is_file():
+                raise FileExistsError(f"{out} holds files but no experiment.json: not an unexrl experiment to redo")
+            for path in _our_files(out):  # only the records this command writes; nothing else is touched
+                path.unlink()
+        elif cfg.resume and stamp.is_file():
             before = read_json(stamp)
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             if changed:
@@ -229,7 +274,7 @@ def _prepare_out(cfg: UnexrlExperimentConfig) -> Path:
                 )
         elif cfg.resume:
             raise FileExistsError(f"{out} holds files but no experiment.json: not an unexrl experiment to resume")
-        elif not cfg.overwrite:
+        else:
             raise FileExistsError(f"{out} already exists (pass --resume to continue it or --overwrite to redo it)")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, json.dumps(settings, indent=2))
@@ -260,20 +305,18 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
             todo = []
             for method in run_methods:
                 path = _run_path(out, n_stages, method, seed)
-                if path.is_file() and not cfg.overwrite:
+                if path.is_file():
                     records.append({"stages": n_stages, **read_json(path)})
                 else:
                     todo.append(method)
-            check_file = _check_path(out, seed)
-            need_check = n_stages == base and (cfg.overwrite or not check_file.is_file())
-            if todo or need_check:
+            check_file = _check_path(out, n_stages, seed)
+            if todo or not check_file.is_file():
                 env, info = build_env(replace(env_cfg, sizes=sizes), seed)
                 infos.setdefault(str(n_stages), {})[str(seed)] = info
                 log.info("%d stages %s, seed %d: %s", n_stages, sizes, seed, info["session"])
-            if n_stages == base:
-                if need_check:
-                    _write_json(check_file, {"seed": seed, **check_cascade(env, seed)})
-                checks.append(read_json(check_file))
+            if not check_file.is_file():
+                _write_json(check_file, {"n_stages": n_stages, "seed": seed, **check_cascade(env, seed)})
+            checks.append(read_json(check_file))
             for method in todo:
                 record = run_method(env, method, cfg, seed)
                 _write_json(_run_path(out, n_stages, method, seed), record)
@@ -340,35 +383,45 @@ def _arm(runs: dict[int, dict], seeds: list[int]) -> tuple[list[np.ndarray], lis
     return dwell, sessions
 
 
-def method_stats(records, n_stages: int, methods: list[str], resamples: int) -> dict[str, dict]:
-    """Per method: the mean session dwell over seeds with its two-level interval, its difference from UNEX-RL
-    (CIC) with interval and bootstrap p (Holm-adjusted over ``methods``), the Wilcoxon p over seeds, the
-    seeds above the hand-set weights, and the share of the reference's gain over the hand-set weights."""
-    default = _by_seed(records, n_stages, "default")
-    ref = _by_seed(records, n_stages, REF)
-    reference = _by_seed(records, n_stages, "reference")
+def method_stats(records, n_stages: int, methods: list[str], resamples: int, seeds: list[int] | None = None) -> dict:
+    """Per method (over ``seeds``, default all): the mean session dwell over seeds with its two-level interval,
+    UNEX-RL (CIC) minus the method with interval and bootstrap p (Holm-adjusted over ``methods``), the
+    Wilcoxon p over seeds, the seeds above the hand-set weights and above the method's own untrained start,
+    and the share of the reference's gain over the hand-set weights."""
+    keep = (lambda s: s in seeds) if seeds is not None else (lambda s: True)  # noqa: E731
+
+    def by_seed(method: str) -> dict[int, dict]:
+        return {s: r for s, r in _by_seed(records, n_stages, method).items() if keep(s)}
+
+    default, ref, reference = by_seed("default"), by_seed(REF), by_seed("reference")
     stats = {}
     for method in methods:
-        runs = _by_seed(records, n_stages, method)
-        seeds = sorted(runs)
-        if not seeds:
+        runs = by_seed(method)
+        seeds_here = sorted(runs)
+        if not seeds_here:
             continue
-        dwell, sessions = _arm(runs, seeds)
+        dwell, sessions = _arm(runs, seeds_here)
         zeros = [np.zeros_like(d) for d in dwell]
         ones = [np.ones_like(d) for d in dwell]
         entry = {
-            "seeds": len(seeds),
+            "seeds": len(seeds_here),
             "mean": nested_bootstrap(dwell, zeros, sessions, ones, resamples=resamples),
-            "length": float(np.mean([runs[s]["session_length"] for s in seeds])),
-            "clicks": float(np.mean([runs[s]["clicks_per_request"] for s in seeds])),
-            "requests": int(np.mean([runs[s]["requests_used"] for s in seeds])),
+            "length": float(np.mean([runs[s]["session_length"] for s in seeds_here])),
+            "clicks": float(np.mean([runs[s]["clicks_per_request"] for s in seeds_here])),
+            "requests": int(np.mean([runs[s]["requests_used"] for s in seeds_here])),
         }
-        common = [s for s in seeds if s in default]
+        common = [s for s in seeds_here if s in default]
         entry["above_default"] = (
             sum(runs[s]["session_dwell"] > default[s]["session_dwell"] for s in common),
             len(common),
         )
-        paired = [s for s in seeds if s in ref]
+        trained = [s for s in seeds_here if runs[s]["curve"]]
+        if trained:  # against the untrained start (the warm-started actors, CEM's initial mean)
+            entry["above_start"] = (
+                sum(runs[s]["session_dwell"] > runs[s]["curve"][0]["session_dwell"] for s in trained),
+                len(trained),
+            )
+        paired = [s for s in seeds_here if s in ref]
         if method != REF and paired:
             a, a_den = _arm(ref, paired)
             b, b_den = _arm(runs, paired)
@@ -376,7 +429,7 @@ def method_stats(records, n_stages: int, methods: list[str], resamples: int) -> 
             entry["wilcoxon"] = wilcoxon_seeds(
                 [ref[s]["session_dwell"] for s in paired], [runs[s]["session_dwell"] for s in paired]
             )
-        top = [s for s in seeds if s in reference and s in default]
+        top = [s for s in seeds_here if s in reference and s in default]
         if top and method != "reference":
             gain = np.mean([reference[s]["session_dwell"] - default[s]["session_dwell"] for s in top])
             own = np.mean([runs[s]["session_dwell"] - default[s]["session_dwell"] for s in top])
@@ -396,7 +449,12 @@ def _diff(r: dict) -> str:
     return f"{r['mean']:+.0f} [{r['low']:+.0f}, {r['high']:+.0f}]"
 
 
-def _check_lines(checks: list[dict]) -> list[str]:
+def _count(pair: tuple[int, int] | None) -> str:
+    return f"{pair[0]}/{pair[1]}" if pair else "-"
+
+
+def _check_lines(checks: list[dict], n_stages: int) -> list[str]:
+    checks = [c for c in checks if c.get("n_stages", n_stages) == n_stages]
     if not checks:
         return []
     ok = sum(passed(c) for c in checks)
@@ -427,28 +485,36 @@ def _summary(records, checks, methods, stage_methods, cfg, base, env_cfg) -> str
     stats = method_stats(records, base, main, cfg.resamples)
     n_seeds = max((s["seeds"] for s in stats.values()), default=0)
     world = f"seed {env_cfg.seed} for every run" if env_cfg.seed is not None else "drawn from each run's seed"
+    split = f"split seed {env_cfg.split_seed} for every run" if env_cfg.split_seed is not None else "each seed its own"
+    reference = (
+        f" The reference is a CEM search with {cfg.reference_budget:g}x the budget on training users."
+        if cfg.reference_budget > 0
+        else ""
+    )
     lines = [
         f"# UNEX-RL on a simulated {base}-stage cascade",
         "",
         f"Environment `{cfg.env}` ({env_cfg.source}; stages {' -> '.join(map(str, env_cfg.sizes))}; world "
-        f"{world}). Every method trains on at most {budget(cfg):,} simulated user-requests of training users "
-        f"({cfg.steps} steps x {cfg.n_envs} users; CEM: every request of the sessions it plays out, "
-        f"{cfg.cem_population} candidates x {cfg.cem_users} users per iteration) and is evaluated on the held-out "
-        "evaluation people (the same users and random numbers for every method of a seed). The reference is "
-        f"CEM with {cfg.reference_budget:g}x the budget on training users.",
+        f"{world}; held-out people: {split}). Every method trains on a budget of {budget(cfg):,} simulated "
+        f"user-requests of training users ({cfg.steps} steps x {cfg.n_envs} users; CEM counts every request of "
+        f"the sessions it plays out, {cfg.cem_population} candidates x {cfg.cem_users} users per iteration, and "
+        "stops at the candidate that spends the budget) and is evaluated on the held-out evaluation people (the "
+        f"same users and random numbers for every method of a seed).{reference}",
         "",
-        *_check_lines(checks),
+        *_check_lines(checks, base),
         f"## The table ({n_seeds} seeds)",
         "",
         "Session dwell: mean over seeds [95% interval over seeds and evaluation users, nested bootstrap, "
-        f"{cfg.resamples} resamples]. Against UNEX-RL (CIC): the difference with the same interval, its bootstrap "
-        "p Holm-adjusted over the table's comparisons, and the exact Wilcoxon signed-rank p over seeds. "
-        "Above hand-set: seeds where the method's session dwell beats the hand-set weights'. Of reference: "
-        "the share of the best fixed fusion's gain over the hand-set weights.",
+        f"{cfg.resamples} resamples]. UNEX-RL (CIC) minus the method: the difference with the same interval, its "
+        "bootstrap p Holm-adjusted over the table's comparisons, and the exact Wilcoxon signed-rank p over seeds. "
+        "Above hand-set / above start: seeds where the method's session dwell beats the hand-set weights' / its "
+        "own untrained start's (the warm-started actors act close to, not exactly at, the hand-set weights). "
+        "Of reference: the share of the best fixed fusion's gain over the hand-set weights.",
         "",
-        "| method | requests used | session dwell (s) | vs UNEX-RL (CIC) | Holm p | Wilcoxon p | above hand-set | "
-        "of reference | session length | clicks / request | paper WatchTime / length |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | requests used | session dwell (s) | UNEX-RL minus it | Holm p | Wilcoxon p | "
+        "above hand-set | above start | of reference | session length | clicks / request | paper WatchTime / "
+        "length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in main:
         st = stats.get(method)
@@ -457,54 +523,71 @@ def _summary(records, checks, methods, stage_methods, cfg, base, env_cfg) -> str
         vs = _diff(st["vs_ref"]) if "vs_ref" in st else "-"
         holm_p = format_p(st["holm"], cfg.resamples) if "holm" in st else "-"
         wil = f"{st['wilcoxon']['p']:.3g}" if "wilcoxon" in st else "-"
-        above = f"{st['above_default'][0]}/{st['above_default'][1]}" if method != "default" else "-"
+        above = _count(st["above_default"]) if method != "default" else "-"
         share = f"{st['share_of_reference']:.0%}" if np.isfinite(st.get("share_of_reference", np.nan)) else "-"
         paper = PAPER.get(method)
         lines.append(
-            f"| {LABELS[method]} | {st['requests']:,} | {_interval(st['mean'])} | {vs} | {holm_p} | {wil} | {above} | "
-            f"{share} | {st['length']:.2f} | {st['clicks']:.3f} | "
+            f"| {LABELS[method]} | {st['seeds']} | {st['requests']:,} | {_interval(st['mean'])} | {vs} | {holm_p} | "
+            f"{wil} | {above} | {_count(st.get('above_start'))} | {share} | {st['length']:.2f} | {st['clicks']:.3f} | "
             + (f"{paper[0]} / {paper[1]}" if paper else "-")
             + " |"
         )
-    lines += ["", *_verdicts(stats, methods), *_stage_lines(records, stage_methods, cfg, base), ""]
+    lines += ["", *_verdicts(stats, methods, cfg.resamples), *_stage_lines(records, checks, stage_methods, cfg, base)]
+    lines += [""]
     return "\n".join(lines) + "\n"
 
 
-def _verdicts(stats, methods) -> list[str]:
+def _verdicts(stats, methods, resamples: int) -> list[str]:
     if REF not in stats:
         return []
+    n = stats[REF]["seeds"]
+    if n < MIN_SEEDS_FOR_VERDICT:
+        return [
+            f"No verdicts: {n} seed(s) so far, fewer than {MIN_SEEDS_FOR_VERDICT}; a bootstrap over so few seeds "
+            "cannot see how much results vary between worlds, and its intervals are too narrow.",
+            "",
+        ]
     out = ["Does UNEX-RL (CIC) beat each method, as in the paper? (Holm-adjusted bootstrap p < 0.05)", ""]
-    for m in [m for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1")]:
+    for m in ("unexrl_ctde", "td3", "ddpg", "cem", "iddpg", "unexrl_no_sg", "unexrl_no_cqr", "unexrl_q1"):
         st = stats.get(m)
         if m not in methods or st is None or "vs_ref" not in st:
             continue
         d, p = st["vs_ref"], st["holm"]
         verdict = "not resolved" if p >= 0.05 else ("yes" if d["mean"] > 0 else "no, it is worse")
-        out.append(f"- vs {LABELS[m]}: {_diff(d)} s (Holm p {p:.3g}, Wilcoxon p {st['wilcoxon']['p']:.3g}): {verdict}")
+        out.append(
+            f"- vs {LABELS[m]}: {_diff(d)} s (Holm p {format_p(p, resamples)}, Wilcoxon p "
+            f"{st['wilcoxon']['p']:.3g}, {st['seeds']} seeds): {verdict}"
+        )
     if "reference" in stats and "default" in stats:
         ref_gain = stats["reference"]["mean"]["mean"] - stats["default"]["mean"]["mean"]
         out.append(f"- the best fixed fusion's gain over the hand-set weights: {ref_gain:+.0f} s per session")
     return out + [""]
 
 
-def _stage_lines(records, stage_methods, cfg, base) -> list[str]:
+def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
     counts = sorted({r["stages"] for r in records})
     if len(counts) < 2:
         return []
+    # every count over the same seeds (the stage study's), so the rows compare the same worlds
+    seeds = sorted(set.intersection(*[{r["seed"] for r in records if r["stages"] == n} for n in counts]))
     lines = [
         "## More stages (the paper's open question)",
         "",
-        "Session dwell, mean [95% interval over seeds and evaluation users]; seeds above the hand-set weights.",
+        f"Seeds {', '.join(map(str, seeds))} at every count. Session dwell, mean [95% interval over seeds and "
+        "evaluation users]; seeds above the hand-set weights; check-cascade passed on how many of the seeds' worlds.",
         "",
-        "| stages | method | seeds | session dwell (s) | above hand-set | session length |",
-        "|---|---|---|---|---|---|",
+        "| stages | method | seeds | session dwell (s) | above hand-set | session length | check passed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n in counts:
-        stats = method_stats(records, n, ["default", *stage_methods], cfg.resamples)
+        stats = method_stats(records, n, ["default", *stage_methods], cfg.resamples, seeds)
+        checked = [c for c in checks if c.get("n_stages") == n and c["seed"] in seeds]
+        ok = f"{sum(passed(c) for c in checked)}/{len(checked)}" if checked else "-"
         for method, st in stats.items():
-            above = f"{st['above_default'][0]}/{st['above_default'][1]}" if method != "default" else "-"
+            above = _count(st["above_default"]) if method != "default" else "-"
             lines.append(
-                f"| {n} | {LABELS[method]} | {st['seeds']} | {_interval(st['mean'])} | {above} | {st['length']:.2f} |"
+                f"| {n} | {LABELS[method]} | {st['seeds']} | {_interval(st['mean'])} | {above} | {st['length']:.2f} | "
+                f"{ok} |"
             )
     return lines
 

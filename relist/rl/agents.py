@@ -195,6 +195,8 @@ class MultiStageAgent(nn.Module):
                     for _ in range(n_q)
                 )
         self.updates = 0
+        self.to(cascade.catalogue.device)
+        self.default = [d.to(cascade.catalogue.device) for d in self.default]
 
     def distribute(self) -> None:
         """Wrap actors and critics in DistributedDataParallel (gradients averaged over the processes)."""

@@ -108,7 +108,9 @@ def train_agent(
     agent.start_training()
     groups = user_groups(env)
     n_cat = int(cascade.catalogue.category.max()) + 1
-    replay = Replay(loop.buffer, cascade.context_dim, sum(cascade.obs_dims), sum(cascade.action_dims))
+    replay = Replay(
+        loop.buffer, cascade.context_dim, sum(cascade.obs_dims), sum(cascade.action_dims), device=env.device
+    )
     next_key = rank * RANK_STRIDE + loop.n_envs
     state = env.start(torch.arange(loop.n_envs) + rank * RANK_STRIDE, seed)
     pending: dict | None = None  # the previous step's transitions, waiting for their next observations
@@ -136,7 +138,7 @@ def train_agent(
         pop, ctx = env.first(state)
         if step < loop.warmup:
             acts = [
-                torch.rand(pop.shape[0], m, generator=generator) * 2 - 1 if s in agent.acting else None
+                (torch.rand(pop.shape[0], m, generator=generator) * 2 - 1).to(env.device) if s in agent.acting else None
                 for s, m in enumerate(cascade.action_dims)
             ]
             policy = lambda s, obs: acts[s] if acts[s] is not None else agent.default[s].expand(obs.shape[0], -1)  # noqa: E731

@@ -31,10 +31,11 @@ class Batch:
 
 
 class Replay:
-    """A ring buffer of transitions on the CPU."""
+    """A ring buffer of transitions on one device (the environment's)."""
 
-    def __init__(self, capacity: int, ctx_dim: int, obs_dim: int, act_dim: int):
+    def __init__(self, capacity: int, ctx_dim: int, obs_dim: int, act_dim: int, device: torch.device | str = "cpu"):
         self.capacity, self.size, self.head = capacity, 0, 0
+        self.device = torch.device(device)
         self.data = {
             "pop": torch.zeros(capacity, dtype=torch.long),
             "ctx": torch.zeros(capacity, ctx_dim),
@@ -47,17 +48,18 @@ class Replay:
             "next_ctx": torch.zeros(capacity, ctx_dim),
             "next_obs": torch.zeros(capacity, obs_dim),
         }
+        self.data = {k: v.to(self.device) for k, v in self.data.items()}
 
     def add(self, **values: Tensor) -> None:
         n = values["pop"].shape[0]
-        rows = (self.head + torch.arange(n)) % self.capacity
+        rows = (self.head + torch.arange(n, device=self.device)) % self.capacity
         for name in FIELDS:
-            self.data[name][rows] = values[name].detach().to("cpu", self.data[name].dtype)
+            self.data[name][rows] = values[name].detach().to(self.device, self.data[name].dtype)
         self.head = (self.head + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        index = torch.randint(0, self.size, (n,), generator=generator)
+        index = torch.randint(0, self.size, (n,), generator=generator).to(self.device)
         return Batch(**{name: self.data[name][index] for name in FIELDS}, index=index)
 
     def rewards(self) -> tuple[Tensor, Tensor]:

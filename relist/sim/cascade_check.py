@@ -10,7 +10,8 @@ on evaluation users (their first request) that
   (``appeal_handset``) is above that under "relevance -1, prior +1 at every stage" (``appeal_flipped``;
   diversity keeps its hand-set weight), with the best possible top-10 of the whole catalogue
   (``appeal_best``) for scale, and the same holds for session dwell (``dwell_handset``, ``dwell_flipped``);
-- training and evaluation users are different people (``users_disjoint``).
+- training and evaluation users are different people (``users_disjoint``: no person among 20,000 training
+  draws is among the evaluation users met).
 
 A failed check (a negative correlation, a flipped fusion that wins) says the environment, not the agents,
 would be what a result measures.
@@ -102,8 +103,12 @@ def check_cascade(env: CascadeEnv, seed: int = 0, n_users: int = 0, batch: int =
     dwell_flip = session_metrics(env.evaluate(lambda s, obs: flipped[s].expand(obs.shape[0], -1), n_users, eval_seed))[
         "session_dwell"
     ]
+    # the people training and evaluation actually meet (training draws at random from its side; CEM and the
+    # RL loop key their users from 0 up), not the split's own bookkeeping
     person = cat.user_sparse[:, 0]
-    train_ids, eval_ids = set(person[env.people["train"]].tolist()), set(person[env.people["eval"]].tolist())
+    met_train = env.start(torch.arange(max(20_000, 4 * len(env.people["train"]))), seed, "train").users.pop
+    met_eval = env.start(torch.arange(n_users), eval_seed, "eval").users.pop
+    train_ids, eval_ids = set(person[met_train].tolist()), set(person[met_eval].tolist())
     return {
         "stages": list(cascade.names),
         "relevance_appeal_spearman": [round(float(torch.cat(r).mean()), 4) for r in rho],

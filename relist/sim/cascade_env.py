@@ -7,8 +7,9 @@ answers. The reward of a request is its dwell seconds (``reward="dwell"``) or cl
 
 Environments are described by ``CascadeEnvConfig`` (a YAML file for ``relist experiment unexrl --env``):
 
-- ``source: sim`` - a simulator directory from ``relist sim train`` (MIND): its learned click model, its
-  users (the pool split) and a catalogue of every item in the prepared dataset's lists;
+- ``source: sim`` - a simulator directory from ``relist sim train`` (MIND): its learned click model, a
+  catalogue of every item in the prepared dataset's lists and, as users, every person of the dataset
+  (``users: all``, one row per person) or the simulator's pool split (``users: simulator``);
 - ``source: synthetic`` - a synthetic ground truth of ``n_items`` items (up to 10**6) and ``n_users`` users.
 
 Session calibration (as ``relist.sim.fit`` does for the logged order): ``ref_clicks`` is set to the
@@ -65,7 +66,11 @@ class CascadeEnvConfig:
         choices=("all", "simulator"),
     )
     eval_share: float = option(0.5, help="share of the people held out for evaluation (never seen in training)")
-    split_seed: int = option(0, help="seed of the split of people into training and evaluation users")
+    split_seed: int | None = option(
+        None,
+        help="seed of the split of people into training and evaluation users (empty: each run's own seed, so that "
+        "each seed holds out its own people)",
+    )
     item_groups: str = option(
         "auto",
         help="item groups of CQR and the diversity score: the data's categories, k-means clusters of the item "
@@ -134,8 +139,9 @@ class CascadeEnv:
 
     ``people`` holds the population rows of the training users and of the evaluation users (disjoint people,
     ``split_people``); without it every row is both. Training draws users from its rows at random (keyed);
-    evaluation visits its rows in order, so ``evaluate`` over as many users as there are evaluation people
-    meets each of them once."""
+    evaluation visits its rows in order, so ``evaluate`` over as many users as there are evaluation rows
+    meets each of them once (each evaluation person once where the population has one row per person, as
+    ``users: all`` and the synthetic source have)."""
 
     def __init__(
         self, cascade: Cascade, sim: Simulator, reward: str = "dwell", people: dict[str, Tensor] | None = None
@@ -152,6 +158,7 @@ class CascadeEnv:
 
     @property
     def n_eval_people(self) -> int:
+        """Evaluation rows (people, where the population has one row per person)."""
         return len(self.people["eval"])
 
     def start(self, keys: Tensor, seed: int, users: str = "train") -> EnvState:
@@ -254,7 +261,7 @@ def build_env(cfg: CascadeEnvConfig, run_seed: int = 0) -> tuple[CascadeEnv, dic
     device = resolve_device(cfg.device)
     seed = world_seed(cfg, run_seed)
     cascade_cfg = CascadeConfig(sizes=tuple(cfg.sizes), matching=cfg.matching, seed=seed)
-    unknown_category = None
+    missing_categories: tuple[int, ...] = ()  # category ids that mean "no category"
     if cfg.source == "synthetic":
         truth = SyntheticClickModel.sample(
             replace(SyntheticParams(), n_items=cfg.n_items, n_users=cfg.n_users), seed=seed
@@ -276,7 +283,8 @@ def build_env(cfg: CascadeEnvConfig, run_seed: int = 0) -> tuple[CascadeEnv, dic
         else:
             users = (sim.pool.user_sparse, sim.pool.user_hist)
         catalogue = mind_catalogue(data, sim.response, users)
-        unknown_category = unknown_ids(data).get("category")
+        unknown = unknown_ids(data).get("category")
+        missing_categories = (0,) if unknown is None else (0, unknown)  # padding, "<unknown>"
         metrics = (
             json.loads((Path(cfg.sim) / "metrics.json").read_text())
             if (Path(cfg.sim) / "metrics.json").is_file()
@@ -285,16 +293,18 @@ def build_env(cfg: CascadeEnvConfig, run_seed: int = 0) -> tuple[CascadeEnv, dic
         target = cfg.session_requests or metrics.get("session_fit", {}).get("target_requests_per_session", 4.0)
     else:
         raise ValueError(f"source must be 'synthetic' or 'sim', got {cfg.source!r}")
-    missing = category_share_unknown(catalogue, unknown_category)
+    missing = category_share_unknown(catalogue, missing_categories)
     use_kmeans = cfg.item_groups == "kmeans" or (cfg.item_groups == "auto" and missing > 0.5)
     if use_kmeans:  # one k-means per catalogue (fixed seed): the groups do not change with the run
         catalogue = replace(catalogue, category=kmeans_groups(catalogue.vec, cfg.n_item_groups, seed=0))
-    people = split_people(catalogue.user_sparse[:, 0], cfg.eval_share, cfg.split_seed)
+    split = cfg.split_seed if cfg.split_seed is not None else run_seed
+    people = split_people(catalogue.user_sparse[:, 0], cfg.eval_share, split)
     env = CascadeEnv(Cascade(catalogue, cascade_cfg), sim, cfg.reward, people)
     fitted = calibrate_sessions(env, target)
     info = {
         "source": cfg.source,
         "world_seed": seed,
+        "split_seed": split,
         "n_items": catalogue.n_items,
         "n_users": catalogue.n_users,
         "train_people": int(len(torch.unique(catalogue.user_sparse[people["train"], 0]))),

@@ -10,7 +10,9 @@
   the others keep the hand-set weights; one step is one request.
 
 Both simulate one user at a time on top of a ``CascadeEnv``; users are numbered in order of arrival and
-every draw is keyed, so the same seed gives the same episodes. Observations are float32 vectors
+every draw is keyed, so the same seed gives the same episodes. ``users="train"`` (the default) draws
+training people; ``users="eval"`` visits the held-out evaluation people in order (for evaluating an agent
+trained elsewhere on the same people ``relist experiment unexrl`` evaluates on). Observations are float32 vectors
 (``Cascade.obs_dims``), actions fusion weights in [-1, 1].
 """
 
@@ -38,14 +40,16 @@ def _spaces(env: CascadeEnv, stage: int) -> tuple[spaces.Box, spaces.Box]:
 class _OneUser:
     """One simulated user at a time; stage observations computed as the stages act."""
 
-    def __init__(self, env: CascadeEnv, seed: int):
-        self.env, self.seed, self.next_user = env, seed, 0
+    def __init__(self, env: CascadeEnv, seed: int, users: str = "train"):
+        if users not in env.people:
+            raise ValueError(f"users must be one of {sorted(env.people)}, got {users!r}")
+        self.env, self.seed, self.next_user, self.users = env, seed, 0, users
         self.state: EnvState | None = None
 
     def new_user(self, seed: int | None) -> None:
         if seed is not None:
             self.seed, self.next_user = seed, 0
-        self.state = self.env.start(torch.tensor([self.next_user]), self.seed)
+        self.state = self.env.start(torch.tensor([self.next_user]), self.seed, self.users)
         self.next_user += 1
 
     def observation(self, stage: int, actions: list[torch.Tensor]) -> np.ndarray:
@@ -71,9 +75,9 @@ class CascadeAECEnv(AECEnv):
 
     metadata = {"render_modes": [], "name": "relist_cascade_v0", "is_parallelizable": False}
 
-    def __init__(self, env: CascadeEnv, seed: int = 0):
+    def __init__(self, env: CascadeEnv, seed: int = 0, users: str = "train"):
         super().__init__()
-        self.user = _OneUser(env, seed)
+        self.user = _OneUser(env, seed, users)
         self.possible_agents = list(env.cascade.names)
         self._spaces = {name: _spaces(env, s) for s, name in enumerate(self.possible_agents)}
 
@@ -141,8 +145,8 @@ class CascadeGymEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, env: CascadeEnv, stage: int = -1, seed: int = 0):
-        self.user = _OneUser(env, seed)
+    def __init__(self, env: CascadeEnv, stage: int = -1, seed: int = 0, users: str = "train"):
+        self.user = _OneUser(env, seed, users)
         self.stage = stage % env.cascade.n_stages
         self.observation_space, self.action_space = _spaces(env, self.stage)
         self._default = default_actions(env.cascade, 1)

@@ -223,9 +223,8 @@ def kmeans_groups(vec: Tensor, k: int, seed: int = 0, iterations: int = 25) -> T
     return torch.from_numpy(assigned[:, 0].astype(np.int64)).to(vec.device)
 
 
-def category_share_unknown(catalogue: Catalogue, unknown: int | None) -> float:
-    """Share of the catalogue's items whose category is the "unknown" value (or padding)."""
-    missing = catalogue.category == 0
-    if unknown is not None:
-        missing |= catalogue.category == unknown
-    return float(missing.float().mean())
+def category_share_unknown(catalogue: Catalogue, missing: tuple[int, ...]) -> float:
+    """Share of the catalogue's items whose category id is one of ``missing`` (padding, "<unknown>")."""
+    if not missing:
+        return 0.0
+    return float(torch.isin(catalogue.category, torch.tensor(missing, device=catalogue.device)).float().mean())
