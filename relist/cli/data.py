@@ -25,6 +25,8 @@ def run_prepare(cfg: PrepareConfig) -> None:
 def run_stats(cfg: StatsConfig) -> None:
     data = PreparedDataset(cfg.data)
     report = {"source": data.manifest["source"], **data.counts, "content_hash": data.manifest["content_hash"]}
+    if "n_dropped" in data.manifest.get("info", {}):  # lists a source dropped (trivago: click-outs off the list)
+        report["n_dropped"] = data.manifest["info"]["n_dropped"]
     if cfg.verify:
         report["verified"] = data.verify()
     print(json.dumps(report, indent=2))

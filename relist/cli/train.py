@@ -39,7 +39,13 @@ def _trained_table(result: dict) -> str:
 def run_train_ranker(cfg: TrainRankerConfig) -> None:
     result = train_ranker(cfg)
     print(ranker_table(result))
-    print(f"\nwrote {cfg.out}/metrics.json and the re-ranking dataset {cfg.out}/rerank")
+    ours, logged = result["valid"]["ndcg@10"], result["logged_valid"]["ndcg@10"]
+    verdict = "better" if ours > logged else "not better: consider the logged order as the initial order"
+    print(
+        f"\non valid, the {cfg.model} ranker's NDCG@10 is {ours:.4f} against the logged order's {logged:.4f} "
+        f"({verdict}); the re-ranking splits are in the ranker's order"
+    )
+    print(f"wrote {cfg.out}/metrics.json and the re-ranking dataset {cfg.out}/rerank")
 
 
 def run_train_reranker(cfg: TrainConfig) -> None:

@@ -10,14 +10,8 @@ Features
   subcategory ("<unknown>" where news.tsv does not cover the item).
 - item sparse: item id, category, subcategory.
 - item dense: log impressions, log clicks and a smoothed CTR of the item, and the log count of the item
-  in users' histories, all computed from the lists of the ``ranker`` split only (the initial ranker's
-  part; the ``train`` split when there is no ranker split). Rows of the other splits — the re-rankers'
-  train, valid and test — get statistics in which none of their own labels take part, so the three
-  follow one distribution. Rows of the statistics split itself get out-of-fold values (5 folds of lists):
-  a row's own label never enters its own features.
-  Why not leave-one-out over every training row: with LOO a row's click count is (item total − own
-  label), and a model that memorises the item total through its id embedding reads the label back
-  (target leakage, as the CatBoost paper describes); re-rankers trained on such rows learn the leak.
+  in users' histories, from the ``ranker`` split only and out of fold within it
+  (``relist.data.item_stats``: no row's own label enters its own features).
   Plus the share of the user's history in the item's category and subcategory, and whether news.tsv
   covers the item.
 """
@@ -32,6 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from relist.data.errors import DataFormatError, read_lines, split_fields
+from relist.data.item_stats import STAT_FOLDS, item_statistics
 from relist.data.store import ListTable, Schema, SparseField, random_splits
 
 BEHAVIOR_FIELDS = ("impression_id", "user_id", "time", "history", "impressions")
@@ -41,9 +36,6 @@ NEWS_FIELDS = ("news_id", "category", "subcategory", "title", "abstract", "url",
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 UNKNOWN = "<unknown>"
 PAD = "<pad>"
-CTR_SMOOTHING = 20.0  # pseudo-impressions at the global CTR
-STAT_SPLITS = ("ranker", "train")  # the first non-empty one provides the item statistics
-STAT_FOLDS = 5
 _TOKEN = re.compile(r"^(\S+)-(\S*)$")
 
 
@@ -180,32 +172,8 @@ def build(
     full_hist_item = [np.fromiter((item_index[i] for i in h), dtype=np.int64, count=len(h)) for h in histories]
 
     splits = random_splits(len(items), fractions, seed)
-    stat_split = next((name for name in STAT_SPLITS if len(splits.get(name, ())) > 0), None)
-    # fold of every list: -1 outside the statistics split, 0..STAT_FOLDS-1 inside it
-    fold = np.full(len(items), -1, dtype=np.int64)
-    if stat_split is not None:
-        members = splits[stat_split]
-        fold[members] = np.random.default_rng([seed, 1]).integers(0, STAT_FOLDS, size=len(members))
-    row_fold = fold[row_list]
-    stat_rows = row_fold >= 0
-
-    # Item statistics of the statistics split; its own rows see only the other folds.
-    impressions = np.bincount(row_item[stat_rows], minlength=n_item_ids).astype(np.float64)
-    clicks = np.bincount(row_item[stat_rows], weights=label[stat_rows], minlength=n_item_ids)
-    global_ctr = clicks.sum() / max(impressions.sum(), 1.0)
-    imp_row = impressions[row_item]
-    click_row = clicks[row_item]
-    prior_row = np.full(len(row_item), global_ctr)
-    for f in range(STAT_FOLDS):
-        in_fold = row_fold == f
-        fold_imp = np.bincount(row_item[in_fold], minlength=n_item_ids).astype(np.float64)
-        fold_click = np.bincount(row_item[in_fold], weights=label[in_fold], minlength=n_item_ids)
-        imp_row[in_fold] -= fold_imp[row_item[in_fold]]
-        click_row[in_fold] -= fold_click[row_item[in_fold]]
-        prior_row[in_fold] = (clicks.sum() - fold_click.sum()) / max(impressions.sum() - fold_imp.sum(), 1.0)
-    ctr_row = (click_row + CTR_SMOOTHING * prior_row) / (imp_row + CTR_SMOOTHING)
-    stat_hist = [full_hist_item[k] for k in np.flatnonzero(fold >= 0)]
-    hist_pop = np.bincount(np.concatenate(stat_hist) if stat_hist else np.zeros(0, np.int64), minlength=n_item_ids)
+    stats = item_statistics(row_item, label, row_list, n_item_ids, splits, seed, full_hist_item)
+    imp_row, click_row, ctr_row, hist_pop = stats.impressions, stats.clicks, stats.ctr, stats.history_count
 
     # Share of the user's history in the item's (sub)category, among history items whose category is known.
     def affinity(table: np.ndarray) -> np.ndarray:
@@ -273,12 +241,12 @@ def build(
             "user_id": [PAD] + list(user_index),
         },
         info={
-            "stat_split": stat_split,
+            "stat_split": stats.stat_split,
             "stat_folds": STAT_FOLDS,
             "items_with_metadata": int(known[1:].sum()),
             "time_range": [float(times.min()), float(times.max())],
             "max_hist": max_hist,
-            "global_ctr_fit": float(global_ctr),
+            "global_ctr_fit": stats.global_ctr,
             "histories_cut": cut,
         },
     )

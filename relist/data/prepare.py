@@ -3,8 +3,8 @@
 Lengths are bounded for every source, with defaults above anything the real data holds (MIND's longest
 impression is 283 items and its longest history 425; Taobao lists are at most ``--keep-last``, 30):
 
-- A list longer than ``max_items`` is refused, naming its file and line (MIND, PRM Public, LibRerank: one
-  list per line; Taobao Ad and synthetic lists are bounded by ``--keep-last`` and ``--max-len``, which
+- A list longer than ``max_items`` is refused, naming its file and line (MIND, trivago, PRM Public,
+  LibRerank: one list per line; Taobao Ad and synthetic lists are bounded by ``--keep-last`` and ``--max-len``, which
   must not exceed it). Cutting a logged list would change which items its labels and metrics are about,
   and a list far longer than any real one is far more likely a corrupt or misread file than data.
 - A history longer than ``max_history`` is cut to its newest items, and the number of histories cut is
@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from relist.config import option
-from relist.data import librerank, mind, prm_public, synthetic, taobao_ad
+from relist.data import librerank, mind, prm_public, synthetic, taobao_ad, trivago
 from relist.data.store import ListTable, cut_histories, split_fractions, write_dataset
 
 log = logging.getLogger("relist")
@@ -31,7 +31,8 @@ log = logging.getLogger("relist")
 @dataclass
 class PrepareConfig:
     source: str = option(
-        help="where the lists come from", choices=("mind", "taobao-ad", "prm-public", "librerank", "synthetic")
+        help="where the lists come from",
+        choices=("mind", "trivago", "taobao-ad", "prm-public", "librerank", "synthetic"),
     )
     out: Path = option(help="output directory of the prepared dataset")
     src: Path | None = option(None, help="folder (or file) holding the raw files; not used by synthetic")
@@ -41,7 +42,7 @@ class PrepareConfig:
         help="relative sizes of the ranker,train,valid,test splits (LibRerank-style 4:5:1 with a validation part)",
     )
     overwrite: bool = option(False, help="replace OUT if it exists")
-    max_hist: int = option(50, help="mind: keep the user's last N clicked items as history")
+    max_hist: int = option(50, help="mind, trivago: keep the user's last N clicked (trivago: viewed) items as history")
     max_items: int = option(1000, help="most items per list; a longer list is refused, naming its file and line")
     max_history: int = option(
         1000, help="most history items read per list; longer histories are cut to their newest, counted in the manifest"
@@ -72,6 +73,11 @@ def _mind(cfg: PrepareConfig):
         _src(cfg), cfg.seed, splits, max_hist=cfg.max_hist, max_items=cfg.max_items, max_history=cfg.max_history
     )
     return table, {}
+
+
+def _trivago(cfg: PrepareConfig):
+    splits = split_fractions(cfg.splits)
+    return trivago.build(_src(cfg), cfg.seed, splits, max_hist=cfg.max_hist, max_items=cfg.max_items), {}
 
 
 def _synthetic(cfg: PrepareConfig):
@@ -105,6 +111,7 @@ def _librerank(cfg: PrepareConfig):
 
 SOURCES: dict[str, Callable[[PrepareConfig], tuple[ListTable, dict]]] = {
     "mind": _mind,
+    "trivago": _trivago,
     "taobao-ad": _taobao,
     "prm-public": _prm,
     "librerank": _librerank,

@@ -125,6 +125,19 @@ def random_splits(n_lists: int, fractions: Mapping[str, float], seed: int) -> di
     return {name: np.sort(part) for name, part in zip(names, parts)}
 
 
+def group_splits(groups: np.ndarray, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Split list indices so that all lists of a group (a session) fall into one part: the distinct groups are
+    split at random with the given relative sizes (shares of groups, not of lists), and lists follow."""
+    groups = np.asarray(groups)
+    distinct, inverse = np.unique(groups, return_inverse=True)
+    parts = random_splits(len(distinct), fractions, seed)
+    member = np.empty(len(distinct), dtype=np.int64)
+    for k, name in enumerate(parts):
+        member[parts[name]] = k
+    names = list(parts)
+    return {name: np.flatnonzero(member[inverse] == k) for k, name in enumerate(names)}
+
+
 def split_fractions(values: Sequence[float]) -> dict[str, float]:
     """(ranker, train, valid, test) relative sizes -> the fractions of each split, checked."""
     values = [float(v) for v in values]
