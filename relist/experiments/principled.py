@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from relist.batch import INITIAL_SCORE
 from relist.config import option
 from relist.data.store import PreparedDataset
+from relist.grid import run_tasks
 from relist.io import atomic_write_csv
 from relist.metrics import list_metrics, logged_order_scores
 from relist.principled import PERTURBATIONS
@@ -77,6 +78,8 @@ class PrincipledExperimentConfig:
     sweep_model: str = option("", help="also sweep the CS weight and the perturbation on this model")
     overwrite: bool = option(False, help="replace OUT if it exists")
     resume: bool = option(False, help="keep the finished runs in OUT and continue an interrupted one")
+    jobs: int = option(1, help="training runs at once, in local worker processes (each run one torch thread)")
+    ray_address: str = option("", help="run the training runs on this Ray cluster instead (local: a local one)")
     progress: bool = option(True, help="show progress")
 
 
@@ -155,19 +158,22 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
                 (cfg.sweep_model, f"+P2 {strategy}", cfg.seed + s, {"p2_weight": 1.0, "perturbation": strategy})
                 for s in range(cfg.seeds)
             ]
-    rows, per_list = [], {}
-    for model, variant, seed, extra in tqdm(jobs, desc="runs", disable=not cfg.progress or None):
+    runs = []
+    for model, variant, seed, extra in jobs:
         run_dir = out / "runs" / model / variant.replace(" ", "_").replace("=", "") / f"seed{seed}"
-        if cfg.resume and (run_dir / "metrics.json").is_file():
-            result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-            selected_on = result["config"].get("select_metric", "ndcg@10")
-            if selected_on != base.select_metric:
-                raise ValueError(
-                    f"{run_dir} was selected on {selected_on}, this experiment selects on "
-                    f"{base.select_metric}; run it again without --resume"
-                )
-        else:
-            result = train(replace(base, out=run_dir, model=model, seed=seed, **extra), data)
+        runs.append((model, variant, seed, run_dir, replace(base, out=run_dir, model=model, seed=seed, **extra)))
+    # training: every run not finished yet, on the executor asked for (results do not depend on it)
+    pending = [run_cfg for *_, run_dir, run_cfg in runs if not (cfg.resume and (run_dir / "metrics.json").is_file())]
+    run_tasks(train_run, pending, jobs=cfg.jobs, ray_address=cfg.ray_address or None)
+    rows, per_list = [], {}
+    for model, variant, seed, run_dir, _ in tqdm(runs, desc="runs", disable=not cfg.progress or None):
+        result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        selected_on = result["config"].get("select_metric", "ndcg@10")
+        if selected_on != base.select_metric:
+            raise ValueError(
+                f"{run_dir} was selected on {selected_on}, this experiment selects on "
+                f"{base.select_metric}; run it again without --resume"
+            )
         per_list.setdefault((model, variant), []).append(_test_lists(load_reranker(run_dir / "best").score, data))
         row = {
             "model": model,
@@ -189,6 +195,11 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     (out / "summary.md").write_text(summary, encoding="utf-8")
     _plots(out, rows, initial, models)
     return {"rows": rows, "initial_test": initial, "summary": summary}
+
+
+def train_run(run_cfg: TrainConfig) -> None:
+    """One training run of the grid (a module-level function, so any executor can call it)."""
+    train(run_cfg)
 
 
 def _test_lists(score_fn, data: PreparedDataset) -> dict[str, np.ndarray]:

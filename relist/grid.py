@@ -1,0 +1,74 @@
+"""The independent runs of an experiment grid, executed here, in local worker processes or on a Ray cluster.
+
+``run_tasks(fn, tasks, jobs, ray_address)`` calls ``fn(task)`` for every task and returns the results in the
+order of ``tasks``, whichever executor ran them:
+
+- ``jobs=1`` (and no Ray address): one after another in this process;
+- ``jobs=N``: N local worker processes (``spawn``, so nothing of this process's state leaks in);
+- ``ray_address``: Ray tasks of one CPU each on the cluster at that address (``"local"`` starts a
+  throw-away local cluster of ``jobs`` CPUs; Ray is the optional extra ``relist[ray]``).
+
+Every run uses ``threads`` torch threads (one by default) under every executor, so a run's floating-point
+results do not depend on where it ran: parallelism is across runs. ``fn`` must be a module-level function
+and the tasks picklable; each run writes its own outputs (the experiments' ``runs/`` folders), which is
+what makes an interrupted grid resumable under any executor.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+def _with_threads(fn: Callable[[Any], Any], task: Any, threads: int) -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(task)
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_tasks(
+    fn: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    jobs: int = 1,
+    ray_address: str | None = None,
+    threads: int = 1,
+) -> list[Any]:
+    """``[fn(task) for task in tasks]`` on the executor the arguments name (see the module docstring)."""
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"--jobs and threads must be at least 1, got {jobs} and {threads}")
+    tasks = list(tasks)
+    if not tasks:
+        return []
+    if ray_address:
+        return _on_ray(fn, tasks, jobs, ray_address, threads)
+    if jobs == 1 or len(tasks) == 1:
+        return [_with_threads(fn, task, threads) for task in tasks]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+        futures = [pool.submit(_with_threads, fn, task, threads) for task in tasks]
+        return [f.result() for f in futures]
+
+
+def _on_ray(fn, tasks: list, jobs: int, address: str, threads: int) -> list:
+    try:
+        import ray  # the optional extra relist[ray]
+    except ImportError:
+        raise ValueError("--ray-address needs Ray: pip install 'relist[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        if address == "local":
+            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=threads)(_with_threads)
+        return ray.get([remote.remote(fn, task, threads) for task in tasks])
+    finally:
+        if started:
+            ray.shutdown()
