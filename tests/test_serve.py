@@ -658,3 +658,16 @@ def test_batch_time_weighs_batches_by_their_size():
         size = 64 if k % 2 else 1
         timing.add(size, 0.020 + 0.001 * size)
     assert 0.0012 < timing.per_request() < 0.002 and timing.drain(100) == pytest.approx(100 * timing.per_request())
+
+
+def test_ids_of_fields_without_a_vocabulary_are_canonical_ascii_numbers():
+    """Unicode digits ('²' passes str.isdigit but int() refuses it; '５' and '05' would alias id 5) are unknown
+    ids, as a vocabulary miss is, never a 500."""
+    from relist.data.store import Schema, SparseField
+    from relist.serve.requests import RequestParser
+
+    schema = Schema((SparseField("item_id", 10),), ("x",), (SparseField("user_id", 10),), (SparseField("item_id", 10),))
+    parser = RequestParser(schema, {}, 12)
+    assert [parser._id("item_id", v, "items[0].id") for v in ("5", "0", "9", "10", "05", "５", "²", "①", "-1", "")] == [
+        5, 0, 9, 0, 0, 0, 0, 0, 0, 0
+    ]  # fmt: skip

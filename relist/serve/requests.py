@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 
 from relist.data.store import Schema
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 
 
 class BadRequest(ValueError):
@@ -80,7 +83,12 @@ class RequestParser:
             raise BadRequest(f"{where}: the id holds a lone surrogate (not a character UTF-8 can carry)") from None
         if field in self.index:
             return self.index[field].get(value, 0)
-        return int(value) if value.isdigit() and int(value) < self.sizes[field] else 0
+        # a field without a vocabulary holds ids written as decimal numbers: only the canonical ASCII form is an
+        # id ("05", "５" or "²" would alias or break int()); anything else is an unknown id, as a vocabulary miss is
+        if not _DECIMAL.fullmatch(value):
+            return 0
+        number = int(value)
+        return number if number < self.sizes[field] else 0
 
     def parse(self, body: object) -> tuple[dict, list[str]]:
         """(example for ``relist.batch.collate``, the items' ids in input order)."""
