@@ -27,7 +27,7 @@ import numpy as np
 
 from relist.data.errors import DataFormatError, read_lines, split_fields
 from relist.data.item_stats import STAT_FOLDS, item_statistics
-from relist.data.store import ListTable, Schema, SparseField, random_splits
+from relist.data.store import ListTable, Schema, SparseField, first_seen_ids, random_splits
 
 BEHAVIOR_FIELDS = ("impression_id", "user_id", "time", "history", "impressions")
 MAX_ITEMS = 1000  # the longest impression accepted by default (the 5k subset's longest: 283 items)
@@ -119,15 +119,6 @@ def read_behaviors(path: Path, max_items: int = MAX_ITEMS, max_history: int = MA
     return users, np.array(times), histories, items, labels, cut
 
 
-def _vocab(values) -> dict[str, int]:
-    """Ids from 1 in order of first appearance; 0 is padding."""
-    index: dict[str, int] = {}
-    for v in values:
-        if v not in index:
-            index[v] = len(index) + 1
-    return index
-
-
 def build(
     src: Path,
     seed: int,
@@ -140,11 +131,11 @@ def build(
     news = read_news(_find(src, "news.tsv"))
     users, times, histories, items, labels, cut = read_behaviors(_find(src, "behaviors.tsv"), max_items, max_history)
 
-    item_index = _vocab(i for row in items for i in row)
+    item_index = first_seen_ids(i for row in items for i in row)
     for row in histories:
         for i in row:
             item_index.setdefault(i, len(item_index) + 1)
-    user_index = _vocab(users)
+    user_index = first_seen_ids(users)
     categories = [UNKNOWN] + sorted({c for c, _ in news.values()} - {UNKNOWN})
     subcategories = [UNKNOWN] + sorted({s for _, s in news.values()} - {UNKNOWN})
     cat_id = {c: k + 1 for k, c in enumerate(categories)}

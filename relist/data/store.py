@@ -125,6 +125,15 @@ def random_splits(n_lists: int, fractions: Mapping[str, float], seed: int) -> di
     return {name: np.sort(part) for name, part in zip(names, parts)}
 
 
+def first_seen_ids(values) -> dict[str, int]:
+    """Ids from 1 in order of first appearance; 0 is padding."""
+    index: dict[str, int] = {}
+    for v in values:
+        if v not in index:
+            index[v] = len(index) + 1
+    return index
+
+
 def group_splits(groups: np.ndarray, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
     """Split list indices so that all lists of a group (a session) fall into one part: the distinct groups are
     split at random with the given relative sizes (shares of groups, not of lists), and lists follow."""

@@ -39,7 +39,7 @@ import numpy as np
 
 from relist.data.errors import DataFormatError, read_lines
 from relist.data.item_stats import STAT_FOLDS, item_statistics
-from relist.data.store import ListTable, Schema, SparseField, group_splits
+from relist.data.store import ListTable, Schema, SparseField, first_seen_ids, group_splits
 
 FIELDS = (
     "user_id",
@@ -172,15 +172,6 @@ def read_clickouts(path: Path, max_items: int = MAX_ITEMS) -> tuple[list[dict], 
     return lists, dropped
 
 
-def _vocab(values) -> dict[str, int]:
-    """Ids from 1 in order of first appearance; 0 is padding."""
-    index: dict[str, int] = {}
-    for v in values:
-        if v not in index:
-            index[v] = len(index) + 1
-    return index
-
-
 def build(
     src: Path, seed: int, fractions: Mapping[str, float], max_hist: int = 50, max_items: int = MAX_ITEMS
 ) -> ListTable:
@@ -190,7 +181,7 @@ def build(
     if not lists:
         raise DataFormatError(_find(src, "train.csv"), None, None, "no click-out whose hotel is among its impressions")
 
-    item_index = _vocab(i for entry in lists for i in entry["impressions"])
+    item_index = first_seen_ids(i for entry in lists for i in entry["impressions"])
     for entry in lists:
         for i in entry["history"]:
             item_index.setdefault(i, len(item_index) + 1)
@@ -237,7 +228,7 @@ def build(
     hist_offsets = np.concatenate([[0], np.cumsum([len(h) for h in kept])]).astype(np.int64)
     hist_item = np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
-    session_index = _vocab(e["session_id"] for e in lists)
+    session_index = first_seen_ids(e["session_id"] for e in lists)
     splits = group_splits(np.array([session_index[e["session_id"]] for e in lists]), fractions, seed)
     stats = item_statistics(row_item, label, row_list, n_item_ids, splits, seed, histories)
 
@@ -262,9 +253,9 @@ def build(
         axis=1,
     ).astype(np.float32)
 
-    users = _vocab(e["user_id"] for e in lists)
-    platforms = _vocab([UNKNOWN] + [e["platform"] or UNKNOWN for e in lists])
-    devices = _vocab([UNKNOWN] + [e["device"] or UNKNOWN for e in lists])
+    users = first_seen_ids(e["user_id"] for e in lists)
+    platforms = first_seen_ids([UNKNOWN] + [e["platform"] or UNKNOWN for e in lists])
+    devices = first_seen_ids([UNKNOWN] + [e["device"] or UNKNOWN for e in lists])
     user_sparse = np.array(
         [[users[e["user_id"]], platforms[e["platform"] or UNKNOWN], devices[e["device"] or UNKNOWN]] for e in lists],
         dtype=np.int64,
