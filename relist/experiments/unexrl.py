@@ -349,7 +349,11 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _row(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("users", "curve")}
+    """A run's line of results.csv: its metrics, and its fusion summary as JSON."""
+    row = {k: v for k, v in record.items() if k not in ("users", "curve")}
+    if "fusion" in row:
+        row["fusion"] = json.dumps(row["fusion"])
+    return row
 
 
 def _write_tables(out: Path, records: list[dict], checks: list[dict]) -> None:
