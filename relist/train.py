@@ -344,11 +344,34 @@ class Trainer:
                             f"({', '.join(foreign[:5])}); nothing was changed (pass --overwrite "
                             "to replace the directory)"
                         )
+                    self._check_own_config()
             self.out.mkdir(parents=True, exist_ok=True)
             self._write_vocabularies()
             atomic_write_text(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2, default=str))
         dist.barrier()
         return False
+
+    def _check_own_config(self) -> None:
+        """A config.json in a run directory without a checkpoint must be the one this run writes (an
+        interrupted start of the same run), not a file of the same name someone else left there."""
+        path = self.out / "config.json"
+        if not path.is_file():
+            return
+        ours = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            theirs = None
+        free = {"resume", "overwrite", "progress"}
+        if not isinstance(theirs, dict):
+            changed = ["(not a run configuration)"]
+        else:
+            changed = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
+        if changed:
+            raise FileExistsError(
+                f"--resume: {path} is not this run's configuration ({', '.join(changed[:5])} differ) and there is "
+                "no checkpoint to resume; nothing was changed (pass --overwrite to replace the directory)"
+            )
 
     def _write_vocabularies(self) -> None:
         """Copy the raw-id vocabularies of the schema's sparse fields into OUT/vocab, so the run (and a

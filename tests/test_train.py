@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -113,9 +114,17 @@ def test_resume_never_deletes_a_directory_it_did_not_write(rerank_data, tmp_path
     assert (run / "important.txt").read_text() == "keep me" and sorted(p.name for p in run.iterdir()) == [
         "important.txt"
     ]
+    # a config.json that is not this run's (someone's own file of that name) is refused and left as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": "do not touch"}')
+    with pytest.raises(FileExistsError, match="is not this run's configuration"):
+        train(small(rerank_data, mine, max_steps=5, resume=True))
+    assert (mine / "config.json").read_text() == '{"mine": "do not touch"}'
     unstarted = tmp_path / "unstarted"
     unstarted.mkdir()
-    (unstarted / "config.json").write_text("{}")  # what a run writes before its first checkpoint
+    config = json.loads(json.dumps(dataclasses.asdict(small(rerank_data, unstarted, max_steps=5)), default=str))
+    (unstarted / "config.json").write_text(json.dumps(config))  # what this run writes before its first checkpoint
     assert train(small(rerank_data, unstarted, max_steps=5, resume=True))["steps"] == 5
     # killed before its first complete checkpoint: best/ (step 0), config, vocab, a step folder, no pointer
     for name in ("metrics.json", "history.jsonl", "checkpoint/latest"):
