@@ -202,12 +202,15 @@ def test_experiment_command_end_to_end(env_yaml, tmp_path, capsys):
             sorted(float(r["session_dwell"]) for r in table)
         )
 
-    # --resume keeps every finished run (an interrupted run: one run file lost) and redoes only what is missing
+    # --resume keeps every finished run (an interrupted run: run files of two worlds lost) and redoes only what
+    # is missing, here in two worker processes (one world each): the redone runs reproduce the lost ones
     lost = out / "runs" / "3-stages" / "ddpg" / "seed-1.json"
+    also_lost = out / "runs" / "3-stages" / "cem" / "seed-0.json"
     kept = (out / "runs" / "3-stages" / "unexrl" / "seed-0.json").stat().st_mtime_ns
     lost.unlink()
-    assert _experiment(env_yaml, out, "--resume") == 0
-    assert lost.is_file()
+    also_lost.unlink()
+    assert _experiment(env_yaml, out, "--resume", "--jobs", "2") == 0
+    assert lost.is_file() and also_lost.is_file()
     assert (out / "runs" / "3-stages" / "unexrl" / "seed-0.json").stat().st_mtime_ns == kept
     again = list(csv.DictReader(open(out / "results.csv")))
     key = lambda r: (r["stages"], r["method"], r["seed"])  # noqa: E731

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from relist.config import load_yaml, option
+from relist.grid import run_tasks
 from relist.io import atomic_write_csv, atomic_write_text, read_json
 from relist.rl.agents import METHODS, method_config
 from relist.rl.cem import CEMConfig, train_cem, weights_of
@@ -86,6 +87,8 @@ RESUME_IGNORES = (
     "resume",
     "overwrite",
     "threads",
+    "jobs",
+    "ray_address",
     "resamples",
     "seeds",
     "methods",
@@ -118,7 +121,9 @@ class UnexrlExperimentConfig:
     cem_users: int = option(32, help="training users scoring each CEM candidate")
     reference_budget: float = option(10.0, help="budget of the best-fixed-fusion search, in training budgets (0: none)")
     resamples: int = option(2000, help="bootstrap resamples of every interval and p")
-    threads: int = option(1, help="torch threads")
+    threads: int = option(1, help="torch threads of each world's runs")
+    jobs: int = option(1, help="worlds (stage count x seed) at once, in local worker processes")
+    ray_address: str = option("", help="run the worlds on this Ray cluster instead (local: a local one)")
     resume: bool = option(False, help="keep the finished runs in OUT and run the rest")
     overwrite: bool = option(False, help="run everything again into an OUT that holds results")
 
@@ -297,41 +302,22 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
     stage_seeds = seeds[: cfg.stage_seeds] if cfg.stage_seeds > 0 else seeds
     main = ["default", "random", *methods] + (["reference"] if cfg.reference_budget > 0 else [])
     plan = [(base, seeds, main)] + [(n, stage_seeds, ["default", *stage_methods]) for n in cfg.stages if n != base]
-    records, checks, infos = [], [], {}
+    tasks = []  # one per world (stage count x seed) with anything left to do
     for n_stages, run_seeds, run_methods in plan:
-        sizes = stage_sizes(tuple(env_cfg.sizes), n_stages)
         for seed in run_seeds:
-            env = None
-            todo = []
-            for method in run_methods:
-                path = _run_path(out, n_stages, method, seed)
-                if path.is_file():
-                    records.append({"stages": n_stages, **read_json(path)})
-                else:
-                    todo.append(method)
-            check_file = _check_path(out, n_stages, seed)
-            if todo or not check_file.is_file():
-                env, info = build_env(replace(env_cfg, sizes=sizes), seed)
-                infos.setdefault(str(n_stages), {})[str(seed)] = info
-                log.info("%d stages %s, seed %d: %s", n_stages, sizes, seed, info["session"])
-            if not check_file.is_file():
-                _write_json(check_file, {"n_stages": n_stages, "seed": seed, **check_cascade(env, seed)})
-            checks.append(read_json(check_file))
-            for method in todo:
-                record = run_method(env, method, cfg, seed)
-                _write_json(_run_path(out, n_stages, method, seed), record)
-                records.append({"stages": n_stages, **record})
-                log.info(
-                    "%d stages, %s, seed %d: session dwell %.1f, length %.2f (%d requests, %.0f s)",
-                    n_stages,
-                    method,
-                    seed,
-                    record["session_dwell"],
-                    record["session_length"],
-                    record["requests_used"],
-                    record["train_seconds"],
-                )
-            _write_tables(out, records, checks)
+            todo = [m for m in run_methods if not _run_path(out, n_stages, m, seed).is_file()]
+            if todo or not _check_path(out, n_stages, seed).is_file():
+                tasks.append(WorldTask(cfg, env_cfg, out, n_stages, seed, tuple(todo)))
+    done = run_tasks(run_world, tasks, jobs=cfg.jobs, ray_address=cfg.ray_address or None, threads=max(cfg.threads, 1))
+    infos: dict = {}
+    for task, info in zip(tasks, done):
+        infos.setdefault(str(task.n_stages), {})[str(task.seed)] = info
+    records, checks = [], []
+    for n_stages, run_seeds, run_methods in plan:
+        for seed in run_seeds:
+            checks.append(read_json(_check_path(out, n_stages, seed)))
+            records += [{"stages": n_stages, **read_json(_run_path(out, n_stages, m, seed))} for m in run_methods]
+    _write_tables(out, records, checks)
     if infos:
         previous = read_json(out / "env.json") if (out / "env.json").is_file() else {}
         for n, by_seed in infos.items():
@@ -341,6 +327,44 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
     atomic_write_text(out / "summary.md", summary)
     _plots(out, records, methods, base)
     return {"rows": [_row(r) for r in records], "checks": checks, "summary": summary}
+
+
+@dataclass(frozen=True)
+class WorldTask:
+    """What is left to do in one world (a stage count and a seed): its check and the methods not run yet."""
+
+    cfg: UnexrlExperimentConfig
+    env_cfg: CascadeEnvConfig
+    out: Path
+    n_stages: int
+    seed: int
+    methods: tuple[str, ...]
+
+
+def run_world(task: WorldTask) -> dict:
+    """Build one world, check it if it was not checked yet, and run its missing methods, each written to
+    ``runs/`` as it ends; returns the world's description. (A module-level function: any executor of
+    ``relist.grid`` can call it.)"""
+    sizes = stage_sizes(tuple(task.env_cfg.sizes), task.n_stages)
+    env, info = build_env(replace(task.env_cfg, sizes=sizes), task.seed)
+    log.info("%d stages %s, seed %d: %s", task.n_stages, sizes, task.seed, info["session"])
+    check_file = _check_path(task.out, task.n_stages, task.seed)
+    if not check_file.is_file():
+        _write_json(check_file, {"n_stages": task.n_stages, "seed": task.seed, **check_cascade(env, task.seed)})
+    for method in task.methods:
+        record = run_method(env, method, task.cfg, task.seed)
+        _write_json(_run_path(task.out, task.n_stages, method, task.seed), record)
+        log.info(
+            "%d stages, %s, seed %d: session dwell %.1f, length %.2f (%d requests, %.0f s)",
+            task.n_stages,
+            method,
+            task.seed,
+            record["session_dwell"],
+            record["session_length"],
+            record["requests_used"],
+            record["train_seconds"],
+        )
+    return info
 
 
 def _write_json(path: Path, value: dict) -> None:
