@@ -312,7 +312,9 @@ def test_item_groups_come_from_kmeans_where_asked():
 
 
 def test_stage_errors_are_fixed_per_item_and_shrink_downstream(env):
-    """The same item gets the same error wherever it appears, and later stages see items more accurately."""
+    """A stage's errors are fixed by the world seed (rebuilding gives the same views) and later stages see items
+    more accurately. (That an item's error is the same in a history and as a candidate is checked on MIND,
+    where histories have views of their own.)"""
     cascade = env.cascade
     x = torch.cat([cascade.catalogue.vec, cascade.catalogue.bias[:, None]], dim=1)
     errors = [float((view - x).pow(2).mean()) for view in cascade.item_views]

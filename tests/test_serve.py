@@ -313,12 +313,8 @@ def test_a_500_names_a_request_id_never_internals_and_is_counted(tmp_path):
     from relist.serve.app import create_app
     from relist.serve.settings import ServeSettings
 
-    class Parser:
-        def parse(self, body):
-            return body
-
     class Service:
-        parser = Parser()
+        parser = EchoParser()
 
         def run(self, examples):
             if any(e.get("fail") for e in examples):
@@ -413,12 +409,8 @@ def test_overload_is_shed_with_retry_after_and_readyz_says_so(tmp_path):
 
     release = threading.Event()
 
-    class Parser:
-        def parse(self, body):
-            return body
-
     class Service:
-        parser = Parser()
+        parser = EchoParser()
 
         def run(self, examples):
             release.wait(timeout=30)

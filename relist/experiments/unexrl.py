@@ -482,7 +482,7 @@ def _count(pair: tuple[int, int] | None) -> str:
 
 
 def _check_lines(checks: list[dict], n_stages: int) -> list[str]:
-    checks = [c for c in checks if c.get("n_stages", n_stages) == n_stages]
+    checks = [c for c in checks if c["n_stages"] == n_stages]
     if not checks:
         return []
     ok = sum(passed(c) for c in checks)
@@ -609,7 +609,7 @@ def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
     ]
     for n in counts:
         stats = method_stats(records, n, ["default", *stage_methods], cfg.resamples, seeds)
-        checked = [c for c in checks if c.get("n_stages") == n and c["seed"] in seeds]
+        checked = [c for c in checks if c["n_stages"] == n and c["seed"] in seeds]
         ok = f"{sum(passed(c) for c in checked)}/{len(checked)}" if checked else "-"
         for method, st in stats.items():
             above = _count(st["above_default"]) if method != "default" else "-"
