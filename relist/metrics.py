@@ -63,19 +63,38 @@ def auc(scores, labels, mask=None) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def list_auc(scores, labels, mask, chunk_elements: int = 4_000_000) -> Tensor:
-    """ROC AUC within each list (B,) (ties count 1/2); nan for a list without both a click and a non-click."""
+def _tie_groups(values: Tensor, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort each row ascending with the real entries first: (order, first, last), where ``first`` and
+    ``last`` are, for every sorted position, the first and last sorted positions of its run of equal
+    values (real and padding entries never share a run)."""
+    order = torch.sort(values, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort((~real).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
+    v, r = values.gather(1, order), real.gather(1, order)
+    size, length = v.shape
+    new = torch.ones_like(r)
+    new[:, 1:] = (v[:, 1:] != v[:, :-1]) | (r[:, 1:] != r[:, :-1])
+    end = torch.ones_like(r)
+    end[:, :-1] = new[:, 1:]
+    index = torch.arange(length, device=v.device).expand(size, length)
+    first = torch.where(new, index, 0).cummax(dim=1).values
+    last = torch.where(end, index, length - 1).flip(1).cummin(dim=1).values.flip(1)
+    return order, first, last
+
+
+def list_auc(scores, labels, mask) -> Tensor:
+    """ROC AUC within each list (B,) (ties count 1/2); nan for a list without both a click and a non-click.
+
+    Computed from ranks (Mann-Whitney): sort each list once, give tied items their average rank, and
+    count how far the clicked items' ranks sum above their least possible value."""
     scores, labels, mask = _as_tensor(scores).double(), _as_tensor(labels), _as_tensor(mask).bool()
-    pos, neg = (labels > 0) & mask, (labels <= 0) & mask
-    n_pos, n_neg = pos.sum(1).double(), neg.sum(1).double()
-    size, length = scores.shape
-    wins = torch.zeros(size, dtype=torch.float64, device=scores.device)
-    step = max(1, chunk_elements // max(length * length, 1))
-    for lo in range(0, size, step):
-        s, p, n = scores[lo : lo + step], pos[lo : lo + step], neg[lo : lo + step]
-        diff = s[:, :, None] - s[:, None, :]  # (b, i, j): positive i against negative j
-        pairs = p[:, :, None] & n[:, None, :]
-        wins[lo : lo + step] = (((diff > 0).double() + 0.5 * (diff == 0).double()) * pairs).sum((1, 2))
+    pos = (labels > 0) & mask
+    n_pos, n_neg = pos.sum(1).double(), (mask & ~pos).sum(1).double()
+    if scores.shape[1] == 0:
+        return torch.full(n_pos.shape, float("nan"), dtype=torch.float64, device=scores.device)
+    order, first, last = _tie_groups(scores, mask)
+    average_rank = (first + last).double() / 2 + 1  # among the real items, which come first
+    rank_sum = (average_rank * pos.gather(1, order)).sum(1)
+    wins = rank_sum - n_pos * (n_pos + 1) / 2
     return torch.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg).clamp_min(1), float("nan"))
 
 
@@ -127,136 +146,153 @@ def per_list_metrics(
     embeddings=None,
     alpha: float = 0.5,
 ) -> dict[str, Tensor]:
-    """Each metric of ``evaluate`` per list: name -> (B,) tensor."""
+    """Each metric of ``evaluate`` per list: name -> (B,) tensor.
+
+    Every metric at k is a prefix sum over the predicted order, so everything after the one sort of each
+    list works on its first max(ks) positions only."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"cut-offs k must be positive integers, got {ks}")
     labels = labels.double().masked_fill(~mask, 0.0)
     size, length = labels.shape
-    width = max(length, max(ks))
-    pad = width - length
-    order = rank(scores, mask)
-    click = labels.gather(1, order)
-    gold = labels.sort(dim=1, descending=True).values
-    real_sorted = mask.gather(1, order)
-    if pad:
-        click = torch.nn.functional.pad(click, (0, pad))
-        gold = torch.nn.functional.pad(gold, (0, pad))
-        real_sorted = torch.nn.functional.pad(real_sorted, (0, pad))
-    discount = _discounts(width, labels.device)
-    dcg = torch.cumsum((2.0**click - 1.0) * discount, dim=1)  # (B, W)
+    depth = ks[-1]
+    cut = min(depth, length)
+
+    def top(values: Tensor) -> Tensor:  # values in predicted order, first ``depth`` positions, zero beyond the list
+        index = order if values.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+        taken = values.gather(1, index)
+        return taken if cut == depth else torch.nn.functional.pad(taken, (0, 0) * (values.dim() - 2) + (0, depth - cut))
+
+    order = rank(scores, mask)[:, :cut]
+    click, real = top(labels), top(mask)
+    gold = labels.topk(cut, dim=1).values if cut else labels[:, :0]
+    gold = torch.nn.functional.pad(gold, (0, depth - cut))
+    discount = _discounts(depth, labels.device)
+    dcg = torch.cumsum((2.0**click - 1.0) * discount, dim=1)  # (B, depth)
     idcg = torch.cumsum((2.0**gold - 1.0) * discount, dim=1)
     hit = (click > 0).double()
-    hits = torch.cumsum(hit, dim=1)
-    precision_at = hits / torch.arange(1, width + 1, device=labels.device, dtype=torch.float64)
+    hits = torch.cumsum(hit, dim=1)  # clicked (label > 0) items among the first i
+    precision_at = hits / torch.arange(1, depth + 1, device=labels.device, dtype=torch.float64)
     ap_sum = torch.cumsum(precision_at * hit, dim=1)
-    clicks = hits  # clicked (label > 0) items among the first i
     out: dict[str, Tensor] = {}
     for k in ks:
         i = k - 1
         out[f"ndcg@{k}"] = torch.where(idcg[:, i] > 0, dcg[:, i] / idcg[:, i].clamp_min(1e-300), 0.0)
         out[f"map@{k}"] = torch.where(hits[:, i] > 0, ap_sum[:, i] / hits[:, i].clamp_min(1.0), 0.0)
-        out[f"clicks@{k}"] = clicks[:, i]
-        out[f"p@{k}"] = clicks[:, i] / k
+        out[f"clicks@{k}"] = hits[:, i]
+        out[f"p@{k}"] = hits[:, i] / k
     if categories is not None:
-        category = _as_tensor(categories).long().to(labels.device).masked_fill(~mask, 0)
-        cat_sorted = category.gather(1, order)
-        if pad:
-            cat_sorted = torch.nn.functional.pad(cat_sorted, (0, pad))
-        label_sorted = click
-        out.update(_alpha_ndcg(cat_sorted, label_sorted, category, labels, ks, alpha))
-        intents = _intents(cat_sorted, label_sorted > 0)
-        for k in ks:
-            out[f"err_ia@{k}"] = _err_ia(cat_sorted, label_sorted, k, intents)
-    if embeddings is not None or categories is not None:
-        for k in ks:
-            if embeddings is not None:
-                emb = _as_tensor(embeddings).double().to(labels.device)
-                emb_sorted = emb.gather(1, order.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
-                if pad:
-                    emb_sorted = torch.nn.functional.pad(emb_sorted, (0, 0, 0, pad))
-                out[f"ilad@{k}"] = _ilad_embeddings(emb_sorted[:, :k], real_sorted[:, :k])
-            else:
-                out[f"ilad@{k}"] = _ilad_categories(cat_sorted[:, :k], real_sorted[:, :k])
+        category = _as_tensor(categories).long().to(labels.device)
+        if category.shape != labels.shape:
+            raise ValueError(f"categories {tuple(category.shape)} must match labels {tuple(labels.shape)}")
+        category = category.masked_fill(~mask, 0)
+        out.update(_category_metrics(top(category), click, real, category, labels, ks, alpha, embeddings is None))
+    if embeddings is not None:
+        emb = _as_tensor(embeddings).double().to(labels.device)
+        if emb.shape[:2] != labels.shape:
+            raise ValueError(
+                f"embeddings {tuple(emb.shape)} must be (lists, items, dim) for labels {tuple(labels.shape)}"
+            )
+        out.update(_ilad_embeddings(top(emb), real, ks))
     return out
 
 
-def _same_above(cat: Tensor, relevant: Tensor) -> Tensor:
-    """For each position, how many relevant items of the same category are ranked above it."""
-    width = cat.shape[1]
-    above = torch.tril(torch.ones(width, width, dtype=torch.bool, device=cat.device), diagonal=-1)
-    same = (cat[:, :, None] == cat[:, None, :]) & above
-    return (same.double() * relevant[:, None, :]).sum(dim=2)
+def _earlier_same_category(category: Tensor, value: Tensor) -> Tensor:
+    """For each position of each row, the sum of ``value`` over the earlier positions of the same category:
+    one stable sort by category per row, then prefix sums within each run of equal categories."""
+    order = torch.sort(category, dim=1, stable=True).indices
+    cat, v = category.gather(1, order), value.gather(1, order)
+    size, length = cat.shape
+    start = torch.ones_like(cat, dtype=torch.bool)
+    start[:, 1:] = cat[:, 1:] != cat[:, :-1]
+    index = torch.arange(length, device=cat.device).expand(size, length)
+    first = torch.where(start, index, 0).cummax(dim=1).values  # where each position's run begins
+    before = torch.cumsum(v, dim=1) - v  # sum over all earlier sorted positions
+    within = before - before.gather(1, first)
+    return torch.empty_like(within).scatter_(1, order, within)
 
 
-def _alpha_ndcg(
-    cat_sorted: Tensor, label_sorted: Tensor, category: Tensor, labels: Tensor, ks: list[int], alpha: float
+def _category_metrics(
+    cat_top: Tensor,
+    label_top: Tensor,
+    real_top: Tensor,
+    category: Tensor,
+    labels: Tensor,
+    ks: list[int],
+    alpha: float,
+    with_ilad: bool,
 ) -> dict[str, Tensor]:
-    """alpha-NDCG@k for every k at once: the metric's DCG and its greedy ideal are prefix sums, so both are
-    computed once up to the largest k (and only over those positions)."""
-    depth = min(max(ks), cat_sorted.shape[1])
-    cat, relevant = cat_sorted[:, :depth], (label_sorted[:, :depth] > 0).double()
-    discount = _discounts(depth, cat.device)
-    gain = relevant * (1.0 - alpha) ** _same_above(cat, relevant)
-    dcg = torch.cumsum(gain * discount, dim=1)  # (B, depth)
-    # Greedy ideal over the list's own clicked items: at each position take the largest marginal gain.
-    rel = labels > 0
-    taken = torch.zeros_like(rel)
-    seen = torch.zeros(category.shape, dtype=torch.float64, device=category.device)  # same-category picks so far
-    steps = []
-    for i in range(min(depth, category.shape[1])):
-        marginal = torch.where(rel & ~taken, (1.0 - alpha) ** seen, torch.zeros_like(seen))
-        best = marginal.argmax(dim=1, keepdim=True)
-        best_gain = marginal.gather(1, best).squeeze(1)
-        steps.append(best_gain * discount[i])
-        picked = best_gain > 0
-        taken.scatter_(1, best, picked[:, None] | taken.gather(1, best))
-        seen += ((category == category.gather(1, best)) & picked[:, None]).double()
-    ideal = torch.cumsum(torch.stack(steps, dim=1), dim=1)
+    """alpha-NDCG, ERR-IA and (``with_ilad``) category ILAD at every k, as prefix sums down to the largest
+    k. ``cat_top``, ``label_top`` and ``real_top`` are the first max(ks) positions in predicted order;
+    ``category`` and ``labels`` the whole lists in input order."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    depth = ks[-1]
+    device = cat_top.device
+    real_top = real_top.double()
+    discount = _discounts(depth, device)
+    keep = 1.0 - alpha
+    # alpha-DCG: a clicked item gains keep^(clicked items of its category ranked above it).
+    relevant = (label_top > 0).double()
+    dcg = torch.cumsum(relevant * keep ** _earlier_same_category(cat_top, relevant) * discount, dim=1)
+    # The greedy ideal takes, at each position, a clicked item of a category picked least often so far. Each
+    # category offers the gains 1, keep, keep^2, ... (one per clicked item), so the greedy order is all those
+    # gains sorted in decreasing order.
+    clicked = (labels > 0).double()
+    gains = clicked * keep ** _earlier_same_category(category, clicked)
+    cut = min(depth, gains.shape[1])
+    gains = gains.topk(cut, dim=1).values if cut else gains
+    ideal = torch.cumsum(torch.nn.functional.pad(gains, (0, depth - cut)) * discount, dim=1)
+    # ERR-IA: an item of category c stops the user of intent c with probability r; they reach it with the
+    # product of (1 - r) over the items of c above it.
+    max_label = labels.max(dim=1, keepdim=True).values.clamp_min(1.0) if labels.shape[1] else 1.0
+    r = (2.0**label_top - 1.0) / 2.0**max_label
+    reach = torch.exp(_earlier_same_category(cat_top, torch.log1p(-r.clamp(max=1 - 1e-12))))
+    position = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
+    err = torch.cumsum(r / position * reach, dim=1)
+    n_intents = _intents(category, labels > 0)
     out = {}
     for k in ks:
-        at, best = min(k, depth) - 1, ideal[:, min(k, ideal.shape[1]) - 1]
-        out[f"alpha_ndcg@{k}"] = torch.where(best > 0, dcg[:, at] / best.clamp_min(1e-300), 0.0)
+        at = k - 1
+        out[f"alpha_ndcg@{k}"] = torch.where(ideal[:, at] > 0, dcg[:, at] / ideal[:, at].clamp_min(1e-300), 0.0)
+    for k in ks:
+        out[f"err_ia@{k}"] = torch.where(n_intents > 0, err[:, k - 1] / n_intents.clamp_min(1.0), 0.0)
+    if with_ilad:  # pairs of real items of different categories among the first k
+        real_above = torch.cumsum(real_top, dim=1) - real_top
+        different = real_top * (real_above - _earlier_same_category(cat_top, real_top))
+        out.update(_ilad_from_pairs(torch.cumsum(different, dim=1), real_top, ks))
     return out
 
 
-def _intents(cat_sorted: Tensor, relevant: Tensor) -> Tensor:
+def _intents(category: Tensor, relevant: Tensor) -> Tensor:
     """The number of distinct categories among each list's clicked items (B,)."""
-    marked = torch.where(relevant, cat_sorted, torch.full_like(cat_sorted, -1)).sort(dim=1).values
+    if category.shape[1] == 0:
+        return torch.zeros(category.shape[0], dtype=torch.float64, device=category.device)
+    marked = torch.where(relevant, category, torch.full_like(category, -1)).sort(dim=1).values
     new = marked[:, 1:] != marked[:, :-1]
     return ((marked[:, :1] >= 0).sum(1) + (new & (marked[:, 1:] >= 0)).sum(1)).double()
 
 
-def _err_ia(cat_sorted: Tensor, label_sorted: Tensor, k: int, n_intents: Tensor) -> Tensor:
-    cat, lab = cat_sorted[:, :k], label_sorted[:, :k]
-    max_label = label_sorted.max(dim=1, keepdim=True).values.clamp_min(1.0)
-    r = (2.0**lab - 1.0) / 2.0**max_label  # (B, k): stop probability of an item for its own category
-    width = cat.shape[1]
-    above = torch.tril(torch.ones(width, width, dtype=torch.bool, device=cat.device), diagonal=-1)
-    same = (cat[:, :, None] == cat[:, None, :]) & above
-    # log prod_{j<i, same category} (1 - R_j): the chance the user of intent c reaches position i.
-    log_continue = (same.double() * torch.log1p(-r.clamp(max=1 - 1e-12))[:, None, :]).sum(dim=2)
-    position = torch.arange(1, width + 1, device=cat.device, dtype=torch.float64)
-    err_per_item = r / position * torch.exp(log_continue)  # contribution to ERR of the item's own intent
-    # Intents: categories of the clicked items of the whole list, each weighted 1 / number of intents.
-    return torch.where(n_intents > 0, err_per_item.sum(dim=1) / n_intents.clamp_min(1.0), 0.0)
+def _ilad_from_pairs(distance_sum: Tensor, real: Tensor, ks: list[int]) -> dict[str, Tensor]:
+    """ilad@k from the summed distance over the pairs of real items among the first i positions (B, depth)."""
+    n_real = torch.cumsum(real, dim=1)
+    n_pairs = n_real * (n_real - 1) / 2
+    out = {}
+    for k in ks:
+        n, total = n_pairs[:, k - 1], distance_sum[:, k - 1]
+        out[f"ilad@{k}"] = torch.where(n > 0, total / n.clamp_min(1.0), 0.0)
+    return out
 
 
-def _ilad_pairs(distance: Tensor, real: Tensor) -> Tensor:
-    pair = real[:, :, None] & real[:, None, :]
-    pair &= ~torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
-    n_pairs = pair.sum(dim=(1, 2)).double()
-    total = (distance * pair).sum(dim=(1, 2))
-    return torch.where(n_pairs > 0, total / n_pairs.clamp_min(1.0), 0.0)
-
-
-def _ilad_embeddings(emb: Tensor, real: Tensor) -> Tensor:
+def _ilad_embeddings(emb: Tensor, real: Tensor, ks: list[int]) -> dict[str, Tensor]:
+    """ilad@k with the cosine distance of ``emb`` (B, depth, D) in predicted order."""
     unit = torch.nn.functional.normalize(emb, dim=-1)
-    return _ilad_pairs(1.0 - unit @ unit.transpose(1, 2), real)
-
-
-def _ilad_categories(cat: Tensor, real: Tensor) -> Tensor:
-    return _ilad_pairs((cat[:, :, None] != cat[:, None, :]).double(), real)
+    distance = 1.0 - unit @ unit.transpose(1, 2)
+    real = real.double()
+    earlier = torch.tril(torch.ones(emb.shape[1], emb.shape[1], dtype=torch.float64, device=emb.device), -1)
+    # each position's distance to the real items above it, if it is real itself
+    to_above = real * (distance * earlier * real[:, None, :]).sum(dim=2)
+    return _ilad_from_pairs(torch.cumsum(to_above, dim=1), real, ks)
 
 
 def logged_order_scores(batch) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from relist.batch import collate
-from relist.metrics import auc, evaluate, evaluate_lists, per_list_metrics
+from relist.metrics import auc, evaluate, evaluate_lists, list_auc, per_list_metrics
 
 KS = (1, 3, 5, 10)
 
@@ -139,7 +139,7 @@ def reference(lists, ks=KS, alpha=0.5, with_categories=True, with_embeddings=Fal
 # --------------------------------------------------------------------------- random inputs
 
 
-def random_lists(seed, n_lists=40, width=8, graded=False):
+def random_lists(seed, n_lists=40, width=8, graded=False, n_categories=3, first_category=1):
     """Lists of 1..width items with tied integer scores; some click-less lists; some shorter than k."""
     rng = np.random.default_rng(seed)
     lists = []
@@ -156,7 +156,7 @@ def random_lists(seed, n_lists=40, width=8, graded=False):
             {
                 "scores": scores,
                 "labels": labels,
-                "cats": [int(v) for v in rng.integers(1, 4, size=n)],
+                "cats": [int(v) for v in rng.integers(first_category, first_category + n_categories, size=n)],
                 "emb": [[float(x) for x in rng.normal(size=5)] for _ in range(n)],
             }
         )
@@ -253,6 +253,45 @@ def test_ks_are_deduplicated_and_any_k_works():
     assert_same({k: v.numpy() for k, v in got.items()}, expected)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("graded", [False, True])
+def test_category_metrics_on_long_lists_match_reference(seed, graded):
+    """Lists longer than every k, many categories (0 among them, the padding's own), graded labels for
+    ERR-IA, and a k beyond the widest list."""
+    ks = (1, 2, 5, 10, 64)
+    lists = random_lists(seed, n_lists=25, width=50, graded=graded, n_categories=7, first_category=0)
+    scores, labels, mask, cats, emb = pad(lists, width=50, seed=seed)
+    got = per_list_metrics(scores, labels, mask, ks, categories=cats, alpha=0.3)
+    assert_same({k: v.numpy() for k, v in got.items()}, reference(lists, ks=ks, alpha=0.3))
+    got = per_list_metrics(scores, labels, mask, ks, categories=cats, embeddings=emb, alpha=0.3)
+    assert_same({k: v.numpy() for k, v in got.items()}, reference(lists, ks=ks, alpha=0.3, with_embeddings=True))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_at_its_bounds_matches_reference(alpha):
+    """alpha 0: every click gains 1 (alpha-NDCG is binary NDCG); alpha 1: only a category's first click gains."""
+    lists = random_lists(11, n_lists=30, width=12)
+    scores, labels, mask, cats, _ = pad(lists, width=12, seed=11)
+    got = per_list_metrics(scores, labels, mask, KS, categories=cats, alpha=alpha)
+    assert_same({k: v.numpy() for k, v in got.items()}, reference(lists, alpha=alpha))
+    if alpha == 0.0:
+        for k in KS:
+            np.testing.assert_allclose(got[f"alpha_ndcg@{k}"].numpy(), got[f"ndcg@{k}"].numpy(), rtol=1e-12)
+
+
+def test_alpha_outside_the_unit_interval_raises():
+    scores, labels, mask, cats, _ = pad(random_lists(0, n_lists=3), width=8, seed=0)
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            per_list_metrics(scores, labels, mask, KS, categories=cats, alpha=alpha)
+
+
+def test_categories_of_the_wrong_shape_raise():
+    scores, labels, mask, cats, _ = pad(random_lists(0, n_lists=3), width=8, seed=0)
+    with pytest.raises(ValueError, match="categories"):
+        per_list_metrics(scores, labels, mask, KS, categories=cats[:, :5])
+
+
 # --------------------------------------------------------------------------- AUC vs scikit-learn
 
 
@@ -278,6 +317,29 @@ def test_auc_continuous_scores_match_sklearn(seed):
     scores = rng.normal(size=500)
     labels = (rng.random(500) < 0.2 + 0.3 * (scores > 0)).astype(np.float64)
     assert auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_list_auc_matches_sklearn_per_list(seed):
+    """Within-list AUC with heavy ties and garbage padding, nan where a list lacks a click or a non-click."""
+    lists = random_lists(seed, n_lists=40, width=30)
+    scores, labels, mask, _, _ = pad(lists, width=30, seed=seed)
+    got = list_auc(scores, labels, mask).numpy()
+    for b, lst in enumerate(lists):
+        y = lst["labels"]
+        if 0 < sum(v > 0 for v in y) < len(y):
+            assert got[b] == pytest.approx(roc_auc_score(np.asarray(y) > 0, lst["scores"]), rel=1e-12), b
+        else:
+            assert math.isnan(got[b]), b
+
+
+def test_list_auc_padding_ties_and_infinite_scores():
+    scores = torch.tensor([[1.0, 1.0, 0.0, 1.0], [float("inf"), 2.0, float("inf"), 5.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    # list 0: the click ties one non-click (1/2) and beats the other (1); list 1: the inf click ties the
+    # inf non-click (1/2), the other click loses (0); padding never counts
+    np.testing.assert_allclose(list_auc(scores, labels, mask).numpy(), [0.75, 0.25])
 
 
 def test_auc_by_hand():
