@@ -16,6 +16,16 @@ free of the logging order's position bias and offline metrics of any order are u
 position bias makes the logged order look better offline than it is). Observed item features are z_i
 plus noise and log popularity; the user's history holds items the user liked before. The model's
 parameters are saved next to the data (``truth.safetensors``) so a simulator can use the very same truth.
+
+Headroom (``truth_headroom``): how far the truth says re-ranking can go on a split, over the same items of
+every list. It scores the input order (the logged display, or for a ``relist train ranker`` re-ranking
+dataset the initial ranker's order), the true-appeal order (by r(u, i): what a perfect pointwise model
+gives), the greedy order under the redundancy penalty (each position takes the item whose click
+probability is highest given the items above it), and the best order under the truth (exact, by dynamic
+programming over the subsets of a list's items: the click probability at position p depends only on p and
+on which items are above, not on their order, so the value of what is left depends only on the set already
+placed; lists of up to ``EXACT_MAX_LEN`` items). Each order gets NDCG@k on the split's labels (what the
+offline tables report) and its expected clicks in the first k positions under the truth.
 """
 
 from __future__ import annotations
@@ -29,7 +39,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from relist.data.store import ListTable, Schema, SparseField, random_splits
+from relist.batch import ListBatch
+from relist.config import option
+from relist.data.store import ListTable, PreparedDataset, Schema, SparseField, random_splits
+from relist.metrics import per_list_metrics
 
 
 @dataclass(frozen=True)
@@ -224,3 +237,217 @@ def generate(
         },
     )
     return table, model
+
+
+# ---- headroom under the truth -------------------------------------------------------------------------------
+EXACT_MAX_LEN = 12  # 2^12 subsets per list: the exact best order is computed up to this list length
+EXACT_VALUES = 1 << 24  # values per (lists, subsets, items) tensor of the exact search: longer batches go in parts
+ORDERS = ("input", "true appeal", "greedy under the redundancy penalty", "best under the truth (exact)")
+
+
+def _truth_ids(batch: ListBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based user and item indices of a batch of this source (ids are 1-based in the data)."""
+    return (batch.user_sparse[:, 0] - 1).clamp_min(0), (batch.item_id - 1).clamp_min(0)
+
+
+def expected_clicks(model: SyntheticClickModel, users, items, mask, order, k: int) -> torch.Tensor:
+    """(B,) expected clicks in the first ``k`` positions when each list is shown in ``order`` (B, L)."""
+    shown, shown_mask = items.gather(1, order), mask.gather(1, order)
+    return model.click_prob(users, shown, shown_mask)[:, :k].sum(1)
+
+
+def appeal_order(model: SyntheticClickModel, users, items, mask) -> torch.Tensor:
+    """Each list by descending true relevance r(u, i), padding last."""
+    relevance = model.relevance(users, items).masked_fill(~mask, float("-inf"))
+    return relevance.argsort(dim=1, descending=True, stable=True)
+
+
+def greedy_order(model: SyntheticClickModel, users, items, mask) -> torch.Tensor:
+    """Position by position, the remaining item with the highest click probability given the items above
+    (the examination factor is the same for every candidate at a position, so this is the highest
+    sigmoid(r + c0 - kappa * same-category items above)). Greedy, not optimal in general."""
+    p = model.params
+    size, length = items.shape
+    base = model.relevance(users, items) + p.intercept
+    category = model.item_category[items]
+    shown = torch.zeros(size, p.n_categories, device=items.device)
+    left, taken = mask.clone(), torch.zeros_like(mask)
+    order = torch.empty(size, length, dtype=torch.long, device=items.device)
+    rows = torch.arange(size, device=items.device)
+    first = length - torch.arange(length, device=items.device)  # once no real item is left: padding in order
+    for position in range(length):
+        value = (base - p.kappa * shown.gather(1, category)).masked_fill(~left, float("-inf"))
+        pick = torch.where(left.any(1), value.argmax(1), ((~taken) * first).argmax(1))
+        order[:, position] = pick
+        shown[rows, category[rows, pick]] += left[rows, pick].float()
+        left[rows, pick] = False
+        taken[rows, pick] = True
+    return order
+
+
+def best_order(model: SyntheticClickModel, users, items, mask, k: int) -> torch.Tensor:
+    """The order with the most expected clicks in the first ``k`` positions under the truth, exactly.
+
+    V(S) = max over i not in S of [P(click on i at position |S| | the items S above) + V(S + i)], with V = 0
+    once k items are placed or none is left; the click probability depends only on |S| and on how many items
+    of S share i's category, so the recursion over subsets is exact. O(2^L L^2) per list: L <= EXACT_MAX_LEN."""
+    p = model.params
+    size, length = items.shape
+    if length > EXACT_MAX_LEN:
+        raise ValueError(f"the exact best order needs lists of at most {EXACT_MAX_LEN} items, got {length}")
+    rows_at_once = max(1, EXACT_VALUES // ((1 << length) * length))
+    if size > rows_at_once:
+        parts = [slice(lo, lo + rows_at_once) for lo in range(0, size, rows_at_once)]
+        return torch.cat([best_order(model, users[part], items[part], mask[part], k) for part in parts])
+    device = items.device
+    n_sets = 1 << length
+    codes = torch.arange(n_sets, device=device)
+    bit = 1 << torch.arange(length, device=device)
+    member = (codes[:, None] & bit[None, :]) > 0  # (S, L)
+    placed = member.sum(1)  # |S|
+    category = model.item_category[items]
+    same = (category[:, :, None] == category[:, None, :]).float()  # (B, L, L)
+    above = torch.einsum("sj,bji->bsi", member.float(), same)  # (B, S, L): items of S sharing i's category
+    examine = (1.0 + placed.float()) ** -p.eta  # (S,)
+    base = model.relevance(users, items) + p.intercept  # (B, L)
+    gain = examine[None, :, None] * torch.sigmoid(base[:, None, :] - p.kappa * above)  # (B, S, L)
+    allowed = ~member[None, :, :] & mask[:, None, :]
+    value = torch.zeros(size, n_sets, device=device)
+    choice = torch.full((size, n_sets), -1, dtype=torch.long, device=device)
+    for count in range(min(k, length) - 1, -1, -1):
+        sets = codes[placed == count]
+        following = sets[:, None] | bit[None, :]  # (n, L)
+        total = (gain[:, sets, :] + value[:, following]).masked_fill(~allowed[:, sets, :], float("-inf"))
+        best, pick = total.max(2)
+        some = torch.isfinite(best)
+        value[:, sets] = torch.where(some, best, torch.zeros_like(best))
+        choice[:, sets] = torch.where(some, pick, torch.full_like(pick, -1))
+    order = torch.empty(size, length, dtype=torch.long, device=device)
+    state = torch.zeros(size, dtype=torch.long, device=device)
+    rows = torch.arange(size, device=device)
+    taken = torch.zeros(size, length, dtype=torch.bool, device=device)
+    for position in range(length):
+        pick = choice[rows, state] if position < k else torch.full((size,), -1, dtype=torch.long, device=device)
+        # after the first k (or once no real item is left): the rest in input order, padding last
+        rest = (~taken & mask).float() * 2 + (~taken).float() - torch.arange(length, device=device) / (2 * length)
+        pick = torch.where(pick >= 0, pick, rest.argmax(1))
+        order[:, position] = pick
+        taken[rows, pick] = True
+        state = state | bit[pick]
+    return order
+
+
+def find_truth(data: PreparedDataset) -> SyntheticClickModel:
+    """The click model of a synthetic dataset, or of the synthetic dataset a re-ranking dataset was
+    derived from (``relist train ranker`` records it as ``derived_from``)."""
+    for root in (data.root, data.manifest.get("info", {}).get("derived_from")):
+        if root is not None and (Path(root) / "truth.safetensors").is_file():
+            return SyntheticClickModel.load(Path(root) / "truth.safetensors")
+    raise FileNotFoundError(
+        f"{data.root} has no truth.safetensors (nor does the dataset it was derived from): "
+        "headroom needs a prepared synthetic dataset or a re-ranking dataset made from one"
+    )
+
+
+def _scores(order: torch.Tensor) -> torch.Tensor:
+    """Scores (B, L) that rank each list into ``order``."""
+    length = order.shape[1]
+    return torch.empty(order.shape).scatter_(1, order, -torch.arange(length, dtype=torch.float32).expand_as(order))
+
+
+def truth_headroom(
+    data: PreparedDataset,
+    split: str = "test",
+    k: int = 10,
+    model: SyntheticClickModel | None = None,
+    batch_size: int = 1024,
+) -> dict:
+    """NDCG@k on the labels and expected clicks in the first k positions under the truth, of the input order,
+    the true-appeal order, the greedy order under the redundancy penalty and (lists of at most
+    ``EXACT_MAX_LEN`` items) the exact best order, over the same items of every list of ``split``.
+
+    Returns ``{"split", "n_lists", "k", "input", "exact", "orders": {name: {"ndcg@k", "expected_clicks",
+    "diff_vs_input" and "diff_vs_appeal": {metric: (mean difference, its 95% half-width over lists)}}}}``
+    (differences against the input and the true-appeal order, list by list)."""
+    model = model if model is not None else find_truth(data)
+    input_name = "initial ranker" if "init_score" in data.schema.item_dense else "logged display"
+    longest = int(np.diff(np.asarray(data.offsets))[data.split(split)].max()) if len(data.split(split)) else 0
+    exact = longest <= EXACT_MAX_LEN
+    names = ORDERS if exact else ORDERS[:3]
+    per: dict[str, dict[str, list]] = {n: {f"ndcg@{k}": [], "expected_clicks": []} for n in names}
+    for batch in data.batches(split, batch_size):
+        users, items = _truth_ids(batch)
+        mask = batch.mask
+        identity = torch.arange(batch.list_len).expand(batch.size, -1)
+        orders = {
+            ORDERS[0]: identity,
+            ORDERS[1]: appeal_order(model, users, items, mask),
+            ORDERS[2]: greedy_order(model, users, items, mask),
+        }
+        if exact:
+            orders[ORDERS[3]] = best_order(model, users, items, mask, k)
+        for name, order in orders.items():
+            ndcg = per_list_metrics(_scores(order), batch.label, mask, ks=(k,))[f"ndcg@{k}"]
+            per[name][f"ndcg@{k}"].append(ndcg.numpy())
+            per[name]["expected_clicks"].append(expected_clicks(model, users, items, mask, order, k).numpy())
+    stacked = {n: {m: np.concatenate(v) for m, v in per[n].items()} for n in names}
+    out = {"split": split, "n_lists": int(len(data.split(split))), "k": k, "input": input_name, "exact": exact}
+    out["orders"] = {}
+    for name in names:
+        entry = {m: float(v.mean()) for m, v in stacked[name].items()}
+        for key, reference in (("diff_vs_input", ORDERS[0]), ("diff_vs_appeal", ORDERS[1])):
+            entry[key] = {m: _mean_and_half_width(v - stacked[reference][m]) for m, v in stacked[name].items()}
+        out["orders"][name] = entry
+    return out
+
+
+def _mean_and_half_width(d: np.ndarray) -> tuple[float, float]:
+    """The mean of per-list differences and the half-width of its 95% normal interval over lists."""
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return float(d.mean()), float(half)
+
+
+def format_headroom(result: dict) -> str:
+    """The headroom as a markdown table."""
+    k = result["k"]
+    lines = [
+        f"Headroom under the truth on the {result['n_lists']:,} {result['split']} lists (the same items of each "
+        f"list in every order; input order: {result['input']}). NDCG@{k} on the labels; expected clicks in the "
+        f"first {k} positions under the true click model; differences with a 95% interval over lists (normal "
+        "approximation). The labels were drawn under the logged display's own context, so NDCG on them cannot "
+        "credit an order for the context effects; the expected clicks do.",
+        "",
+        f"| order | NDCG@{k} | Δ NDCG@{k} vs input | expected clicks | Δ vs input | Δ vs true appeal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in result["orders"].items():
+        shown = f"input ({result['input']})" if name == ORDERS[0] else name
+
+        def diff(key: str, metric: str, skip: tuple[str, ...]) -> str:
+            mean, half = entry[key][metric]
+            width = f"{half:.4f}" if half >= 5e-5 else f"{half:.1e}"  # a tiny interval still shows
+            return "-" if name in skip else f"{mean:+.4f} ± {width}"
+
+        cells = [
+            f"{entry[f'ndcg@{k}']:.4f}",
+            diff("diff_vs_input", f"ndcg@{k}", ORDERS[:1]),
+            f"{entry['expected_clicks']:.4f}",
+            diff("diff_vs_input", "expected_clicks", ORDERS[:1]),
+            diff("diff_vs_appeal", "expected_clicks", ORDERS[1:2]),
+        ]
+        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    if not result["exact"]:
+        lines += ["", f"The exact best order is not computed: lists longer than {EXACT_MAX_LEN} items."]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class HeadroomConfig:
+    data: Path = option(help="a prepared synthetic dataset, or a re-ranking dataset (rerank/) made from one")
+    split: str = option("test", help="split to score")
+    k: int = option(10, help="cut-off: NDCG@k and expected clicks in the first k positions")
+    batch_size: int = option(1024, help="lists per batch")
+
+
+def run_headroom(cfg: HeadroomConfig) -> dict:
+    return truth_headroom(PreparedDataset(cfg.data), cfg.split, cfg.k, batch_size=cfg.batch_size)
