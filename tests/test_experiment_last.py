@@ -1,4 +1,5 @@
-"""`relist experiment last` end to end on synthetic data and a ground-truth simulator (slow)."""
+"""`relist experiment last` end to end on synthetic data and a ground-truth simulator, in this process and in
+worker processes."""
 
 from __future__ import annotations
 
@@ -82,3 +83,35 @@ def test_experiment_last_end_to_end(tmp_path):
     assert "over seeds and lists" in offline_table and "| evaluator |" not in offline_table
     assert "| LAST parallel | best-of-8 sampling | ndcg@10 |" in offline_table
     assert "over seeds and users" in summary and "### Delayed feedback and LAST against greedy, over seeds" in summary
+
+
+def _world(root):
+    prepare(PrepareConfig(source="synthetic", out=root / "data", n_lists=500, n_users=60, n_items=200, seed=5))
+    train_ranker(TrainRankerConfig(data=root / "data", out=root / "ranker", seed=5, n_estimators=8, progress=False))
+    sim = ["sim", "truth", "--data", str(root / "data"), "--out", str(root / "sim"), "--seed", "5"]
+    assert main(sim + ["--session-requests", "2", "--max-sessions", "1"]) == 0
+
+
+def test_seeds_in_two_worker_processes_give_the_results_of_one_process(tmp_path):
+    """Two seeds (the second without the quality and offset studies) in this process and with --jobs 2: the
+    same results.csv and summary; the one-seed study tables say so instead of showing "± nan"."""
+    _world(tmp_path)
+    args = ["experiment", "last", "--data", str(tmp_path / "data"), "--ranker", str(tmp_path / "ranker"),
+            "--sim", str(tmp_path / "sim"), "--seeds", "2", "--seed", "3", "--epochs", "1", "--max-steps", "2",
+            "--batch-size", "32", "--users", "12", "--sweep-seeds", "1", "--fractions", "1", "--noise", "1",
+            "--offset-kinds", "activations", "--offset-steps", "0/0/6/7", "--steps", "0,0,6,7",
+            "--delays", "0"]  # fmt: skip
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "results.csv").read_text() == (two / "results.csv").read_text()
+    assert (one / "summary.md").read_text() == (two / "summary.md").read_text()
+    with open(one / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["seed"] for r in rows if r["study"] == "offline"} == {"3", "4"}
+    assert {r["seed"] for r in rows if r["study"] in ("quality", "offsets")} == {"3"}
+    assert "best-of-4 sampling" in {r["method"] for r in rows}  # K is the number of --steps
+    summary = (one / "summary.md").read_text()
+    quality = summary[summary.index("## Evaluator quality") :]
+    assert "1 seed, no interval" in quality and "nan" not in quality
+    assert (one / "quality.png").is_file() and (one / "offsets.png").is_file()

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
-from relist.cli import main
+from relist.cli import COMMANDS, main, make_parser, resolve
+from relist.config import build
 from relist.data.prepare import PrepareConfig, prepare
-from relist.experiments.principled import random_tie_scores
+from relist.experiments.principled import plan_runs, random_tie_scores
+
+PROTOCOL = Path(__file__).resolve().parents[1] / "configs" / "protocol.yaml"
 
 
 def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys):
@@ -43,7 +48,7 @@ def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys
     assert all(0.0 <= float(r["test_ndcg@10"]) <= 1.0 for r in rows)
     summary = (tmp_path / "exp" / "summary.md").read_text()
     assert "| initial ranker |" in summary and "| setrank | +P1+P2 |" in summary
-    assert "Test metrics of 1 seed, no interval" in summary and "± nan" not in summary
+    assert "Test metrics, 1 seed, no interval" in summary and "± nan" not in summary
     base = summary[
         summary.index("## Principles against the same model's base") : summary.index("## Against the initial")
     ]
@@ -157,3 +162,56 @@ def test_librerank_files_run_through_the_experiment(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
     assert {r["variant"] for r in rows} == {"base", "+P1", "+P2", "+P1+P2"}
     assert (tmp_path / "exp" / "ranker" / "rerank" / "manifest.json").is_file()
+
+
+def _config(command: str, *argv: str):
+    """The configuration the command line builds (nothing is run)."""
+    path = ("experiment", command)
+    parser = make_parser(path)
+    return build(resolve(COMMANDS[path].config), parser.parse_args([*path, *argv]), parser)
+
+
+def test_protocol_file_settings_reach_every_training_run(tmp_path):
+    """configs/protocol.yaml read by experiment principled: every run gets its epochs, selection, patience,
+    weight average, λ per variant, perturbation and model sizes; the command line wins over the file."""
+    cfg = _config(
+        "principled", "--config", str(PROTOCOL), "--data", "d", "--out", str(tmp_path), "--sweep-model", "prm"
+    )
+    runs = plan_runs(cfg, tmp_path / "data")
+    assert len(runs) == 6 * 4 * 5 + 6 * 5  # six models x four variants x 5 seeds, and the sweeps on prm
+    for model, variant, seed, run_dir, run in runs:
+        assert (run.epochs, run.patience, run.ema_decay, run.select_metric) == (30, 5, 0.95, "list_ce")
+        assert (run.batch_size, run.learning_rate, run.use_user, run.seed) == (128, 1e-3, True, seed)
+        assert run.out == run_dir and 0 <= seed <= 4
+        if variant in ("base", "+P1", "+P2", "+P1+P2"):
+            assert (run.p1_weight, run.p2_weight) == (
+                {"base": (0, 0), "+P1": (1, 0), "+P2": (0, 1)}.get(variant, (1, 1))
+            )
+            assert run.perturbation == "adjacent"
+    prm = next(run for model, *_, run in runs if model == "prm")
+    assert "d_model=64" in prm.model_args and "n_blocks=2" in prm.model_args and ";" not in prm.model_args
+    midnn = next(run for model, *_, run in runs if model == "midnn")
+    assert "hidden=128/64" in midnn.model_args and "loss=softmax" in midnn.model_args
+    sweeps = {variant: run for model, variant, seed, _, run in runs if " " in variant and seed == 0}
+    assert (sweeps["+P1+P2 λ=0.3"].p1_weight, sweeps["+P1+P2 λ=0.3"].p2_weight) == (0.3, 0.3)
+    assert sweeps["+P2 window"].perturbation == "window" and sweeps["+P2 window"].p1_weight == 0
+
+    mine = _config("principled", "--config", str(PROTOCOL), "--data", "d", "--out", str(tmp_path),
+                   "--p1-weight", "0.5", "--perturbation", "pair", "--epochs", "3", "--seeds", "2")  # fmt: skip
+    runs = plan_runs(mine, tmp_path / "data")
+    assert len(runs) == 6 * 4 * 2 and all(run.epochs == 3 for *_, run in runs)
+    assert {run.p1_weight for _, variant, *_, run in runs if variant == "+P1"} == {0.5}
+    assert {run.perturbation for _, variant, *_, run in runs if variant == "+P2"} == {"pair"}
+    assert mine.last.epochs == 10  # experiment last's section is read, and left to it
+
+
+def test_a_misspelt_protocol_key_fails_both_experiments(tmp_path, capsys):
+    text = PROTOCOL.read_text(encoding="utf-8")
+    for bad in (text.replace("patience:", "pacience:"), text.replace("  users: 400", "  userz: 400")):
+        (tmp_path / "bad.yaml").write_text(bad, encoding="utf-8")
+        for command in ("principled", "last"):
+            with pytest.raises(SystemExit):
+                _config(command, "--config", str(tmp_path / "bad.yaml"), "--data", "d", "--out", "o", "--sim", "s")
+    assert "unknown option" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a model setting that its model does not have
+        _config("principled", "--data", "d", "--out", "o", "--model-args", "prm: d_modle=32")

@@ -15,6 +15,14 @@ trained on the re-ranking data; then
 - offsets: activations vs pointer layers vs decoder vs all weights, and step-size lists (offline).
 - delayed feedback: LAST against classic online learning, a copy of the generator fine-tuned on the clicks
   its own lists got, arriving ``D`` requests later (``--delays``), on the same simulated traffic.
+
+Each seed is one task of ``relist.grid`` (``--jobs N`` worker processes or ``--ray-address``), on
+``--threads`` torch threads wherever it runs, so the results do not depend on the executor. LAST's step
+sizes (K = their number), offsets, scale and discount, the serial rounds, the principled baseline's λ and
+perturbation, model sizes and the studies' settings are options (``relist.experiments.protocol``; one
+protocol file serves this experiment and ``relist experiment principled``); the defaults are the official
+code's settings. Writes ``results.csv``, ``summary.md``, ``online.md``, ``online.json``, ``offline.png``, and
+``quality.png`` and ``offsets.png`` only when those studies ran; ``run_experiment`` returns the names written.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ import torch
 from relist.batch import rank, without_initial_score
 from relist.config import option
 from relist.data.store import PreparedDataset
-from relist.last import OFFICIAL_STEPS, Last, LastConfig
+from relist.experiments.plots import metric_axis, wrap_label
+from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings, parse_steps
+from relist.grid import run_tasks
+from relist.last import Last, LastConfig
 from relist.metrics import group_auc, per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import load_reranker
@@ -53,6 +64,7 @@ from relist.stats import (
     nested_bootstrap,
     t_ci95,
 )
+from relist.tables import mean_cell, seeds_interval
 from relist.train import (
     TrainConfig,
     TrainEvaluatorConfig,
@@ -78,25 +90,20 @@ class LastExperimentConfig:
     sim: Path = option(help="simulator directory (`relist sim train` on the same prepared dataset)")
     out: Path = option(help="output directory: results.csv, summary.md, online.md, plots, runs/")
     ranker: Path | None = option(None, help="a `relist train ranker` output to use instead of training one")
-    seeds: int = option(5, help="seeds (models and simulated users)")
-    seed: int = option(0, help="first seed")
-    users: int = option(1000, help="simulated users per seed and policy")
-    epochs: int = option(30, help="maximum epochs of each training run")
-    principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
-    fractions: tuple[float, ...] = option((0.01, 0.1, 1.0), help="evaluator-quality sweep: shares of the train lists")
-    noise: tuple[float, ...] = option(
-        (0.5, 1.0, 2.0), help="evaluator-quality sweep: std of Gaussian noise on the full evaluator's logits"
-    )
-    delays: tuple[int, ...] = option(
-        (0, 500, 2000),
-        help="delayed-feedback study: delays D (requests) before a list's clicks reach the online learner",
-    )
-    sweep_seeds: int = option(
-        0, help="run the evaluator-quality and offset studies on the first N seeds (0: all, -1: none)"
-    )
+    max_steps: int = option(0, help="cap on optimiser steps of each training run (0: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
-    threads: int = option(1, help="torch threads")
+    threads: int = option(1, help="torch threads of each seed's runs")
+    jobs: int = option(1, help="seeds at once, in local worker processes (each on --threads torch threads)")
+    ray_address: str = option("", help="run the seeds on this Ray cluster instead (local: a local one)")
     overwrite: bool = option(False, help="replace OUT if it exists")
+    protocol: TrainingProtocol = option(
+        TrainingProtocol(), flatten=True, help="the settings both studies share (a protocol file's top level)"
+    )
+    last: LastStudy = option(LastStudy(), flatten=True, help="this study's settings (a protocol file's last: section)")
+    principled: PrincipledStudy = option(
+        PrincipledStudy(),
+        help="experiment principled's settings (a protocol file's principled: section; not used by this command)",
+    )
 
 
 class NoisyEvaluator:
@@ -168,7 +175,12 @@ def _ranker_dir(cfg: LastExperimentConfig) -> Path:
     if not (ranker_dir / "rerank" / "manifest.json").is_file():
         train_ranker(
             TrainRankerConfig(
-                data=cfg.data, out=ranker_dir, model="lambdamart", seed=cfg.seed, overwrite=True, progress=False
+                data=cfg.data,
+                out=ranker_dir,
+                model="lambdamart",
+                seed=cfg.protocol.seed,
+                overwrite=True,
+                progress=False,
             )
         )
     return ranker_dir
@@ -199,192 +211,261 @@ def evaluator_auc(evaluator, batch) -> float:
     return group_auc(logits, batch.label, batch.mask)
 
 
+def methods_of(study: LastStudy) -> tuple[dict[str, LastConfig], LastConfig]:
+    """The compared generator methods (name -> LAST settings) and the oracle-selection variant."""
+    k = len(study.steps)
+    shared = {"offsets": study.offsets, "scale": study.scale, "gamma": study.gamma}
+    methods = {
+        "generator greedy": LastConfig(steps=(), **shared),
+        f"best-of-{k} sampling": LastConfig(steps=(0.0,) * k, **shared),
+        "LAST parallel": LastConfig(steps=study.steps, **shared),
+        "LAST serial": LastConfig(
+            mode="serial", serial_steps=study.serial_steps or k, serial_step=study.serial_step, **shared
+        ),
+    }
+    return methods, LastConfig(steps=study.steps, select="oracle", **shared)
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    """One seed of the experiment: its models are trained and every study it takes part in is run."""
+
+    cfg: LastExperimentConfig
+    ranker_dir: Path
+    seed: int
+    sweeps: bool  # the evaluator-quality and offset studies
+
+
 def run_experiment(cfg: LastExperimentConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    study, protocol = cfg.last, cfg.protocol
+    model_settings(protocol.model_args)  # malformed model settings fail before any work
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     ranker_dir = _ranker_dir(cfg)
-    data_dir = ranker_dir / "rerank"
-    data = PreparedDataset(data_dir)
-    list_len = int(data.manifest["info"]["list_len"])
-    test = data.batch(data.split("test"))
-    sim = load_simulator(cfg.sim, device)
-    fractions, noises = list(cfg.fractions), list(cfg.noise)
-    k = len(OFFICIAL_STEPS)
-    methods = {  # name -> LastConfig (None: not a generator method)
-        "generator greedy": LastConfig(steps=()),
-        f"best-of-{k} sampling": LastConfig(steps=(0.0,) * k),
-        "LAST parallel": LastConfig(),
-        "LAST serial": LastConfig(mode="serial", serial_steps=k),
-    }
-    oracle = LastConfig(select="oracle")
-    delays = list(cfg.delays)
-    rows, online_units, seeds, delayed_units, delayed_seeds, offline_lists = [], {}, [], {}, [], {}
-    for s in range(cfg.seeds):
-        seed = cfg.seed + s
-        seeds.append(seed)
-        run = out / "runs" / f"seed{seed}"
-        common = dict(data=data_dir, seed=seed, epochs=cfg.epochs, device=cfg.device, overwrite=True, progress=False)
-        train_evaluator(TrainEvaluatorConfig(out=run / "evaluator", **common))
-        train_generator(TrainGeneratorConfig(out=run / "generator", **common))
-        train(
-            TrainConfig(
-                out=run / cfg.principled_model, model=cfg.principled_model, p1_weight=1.0, p2_weight=1.0, **common
-            )
-        )
-        evaluator = load_evaluator(run / "evaluator").to(device)
-        generator = load_reranker(run / "generator" / "best").to(device)
-        principled = load_reranker(run / cfg.principled_model / "best").to(device).eval()
-        batch = test.to(device)
+    seeds = [protocol.seed + s for s in range(protocol.seeds)]
+    tasks = [
+        SeedTask(cfg, ranker_dir, seed, not (study.sweep_seeds < 0 or (study.sweep_seeds and s >= study.sweep_seeds)))
+        for s, seed in enumerate(seeds)
+    ]
+    # every seed on the executor asked for; each seed's runs use --threads threads, so results do not depend on it
+    done = run_tasks(run_seed, tasks, jobs=cfg.jobs, ray_address=cfg.ray_address or None, threads=max(cfg.threads, 1))
+    rows, online_units, delayed_units, offline_lists = [], {}, {}, {}
+    for result in done:
+        rows += result["rows"]
+        for method, values in result["offline"].items():
+            offline_lists.setdefault(method, []).append(values)
+        for target, units in ((online_units, result["online"]), (delayed_units, result["delayed"])):
+            for name, outcome in units.items():
+                for key, values in outcome.items():
+                    target.setdefault(name, {}).setdefault(key, []).append(values)
+    _write_csv(out / "results.csv", rows)
 
-        def record(study: str, method: str, values: dict) -> None:
-            if study == "offline":
-                offline_lists.setdefault(method, []).append(values)
-                values = means(values)
-            rows.append({"seed": seed, "study": study, "method": method, **values})
-
-        identity = -torch.arange(batch.list_len, dtype=torch.float32, device=device).expand(batch.size, -1)
-        record("offline", "initial order", offline(identity, batch, evaluator, sim))
-        record("offline", f"{cfg.principled_model} +P1+P2", offline(principled.score(batch), batch, evaluator, sim))
-        for name, config in methods.items():
-            result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
-            record("offline", name, offline(result.scores, batch, evaluator, sim))
-        result = Last(generator, evaluator, oracle)(batch, torch.Generator().manual_seed(seed))
-        record("offline", oracle.label, offline(result.scores, batch, evaluator, sim))
-
-        # online: every method behind the same initial ranker, the same users and random numbers
-        ctx = PolicyContext(seed=seed, device=device, simulator=sim)
-        ranker = _load_ranker(str(ranker_dir), ctx)
-        policies = {
-            name: RerankPolicy(ranker, LastStage(Last(generator, evaluator, c), seed), list_len)
-            for name, c in methods.items()
-        }
-        policies["initial order"] = ranker.score
-        policies[f"{cfg.principled_model} +P1+P2"] = RerankPolicy(ranker, score_order(principled), list_len)
-        for name, policy in policies.items():
-            result = simulate(sim, policy, cfg.users, seed, 1024)
-            for key, values in result.items():
-                online_units.setdefault(name, {}).setdefault(key, []).append(values)
-            record("online", name, {"clicks_per_request": float(result["clicks"].sum() / result["requests"].sum())})
-        _write_csv(out / "results.csv", rows)
-
-        # classic online learning from delayed feedback against LAST, on the same traffic (users in batches of 50)
-        arms = {
-            "generator greedy": RerankPolicy(
-                ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
-            ),
-            "LAST parallel": RerankPolicy(ranker, LastStage(Last(generator, evaluator, LastConfig()), seed), list_len),
-        }
-        for delay in delays:
-            learner = DelayedFeedbackLearner(generator, sim, delay, seed)
-            arms[f"online learning, delay {delay}"] = RerankPolicy(ranker, learner, list_len)
-        for name, policy in arms.items():
-            result = simulate(sim, policy, cfg.users, seed, 50)
-            for key, values in result.items():
-                delayed_units.setdefault(name, {}).setdefault(key, []).append(values)
-            record(
-                "delayed",
-                name,
-                {
-                    "clicks_per_request": float(result["clicks"].sum() / result["requests"].sum()),
-                    "requests": float(result["requests"].sum()),
-                },
-            )
-        delayed_seeds.append(seed)
-        _write_csv(out / "results.csv", rows)
-        if cfg.sweep_seeds < 0 or (cfg.sweep_seeds and s >= cfg.sweep_seeds):
-            continue
-        greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
-        greedy_off = means(offline(greedy.scores, batch, evaluator, sim))
-        greedy_policy = RerankPolicy(
-            ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
-        )
-        greedy_online = simulate(sim, greedy_policy, cfg.users // 2, seed, 1024)
-        greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
-        candidates = []
-        for fraction in fractions:
-            if fraction >= 1:
-                candidates.append(("evaluator 100%", evaluator))
-                continue
-            train_evaluator(
-                TrainEvaluatorConfig(out=run / f"evaluator_{fraction:g}", train_fraction=fraction, **common)
-            )
-            candidates.append(
-                (f"evaluator {100 * fraction:g}%", load_evaluator(run / f"evaluator_{fraction:g}").to(device))
-            )
-        candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in noises]
-        for name, weak in candidates:
-            last = Last(generator, weak, LastConfig())
-            result = last(batch, torch.Generator().manual_seed(seed))
-            values = means(offline(result.scores, batch, evaluator, sim))
-            policy = RerankPolicy(ranker, LastStage(Last(generator, weak, LastConfig()), seed), list_len)
-            online = simulate(sim, policy, cfg.users // 2, seed, 1024)
-            record(
-                "quality",
-                name,
-                {
-                    "auc": evaluator_auc(weak, batch),
-                    "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                    "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
-                    "lift_clicks_per_request": float(
-                        online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1
-                    ),
-                },
-            )
-        for offsets in ("activations", "pointer", "decoder", "all"):
-            for steps in (
-                OFFICIAL_STEPS,
-                (0.0,) * 4 + (2.0, 3.0, 4.0, 5.0),
-                (0.0,) * 4 + (20.0, 30.0, 40.0, 50.0),
-                (6.0, 7.0, 8.0, 9.0) * 2,
-            ):
-                result = Last(generator, evaluator, LastConfig(offsets=offsets, steps=steps))(
-                    batch, torch.Generator().manual_seed(seed)
-                )
-                values = means(offline(result.scores, batch, evaluator, sim))
-                record(
-                    "offsets",
-                    f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
-                    {
-                        "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                        "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
-                    },
-                )
-        _write_csv(out / "results.csv", rows)
-
-    names = list(methods) + ["initial order", f"{cfg.principled_model} +P1+P2"]
+    methods, _ = methods_of(study)
+    baseline = f"{study.principled_model} +P1+P2"
+    names = list(methods) + ["initial order", baseline]
     per_policy = {n: {key: np.concatenate(v) for key, v in online_units[n].items()} for n in names}
-    online_rows = summarise(per_policy, np.repeat(seeds, cfg.users))
+    online_rows = summarise(per_policy, np.repeat(seeds, study.users))
     online_md = markdown(
         online_rows,
         names,
-        f"Simulator `{cfg.sim}`: {cfg.users} users x {len(seeds)} seeds; lifts are against generator greedy "
+        f"Simulator `{cfg.sim}`: {study.users} users x {len(seeds)} seeds; lifts are against generator greedy "
         "with intervals over users only (pooled over seeds; the models differ by seed, so the comparisons "
         f"{SEEDS_AND_USERS} above are the ones to read).",
     )
     if delayed_units:
         arms = list(delayed_units)
         per_arm = {n: {key: np.concatenate(v) for key, v in delayed_units[n].items()} for n in arms}
-        delayed_rows = summarise(per_arm, np.repeat(delayed_seeds, cfg.users))
+        delayed_rows = summarise(per_arm, np.repeat(seeds, study.users))
         online_md += "\n## Delayed feedback\n\n" + markdown(
             delayed_rows,
             arms,
-            f"Online learning from delayed feedback vs LAST: {cfg.users} users x {len(delayed_seeds)} "
-            "seeds, served in batches of 50 users; lifts against generator greedy, intervals over users only "
-            "(pooled over seeds; see the comparisons over seeds and users above).",
+            f"Online learning from delayed feedback vs LAST: {study.users} users x {len(seeds)} "
+            f"seeds, served in batches of {study.delayed_batch} users; lifts against generator greedy, intervals "
+            "over users only (pooled over seeds; see the comparisons over seeds and users above).",
         )
     (out / "online.md").write_text(online_md, encoding="utf-8")
     online = {n: {k: online_units[n][k] for k in ("clicks", "requests")} for n in names}
     delayed = {n: {k: delayed_units[n][k] for k in ("clicks", "requests")} for n in delayed_units}
     summary = _summary(rows, cfg, online_md, offline_lists, online, delayed)
     (out / "summary.md").write_text(summary, encoding="utf-8")
-    _plots(out, rows)
     (out / "online.json").write_text(json.dumps(online_rows, indent=1, default=float))
-    return {"rows": rows, "summary": summary}
+    written = ["results.csv", "summary.md", "online.md", "online.json", *_plots(out, rows)]
+    return {"rows": rows, "summary": summary, "written": written}
+
+
+def run_seed(task: SeedTask) -> dict:
+    """Train one seed's evaluator, generator and principled re-ranker into OUT/runs/seedN and run the studies:
+    offline on the test lists, online on the simulator, delayed feedback and (``task.sweeps``) evaluator
+    quality and offsets. Returns the seed's rows and its per-list and per-user outcomes (a module-level
+    function, so any executor can call it)."""
+    cfg, seed = task.cfg, task.seed
+    study, protocol = cfg.last, cfg.protocol
+    device = resolve_device(cfg.device)
+    data_dir = task.ranker_dir / "rerank"
+    data = PreparedDataset(data_dir)
+    list_len = int(data.manifest["info"]["list_len"])
+    batch = data.batch(data.split("test")).to(device)
+    sim = load_simulator(cfg.sim, device)
+    methods, oracle = methods_of(study)
+    parallel = methods["LAST parallel"]
+    settings = model_settings(protocol.model_args)
+    run = Path(cfg.out) / "runs" / f"seed{seed}"
+    common = dict(
+        data=data_dir,
+        seed=seed,
+        epochs=study.epochs,
+        max_steps=cfg.max_steps,
+        batch_size=protocol.batch_size,
+        learning_rate=protocol.learning_rate,
+        patience=protocol.patience,
+        device=cfg.device,
+        overwrite=True,
+        progress=False,
+    )
+    train_evaluator(TrainEvaluatorConfig(out=run / "evaluator", model_args=settings.get("evaluator", ""), **common))
+    train_generator(TrainGeneratorConfig(out=run / "generator", model_args=settings.get("generator", ""), **common))
+    baseline = f"{study.principled_model} +P1+P2"
+    train(
+        TrainConfig(
+            out=run / study.principled_model,
+            model=study.principled_model,
+            model_args=settings.get(study.principled_model, ""),
+            p1_weight=protocol.p1_weight,
+            p2_weight=protocol.p2_weight,
+            perturbation=protocol.perturbation,
+            select_metric=protocol.select_metric,
+            ema_decay=protocol.ema_decay,
+            use_user=protocol.use_user,
+            **common,
+        )
+    )
+    evaluator = load_evaluator(run / "evaluator").to(device)
+    generator = load_reranker(run / "generator" / "best").to(device)
+    principled = load_reranker(run / study.principled_model / "best").to(device).eval()
+    rows, offline_lists, online_units, delayed_units = [], {}, {}, {}
+
+    def record(name: str, method: str, values: dict) -> None:
+        if name == "offline":
+            offline_lists[method] = values
+            values = means(values)
+        rows.append({"seed": seed, "study": name, "method": method, **values})
+
+    def stage(config: LastConfig, evaluator_=evaluator) -> LastStage:
+        return LastStage(Last(generator, evaluator_, config), seed)
+
+    identity = -torch.arange(batch.list_len, dtype=torch.float32, device=device).expand(batch.size, -1)
+    record("offline", "initial order", offline(identity, batch, evaluator, sim))
+    record("offline", baseline, offline(principled.score(batch), batch, evaluator, sim))
+    for name, config in methods.items():
+        result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
+        record("offline", name, offline(result.scores, batch, evaluator, sim))
+    result = Last(generator, evaluator, oracle)(batch, torch.Generator().manual_seed(seed))
+    record("offline", oracle.label, offline(result.scores, batch, evaluator, sim))
+
+    # online: every method behind the same initial ranker, the same users and random numbers
+    ctx = PolicyContext(seed=seed, device=device, simulator=sim)
+    ranker = _load_ranker(str(task.ranker_dir), ctx)
+    policies = {name: RerankPolicy(ranker, stage(c), list_len) for name, c in methods.items()}
+    policies["initial order"] = ranker.score
+    policies[baseline] = RerankPolicy(ranker, score_order(principled), list_len)
+    for name, policy in policies.items():
+        outcome = simulate(sim, policy, study.users, seed, 1024)
+        online_units[name] = outcome
+        record("online", name, {"clicks_per_request": float(outcome["clicks"].sum() / outcome["requests"].sum())})
+
+    # classic online learning from delayed feedback against LAST, on the same traffic (users in small batches)
+    arms = {
+        "generator greedy": RerankPolicy(ranker, stage(methods["generator greedy"]), list_len),
+        "LAST parallel": RerankPolicy(ranker, stage(parallel), list_len),
+    }
+    for delay in study.delays:
+        learner = DelayedFeedbackLearner(generator, sim, delay, seed, study.delayed_learning_rate)
+        arms[f"online learning, delay {delay}"] = RerankPolicy(ranker, learner, list_len)
+    for name, policy in arms.items():
+        outcome = simulate(sim, policy, study.users, seed, study.delayed_batch)
+        delayed_units[name] = outcome
+        record(
+            "delayed",
+            name,
+            {
+                "clicks_per_request": float(outcome["clicks"].sum() / outcome["requests"].sum()),
+                "requests": float(outcome["requests"].sum()),
+            },
+        )
+    if task.sweeps:
+        _sweeps(task, record, batch, evaluator, generator, sim, ranker, list_len, common, run)
+    return {
+        "rows": rows,
+        "offline": offline_lists,
+        "online": online_units,
+        "delayed": delayed_units,
+    }
+
+
+def _sweeps(task, record, batch, evaluator, generator, sim, ranker, list_len, common, run) -> None:
+    """The evaluator-quality and offset studies of one seed: LAST's lift over generator greedy."""
+    cfg, seed, study = task.cfg, task.seed, task.cfg.last
+    device = batch.device
+    methods, _ = methods_of(study)
+    parallel = methods["LAST parallel"]
+    quality_users = study.quality_users or study.users // 2
+    greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
+    greedy_off = means(offline(greedy.scores, batch, evaluator, sim))
+    greedy_policy = RerankPolicy(
+        ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+    )
+    greedy_online = simulate(sim, greedy_policy, quality_users, seed, 1024)
+    greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
+    settings = model_settings(cfg.protocol.model_args)
+    candidates = []
+    for fraction in study.fractions:
+        if fraction >= 1:
+            candidates.append(("evaluator 100%", evaluator))
+            continue
+        train_evaluator(
+            TrainEvaluatorConfig(
+                out=run / f"evaluator_{fraction:g}",
+                train_fraction=fraction,
+                model_args=settings.get("evaluator", ""),
+                **common,
+            )
+        )
+        weak = load_evaluator(run / f"evaluator_{fraction:g}").to(device)
+        candidates.append((f"evaluator {100 * fraction:g}%", weak))
+    candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in study.noise]
+    for name, weak in candidates:
+        result = Last(generator, weak, parallel)(batch, torch.Generator().manual_seed(seed))
+        values = means(offline(result.scores, batch, evaluator, sim))
+        policy = RerankPolicy(ranker, LastStage(Last(generator, weak, parallel), seed), list_len)
+        online = simulate(sim, policy, quality_users, seed, 1024)
+        record(
+            "quality",
+            name,
+            {
+                "auc": evaluator_auc(weak, batch),
+                "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                "lift_clicks_per_request": float(online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1),
+            },
+        )
+    for offsets in study.offset_kinds:
+        for text in study.offset_steps:
+            steps = parse_steps(text)
+            config = dataclasses.replace(parallel, offsets=offsets, steps=steps)
+            result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
+            values = means(offline(result.scores, batch, evaluator, sim))
+            record(
+                "offsets",
+                f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
+                {
+                    "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
+                    "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
+                },
+            )
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -471,7 +552,7 @@ def _summary(
     rows: list[dict], cfg: LastExperimentConfig, online_md: str, offline_lists: dict, online: dict, delayed: dict
 ) -> str:
     seeds = sorted({r["seed"] for r in rows})
-    interval = "1 seed, no interval" if len(seeds) == 1 else f"mean ± 95% t interval {SEEDS_ONLY}"
+    interval = seeds_interval(len(seeds), SEEDS_ONLY)
     lines = [
         f"# LAST experiment ({len(seeds)} seeds: {', '.join(map(str, seeds))})",
         "",
@@ -510,65 +591,116 @@ def _summary(
         names = list(dict.fromkeys(r["method"] for r in rows if r["study"] == study))
         if not names:
             continue
-        lines += ["", f"## {title}", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        n = len({r["seed"] for r in rows if r["study"] == study})
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"{seeds_interval(n, SEEDS_ONLY)}; `lift_evaluator` (the selector's own score) without an interval.",
+            "",
+            "| variant | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
         for m in names:
-            lines.append(
-                f"| {m} | "
-                + " | ".join(
-                    f"{np.mean(_by(rows, study, m, key)):+.4f}"
-                    + ("" if key == "lift_evaluator" else f" ± {t_ci95(_by(rows, study, m, key)):.4f}")
-                    for key in keys
-                )
-                + " |"
-            )
+            cells = [
+                f"{np.mean(_by(rows, study, m, key)):+.4f}"
+                if key == "lift_evaluator"
+                else mean_cell(_by(rows, study, m, key), signed=True)
+                for key in keys
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plots(out: Path, rows: list[dict]) -> None:
+def offline_figure(rows: list[dict]):
+    """Bars of each offline method's test NDCG@10 and evaluator score (mean over seeds, t interval), every
+    label whole (wrapped), oracle-selection rows hatched and grey, the y axis from zero or visibly broken."""
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["method"] for r in rows if r["study"] == "offline"))
+    seeds = len({r["seed"] for r in rows if r["study"] == "offline"})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key in zip(axes, ("ndcg@10", "evaluator")):
+        values = [_by(rows, "offline", n, key) for n in names]
+        means = np.array([np.mean(v) for v in values])
+        errors = np.array([t_ci95(v) if len(v) > 1 and key != "evaluator" else 0.0 for v in values])
+        bars = ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=[f"C{k}" for k in range(len(names))])
+        for bar, name in zip(bars, names):
+            if "oracle" in name:  # not deployable: it selects by the test labels
+                bar.set_facecolor("lightgrey")
+                bar.set_hatch("//")
+                bar.set_edgecolor("black")
+        ax.set_xticks(range(len(names)), [wrap_label(n) for n in names], rotation=40, ha="right", fontsize=7)
+        for tick, name in zip(ax.get_xticklabels(), names):
+            if "oracle" in name:
+                tick.set_fontstyle("italic")
+        ax.set_title(f"{key} ({seeds_interval(seeds, 'over seeds')})", fontsize=9)
+        metric_axis(ax, means + errors, means - errors, label=key)
+    if any("oracle" in n for n in names):
+        fig.text(0.01, 0.01, "hatched grey: oracle selection by the test labels (an analysis, not deployable)",
+                 fontsize=7)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def quality_figure(rows: list[dict]):
+    """LAST's lift over greedy against each evaluator's test AUC; None without the evaluator-quality study."""
+    import matplotlib.pyplot as plt
+
+    quality = [r for r in rows if r["study"] == "quality"]
+    if not quality:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key in zip(axes, ("lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request")):
+        for k, name in enumerate(dict.fromkeys(r["method"] for r in quality)):
+            xs = [r["auc"] for r in quality if r["method"] == name]
+            ys = [r[key] for r in quality if r["method"] == name]
+            ax.scatter(xs, ys, label=name, color=f"C{k}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("evaluator AUC (test)")
+        ax.set_ylabel(f"LAST − greedy: {key.removeprefix('lift_')}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def offsets_figure(rows: list[dict]):
+    """LAST's evaluator-score lift over greedy per offset kind and step list (bars from zero); None without
+    the offset study."""
+    import matplotlib.pyplot as plt
+
+    offsets = [r for r in rows if r["study"] == "offsets"]
+    if not offsets:
+        return None
+    names = list(dict.fromkeys(r["method"] for r in offsets))
+    values = [[r["lift_evaluator"] for r in offsets if r["method"] == n] for n in names]
+    means = [np.mean(v) for v in values]
+    errors = [t_ci95(v) if len(v) > 1 else 0.0 for v in values]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.bar(range(len(names)), means, yerr=errors, capsize=3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("evaluator score − greedy")
+    ax.set_title(seeds_interval(len({r["seed"] for r in offsets}), "over seeds"), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _plots(out: Path, rows: list[dict]) -> list[str]:
+    """offline.png, and quality.png and offsets.png when those studies ran; returns the names written."""
     import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality = [r for r in rows if r["study"] == "quality"]
-    if quality:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        for ax, key in zip(axes, ("lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request")):
-            for k, name in enumerate(dict.fromkeys(r["method"] for r in quality)):
-                xs = [r["auc"] for r in quality if r["method"] == name]
-                ys = [r[key] for r in quality if r["method"] == name]
-                ax.scatter(xs, ys, label=name, color=f"C{k}")
-            ax.axhline(0, color="grey", lw=0.8)
-            ax.set_xlabel("evaluator AUC (test)")
-            ax.set_ylabel(f"LAST − greedy: {key.removeprefix('lift_')}")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "quality.png", dpi=110)
-        plt.close(fig)
-    offsets = [r for r in rows if r["study"] == "offsets"]
-    if offsets:
-        names = list(dict.fromkeys(r["method"] for r in offsets))
-        means = [np.mean([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
-        errors = [t_ci95([r["lift_evaluator"] for r in offsets if r["method"] == n]) for n in names]
-        fig, ax = plt.subplots(figsize=(10, 4))
-        ax.bar(range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3)
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("evaluator score − greedy")
-        fig.tight_layout()
-        fig.savefig(out / "offsets.png", dpi=110)
-        plt.close(fig)
-    offline = [r for r in rows if r["study"] == "offline"]
-    names = list(dict.fromkeys(r["method"] for r in offline))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("ndcg@10", "evaluator")):
-        means = [np.mean(_by(rows, "offline", n, key)) for n in names]
-        errors = [t_ci95(_by(rows, "offline", n, key)) for n in names]
-        ax.bar(
-            range(len(names)), means, yerr=np.nan_to_num(errors), capsize=3, color=[f"C{k}" for k in range(len(names))]
-        )
-        ax.set_xticks(range(len(names)), [n[:28] for n in names], rotation=40, ha="right", fontsize=7)
-        ax.set_title(key)
-        ax.set_ylim(bottom=min(means) * 0.95)
-    fig.tight_layout()
-    fig.savefig(out / "offline.png", dpi=110)
-    plt.close(fig)
+    written = []
+    for name, fig in (
+        ("offline.png", offline_figure(rows)),
+        ("quality.png", quality_figure(rows)),
+        ("offsets.png", offsets_figure(rows)),
+    ):
+        if fig is not None:
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
+    return written

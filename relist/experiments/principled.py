@@ -4,9 +4,16 @@ Writes ``results.csv`` (one row per model × variant × seed, every metric), ``s
 their t interval over seeds only, the initial order's rows, and two comparison tables, each variant
 against its model's base and every run against the initial order, with the two-level interval over seeds
 and lists, its bootstrap p, Holm's adjustment, and the seeds-only t and Wilcoxon p for reference),
-``metrics.png`` (bars with CIs) and ``obedience.png`` (P1 obedience on valid over training). With
-``--sweep-model M`` it also runs the paper's two open questions on M: the CS-loss weight and the
-perturbation strategy. ``--resume`` keeps finished runs and continues an interrupted one.
+``metrics.png`` (bars with CIs, the y axis from zero or marked as broken) and ``obedience.png`` (P1
+obedience on valid over training, one panel per model). With ``--sweep-model M`` it also runs the paper's
+two open questions on M: the CS-loss weight and the perturbation strategy. ``--resume`` keeps finished runs
+and continues an interrupted one.
+
+The settings that decide the results (seeds, epochs, patience, selection criterion, weight average, λ1 and
+λ2, perturbation, model sizes, the sweep's weights and perturbations) are options from
+``relist.experiments.protocol``, so one protocol file (``--config configs/protocol.yaml``) fixes them for
+this experiment and ``relist experiment last`` alike; their defaults are the paper's equal weights (λ = 1)
+and adjacent swap, and the training defaults of ``relist train reranker``.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from tqdm.auto import tqdm
 from relist.batch import INITIAL_SCORE
 from relist.config import option
 from relist.data.store import PreparedDataset
+from relist.experiments.plots import metric_axis
+from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings
 from relist.grid import run_tasks
 from relist.io import atomic_write_csv
 from relist.metrics import list_metrics, logged_order_scores
-from relist.principled import PERTURBATIONS
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import reranker_class
 from relist.rerankers.base import load_reranker
@@ -42,11 +50,12 @@ from relist.stats import (
     t_ci95,
     wilcoxon_seeds,
 )
+from relist.tables import mean_cell, seeds_interval
 from relist.train import TrainConfig, initial_order_metrics, train
 
 log = logging.getLogger("relist")
 
-VARIANTS = {"base": (0.0, 0.0), "+P1": (1.0, 0.0), "+P2": (0.0, 1.0), "+P1+P2": (1.0, 1.0)}
+VARIANTS = ("base", "+P1", "+P2", "+P1+P2")
 REPORTED = ("ndcg@5", "ndcg@10", "map@5", "map@10", "p@5", "auc")
 OBEDIENCE = ("obedience_p1@10", "obedience_p2@10")
 
@@ -60,27 +69,85 @@ class PrincipledExperimentConfig:
     )
     out: Path = option(help="output directory")
     models: tuple[str, ...] = option(("prm", "dlcm", "setrank", "midnn", "pear", "raise"), help="re-rankers to train")
-    seeds: int = option(5, help="seeds per model and variant")
-    seed: int = option(0, help="first seed (runs use seed, seed+1, ...)")
-    epochs: int = option(30, help="maximum epochs per run")
     max_steps: int = option(0, help="cap on optimiser steps per run (0: none)")
-    batch_size: int = option(128, help="lists per step")
-    learning_rate: float = option(1e-3, help="Adam learning rate")
-    patience: int = option(5, help="validations without improvement before stopping")
     cross_fit: int = option(
         0,
         help="initial ranker: also train re-rankers on the ranker split's lists, scored out of "
         "fold by K rankers (relist train ranker --cross-fit; 0: off)",
     )
-    ema_decay: float = option(0.95, help="decay per step of the weight average that is validated and kept (0: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
-    use_user: bool = option(True, help="personalised re-ranking")
     sweep_model: str = option("", help="also sweep the CS weight and the perturbation on this model")
     overwrite: bool = option(False, help="replace OUT if it exists")
     resume: bool = option(False, help="keep the finished runs in OUT and continue an interrupted one")
     jobs: int = option(1, help="training runs at once, in local worker processes (each run one torch thread)")
     ray_address: str = option("", help="run the training runs on this Ray cluster instead (local: a local one)")
     progress: bool = option(True, help="show progress")
+    protocol: TrainingProtocol = option(
+        TrainingProtocol(), flatten=True, help="the settings both studies share (a protocol file's top level)"
+    )
+    principled: PrincipledStudy = option(
+        PrincipledStudy(), flatten=True, help="this study's settings (a protocol file's principled: section)"
+    )
+    last: LastStudy = option(
+        LastStudy(), help="experiment last's settings (a protocol file's last: section; not used by this command)"
+    )
+
+
+def variant_weights(protocol: TrainingProtocol) -> dict[str, tuple[float, float]]:
+    """(λ1, λ2) of each variant: the paper's four, with the protocol's weights."""
+    p1, p2 = protocol.p1_weight, protocol.p2_weight
+    return {"base": (0.0, 0.0), "+P1": (p1, 0.0), "+P2": (0.0, p2), "+P1+P2": (p1, p2)}
+
+
+def plan_runs(cfg: PrincipledExperimentConfig, data_dir: Path) -> list[tuple[str, str, int, Path, TrainConfig]]:
+    """Every training run of the experiment: (model, variant, seed, run directory, its configuration)."""
+    protocol, study = cfg.protocol, cfg.principled
+    settings = model_settings(protocol.model_args)
+    base = TrainConfig(
+        data=data_dir,
+        out=Path(cfg.out),
+        epochs=study.epochs,
+        max_steps=cfg.max_steps,
+        batch_size=protocol.batch_size,
+        learning_rate=protocol.learning_rate,
+        patience=protocol.patience,
+        ema_decay=protocol.ema_decay,
+        select_metric=protocol.select_metric,
+        perturbation=protocol.perturbation,
+        device=cfg.device,
+        use_user=protocol.use_user,
+        progress=False,
+        overwrite=not cfg.resume,
+        resume=cfg.resume,
+    )
+    seeds = [protocol.seed + s for s in range(protocol.seeds)]
+    jobs = [
+        (m, v, seed, {"p1_weight": w1, "p2_weight": w2})
+        for m in cfg.models
+        for v, (w1, w2) in variant_weights(protocol).items()
+        for seed in seeds
+    ]
+    if cfg.sweep_model:
+        for weight in study.sweep_weights:
+            jobs += [
+                (cfg.sweep_model, f"+P1+P2 λ={weight:g}", seed, {"p1_weight": weight, "p2_weight": weight})
+                for seed in seeds
+            ]
+        for strategy in study.sweep_perturbations:
+            jobs += [
+                (cfg.sweep_model, f"+P2 {strategy}", seed, {"p2_weight": protocol.p2_weight, "perturbation": strategy})
+                for seed in seeds
+            ]
+    runs = []
+    for model, variant, seed, extra in jobs:
+        run_dir = Path(cfg.out) / "runs" / model / _variant_dir(variant) / f"seed{seed}"
+        run_cfg = replace(base, out=run_dir, model=model, seed=seed, model_args=settings.get(model, ""), **extra)
+        runs.append((model, variant, seed, run_dir, run_cfg))
+    return runs
+
+
+def _variant_dir(variant: str) -> str:
+    return variant.replace(" ", "_").replace("=", "")
 
 
 def _same_ranker(ranker_dir: Path, cfg: PrincipledExperimentConfig) -> bool:
@@ -89,7 +156,8 @@ def _same_ranker(ranker_dir: Path, cfg: PrincipledExperimentConfig) -> bool:
     if not (metrics.is_file() and (ranker_dir / "rerank" / "manifest.json").is_file()):
         return False
     saved = json.loads(metrics.read_text(encoding="utf-8")).get("config", {})
-    return (saved.get("seed"), saved.get("cross_fit", 0), saved.get("data")) == (cfg.seed, cfg.cross_fit, str(cfg.data))
+    wanted = (cfg.protocol.seed, cfg.cross_fit, str(cfg.data))
+    return (saved.get("seed"), saved.get("cross_fit", 0), saved.get("data")) == wanted
 
 
 def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
@@ -106,7 +174,7 @@ def _rerank_data(cfg: PrincipledExperimentConfig) -> Path:
                 data=cfg.data,
                 out=ranker_dir,
                 model="lambdamart",
-                seed=cfg.seed,
+                seed=cfg.protocol.seed,
                 cross_fit=cfg.cross_fit,
                 overwrite=True,
                 progress=False,
@@ -126,42 +194,8 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _rerank_data(cfg)
     data = PreparedDataset(data_dir)
-    base = TrainConfig(
-        data=data_dir,
-        out=out,
-        epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        patience=cfg.patience,
-        ema_decay=cfg.ema_decay,
-        device=cfg.device,
-        use_user=cfg.use_user,
-        progress=False,
-        overwrite=not cfg.resume,
-        resume=cfg.resume,
-    )
-    jobs = [
-        (m, v, cfg.seed + s, {"p1_weight": VARIANTS[v][0], "p2_weight": VARIANTS[v][1]})
-        for m in models
-        for v in VARIANTS
-        for s in range(cfg.seeds)
-    ]
-    if cfg.sweep_model:
-        for weight in (0.1, 0.3, 3.0):
-            jobs += [
-                (cfg.sweep_model, f"+P1+P2 λ={weight:g}", cfg.seed + s, {"p1_weight": weight, "p2_weight": weight})
-                for s in range(cfg.seeds)
-            ]
-        for strategy in PERTURBATIONS[1:]:
-            jobs += [
-                (cfg.sweep_model, f"+P2 {strategy}", cfg.seed + s, {"p2_weight": 1.0, "perturbation": strategy})
-                for s in range(cfg.seeds)
-            ]
-    runs = []
-    for model, variant, seed, extra in jobs:
-        run_dir = out / "runs" / model / variant.replace(" ", "_").replace("=", "") / f"seed{seed}"
-        runs.append((model, variant, seed, run_dir, replace(base, out=run_dir, model=model, seed=seed, **extra)))
+    runs = plan_runs(cfg, data_dir)
+    select_metric = cfg.protocol.select_metric
     # training: every run not finished yet, on the executor asked for (results do not depend on it)
     pending = [run_cfg for *_, run_dir, run_cfg in runs if not (cfg.resume and (run_dir / "metrics.json").is_file())]
     run_tasks(train_run, pending, jobs=cfg.jobs, ray_address=cfg.ray_address or None)
@@ -169,10 +203,10 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
     for model, variant, seed, run_dir, _ in tqdm(runs, desc="runs", disable=not cfg.progress or None):
         result = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         selected_on = result["config"].get("select_metric", "ndcg@10")
-        if selected_on != base.select_metric:
+        if selected_on != select_metric:
             raise ValueError(
                 f"{run_dir} was selected on {selected_on}, this experiment selects on "
-                f"{base.select_metric}; run it again without --resume"
+                f"{select_metric}; run it again without --resume"
             )
         per_list.setdefault((model, variant), []).append(_test_lists(load_reranker(run_dir / "best").score, data))
         row = {
@@ -188,13 +222,13 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
         rows.append(row)
         atomic_write_csv(out / "results.csv", rows)
     initial = initial_order_metrics(data, "test")
-    ties = random_tie_metrics(data, "test", seed=cfg.seed)
+    ties = random_tie_metrics(data, "test", seed=cfg.protocol.seed)
     summary = _summary(rows, initial, models, cfg, ties) + _comparisons(
         per_list, _test_lists(logged_order_scores, data)
     )
     (out / "summary.md").write_text(summary, encoding="utf-8")
-    _plots(out, rows, initial, models)
-    return {"rows": rows, "initial_test": initial, "summary": summary}
+    written = ["results.csv", "summary.md", *_plots(out, rows, initial, models)]
+    return {"rows": rows, "initial_test": initial, "summary": summary, "written": written}
 
 
 def train_run(run_cfg: TrainConfig) -> None:
@@ -322,19 +356,16 @@ def _summary(
     cfg: PrincipledExperimentConfig,
     ties: dict[str, tuple[float, float]] | None = None,
 ) -> str:
-    seeds = cfg.seeds
+    seeds = len({r["seed"] for r in rows})
+    protocol = cfg.protocol
     lines = [
         f"# Principled learning: {', '.join(models)}",
         "",
-        (
-            "Test metrics of 1 seed, no interval; "
-            if seeds == 1
-            else f"Test metrics, mean ± 95% t interval {SEEDS_ONLY}, {seeds} seeds; "
-        )
-        + "Δ% against the same "
-        "model's base (its interval and tests over seeds and lists are in the tables below). Checkpoints are "
-        "selected on valid; the selection criterion (listwise cross-entropy) and the weight average were "
-        "chosen on MIND with test results in view (docs/principled_mind.md).",
+        f"Test metrics, {seeds_interval(seeds, SEEDS_ONLY)}; Δ% against the same model's base (its interval and "
+        f"tests over seeds and lists are in the tables below). λ1 = {protocol.p1_weight:g} (+P1), λ2 = "
+        f"{protocol.p2_weight:g} (+P2, perturbation {protocol.perturbation}). Checkpoints are selected on valid "
+        f"by {protocol.select_metric}; the selection criterion (listwise cross-entropy) and the weight average "
+        "were chosen on MIND with test results in view (docs/principled_mind.md).",
         "",
     ]
     head = "| model | variant | " + " | ".join(REPORTED + OBEDIENCE) + " |"
@@ -358,7 +389,7 @@ def _summary(
             cells = []
             for metric in REPORTED + OBEDIENCE:
                 values = _group(rows, model, variant, f"test_{metric}")
-                cell = f"{np.mean(values):.4f} ± {t_ci95(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+                cell = mean_cell(values)
                 if variant != "base" and metric in REPORTED:
                     base = _group(rows, model, "base", f"test_{metric}")
                     if base:
@@ -385,51 +416,86 @@ def _summary(
     return "\n".join(lines) + "\n"
 
 
-def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> None:
+def metrics_figure(rows: list[dict], initial: dict, models: list[str]):
+    """Bars of test NDCG@10 and MAP@10 per model and variant with their t intervals over seeds, the initial
+    ranker as a dashed line; the y axis from zero or visibly broken (``relist.experiments.plots``)."""
+    import matplotlib.pyplot as plt
+
+    seeds = len({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(VARIANTS)
+    for ax, metric in zip(axes, ("ndcg@10", "map@10")):
+        tops, bottoms = [initial[metric]], [initial[metric]]
+        for k, variant in enumerate(VARIANTS):
+            groups = [_group(rows, m, variant, f"test_{metric}") for m in models]
+            means = np.array([np.mean(g) if g else np.nan for g in groups])
+            cis = np.nan_to_num([t_ci95(g) if len(g) > 1 else 0.0 for g in groups])
+            ax.bar(np.arange(len(models)) + k * width, means, width, yerr=cis, label=variant, capsize=2)
+            tops += list(means + cis)
+            bottoms += list(means - cis)
+        ax.axhline(initial[metric], color="black", linestyle="--", label="initial ranker")
+        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
+        ax.set_title(f"test {metric} ({seeds_interval(seeds, 'over seeds')})", fontsize=9)
+        metric_axis(ax, tops, bottoms, label=metric)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def obedience_figure(out: Path, rows: list[dict], models: list[str]):
+    """P1 obedience on valid over training, one panel per model, the four variants in one colour each (the
+    same in every panel), of the first seed; None when no run has a history."""
+    import matplotlib.pyplot as plt
+
+    first = min(r["seed"] for r in rows)
+    curves = {}
+    for model in models:
+        for variant in VARIANTS:
+            path = out / "runs" / model / _variant_dir(variant) / f"seed{first}" / "history.jsonl"
+            if path.is_file():
+                history = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+                curves[(model, variant)] = ([h["step"] for h in history],
+                                            [h["valid"]["obedience_p1@full"] for h in history])  # fmt: skip
+    shown = [m for m in models if any((m, v) in curves for v in VARIANTS)]
+    if not shown:
+        return None
+    columns = min(3, len(shown))
+    lines = (len(shown) + columns - 1) // columns
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), sharey=True, squeeze=False)
+    styles = {"base": ":", "+P1": "-", "+P2": "--", "+P1+P2": "-"}
+    for ax, model in zip(axes.flat, shown):
+        for k, variant in enumerate(VARIANTS):
+            if (model, variant) in curves:
+                steps, values = curves[(model, variant)]
+                ax.plot(steps, values, label=variant, color=f"C{k}", linestyle=styles[variant], lw=1.6, marker=".")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shown) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("P1 obedience (valid, full list)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.suptitle(f"seed {first}", x=0.99, ha="right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> list[str]:
+    """metrics.png and obedience.png; returns the names of the files written."""
     import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(VARIANTS)
-    for ax, metric in zip(axes, ("ndcg@10", "map@10")):
-        for k, variant in enumerate(VARIANTS):
-            means = [np.mean(_group(rows, m, variant, f"test_{metric}") or [np.nan]) for m in models]
-            cis = [t_ci95(_group(rows, m, variant, f"test_{metric}")) for m in models]
-            ax.bar(np.arange(len(models)) + k * width, means, width, yerr=np.nan_to_num(cis), label=variant, capsize=2)
-        ax.axhline(initial[metric], color="black", linestyle="--", label="initial ranker")
-        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
-        ax.set_title(f"test {metric}")
-        low = min(initial[metric], *[r[f"test_{metric}"] for r in rows])
-        ax.set_ylim(low * 0.97, None)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for model in models:
-        for variant in VARIANTS:
-            path = (
-                out
-                / "runs"
-                / model
-                / variant.replace(" ", "_")
-                / f"seed{min(r['seed'] for r in rows)}"
-                / "history.jsonl"
-            )
-            if path.is_file():
-                history = [json.loads(x) for x in path.read_text().splitlines()]
-                ax.plot(
-                    [h["step"] for h in history],
-                    [h["valid"]["obedience_p1@full"] for h in history],
-                    label=f"{model} {variant}",
-                    linestyle="-" if "P1" in variant else ":",
-                )
-    ax.set_xlabel("step")
-    ax.set_ylabel("P1 obedience (valid, full list)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "obedience.png", dpi=120)
-    plt.close(fig)
+    written = []
+    for name, fig in (
+        ("metrics.png", metrics_figure(rows, initial, models)),
+        ("obedience.png", obedience_figure(out, rows, models)),
+    ):
+        if fig is not None:
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+            written.append(name)
+    return written

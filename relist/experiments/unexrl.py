@@ -30,7 +30,8 @@ and a summary of the fusion weights it set; every world's check too. ``--resume`
 and refuses an OUT written under other settings (the options that change a run, the environment file's
 text, the simulator's files; not the code's version); ``--overwrite`` removes the run records it wrote and
 starts over. Verdicts need at least ``MIN_SEEDS_FOR_VERDICT`` seeds. Writes ``results.csv``,
-``curves.csv``, ``checks.csv``, ``summary.md``, ``curves.png``, ``stages.png`` and ``env.json``.
+``curves.csv``, ``checks.csv``, ``summary.md``, ``curves.png``, ``env.json`` and, when the stage study ran
+(a method at two or more stage counts), ``stages.png``; ``run_experiment`` returns the names written.
 """
 
 from __future__ import annotations
@@ -325,8 +326,9 @@ def run_experiment(cfg: UnexrlExperimentConfig) -> dict:
         atomic_write_text(out / "env.json", json.dumps(previous, indent=2, default=str))
     summary = _summary(records, checks, methods, stage_methods, cfg, base, env_cfg)
     atomic_write_text(out / "summary.md", summary)
-    _plots(out, records, methods, base)
-    return {"rows": [_row(r) for r in records], "checks": checks, "summary": summary}
+    plots = _plots(out, records, methods, base)
+    written = ["results.csv", "curves.csv", "checks.csv", "summary.md", *plots, "env.json", "runs/"]
+    return {"rows": [_row(r) for r in records], "checks": checks, "summary": summary, "written": written}
 
 
 @dataclass(frozen=True)
@@ -620,7 +622,9 @@ def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
     return lines
 
 
-def _plots(out: Path, records, methods, base) -> None:
+def _plots(out: Path, records, methods, base) -> list[str]:
+    """curves.png, and stages.png when the stage study has a method at two or more stage counts; returns
+    the names written (no empty plot is written)."""
     import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
@@ -658,11 +662,14 @@ def _plots(out: Path, records, methods, base) -> None:
         means = [np.mean(v) for v in values]
         spread = [np.std(v) for v in values]
         ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=LABELS[method], color=f"C{k % 10}")
+    if not ax.get_legend_handles_labels()[0]:  # no method at two stage counts: nothing to show
+        plt.close(fig)
+        return ["curves.png"]
     ax.set_xlabel("stages")
     ax.set_ylabel("session dwell (s), mean ± sd over seeds")
     ax.set_xticks(counts)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "stages.png", dpi=120)
     plt.close(fig)
+    return ["curves.png", "stages.png"]
