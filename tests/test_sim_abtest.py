@@ -180,3 +180,25 @@ def test_reranker_policy_reorders_the_initial_rankers_top(truth_sim, tmp_path):
     expected = top.item_id.gather(1, rank(model.score(top), top.mask))
     assert torch.equal(shown.item_id, expected)  # the ranker's top 10, in the re-ranker's order
     assert not torch.equal(shown.item_id, top.item_id)
+
+
+def test_one_seed_says_it_has_no_spread_instead_of_printing_zeros():
+    from relist.sim.abtest import markdown
+
+    rng = np.random.default_rng(0)
+
+    def outcomes(n):
+        requests = rng.integers(1, 6, n).astype(float)
+        return {
+            "clicks": rng.binomial(10, 0.2, n).astype(float),
+            "requests": requests,
+            "sessions": np.ones(n),
+            "dwell": rng.exponential(60, n),
+        }
+
+    for seeds in (1, 2):
+        per_policy = {"a": outcomes(40 * seeds), "b": outcomes(40 * seeds)}
+        rows = summarise(per_policy, np.repeat(np.arange(seeds), 40))
+        text = markdown(rows, ["a", "b"], "header")
+        assert ("no spread over seeds" in text) == (seeds == 1)
+        assert ("Spread over seeds" in text) == (seeds > 1)

@@ -32,7 +32,7 @@ import numpy as np
 from relist.config import option
 from relist.io import atomic_directory
 from relist.runtime import resolve_device
-from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_label
+from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_kinds, policy_label
 from relist.sim.session import Simulator, in_batches, outcomes
 from relist.sim.store import load_simulator
 from relist.stats import normal_interval, ratio_influence
@@ -53,7 +53,7 @@ METRICS = {
 class ABTestConfig:
     sim: Path = option(help="simulator directory (from `relist sim train` or `relist sim truth`)")
     policies: tuple[str, ...] = option(
-        help="policies, the first is the baseline: random, logged, ranker:DIR, reranker:DIR, last:DIR, oracle"
+        help=f"policies, the first is the baseline (kinds: {policy_kinds()}; random:SEED fixes its seed)"
     )
     out: Path = option(help="output directory: summary.md, results.csv, per_seed.csv, results.json, abtest.png")
     users: int = option(2000, help="simulated users per seed")
@@ -134,6 +134,8 @@ def markdown(rows: list[dict], names: list[str], header: str) -> str:
                 + ("*" if r["significant"] else "")
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all(len(r["per_seed"]) < 2 for r in rows):
+        return "\n".join([*lines, "", "1 seed: no spread over seeds to show."]) + "\n"
     lines += [
         "",
         "Spread over seeds (standard deviation of the per-seed values):",
