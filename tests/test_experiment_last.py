@@ -115,3 +115,33 @@ def test_seeds_in_two_worker_processes_give_the_results_of_one_process(tmp_path)
     quality = summary[summary.index("## Evaluator quality") :]
     assert "1 seed, no interval" in quality and "nan" not in quality
     assert (one / "quality.png").is_file() and (one / "offsets.png").is_file()
+
+
+def test_protocol_file_sets_lasts_methods_and_the_command_line_wins():
+    from pathlib import Path
+
+    from relist.cli import COMMANDS, make_parser, resolve
+    from relist.config import build
+    from relist.experiments.last import methods_of
+    from relist.last import OFFICIAL_STEPS
+
+    protocol = Path(__file__).resolve().parents[1] / "configs" / "protocol.yaml"
+    path = ("experiment", "last")
+    parser = make_parser(path)
+
+    def config(*argv):
+        args = parser.parse_args([*path, "--config", str(protocol), "--data", "d", "--sim", "s", "--out", "o", *argv])
+        return build(resolve(COMMANDS[path].config), args, parser)
+
+    cfg = config()
+    assert (cfg.last.epochs, cfg.last.users, cfg.last.sweep_seeds, cfg.last.delays) == (10, 400, 2, (0, 500, 2000))
+    assert (cfg.protocol.seeds, cfg.protocol.p1_weight, cfg.protocol.p2_weight) == (5, 1.0, 1.0)
+    methods, oracle = methods_of(cfg.last)
+    assert list(methods) == ["generator greedy", "best-of-8 sampling", "LAST parallel", "LAST serial"]
+    assert methods["LAST parallel"].steps == OFFICIAL_STEPS == oracle.steps and oracle.select == "oracle"
+    assert methods["best-of-8 sampling"].steps == (0.0,) * 8 and methods["LAST serial"].serial_steps == 8
+    assert cfg.principled.epochs == 30  # the principled section is read, and left to that experiment
+    mine = config("--steps", "0,0,5", "--serial-steps", "0", "--scale", "0.02", "--epochs", "2")
+    methods, _ = methods_of(mine.last)
+    assert "best-of-3 sampling" in methods and methods["LAST serial"].serial_steps == 3
+    assert {m.scale for m in methods.values()} == {0.02} and mine.last.epochs == 2

@@ -187,7 +187,7 @@ def test_protocol_file_settings_reach_every_training_run(tmp_path):
             assert (run.p1_weight, run.p2_weight) == (
                 {"base": (0, 0), "+P1": (1, 0), "+P2": (0, 1)}.get(variant, (1, 1))
             )
-            assert run.perturbation == "adjacent"
+            assert (run.perturbation, run.cs_gradient) == ("adjacent", "both")
     prm = next(run for model, *_, run in runs if model == "prm")
     assert "d_model=64" in prm.model_args and "n_blocks=2" in prm.model_args and ";" not in prm.model_args
     midnn = next(run for model, *_, run in runs if model == "midnn")
@@ -197,11 +197,13 @@ def test_protocol_file_settings_reach_every_training_run(tmp_path):
     assert sweeps["+P2 window"].perturbation == "window" and sweeps["+P2 window"].p1_weight == 0
 
     mine = _config("principled", "--config", str(PROTOCOL), "--data", "d", "--out", str(tmp_path),
-                   "--p1-weight", "0.5", "--perturbation", "pair", "--epochs", "3", "--seeds", "2")  # fmt: skip
+                   "--p1-weight", "0.5", "--perturbation", "pair", "--epochs", "3", "--seeds", "2",
+                   "--cs-gradient", "input")  # fmt: skip
     runs = plan_runs(mine, tmp_path / "data")
     assert len(runs) == 6 * 4 * 2 and all(run.epochs == 3 for *_, run in runs)
     assert {run.p1_weight for _, variant, *_, run in runs if variant == "+P1"} == {0.5}
     assert {run.perturbation for _, variant, *_, run in runs if variant == "+P2"} == {"pair"}
+    assert {run.cs_gradient for *_, run in runs} == {"input"}
     assert mine.last.epochs == 10  # experiment last's section is read, and left to it
 
 

@@ -337,6 +337,7 @@ def run_seed(task: SeedTask) -> dict:
             p1_weight=protocol.p1_weight,
             p2_weight=protocol.p2_weight,
             perturbation=protocol.perturbation,
+            cs_gradient=protocol.cs_gradient,
             select_metric=protocol.select_metric,
             ema_decay=protocol.ema_decay,
             use_user=protocol.use_user,

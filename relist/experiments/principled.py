@@ -114,6 +114,7 @@ def plan_runs(cfg: PrincipledExperimentConfig, data_dir: Path) -> list[tuple[str
         ema_decay=protocol.ema_decay,
         select_metric=protocol.select_metric,
         perturbation=protocol.perturbation,
+        cs_gradient=protocol.cs_gradient,
         device=cfg.device,
         use_user=protocol.use_user,
         progress=False,

@@ -25,7 +25,7 @@ OFFSET_STEPS = ("0/0/0/0/6/7/8/9", "0/0/0/0/2/3/4/5", "0/0/0/0/20/30/40/50", "6/
 class TrainingProtocol:
     """What both studies share: the seeds and how every re-ranker is trained and selected."""
 
-    seeds: int = option(5, help="seeds per model and variant (runs use seed, seed+1, ...)")
+    seeds: int = option(5, help="seeds of every arm; each seed trains its own models (seed, seed+1, ...)")
     seed: int = option(0, help="first seed")
     select_metric: str = option(
         "list_ce", help="re-rankers' checkpoint selection on valid (list_ce: listwise cross-entropy, or e.g. ndcg@10)"
@@ -37,9 +37,20 @@ class TrainingProtocol:
         0.95, help="re-rankers: decay per step of the weight average that is validated and kept (0: none)"
     )
     use_user: bool = option(True, help="re-rankers: personalised (user id and clicked history as features)")
-    p1_weight: float = option(1.0, help="λ1: weight of the P1 (convergence-consistency) loss in the +P1 variants")
-    p2_weight: float = option(1.0, help="λ2: weight of the P2 (adversarial-consistency) loss in the +P2 variants")
-    perturbation: str = option("adjacent", help="P2 perturbation of the +P2 variants", choices=PERTURBATIONS)
+    p1_weight: float = option(
+        1.0, help="λ1: weight of the P1 (convergence-consistency) loss of +P1 variants and LAST's principled baseline"
+    )
+    p2_weight: float = option(
+        1.0, help="λ2: weight of the P2 (adversarial-consistency) loss of +P2 variants and LAST's principled baseline"
+    )
+    perturbation: str = option(
+        "adjacent", help="P2 perturbation (+P2 variants and LAST's baseline)", choices=PERTURBATIONS
+    )
+    cs_gradient: str = option(
+        "both",
+        help="CS-loss gradients through both presentations (the paper) or only the input one",
+        choices=("both", "input"),
+    )
     model_args: tuple[str, ...] = option(
         (),
         help="model settings, one entry per model: 'MODEL: key=value; key=value' (lists as a/b/c; "
