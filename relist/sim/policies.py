@@ -61,12 +61,43 @@ def _logged(arg: str | None, ctx: PolicyContext) -> Policy:
     return logged_order_scores
 
 
+def _what_is_there(directory: str | Path) -> str | None:
+    """The policy kind whose directory ``directory`` looks like (a hint for a spec of the wrong kind), if any."""
+    directory = Path(directory)
+    if is_ranker_dir(directory):
+        return "ranker"
+    if (directory / "generator").is_dir() and (directory / "evaluator").is_dir():
+        return "last"
+    if (directory / "best" / "model.json").is_file() and (directory / "config.json").is_file():
+        try:
+            trained = read_json(directory / "config.json")
+        except ValueError:
+            return None
+        return "reranker" if isinstance(trained, dict) and "model" in trained else None  # LAST's models: no model
+    return None
+
+
+def _hint(kind: str, arg: str) -> str:
+    """'; it holds ...: use KIND:ARG' when ``arg`` holds what another policy kind reads, else ''."""
+    there = _what_is_there(arg)
+    if there is None or there == kind:
+        return ""
+    runs = {
+        "ranker": "an initial ranker (`relist train ranker`)",
+        "reranker": "a training run (`relist train reranker`)",
+        "last": "generator/ and evaluator/ runs (LAST)",
+    }
+    also = f" or greedy:{arg}" if there == "last" and "greedy" in POLICIES else ""
+    return f"; it holds {runs[there]}: use {there}:{arg}{also}"
+
+
 def _load_ranker(arg: str | None, ctx: PolicyContext):
     if not arg:
         raise ValueError("policy 'ranker' needs a directory: ranker:DIR (written by `relist train ranker`)")
     if not is_ranker_dir(arg):
         raise FileNotFoundError(
             f"policy ranker:{arg}: no initial ranker there; expected a directory written by `relist train ranker`"
+            + _hint("ranker", arg)
         )
     ranker = load_ranker(arg)
     schema = getattr(getattr(ctx.simulator, "pool", None), "schema", None)
@@ -148,6 +179,7 @@ def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
     if not (run / "best" / "model.json").is_file() or not (run / "config.json").is_file():
         raise FileNotFoundError(
             f"policy reranker:{arg}: expected a `relist train reranker` run directory (config.json, best/)"
+            + _hint("reranker", arg)
         )
     ranker_dir, list_len = initial_stage(run, f"policy reranker:{arg}")
     ranker = _load_ranker(str(ranker_dir), ctx)  # checks the schema against the simulator's pool
@@ -162,6 +194,7 @@ def _last(arg: str | None, ctx: PolicyContext) -> Policy:
     if not (run / "generator" / "best").is_dir() or not (run / "evaluator").is_dir():
         raise FileNotFoundError(
             f"policy last:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)"
+            + _hint("last", arg)
         )
     ranker_dir, list_len = initial_stage(run / "generator", f"policy last:{arg}")
     ranker = _load_ranker(str(ranker_dir), ctx)
@@ -193,6 +226,15 @@ POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] =
     ),
     "oracle": (_oracle, "sorts by the true appeal (synthetic ground-truth simulators only)"),
 }
+
+
+def policy_kinds() -> str:
+    """Every policy kind as it is written in a spec: "random, logged, ranker:DIR, ..."."""
+    forms = []
+    for name, (_, help_text) in POLICIES.items():
+        head = help_text.split(",")[0].split(" ")[0]
+        forms.append(head if head.startswith(f"{name}:") else name)
+    return ", ".join(forms)
 
 
 def parse_spec(spec: Sequence[str]) -> list[tuple[str, str | None]]:
