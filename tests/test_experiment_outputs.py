@@ -4,8 +4,11 @@ visibly broken, readable obedience panels, no empty plot, no "± nan" for one se
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
+import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -65,6 +68,7 @@ def test_offline_figure_keeps_whole_labels_and_marks_the_oracle_and_the_broken_a
 
 def test_last_writes_only_the_plots_of_the_studies_that_ran(tmp_path):
     rows = _offline_rows({"initial order": 0.4, "generator greedy": 0.41})
+    (tmp_path / "quality.png").write_bytes(b"an earlier run's plot")
     assert last._plots(tmp_path, rows) == ["offline.png"]
     assert (tmp_path / "offline.png").is_file()
     assert not (tmp_path / "quality.png").exists() and not (tmp_path / "offsets.png").exists()
@@ -135,3 +139,26 @@ def test_unexrl_writes_no_empty_stage_plot(tmp_path):
     more = one_count + [_unexrl_record(4, m, s, 90.0 + s) for m in ("default", "unexrl") for s in (0, 1)]
     assert unexrl._plots(tmp_path, more, ["unexrl"], 3) == ["curves.png", "stages.png"]
     assert (tmp_path / "stages.png").is_file()
+    assert unexrl._plots(tmp_path, one_count, ["unexrl"], 3) == ["curves.png"]  # --stages= on the same OUT
+    assert not (tmp_path / "stages.png").exists()  # the earlier stage plot is not left as if it were this run's
+
+
+def _unexrl_run(method: str, seed: int, shift: float, rng) -> dict:
+    sessions = np.full(50, 2.0)
+    dwell = sessions * (1000 + 10 * seed + shift) + rng.normal(0, 100, 50)
+    users = {"dwell": dwell.tolist(), "sessions": sessions.tolist()}
+    value = float(dwell.sum() / sessions.sum())
+    return {"stages": 3, "method": method, "seed": seed, "session_dwell": value, "session_length": 1.5,
+            "clicks_per_request": 1.0, "requests_used": 100, "users": users, "curve": []}  # fmt: skip
+
+
+def test_unexrl_table_of_one_seed_says_its_interval_is_over_users_only():
+    rng = np.random.default_rng(1)
+    cfg = unexrl.UnexrlExperimentConfig(env=Path("env.yaml"), out=Path("out"), reference_budget=0, resamples=200)
+    env_cfg = SimpleNamespace(seed=None, split_seed=None, source="synthetic", sizes=(100, 30, 10))
+    for n_seeds in (1, 3):
+        records = [_unexrl_run(m, s, d, rng) for s in range(n_seeds) for m, d in (("default", -20), ("unexrl", 0))]
+        text = unexrl._summary(records, [], ["unexrl"], [], cfg, 3, env_cfg)
+        assert ("## The table (1 seed)" in text) == (n_seeds == 1) and "nan" not in text
+        assert ("1 seed, no interval over seeds" in text) == (n_seeds == 1)
+        assert ("interval over seeds and evaluation users" in text) == (n_seeds > 1)

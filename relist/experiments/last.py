@@ -700,8 +700,10 @@ def _plots(out: Path, rows: list[dict]) -> list[str]:
         ("quality.png", quality_figure(rows)),
         ("offsets.png", offsets_figure(rows)),
     ):
-        if fig is not None:
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            written.append(name)
+        if fig is None:  # the study did not run: no plot, and none left from an earlier run in OUT
+            (out / name).unlink(missing_ok=True)
+            continue
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
     return written

@@ -495,8 +495,10 @@ def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> lis
         ("metrics.png", metrics_figure(rows, initial, models)),
         ("obedience.png", obedience_figure(out, rows, models)),
     ):
-        if fig is not None:
-            fig.savefig(out / name, dpi=120)
-            plt.close(fig)
-            written.append(name)
+        if fig is None:  # the study did not run: no plot, and none left from an earlier run in OUT
+            (out / name).unlink(missing_ok=True)
+            continue
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
     return written

@@ -532,10 +532,15 @@ def _summary(records, checks, methods, stage_methods, cfg, base, env_cfg) -> str
         f"same users and random numbers for every method of a seed).{reference}",
         "",
         *_check_lines(checks, base),
-        f"## The table ({n_seeds} seeds)",
+        f"## The table ({n_seeds} seed{'s' if n_seeds != 1 else ''})",
         "",
-        "Session dwell: mean over seeds [95% interval over seeds and evaluation users, nested bootstrap, "
-        f"{cfg.resamples} resamples]. UNEX-RL (CIC) minus the method: the difference with the same interval, its "
+        (
+            "Session dwell: mean over seeds [95% interval over seeds and evaluation users, nested bootstrap, "
+            if n_seeds != 1
+            else "Session dwell [95% interval over the evaluation users only (1 seed, no interval over seeds), "
+            "bootstrap, "
+        )
+        + f"{cfg.resamples} resamples]. UNEX-RL (CIC) minus the method: the difference with the same interval, its "
         "bootstrap p Holm-adjusted over the table's comparisons, and the exact Wilcoxon signed-rank p over seeds. "
         "Above hand-set / above start: seeds where the method's session dwell beats the hand-set weights' / its "
         "own untrained start's (the warm-started actors act close to, not exactly at, the hand-set weights). "
@@ -623,8 +628,8 @@ def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
 
 
 def _plots(out: Path, records, methods, base) -> list[str]:
-    """curves.png, and stages.png when the stage study has a method at two or more stage counts; returns
-    the names written (no empty plot is written)."""
+    """curves.png, and stages.png when the stage study has a method at two or more stage counts (otherwise no
+    empty plot, and an earlier run's stages.png in OUT is removed); returns the names written."""
     import matplotlib  # imported only when plotting: it costs a second of start-up
 
     matplotlib.use("Agg")
@@ -664,6 +669,7 @@ def _plots(out: Path, records, methods, base) -> list[str]:
         ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=LABELS[method], color=f"C{k % 10}")
     if not ax.get_legend_handles_labels()[0]:  # no method at two stage counts: nothing to show
         plt.close(fig)
+        (out / "stages.png").unlink(missing_ok=True)  # an earlier run's plot would not be this table's
         return ["curves.png"]
     ax.set_xlabel("stages")
     ax.set_ylabel("session dwell (s), mean ± sd over seeds")
