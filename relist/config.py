@@ -277,12 +277,19 @@ def _default(f: dataclasses.Field) -> Any:
 def _shown(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
-    return str(value)
+    return "none" if value is None or value == "" else str(value)
+
+
+def _states_default(help_text: str) -> bool:
+    """Whether a help text already says what an unset option means ("(default 500, ...)", "default: ...")."""
+    return re.search(r"\(default[ :]", help_text) is not None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     """One option per leaf field of ``cls`` (see the module docstring), and ``--config FILE``."""
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of option values (command-line wins)")
+    parser.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help="YAML file of option values (command-line wins)"
+    )
     for dest, _, f, tp in _flat_fields(cls):
         base, _ = _optional(tp)
         element = _element(base)
@@ -291,20 +298,22 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         default = _default(f)
         if choices:
             help_text += f" (one of: {', '.join(map(str, choices))}{'; comma-separated' if element else ''})"
-        if dest in positional:
-            parser.add_argument(dest, choices=choices, help=help_text, metavar=dest.upper())
+        if dest in positional:  # a tuple positional takes one or more words
+            nargs = "+" if element else None
+            parser.add_argument(dest, choices=choices, help=help_text, metavar=dest.upper(), nargs=nargs)
             continue
         flag = "--" + dest.replace("__", "-").replace("_", "-")
-        shown = "required" if default is dataclasses.MISSING else f"default: {_shown(default)}"
+        if default is dataclasses.MISSING:
+            help_text += " (required)"
+        elif not (default is None and _states_default(help_text)):  # one default per option
+            help_text += f" (default: {_shown(default)})"
         if base is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, dest=dest, help=f"{help_text} ({shown})"
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=dest, help=help_text)
             continue
         metavar = f.metadata.get("metavar") or (
             f"{getattr(element, '__name__', 'X').upper()},..." if element else base.__name__.upper()
         )
-        parser.add_argument(flag, default=None, dest=dest, metavar=metavar, help=f"{help_text} ({shown})")
+        parser.add_argument(flag, default=None, dest=dest, metavar=metavar, help=help_text)
 
 
 def build(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser) -> T:

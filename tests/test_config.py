@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from relist.cli import main
-from relist.config import ConfigError, add_arguments, build, from_mapping, load_yaml, option, to_mapping
+from relist.cli import COMMANDS, main, resolve
+from relist.config import (
+    ConfigError,
+    _element,
+    _flat_fields,
+    _optional,
+    add_arguments,
+    build,
+    from_mapping,
+    load_yaml,
+    option,
+    to_mapping,
+)
 from relist.data.prepare import PrepareConfig
 from relist.last import LastConfig
 from relist.serve.settings import ServeSettings
@@ -154,3 +167,53 @@ def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
     path.write_text("out: o\nepochs: 2\nepochs: 3\n")
     with pytest.raises(ConfigError, match=r"\['epochs'\] given more than once"):
         load_yaml(Outer, path)
+
+
+# list options whose entries have a form of their own
+FORMS = {"model_args": ["prm: d_model=8", "dlcm: hidden=8"], "offset_steps": ["0/6", "1/2"]}
+
+
+def _sample(element: type, choices, name: str = "") -> list:
+    """Two values an option of ``element`` accepts, as YAML would hold them."""
+    if name in FORMS:
+        return FORMS[name]
+    if choices:
+        return list(choices[:2])
+    return {int: [3, 1], float: [0.5, 0.25], str: ["a", "b"], Path: ["p", "q"], bool: [True, False]}[element]
+
+
+@pytest.mark.parametrize("path", list(COMMANDS))
+def test_every_list_option_reads_a_yaml_list_as_its_comma_list(path, tmp_path):
+    """Wherever the command line takes a comma list, a --config file takes a YAML list, with the same result
+    (the command's other required options given in the file, its positionals on the command line)."""
+    cls, positional = resolve(COMMANDS[path].config), COMMANDS[path].positional
+    words, base, lists = [], {}, []
+    for dest, names, f, tp in _flat_fields(cls):
+        base_type = _optional(tp)[0]
+        element = _element(base_type)
+        sample = _sample(element or base_type, f.metadata.get("choices"), f.name)
+        if dest in positional:
+            words += [str(v) for v in (sample if element else sample[:1])]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            base[dest] = sample if element else sample[0]
+        elif element is not None:
+            lists.append((dest, names, element, sample))
+
+    def built(values: dict, argv: list[str]):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, cls, positional)
+        parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump(values))
+        return build(cls, parser.parse_args([*words, "--config", str(config), *argv]), parser)
+
+    for dest, names, element, sample in lists:
+        nested = target = {**base}
+        for name in names[:-1]:
+            target = target.setdefault(name, {})
+        target[names[-1]] = sample
+        flag = "--" + dest.replace("__", "-").replace("_", "-")
+        from_file, from_text = built(nested, []), built(base, [flag, ",".join(map(str, sample))])
+        for name in names:
+            from_file, from_text = getattr(from_file, name), getattr(from_text, name)
+        assert from_file == from_text == tuple(element(v) for v in sample), dest

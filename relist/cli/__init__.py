@@ -13,6 +13,8 @@ import argparse
 import importlib
 import logging
 import sys
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 from relist import __version__
@@ -105,10 +107,17 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "relist.cli.experiment:run_unexrl",
         "UNEX-RL's table on a simulated cascade: methods x seeds, learning curves, 3/4/5 stages",
     ),
+    ("report",): Command(
+        "relist.report:ReportConfig",
+        "relist.cli.demo:run_report",
+        "one self-contained HTML page of experiment, demo or training output directories",
+        ("dirs",),
+    ),
     ("demo",): Command(
-        "relist.cli.demo:DemoConfig",
+        "relist.demo:DemoConfig",
         "relist.cli.demo:run_demo",
-        "prepare synthetic data, train an initial ranker, print its metrics",
+        "the whole story on one dataset: data, initial ranker, re-rankers, LAST served, A/B test, cascade RL, "
+        "report",
     ),
 }
 
@@ -139,8 +148,6 @@ def command_path(argv: list[str]) -> tuple[str, ...] | None:
 def make_parser(full: tuple[str, ...] | None | bool = True) -> argparse.ArgumentParser:
     """The argument parser. Every command gets its sub-parser; the options of a command are added only
     for ``full`` (a command path, or True for every command), since that imports its configuration."""
-    from relist.config import add_arguments
-
     parser = argparse.ArgumentParser(
         prog="relist", description="Re-ranking, learning at serving time and cascade RL.", allow_abbrev=False
     )
@@ -157,26 +164,43 @@ def make_parser(full: tuple[str, ...] | None | bool = True) -> argparse.Argument
                 groups[path[0]] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             sub = groups[path[0]].add_parser(path[1], help=command.help, description=command.help, allow_abbrev=False)
         if full is True or full == path:
+            from relist.config import add_arguments  # (yaml and typing: not needed for --help or --version)
+
             add_arguments(sub, resolve(command.config), command.positional)
         sub.set_defaults(_path=path)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from relist.config import build
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser(command_path(argv))
     args = parser.parse_args(argv)
+    from relist.config import build
+
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     command = COMMANDS[args._path]
     cfg = build(resolve(command.config), args, parser)
+    started = time.time()
     try:
         resolve(command.run)(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"relist: error: {message}", file=sys.stderr)
         return 2
+    record(args._path, cfg, argv, started)
     return 0
+
+
+def record(path: tuple[str, ...], cfg, argv: list[str], started: float) -> None:
+    """After a command succeeds: ``OUT/run.json`` (command line, configuration, seeds, versions) in its output
+    directory, and for an experiment ``OUT/report.html`` (`relist report OUT`)."""
+    out = getattr(cfg, "out", None)
+    if path == ("report",) or out is None or not Path(out).is_dir():
+        return
+    from relist.report import write_report, write_run_info
+
+    write_run_info(Path(out), cfg, argv, started)
+    if path[0] == "experiment":
+        print(f"report: {write_report([Path(out)])}", file=sys.stderr)
