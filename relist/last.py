@@ -39,6 +39,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -324,3 +325,23 @@ class Last:
     def _ndcg(batch: ListBatch, order: Tensor) -> Tensor:
         shown = batch.reorder(order)
         return ndcg_gains(shown.label, shown.mask.float(), batch.label, batch.mask.float()).sum(1)
+
+
+def load_last(run: str | Path, config: LastConfig | None = None, device: torch.device | str = "cpu") -> Last:
+    """LAST over a run directory holding ``generator/`` and ``evaluator/`` (the outputs of `relist train
+    generator --out RUN/generator` and `relist train evaluator --out RUN/evaluator`; what `relist serve RUN`
+    serves), with ``config`` (the defaults if None)."""
+    from relist.rerankers.base import load_reranker
+    from relist.rerankers.evaluator import load_evaluator
+
+    run = Path(run)
+    missing = [name for name in ("generator", "evaluator") if not (run / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run} is not a LAST run: no {' or '.join(m + '/' for m in missing)} (write them with `relist train "
+            f"generator --out {run}/generator` and `relist train evaluator --out {run}/evaluator`)"
+        )
+    generator = load_reranker(run / "generator")
+    if not isinstance(generator, Generator):
+        raise ValueError(f"{run}/generator holds a {generator.name!r} model, not a generator")
+    return Last(generator.to(device), load_evaluator(run / "evaluator").to(device), config)

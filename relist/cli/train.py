@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
+from relist.batch import INITIAL_SCORE
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.tables import metrics_table
 from relist.train import (
@@ -48,7 +53,32 @@ def run_train_ranker(cfg: TrainRankerConfig) -> None:
     print(f"wrote {cfg.out}/metrics.json and the re-ranking dataset {cfg.out}/rerank")
 
 
+def without_initial_ranker(data: Path) -> str | None:
+    """The note for a re-ranking run on ``data`` when its lists carry no initial ranker's score (None otherwise,
+    or when ``data`` is no prepared dataset: training says so)."""
+    from relist.data.store import PreparedDataset
+
+    try:
+        schema = PreparedDataset(data).schema
+    except (OSError, ValueError):
+        return None
+    if INITIAL_SCORE in schema.item_dense:
+        return None
+    return (
+        f"note: {data} has no {INITIAL_SCORE} feature, so this trains without an initial ranker: each list is "
+        "re-ranked from its order in the data, with no initial score to start from; `relist train ranker --data "
+        f"{data} --out DIR` writes DIR/rerank, the same lists ordered and scored by an initial ranker"
+    )
+
+
+def _note_initial_ranker(data: Path) -> None:
+    note = without_initial_ranker(data) if os.environ.get("RANK", "0") == "0" else None
+    if note:
+        print(note, file=sys.stderr)
+
+
 def run_train_reranker(cfg: TrainConfig) -> None:
+    _note_initial_ranker(cfg.data)
     result = train(cfg)
     if not result:  # a non-zero rank under torchrun: rank 0 reports
         return
@@ -59,12 +89,14 @@ def run_train_reranker(cfg: TrainConfig) -> None:
 
 
 def run_train_evaluator(cfg: TrainEvaluatorConfig) -> None:
+    _note_initial_ranker(cfg.data)
     result = train_evaluator(cfg)
     print(_trained_table(result))
     print(f"best step {result['best_step']} of {result['steps']} (selected on valid group AUC); wrote {cfg.out}/best")
 
 
 def run_train_generator(cfg: TrainGeneratorConfig) -> None:
+    _note_initial_ranker(cfg.data)
     result = train_generator(cfg)
     print(_trained_table(result))
     print(

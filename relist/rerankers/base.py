@@ -287,14 +287,24 @@ def build_reranker(name: str, schema: Schema, **overrides) -> Reranker:
 
 
 def load_reranker(directory: str | Path) -> Reranker:
-    """A re-ranker saved by ``Reranker.save`` (checksums verified; every field of model.json checked)."""
+    """A re-ranker saved by ``Reranker.save`` (checksums verified; every field of model.json checked): a model
+    directory, or the output of `relist train reranker|evaluator|generator` (its selected model, best/)."""
     directory = Path(directory)
+    if not (directory / MODEL_META).is_file() and (directory / "best" / MODEL_META).is_file():
+        directory = directory / "best"
     if not (directory / MODEL_META).is_file():
-        raise FileNotFoundError(f"{directory} holds no re-ranker (no {MODEL_META})")
+        raise FileNotFoundError(
+            f"{directory} holds no re-ranker (no {MODEL_META} there or in best/, where a training run keeps it)"
+        )
     meta, tensors = load_model(directory)
     where = str(directory / MODEL_META)
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("schema"), dict):
         raise CorruptFileError(f"{where}: expected the model's config and schema (a mapping each)")
+    if meta.get("model") not in REGISTRY:
+        raise ValueError(
+            f"{where}: a {meta.get('model')!r} model is not a re-ranker (valid: {', '.join(sorted(REGISTRY))}); "
+            "initial rankers load with relist.rankers.load_ranker"
+        )
     cls = reranker_class(meta["model"])
     settings = dict(meta.get("config", {}))
     settings.setdefault("loss", "")  # saved before the setting existed: trained with the model's own loss

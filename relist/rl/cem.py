@@ -14,11 +14,12 @@ when there are at least ``elite`` of them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from relist.rl.loop import fixed_policy
+from relist.rl.loop import LoopConfig, evaluate, fixed_policy
 from relist.sim.cascade_env import CascadeEnv, default_actions, session_metrics
 
 
@@ -34,11 +35,16 @@ class CEMConfig:
 
 
 def train_cem(
-    env: CascadeEnv, cfg: CEMConfig, seed: int, objective: str = "session_dwell"
+    env: CascadeEnv,
+    cfg: CEMConfig,
+    seed: int,
+    objective: str = "session_dwell",
+    progress: Callable[[dict], None] | None = None,
 ) -> tuple[list[Tensor], list[dict]]:
     """The fitted weights (one (1, m_s) tensor per stage) and the history of the search: per iteration, the
     requests used so far, the mean's and the best candidate's training score, and the mean after the refit
-    (``weights``, the fusion CEM would return if it stopped there)."""
+    (``weights``, the fusion CEM would return if it stopped there). ``progress`` gets each history entry as
+    it is made (it only reports)."""
     g = torch.Generator().manual_seed(seed)
     dims = env.cascade.action_dims
     mean = torch.cat([d[0] for d in default_actions(env.cascade, 1)]).cpu()
@@ -70,12 +76,27 @@ def train_cem(
                 "weights": mean.tolist(),
             }
         )
+        if progress is not None:
+            progress(history[-1])
     return _split(mean, dims), history
 
 
 def weights_of(entry: dict, env: CascadeEnv) -> list[Tensor]:
     """The per-stage weights of one entry of ``train_cem``'s history."""
     return _split(torch.tensor(entry["weights"]), env.cascade.action_dims)
+
+
+def cem_curve(env: CascadeEnv, history: list[dict], loop: LoopConfig, seed: int) -> list[dict]:
+    """CEM's learning curve at the RL methods' evaluation points (every ``loop.eval_every`` steps of
+    ``loop.n_envs`` requests): the fusion CEM held once it had used that many requests, evaluated on the
+    evaluation users; the last point is the fusion it returned."""
+    curve = []
+    for step in sorted({*range(0, loop.steps + 1, loop.eval_every), loop.steps}):
+        done = history if step == loop.steps else [h for h in history if h["requests"] <= step * loop.n_envs]
+        weights = weights_of(done[-1], env) if done else default_actions(env.cascade, 1)
+        used = done[-1]["requests"] if done else 0
+        curve.append({"step": step, "requests": used, **evaluate(env, fixed_policy(weights), loop, seed)})
+    return curve
 
 
 def _split(theta: Tensor, dims: list[int]) -> list[Tensor]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from relist.config import option
 from relist.data.store import PreparedDataset
@@ -94,6 +95,7 @@ class TrainSimConfig(SimBuildConfig):
     extra_train_share: float = option(
         0.0, help="share of the train split's lists added to the ranker split for fitting"
     )
+    progress: bool = option(True, help="show a progress bar")
 
 
 def _session_params(cfg: SimBuildConfig) -> SessionParams:
@@ -221,6 +223,8 @@ def fit_response(
     prior = cfg.l2 / len(rows)
     valid_index = data.split("valid")
     state, best_state = new_loop_state(), None
+    steps_per_epoch = -(-len(train_index) // cfg.batch_size)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="sim train", disable=not cfg.progress or None, leave=False)
 
     def loss(part: np.ndarray) -> dict[str, torch.Tensor]:
         model.train()
@@ -238,6 +242,7 @@ def fit_response(
         epoch = len(state["history"]) + 1
         state["history"].append({"epoch": epoch, "train_log_loss": train["log_loss"], "valid_log_loss": valid_loss})
         log.info("sim train: epoch %d train %.5f valid %.5f", epoch, train["log_loss"], valid_loss)
+        bar.set_postfix(epoch=epoch, valid_log_loss=f"{valid_loss:.5f}", refresh=False)
         if state["best"] is not None and valid_loss >= state["best"] - 1e-5:
             return False
         state["best"] = valid_loss
@@ -252,7 +257,9 @@ def fit_response(
         loss=loss,
         optimiser=optimiser,
         validate=validate,
+        progress=bar,
     )
+    bar.close()
     model.load_state_dict(best_state)
     history = state["history"]
     return model.eval(), {"epochs": history, "best_epoch": int(np.argmin([h["valid_log_loss"] for h in history]) + 1)}
