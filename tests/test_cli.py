@@ -219,7 +219,7 @@ def test_a_policy_of_the_wrong_kind_names_the_right_one(synthetic_world, runs, t
     ranker_dir = synthetic_world / "ranker"
     for kind, arg, hint in (
         ("ranker", runs / "prm", f"use reranker:{runs / 'prm'}"),
-        ("ranker", runs / "last", f"use last:{runs / 'last'} or greedy:"),
+        ("ranker", runs / "last", f"use last:{runs / 'last'}"),
         ("reranker", ranker_dir, f"use ranker:{ranker_dir}"),
         ("last", runs / "prm", f"use reranker:{runs / 'prm'}"),
     ):
