@@ -209,7 +209,10 @@ def fixed_policy(weights: list[Tensor]):
 @dataclass
 class RLTrainConfig:
     env: Path = option(help="environment YAML (relist.sim.cascade_env.CascadeEnvConfig fields)")
-    out: Path = option(help="output directory: metrics.json (final evaluation, learning curve), actors.safetensors")
+    out: Path = option(
+        help="output directory: metrics.json (final evaluation, the hand-set weights', learning curve), "
+        "actors.safetensors (cem: fusion.safetensors)"
+    )
     method: str = option(
         "unexrl",
         help="agent (cem: the cross-entropy method over fixed fusion weights, with the same request budget)",
