@@ -104,14 +104,14 @@ def offline_ndcg(data_dir: Path, sim_dir: Path, specs: list[str], seed: int) -> 
     """NDCG@10 on the labels of the data's test lists for each policy spec (the A/B test's policies, so the
     offline and online columns judge the same orders); mean and 95% normal interval over test lists."""
     from relist.metrics import per_list_metrics
-    from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_label
+    from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_labels
     from relist.sim.store import load_simulator
 
     data = PreparedDataset(data_dir)
     sim = load_simulator(sim_dir, torch.device("cpu"))
     ctx = PolicyContext(seed=seed, device=torch.device("cpu"), simulator=sim)
     parsed = parse_spec(specs)
-    policies = {policy_label(n, a): make_policy(n, a, ctx) for n, a in parsed}
+    policies = {label: make_policy(n, a, ctx) for label, (n, a) in zip(policy_labels(parsed), parsed)}
     values: dict[str, list[np.ndarray]] = {name: [] for name in policies}
     with torch.no_grad():
         for batch in data.batches("test", 512):

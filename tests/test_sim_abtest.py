@@ -11,7 +11,7 @@ import torch
 
 from relist.cli import main
 from relist.sim.abtest import METRICS, summarise
-from relist.sim.policies import PolicyContext, make_policy, parse_spec
+from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_labels
 from relist.sim.store import load_simulator
 from relist.stats import Z95
 
@@ -115,6 +115,9 @@ def test_policy_specs(truth_sim, tmp_path):
     for spec, message in (([], "at least one"), (["random", "random"], "twice"), (["Random"], "unknown policy")):
         with pytest.raises(ValueError, match=message):
             parse_spec(spec)
+    # two runs whose folders share a name are two policies, told apart by their whole paths
+    parsed = parse_spec(["reranker:a/prm", "reranker:b/prm", "ranker:/x/r1", "greedy:/x/last"])
+    assert policy_labels(parsed) == ["reranker:a/prm", "reranker:b/prm", "ranker:r1", "greedy:last"]
     sim = load_simulator(truth_sim / "sim")
     ctx = PolicyContext(seed=0, device=torch.device("cpu"), simulator=sim)
     with pytest.raises(ValueError, match="needs a directory"):

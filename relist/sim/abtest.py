@@ -32,7 +32,7 @@ import numpy as np
 from relist.config import option
 from relist.io import atomic_directory
 from relist.runtime import resolve_device
-from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_kinds, policy_label
+from relist.sim.policies import PolicyContext, make_policy, parse_spec, policy_kinds, policy_labels
 from relist.sim.session import Simulator, in_batches, outcomes
 from relist.sim.store import load_simulator
 from relist.stats import normal_interval, ratio_influence
@@ -189,7 +189,7 @@ def run_abtest(cfg: ABTestConfig) -> dict:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     device = resolve_device(cfg.device)
     sim = load_simulator(cfg.sim, device)
-    names = [policy_label(n, a) for n, a in specs]
+    names = policy_labels(specs)
     per_policy = {name: {} for name in names}
     seconds = {name: 0.0 for name in names}
     seeds = [cfg.seed + k for k in range(cfg.seeds)]

@@ -187,20 +187,28 @@ def _reranker(arg: str | None, ctx: PolicyContext) -> Policy:
     return RerankPolicy(ranker, score_order(reranker), list_len)
 
 
-def _last(arg: str | None, ctx: PolicyContext) -> Policy:
+def _generator_policy(kind: str, arg: str | None, ctx: PolicyContext, config: LastConfig) -> Policy:
     if not arg:
-        raise ValueError("policy 'last' needs a directory: last:DIR holding generator/ and evaluator/ runs")
+        raise ValueError(f"policy '{kind}' needs a directory: {kind}:DIR holding generator/ and evaluator/ runs")
     run = Path(arg)
     if not (run / "generator" / "best").is_dir() or not (run / "evaluator").is_dir():
         raise FileNotFoundError(
-            f"policy last:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)"
+            f"policy {kind}:{arg}: expected generator/ and evaluator/ (`relist train generator|evaluator` runs)"
             + _hint("last", arg)
         )
-    ranker_dir, list_len = initial_stage(run / "generator", f"policy last:{arg}")
+    ranker_dir, list_len = initial_stage(run / "generator", f"policy {kind}:{arg}")
     ranker = _load_ranker(str(ranker_dir), ctx)
     generator = load_reranker(run / "generator" / "best").to(ctx.device)
-    last = Last(generator, load_evaluator(run / "evaluator").to(ctx.device), LastConfig())
+    last = Last(generator, load_evaluator(run / "evaluator").to(ctx.device), config)
     return RerankPolicy(ranker, LastStage(last, ctx.seed), list_len)
+
+
+def _last(arg: str | None, ctx: PolicyContext) -> Policy:
+    return _generator_policy("last", arg, ctx, LastConfig())
+
+
+def _greedy(arg: str | None, ctx: PolicyContext) -> Policy:
+    return _generator_policy("greedy", arg, ctx, LastConfig(steps=()))
 
 
 def _oracle(arg: str | None, ctx: PolicyContext) -> Policy:
@@ -223,6 +231,10 @@ POLICIES: dict[str, tuple[Callable[[str | None, PolicyContext], Policy], str]] =
         _last,
         "last:DIR, LAST parallel over DIR/generator and DIR/evaluator; the initial ranker of their data "
         "orders the candidates, LAST reorders its top list",
+    ),
+    "greedy": (
+        _greedy,
+        "greedy:DIR, the generator of DIR/generator decoding greedily (LAST without its search): LAST's baseline",
     ),
     "oracle": (_oracle, "sorts by the true appeal (synthetic ground-truth simulators only)"),
 }
@@ -249,14 +261,19 @@ def parse_spec(spec: Sequence[str]) -> list[tuple[str, str | None]]:
             valid = ", ".join(f"{n} ({h})" for n, (_, h) in POLICIES.items())
             raise ValueError(f"unknown policy {name!r} in --policies {','.join(parts)}; valid: {valid}")
         out.append((name, arg or None))
-    labels = [policy_label(n, a) for n, a in out]
-    if len(set(labels)) != len(labels):
+    if len(set(out)) != len(out):
         raise ValueError(f"--policies {','.join(parts)} names the same policy twice")
     return out
 
 
-def policy_label(name: str, arg: str | None) -> str:
-    return name if arg is None else f"{name}:{Path(arg).name or arg}"
+def policy_labels(parsed: Sequence[tuple[str, str | None]]) -> list[str]:
+    """Each policy's name in tables: ``kind:last-folder`` (``ranker:r1``), or ``kind:DIR`` in full where two
+    runs share their last folder's name (``reranker:a/prm`` and ``reranker:b/prm``)."""
+    short = [name if arg is None else f"{name}:{Path(arg).name or arg}" for name, arg in parsed]
+    return [
+        f"{name}:{arg}" if arg is not None and short.count(label) > 1 else label
+        for (name, arg), label in zip(parsed, short)
+    ]
 
 
 def make_policy(name: str, arg: str | None, ctx: PolicyContext) -> Policy:
