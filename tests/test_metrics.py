@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from relist.batch import collate
-from relist.metrics import auc, evaluate, evaluate_lists, list_auc, per_list_metrics
+from relist.metrics import auc, evaluate, evaluate_lists, list_auc, one_thread, per_list_metrics
 
 KS = (1, 3, 5, 10)
 
@@ -515,3 +515,38 @@ def test_clicks_count_clicked_items_with_graded_labels():
     labels = torch.tensor([[2.0, 0.0, 1.0]])
     out = evaluate(torch.tensor([[3.0, 2.0, 1.0]]), labels, torch.ones(1, 3, dtype=torch.bool), ks=(3,))
     assert out["clicks@3"] == 2.0 and out["p@3"] == pytest.approx(2 / 3)
+
+
+def test_metrics_run_on_one_thread_and_give_the_model_its_own():
+    """The metrics' own operations run on one intra-op thread; the scoring model keeps the caller's setting,
+    which is restored afterwards (also when a metric raises)."""
+    before = torch.get_num_threads()
+    seen = []
+
+    def score_fn(batch):
+        seen.append(torch.get_num_threads())
+        return batch.item_dense[..., 0]
+
+    lists = random_lists(3, n_lists=6, width=5)
+    examples = [
+        {
+            "item_sparse": np.ones((len(lst["scores"]), 1), dtype=np.int64),
+            "item_dense": np.asarray(lst["scores"], dtype=np.float32)[:, None],
+            "label": np.asarray(lst["labels"], dtype=np.float32),
+            "user_sparse": np.array([1]),
+            "list_id": b,
+        }
+        for b, lst in enumerate(lists)
+    ]
+    try:
+        torch.set_num_threads(2)
+        evaluate_lists(score_fn, [collate(examples[:3]), collate(examples[3:])], ks=(1,))
+        assert seen == [2, 2] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            evaluate(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), ks=(0,))
+        assert torch.get_num_threads() == 2
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
