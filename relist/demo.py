@@ -53,8 +53,14 @@ class DemoConfig:
     src: Path | None = option(None, help="raw files of --data mind or trivago (e.g. ../shared/data/mind_small_5k)")
     seed: int = option(0, help="seed of the data, every model and the simulated users")
     n_lists: int = option(12000, help="synthetic: number of lists")
-    reranker: str = option("prm", help="the re-ranker trained without and with P1+P2")
-    reranker_args: str = option("d_model=32,n_blocks=1", help="its settings (key=value,...)")
+    reranker: str = option(
+        "prm",
+        help="the re-ranker trained without and with P1+P2",
+        choices=("prm", "dlcm", "setrank", "midnn", "pear", "raise"),
+    )
+    reranker_args: str = option(
+        "d_model=32,n_blocks=1", help="its settings (key=value,...; the default is PRM's: give another model's with it)"
+    )
     epochs: int = option(4, help="most epochs of each re-ranker, evaluator and generator")
     users: int = option(1000, help="simulated users of the A/B test")
     serve_requests: int = option(64, help="test lists sent to the in-process service")
@@ -328,7 +334,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda line: None) ->
         truth_simulator(SimBuildConfig(data=data_dir, out=out / "sim", seed=cfg.seed))
     else:
         stage(6, "fitting the user simulator on the logs")
-        train_simulator(TrainSimConfig(data=data_dir, out=out / "sim", seed=cfg.seed))
+        train_simulator(TrainSimConfig(data=data_dir, out=out / "sim", seed=cfg.seed, progress=cfg.progress))
 
     specs = [
         "logged",

@@ -140,3 +140,13 @@ def test_a_dataset_without_truth_is_refused(tmp_path, synthetic_world):
     data.root, data.manifest = tmp_path, {**data.manifest, "info": {}}
     with pytest.raises(FileNotFoundError, match="truth.safetensors"):
         truth_headroom(data)
+
+
+def test_the_headroom_command_prints_every_order_of_a_rerank_dataset(synthetic_world, capsys):
+    from relist.cli import main
+
+    assert main(["data", "headroom", str(synthetic_world / "ranker" / "rerank")]) == 0
+    table = capsys.readouterr().out
+    for row in ("| input (initial ranker) |", "| true appeal |", "| greedy under the redundancy penalty |"):
+        assert row in table
+    assert "best under the truth (exact)" in table  # lists of 10: the exact order is computed

@@ -40,6 +40,12 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "print a prepared dataset's counts as JSON",
         ("data",),
     ),
+    ("data", "headroom"): Command(
+        "relist.data.synthetic:HeadroomConfig",
+        "relist.cli.data:run_headroom",
+        "NDCG@k and expected clicks under a synthetic dataset's truth: input, true-appeal, greedy and best orders",
+        ("data",),
+    ),
     ("train", "ranker"): Command(
         "relist.rankers.train:TrainRankerConfig",
         "relist.cli.train:run_train_ranker",
@@ -116,8 +122,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("demo",): Command(
         "relist.demo:DemoConfig",
         "relist.cli.demo:run_demo",
-        "the whole story on one dataset: data, initial ranker, re-rankers, LAST served, A/B test, cascade RL, "
-        "report",
+        "the whole story on one dataset: data, initial ranker, re-rankers, LAST served, A/B test, cascade RL, report",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""`relist data prepare` and `relist data stats`."""
+"""`relist data prepare`, `relist data stats` and `relist data headroom`."""
 
 from __future__ import annotations
 
@@ -32,3 +32,9 @@ def run_stats(cfg: StatsConfig) -> None:
     print(json.dumps(report, indent=2))
     if cfg.verify and not report["verified"]:
         raise ValueError(f"{cfg.data}: content hash does not match the manifest (files changed after preparation)")
+
+
+def run_headroom(cfg) -> None:
+    from relist.data.synthetic import format_headroom, run_headroom
+
+    print(format_headroom(run_headroom(cfg)))

@@ -5,19 +5,18 @@ from __future__ import annotations
 from relist.experiments import last, principled, unexrl
 
 
-def run_principled(cfg: principled.PrincipledExperimentConfig) -> None:
-    result = principled.run_experiment(cfg)
+def _report(result: dict, out) -> None:
     print(result["summary"])
-    print(f"wrote {cfg.out}/results.csv, summary.md, metrics.png, obedience.png")
+    print(f"wrote {out}/: " + ", ".join(result["written"]))
+
+
+def run_principled(cfg: principled.PrincipledExperimentConfig) -> None:
+    _report(principled.run_experiment(cfg), cfg.out)
 
 
 def run_last(cfg: last.LastExperimentConfig) -> None:
-    result = last.run_experiment(cfg)
-    print(result["summary"])
-    print(f"wrote {cfg.out}/results.csv, summary.md, online.md, offline.png, quality.png, offsets.png")
+    _report(last.run_experiment(cfg), cfg.out)
 
 
 def run_unexrl(cfg: unexrl.UnexrlExperimentConfig) -> None:
-    result = unexrl.run_experiment(cfg)
-    print(result["summary"])
-    print(f"wrote {cfg.out}/results.csv, curves.csv, checks.csv, summary.md, curves.png, stages.png, env.json, runs/")
+    _report(unexrl.run_experiment(cfg), cfg.out)

@@ -37,7 +37,7 @@ from relist.grid import run_tasks
 from relist.io import atomic_write_csv
 from relist.metrics import list_metrics, logged_order_scores
 from relist.rankers.train import TrainRankerConfig, train_ranker
-from relist.rerankers import reranker_class
+from relist.rerankers import REGISTRY, reranker_class
 from relist.rerankers.base import load_reranker
 from relist.stats import (
     SEEDS_AND_LISTS,
@@ -68,7 +68,11 @@ class PrincipledExperimentConfig:
         "for which a LambdaMART initial ranker is trained first into OUT/ranker"
     )
     out: Path = option(help="output directory")
-    models: tuple[str, ...] = option(("prm", "dlcm", "setrank", "midnn", "pear", "raise"), help="re-rankers to train")
+    models: tuple[str, ...] = option(
+        ("prm", "dlcm", "setrank", "midnn", "pear", "raise"),
+        help="re-rankers to train",
+        choices=tuple(sorted(REGISTRY)),
+    )
     max_steps: int = option(0, help="cap on optimiser steps per run (0: none)")
     cross_fit: int = option(
         0,
@@ -76,7 +80,9 @@ class PrincipledExperimentConfig:
         "fold by K rankers (relist train ranker --cross-fit; 0: off)",
     )
     device: str = option("cpu", help="cpu, cuda or auto")
-    sweep_model: str = option("", help="also sweep the CS weight and the perturbation on this model")
+    sweep_model: str = option(
+        "", help="also sweep the CS weight and the perturbation on this model", choices=("", *sorted(REGISTRY))
+    )
     overwrite: bool = option(False, help="replace OUT if it exists")
     resume: bool = option(False, help="keep the finished runs in OUT and continue an interrupted one")
     jobs: int = option(1, help="training runs at once, in local worker processes (each run one torch thread)")

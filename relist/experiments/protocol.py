@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from relist.config import option
 from relist.last import OFFICIAL_STEPS, OFFSETS
 from relist.principled import PERTURBATIONS
+from relist.rerankers import REGISTRY
 
 OFFSET_STEPS = ("0/0/0/0/6/7/8/9", "0/0/0/0/2/3/4/5", "0/0/0/0/20/30/40/50", "6/7/8/9/6/7/8/9")
 
@@ -81,7 +82,9 @@ class LastStudy:
     """`relist experiment last`'s own settings."""
 
     epochs: int = option(30, help="maximum epochs of each training run (evaluator, generator, principled re-ranker)")
-    principled_model: str = option("prm", help="the re-ranker trained with P1+P2 as the principled baseline")
+    principled_model: str = option(
+        "prm", help="the re-ranker trained with P1+P2 as the principled baseline", choices=tuple(sorted(REGISTRY))
+    )
     users: int = option(1000, help="simulated users per seed and policy")
     steps: tuple[float, ...] = option(
         OFFICIAL_STEPS,
