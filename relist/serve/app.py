@@ -1,18 +1,20 @@
 """The FastAPI application: POST /rerank, GET /healthz, GET /readyz, GET /metrics, with micro-batching.
 
-Concurrent /rerank requests wait up to ``window_ms`` (or until ``max_batch`` are queued) and are run
-through LAST as one batch on a single worker thread, so the event loop keeps accepting requests while a
-batch runs. LAST keeps no state between requests, so several uvicorn worker processes can serve the same
-checkpoint (``workers``); each has its own batcher and its own /metrics. The sampling noise comes from
-one seeded generator per process, so a request's exploration depends on what it was batched with.
+Concurrent /rerank requests wait up to ``window_ms`` (or until ``max_batch`` are queued) and go as one
+batch of raw bodies to the model process (``relist.serve.worker``), which parses and checks every body
+and runs the good ones through LAST; the event loop of this process only reads, sheds and answers, so
+neither parsing nor the model competes with it for the interpreter lock. LAST keeps no state between
+requests, so several uvicorn worker processes can serve the same checkpoint (``workers``); each has its
+own batcher, model process and /metrics. The sampling noise comes from one seeded generator per model
+process, so a request's exploration depends on what it was batched with.
 
-Only ``application/json`` bodies are read (415 otherwise), within ``body_timeout_seconds`` (408); they are
-parsed and checked on a worker thread, off the event loop, and every bad body gets a 4xx naming the
-problem. Load is shed with 503 and ``Retry-After`` when ``max_queue`` requests are waiting, or when the
-expected wait (the requests admitted ahead x the recent service time per request, ``BatchTime``) exceeds
-``deadline_ms``, so that the requests that are served are served in time; the server's protocol sheds
-before the body is read (``relist.serve.protocol``), the handler again after it. When a batch
-fails, its requests are served again one by one, so a failure stays with the request that caused it.
+Only ``application/json`` bodies are read (415 otherwise), within ``body_timeout_seconds`` (408); every
+bad body gets a 4xx naming the problem. Load is shed with 503 and ``Retry-After`` when ``max_queue``
+requests are waiting, or when the expected wait (the requests admitted ahead x the recent service time
+per request, ``BatchTime``) exceeds ``deadline_ms``, so that the requests that are served are served in
+time; the server's protocol sheds before the body is read, most often without parsing the request
+through h11 at all (``relist.serve.protocol``), the handler again after it. An admitted request not
+answered within ``request_timeout_ms`` gets 504 (and is dropped from the queue if it is still there).
 Every answer carries an ``x-request-id`` header; a 5xx body names it (the log has a 500's details under
 it), never internals. Every answer, 2xx or not, is counted in ``/metrics`` by path and status, and every
 non-2xx also by reason, after its body was built.
@@ -25,13 +27,16 @@ import inspect
 import json
 import logging
 import os
+import queue
+import sys
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from math import ceil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -46,8 +51,9 @@ from relist.last import Last
 from relist.rerankers import load_reranker
 from relist.rerankers.evaluator import load_evaluator
 from relist.serve.metrics import ServiceMetrics
-from relist.serve.requests import BadRequest, RequestParser, parse_json
-from relist.serve.settings import LIMITS, ServeSettings
+from relist.serve.requests import BadRequest, RequestParser
+from relist.serve.settings import ADMITTED, LIMITS, ServeSettings
+from relist.serve.worker import Answer, InProcess, ModelProcess
 
 log = logging.getLogger("relist")
 SETTINGS_ENV = "RELIST_SERVE_SETTINGS"
@@ -120,95 +126,199 @@ class Service:
 
 
 class BatchTime:
-    """Recent service time per request: the batches' seconds over their sizes, both exponentially weighted
-    means over the batches (``weight`` on the newest), so that a large batch counts for its size and the
-    few small batches of a quiet moment do not make the requests ahead look costlier than they are."""
+    """How long a batch takes, as a line in its size: seconds = fixed + per_request x size, fitted by least
+    squares over the recent batches, exponentially weighted (``weight`` on the newest).
+
+    Much of a batch's time can be fixed (a greedy decode runs its steps once for the whole batch): dividing
+    it by the batch's size, as this did, made the few requests of a small batch look costly, so fewer were
+    admitted, the batches stayed small and the server shed nearly everything under a retry storm. While the
+    recent batches have (nearly) all had one size, the line cannot be told from a proportion, and the time
+    is taken as proportional to the size (the cautious reading); batches of other sizes then show the
+    fixed part."""
 
     def __init__(self, weight: float = 0.1):
         self.weight = weight
-        self.size = self.seconds = 0.0  # weighted means; 0 before any batch
+        self.batches = 0
+        self.size = self.seconds = self.size2 = self.cross = 0.0  # weighted means of s, t, s^2 and s*t
+        self.lock = threading.Lock()  # added to by the batching thread, read by the event loop
 
     def add(self, size: int, seconds: float) -> None:
-        if self.size == 0:
-            self.size, self.seconds = float(size), seconds
-        else:
-            self.size += self.weight * (size - self.size)
-            self.seconds += self.weight * (seconds - self.seconds)
+        values = (float(size), seconds, float(size) ** 2, size * seconds)
+        with self.lock:
+            if not self.batches:
+                self.size, self.seconds, self.size2, self.cross = values
+            else:
+                w = self.weight
+                self.size, self.seconds, self.size2, self.cross = (
+                    m + w * (v - m) for m, v in zip((self.size, self.seconds, self.size2, self.cross), values)
+                )
+            self.batches += 1
+
+    def line(self) -> tuple[float, float]:
+        """(fixed seconds per batch, seconds per request), both at least 0."""
+        with self.lock:
+            return self._line()
+
+    def _line(self) -> tuple[float, float]:
+        if not self.batches:
+            return 0.0, 0.0
+        variance = self.size2 - self.size**2
+        proportional = self.seconds / self.size
+        if variance < 0.25:  # sizes within about one of each other
+            return 0.0, proportional
+        slope = min(max((self.cross - self.size * self.seconds) / variance, 0.0), proportional)
+        return max(self.seconds - slope * self.size, 0.0), slope
 
     def per_request(self) -> float:
-        return self.seconds / self.size if self.size else 0.0
+        return self.line()[1]
 
-    def drain(self, requests: int) -> float:
-        """Seconds expected to serve ``requests`` queued requests."""
-        return requests * self.per_request()
+    def drain(self, requests: int, max_batch: int = 1 << 30) -> float:
+        """Seconds expected to answer ``requests`` queued requests, in batches of at most ``max_batch``."""
+        if requests <= 0:
+            return 0.0
+        fixed, slope = self.line()
+        return -(-requests // max_batch) * fixed + requests * slope
+
+
+CALIBRATION_WEIGHT = 0.05  # per answered request
+
+
+class Admission(NamedTuple):
+    """An admitted request: when, and the wait the batch times modelled for it then."""
+
+    at: float
+    modelled: float
 
 
 class MicroBatcher:
-    """Collects concurrent requests for a short window and runs them as one batch on a worker thread.
+    """Collects concurrent request bodies for a short window and has the runner (the model process, or a
+    service in this process) answer them as one batch.
+
+    The batches are formed and sent by a thread of their own, not by the event loop: when the loop is
+    busy (refusing a retry storm), a batcher waiting for its turn on the loop left the model idle between
+    batches for as long as a turn took. The loop only queues bodies and, when a batch's answers come back,
+    hands them to the waiting requests.
 
     It also times its batches (``BatchTime``) and counts the requests admitted and not yet answered, from
-    which it expects how long a request admitted now waits for the ones ahead of it."""
+    which it expects how long a request admitted now waits for the ones ahead of it. A request whose
+    waiter gave up (its admitted-request timeout) is left out of the batch it would have joined."""
 
-    def __init__(self, service: Service, window_ms: float, max_batch: int, metrics: ServiceMetrics):
-        self.service, self.window, self.max_batch, self.metrics = (
-            service,
+    def __init__(self, runner, window_ms: float, max_batch: int, metrics: ServiceMetrics):
+        self.runner, self.window, self.max_batch, self.metrics = (
+            runner,
             window_ms / 1000.0,
             max(1, max_batch),
             metrics,
         )
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relist-batch")
-        self.task: asyncio.Task | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (body, future), or None to stop
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.batch_time = BatchTime()
         self.admitted = 0  # requests past load shedding and not answered yet (event loop only)
+        self.running = (0, 0.0)  # the batch the runner has: (size, perf_counter when it went)
+        self.calibration = 1.0  # actual over modelled wait, recently (settle)
+
+    def start(self) -> None:
+        """Start the batching thread; answers go back to the running event loop."""
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._work, name="relist-batch", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def running_ok(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def waiting(self) -> int:
+        return self.queue.qsize()
+
+    def modelled_wait(self) -> float:
+        """Seconds until a request admitted now is answered, as the batch times say: what is left of the
+        batch running (which it cannot join), then the window and the batches of the other requests admitted
+        ahead of it and its own (0 before any batch). Counting the running batch's requests as if they were
+        still to be batched, as this did, expected a third of the wait that came."""
+        if not self.batch_time.batches:
+            return 0.0
+        size, started = self.running
+        left = 0.0
+        if size:
+            left = max(self.batch_time.drain(size, self.max_batch) - (time.perf_counter() - started), 0.0)
+        return left + self.window + self.batch_time.drain(self.admitted - size + 1, self.max_batch)
 
     def expected_wait(self) -> float:
-        """Seconds a request admitted now is expected to wait for the ones ahead of it (0 before any batch)."""
-        return self.batch_time.drain(self.admitted)
+        """``modelled_wait`` scaled by how the recent requests' waits compared with it (``settle``): the batch
+        times do not see the loop's own delays or the CPU that other processes take."""
+        return self.modelled_wait() * self.calibration
 
-    async def submit(self, example) -> dict:
+    def admit(self) -> Admission:
+        admission = Admission(time.perf_counter(), self.modelled_wait())
+        self.admitted += 1
+        return admission
+
+    def settle(self, admission: Admission, answered: bool = True) -> None:
+        """An admitted request is done: it no longer waits, and (``answered``) how long it took against what
+        was modelled when it was admitted moves the calibration (a weighted mean of the ratio, in 1/4..4)."""
+        self.admitted -= 1
+        if answered and admission.modelled > 0.005:
+            ratio = min(max((time.perf_counter() - admission.at) / admission.modelled, 0.25), 4.0)
+            self.calibration += CALIBRATION_WEIGHT * (ratio - self.calibration)
+
+    async def submit(self, body: bytes) -> Answer:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((example, future))
+        self.queue.put((body, future))
         return await future
 
-    async def _run(self, examples: list) -> list[dict]:
-        started = time.perf_counter()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self.service.run, examples)
-        finally:
-            self.batch_time.add(len(examples), time.perf_counter() - started)
-
-    async def loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            pending = [await self.queue.get()]
-            deadline = loop.time() + self.window
-            while len(pending) < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    pending.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+    # ---- the batching thread ----------------------------------------------------------------------------
+    def _collect(self) -> list | None:
+        """The next batch: the first request, then what comes within the window (None: stop)."""
+        pending = []
+        while not pending:
+            item = self.queue.get()
+            if item is None:
+                return None
+            if not item[1].done():  # else its request timed out while waiting
+                pending.append(item)
+        deadline = time.monotonic() + self.window
+        while len(pending) < self.max_batch:
+            remaining = deadline - time.monotonic()
             try:
-                results = await self._run([e for e, _ in pending])
-                self.metrics.observe_batch(len(pending))
-                for (_, future), result in zip(pending, results):
-                    if not future.done():
-                        future.set_result(result)
-            except Exception:  # noqa: BLE001 - one request may have failed it: serve each alone
-                if len(pending) > 1:
-                    log.warning("serve: a batch of %d requests failed; serving them one by one", len(pending))
-                for example, future in pending:
-                    try:
-                        (result,) = await self._run([example])
-                        self.metrics.observe_batch(1)
-                        if not future.done():
-                            future.set_result(result)
-                    except Exception as err:  # noqa: BLE001 - confined to this request
-                        if not future.done():
-                            future.set_exception(err)
+                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)  # stop after this batch
+                break
+            if not item[1].done():
+                pending.append(item)
+        return pending
+
+    def _work(self) -> None:
+        while (pending := self._collect()) is not None:
+            bodies = [body for body, _ in pending]
+            started = time.perf_counter()
+            self.running = (len(bodies), started)
+            try:
+                answers = self.runner.call(bodies)
+                self.batch_time.add(len(bodies), time.perf_counter() - started)  # a failed batch times nothing
+                self.metrics.observe_batch(len(bodies))
+            except Exception as err:  # noqa: BLE001 - the model process died: this batch's requests fail
+                answers = [Answer(500, message=f"{type(err).__name__}: {err}")] * len(bodies)
+            finally:
+                self.running = (0, 0.0)
+            try:
+                self.loop.call_soon_threadsafe(_deliver, [future for _, future in pending], answers)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
+
+
+def _deliver(futures: list[asyncio.Future], answers: list[Answer]) -> None:
+    for future, answer in zip(futures, answers):
+        if not future.done():
+            future.set_result(answer)
 
 
 REASON, REQUEST_ID = "relist.reason", "relist.request_id"  # per-request scope state the middleware reads
@@ -255,33 +365,53 @@ class Counted:
 
 
 def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
-    service = service or Service(settings)
+    """The app; without ``service`` the models are loaded in a model process of their own (this call waits
+    for it and raises what loading raised), with one it is run in this process (tests, the demo)."""
+    runner = InProcess(service) if service is not None else ModelProcess(settings)
     metrics = ServiceMetrics()
-    batcher = MicroBatcher(service, settings.window_ms, settings.max_batch, metrics)
+    batcher = MicroBatcher(runner, settings.window_ms, settings.max_batch, metrics)
 
     def overloaded() -> tuple[str, str, str] | None:
         """(reason, message, Retry-After) when a /rerank request arriving now is to be shed, else None."""
-        if batcher.queue.qsize() >= settings.max_queue:  # shed rather than let every request wait
+        if batcher.waiting() >= settings.max_queue:  # shed rather than let every request wait
             return "queue_full", f"{settings.max_queue} requests already waiting", "1"
+        if not batcher.admitted:  # nothing ahead: shedding cannot make it sooner (nor tell how long it takes)
+            return None
         wait = batcher.expected_wait()
         if settings.deadline_ms and wait * 1000 > settings.deadline_ms:
             message = f"expected wait {wait * 1000:.0f} ms, longer than the deadline of {settings.deadline_ms:g} ms"
             return "deadline", message, str(max(1, ceil(wait)))  # whole seconds, at least one
         return None
 
+    def admit() -> tuple[tuple[str, str, str] | None, Admission | None]:
+        """(``overloaded()``, None), or (None, the admission) when it is None: the request is admitted and the
+        caller calls ``release(admission)`` once it is answered."""
+        verdict = overloaded()
+        return (verdict, None) if verdict is not None else (None, batcher.admit())
+
+    def release(admission: Admission, answered: bool = True) -> None:
+        batcher.settle(admission, answered)
+
     limits = {
         "header_timeout": settings.header_timeout_seconds,
+        "write_timeout": settings.write_timeout_seconds,
+        "shed_pause": settings.shed_pause_ms / 1000,
         "max_connections": settings.max_connections,
+        "max_body_bytes": settings.max_body_bytes,
         "metrics": metrics,
         "overloaded": overloaded,  # the protocol sheds before the body is read, and so does rerank below
+        "admit": admit,  # the protocol admits a /rerank request from its headers (and releases it after)
+        "release": release,
+        "connections": None,  # the server's set of open connections, filled in by the protocol
     }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.task = asyncio.create_task(batcher.loop())
+        batcher.start()
         yield {LIMITS: limits}  # read by the server's protocol (relist.serve.protocol), one per process
-        batcher.task.cancel()
-        batcher.executor.shutdown(wait=False, cancel_futures=True)
+        reserve = shutdown_reserve(settings.grace_seconds)
+        runner.close(timeout=reserve / 2)  # ends a batch in the model process, if any, so that the thread stops
+        batcher.stop(timeout=reserve / 2)
 
     # the interactive docs are off: the body is read and checked by hand (relist.serve.requests), so the
     # generated schema would describe an empty body
@@ -296,10 +426,10 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         body = {"error": message, "request_id": state[REQUEST_ID]} if status >= 500 else {"error": message}
         return JSONResponse(body, status_code=status, headers=headers)
 
-    def internal(request: Request, err: BaseException) -> JSONResponse:
+    def internal(request: Request, details: str) -> JSONResponse:
         """A 500 whose body names the request id, never internals; the log holds the details under that id."""
         state = request.scope["state"]
-        log.error("serve: request %s failed: %s: %s", state[REQUEST_ID], type(err).__name__, err, exc_info=err)
+        log.error("serve: request %s failed: %s", state[REQUEST_ID], details)
         state[REASON] = "internal"
         return JSONResponse(internal_error(state[REQUEST_ID]), status_code=500)
 
@@ -311,9 +441,6 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
 
     def shed(request: Request, message: str, reason: str, retry_after: str) -> JSONResponse:
         return answer(request, 503, f"overloaded: {message}; retry shortly", reason, {"Retry-After": retry_after})
-
-    def parse(body: bytes):
-        return service.parser.parse(parse_json(body))
 
     async def read_body(request: Request) -> bytes:
         body = bytearray()
@@ -343,41 +470,54 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             return answer(request, err.status, str(err), "body_too_large", close)
         except ClientDisconnect:
             return answer(request, 499, "the client closed the connection during the body", "client_disconnected")
-        verdict = overloaded()
-        if verdict is not None:
-            reason, message, retry_after = verdict
-            return shed(request, message, reason, retry_after)
-        batcher.admitted += 1
+        own = not request.scope["state"].get(ADMITTED)  # not admitted by the protocol (the app run without it)
+        if own:
+            verdict, admission = admit()
+            if verdict is not None:
+                reason, message, retry_after = verdict
+                return shed(request, message, reason, retry_after)
         try:
-            try:
-                example = await asyncio.to_thread(parse, body)  # off the event loop
-            except BadRequest as err:
-                reason = {400: "malformed_json", 413: "too_large"}.get(err.status, "invalid_request")
-                return answer(request, err.status, str(err), reason)
-            except Exception as err:  # noqa: BLE001 - a parser bug is this request's 500, not the service's
-                return internal(request, err)
-            try:
-                result = await batcher.submit(example)
-                content = json.dumps(result, allow_nan=False).encode("utf-8")
-            except Exception as err:  # noqa: BLE001 - confined to this request; the service keeps serving
-                return internal(request, err)
+            outcome = await asyncio.wait_for(batcher.submit(body), settings.request_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            message = (
+                f"not answered within {settings.request_timeout_ms:g} ms of being admitted (--request-timeout-ms); "
+                "the model is slower than the queue expected"
+            )
+            return answer(request, 504, message, "request_timeout")
         finally:
-            batcher.admitted -= 1
-        return Response(content, media_type="application/json")
+            if own:
+                release(admission)
+        if outcome.status == 200:
+            return Response(outcome.body, media_type="application/json")
+        if outcome.status < 500:
+            reason = {400: "malformed_json", 413: "too_large"}.get(outcome.status, "invalid_request")
+            return answer(request, outcome.status, outcome.message, reason)
+        return internal(request, outcome.message)
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "mode": settings.last.mode, "offsets": settings.last.offsets, "pid": os.getpid()}
+        """Live: the event loop answers (the model process may be loading again after it died)."""
+        return {
+            "status": "ok",
+            "mode": settings.last.mode,
+            "offsets": settings.last.offsets,
+            "pid": os.getpid(),
+            "model_pid": runner.pid,
+        }
 
     @app.get("/readyz")
     async def readyz(request: Request):
-        """Ready: the models are loaded (the app exists only after), the batcher runs, the queue has room and
-        the expected wait is within the deadline."""
-        running = batcher.task is not None and not batcher.task.done()
-        waiting, wait_ms = batcher.queue.qsize(), batcher.expected_wait() * 1000
-        in_time = not settings.deadline_ms or wait_ms <= settings.deadline_ms
-        body = {"ready": running and waiting < settings.max_queue and in_time, "waiting": waiting}
+        """Ready: the model process is up, the batcher runs, the queue has room, the expected wait is within
+        the deadline and the open connections are within their bound."""
+        running = batcher.running_ok and runner.alive
+        waiting, wait_ms = batcher.waiting(), batcher.expected_wait() * 1000
+        in_time = not settings.deadline_ms or not batcher.admitted or wait_ms <= settings.deadline_ms
+        connections = len(limits["connections"] or ())
+        room = not settings.max_connections or connections <= settings.max_connections
+        body = {"ready": running and waiting < settings.max_queue and in_time and room, "waiting": waiting}
         body["expected_wait_ms"] = round(wait_ms, 1)
+        body["in_flight"] = batcher.admitted  # admitted and not answered yet
+        body["connections"] = connections
         if body["ready"]:
             return body
         request.scope["state"][REASON] = "not_ready"
@@ -391,15 +531,23 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     return app
 
 
+SWITCH_INTERVAL = 0.001  # seconds; CPython's default is 0.005
+
+
 def app_from_env() -> FastAPI:
     """The app a uvicorn worker process builds (``workers > 1``): settings come through the environment."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     return create_app(from_mapping(ServeSettings, json.loads(os.environ[SETTINGS_ENV]), SETTINGS_ENV))
 
 
 def serve(settings: ServeSettings) -> None:
-    """Run uvicorn in the foreground until interrupted."""
+    """Run uvicorn in the foreground until interrupted.
+
+    The batching thread takes the interpreter lock a few times a batch (to send it, to take its answers);
+    while the event loop is busy, each time waited up to the switch interval, so the interval is shortened."""
     import uvicorn  # only a running server needs it
 
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = json.dumps(to_mapping(settings))
         Service(settings)  # fail here, with the message, rather than in every worker
@@ -422,7 +570,8 @@ def serve(settings: ServeSettings) -> None:
 
 def uvicorn_options(settings: ServeSettings) -> dict:
     """uvicorn's settings: address, keep-alive timeout and shutdown grace period from the settings, and the
-    protocol that adds the header timeout and the counted connection bound (``relist.serve.protocol``)."""
+    protocol that adds the header and write timeouts, the connection bound and shedding from the bytes
+    received (``relist.serve.protocol``)."""
     from relist.serve.protocol import ServeProtocol  # imports uvicorn
 
     return {
@@ -432,5 +581,12 @@ def uvicorn_options(settings: ServeSettings) -> dict:
         "http": ServeProtocol,
         "limit_concurrency": None,  # ServeProtocol bounds the connections and counts what it refuses
         "timeout_keep_alive": settings.keep_alive_seconds,
-        "timeout_graceful_shutdown": settings.grace_seconds,
+        # in-flight requests get the grace period less what closing the model process and the batcher takes
+        # after them, so that the process is gone within --grace-seconds
+        "timeout_graceful_shutdown": max(settings.grace_seconds - shutdown_reserve(settings.grace_seconds), 0.0),
     }
+
+
+def shutdown_reserve(grace: float) -> float:
+    """Seconds of the grace period kept for what follows the in-flight requests: a quarter of it, at most 1 s."""
+    return min(grace / 4, 1.0)

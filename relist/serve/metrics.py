@@ -16,12 +16,14 @@ def path_label(path: str) -> str:
 
 
 class ServiceMetrics:
-    """Answers by path and status, non-2xx answers by path, status and reason, latency and batch sizes."""
+    """Answers by path and status, non-2xx answers by path, status and reason, connections closed by the
+    server without an answer by reason, latency and batch sizes."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: Counter = Counter()  # (path, status) -> count
         self.errors: Counter = Counter()  # (path, status, reason) -> count
+        self.closed: Counter = Counter()  # reason -> connections closed without an answer
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.batches = 0
@@ -38,6 +40,10 @@ class ServiceMetrics:
                 k = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
                 self.latency[k] += 1
                 self.latency_sum += seconds
+
+    def observe_closed(self, reason: str) -> None:
+        with self.lock:
+            self.closed[reason] += 1
 
     def observe_batch(self, size: int) -> None:
         with self.lock:
@@ -61,6 +67,11 @@ class ServiceMetrics:
                 f'relist_request_errors_total{{path="{p}",status="{s}",reason="{r}"}} {n}'
                 for (p, s, r), n in sorted(self.errors.items())
             ]
+            lines += [
+                "# HELP relist_connections_closed_total Connections the server closed without an answer, by reason.",
+                "# TYPE relist_connections_closed_total counter",
+            ]
+            lines += [f'relist_connections_closed_total{{reason="{r}"}} {n}' for r, n in sorted(self.closed.items())]
             lines += [
                 "# HELP relist_rerank_latency_seconds /rerank latency, request headers read to response ready.",
                 "# TYPE relist_rerank_latency_seconds histogram",

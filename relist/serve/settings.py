@@ -9,6 +9,7 @@ from relist.config import option
 from relist.last import LastConfig
 
 LIMITS = "relist.limits"  # lifespan-state key of the limits the server's protocol reads (relist.serve.protocol)
+ADMITTED = "relist.admitted"  # request-state key: the protocol admitted this /rerank request (and releases it)
 
 
 @dataclass
@@ -29,15 +30,37 @@ class ServeSettings:
         help="shed a request (503, Retry-After) once its expected wait (the requests admitted ahead of it x the "
         "recent service time per request) is longer than this; 0: off",
     )
-    max_connections: int = option(512, help="open connections past which a request gets 503 with Retry-After")
+    shed_pause_ms: float = option(
+        100.0,
+        help="after a request is shed from its headers, its connection is not read for this long (a client that "
+        "retries a 503 at once is heard at most this often); 0: read at once",
+    )
+    request_timeout_ms: float = option(
+        2000.0,
+        help="an admitted request not answered this long after its body was read gets 504 (and leaves the queue)",
+    )
+    max_connections: int = option(
+        512,
+        help="open connections past which a request gets 503 with Retry-After (GET /healthz and /readyz are "
+        "still answered, on a connection then closed)",
+    )
     keep_alive_seconds: float = option(5.0, help="how long an idle keep-alive connection is held")
-    grace_seconds: float = option(10.0, help="on SIGTERM, how long in-flight requests may finish before exit")
+    grace_seconds: float = option(
+        10.0,
+        help="on SIGTERM, the process exits within this long; in-flight requests may finish in all of it but "
+        "its last quarter (at most its last second), which closing the model process takes",
+    )
     header_timeout_seconds: float = option(
         10.0,
         help="a request line and headers not complete this long after the connection opened (or, kept alive, "
         "after their first byte) get 408 and the connection is closed",
     )
     body_timeout_seconds: float = option(10.0, help="a body not complete this long after its headers gets 408")
+    write_timeout_seconds: float = option(
+        10.0,
+        help="a connection whose client has not taken the bytes sent to it for this long (a client that never "
+        "reads its answers) is closed",
+    )
     max_id_chars: int = option(256, help="longest id accepted, in characters")
     threads: int = option(1, help="torch threads per worker process")
     seed: int = option(0, help="seed of the sampling noise")
@@ -46,9 +69,11 @@ class ServeSettings:
         return self.last
 
     def __post_init__(self):
-        for name in ("header_timeout_seconds", "body_timeout_seconds"):
+        for name in ("header_timeout_seconds", "body_timeout_seconds", "write_timeout_seconds", "request_timeout_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.shed_pause_ms < 0:
+            raise ValueError(f"serve: --shed-pause-ms must be 0 (off) or positive, got {self.shed_pause_ms}")
         if self.deadline_ms < 0:
             raise ValueError(f"serve: --deadline-ms must be 0 (off) or positive, got {self.deadline_ms}")
         if self.last.select != "evaluator":
