@@ -9,6 +9,12 @@ with the settings LAST's evaluator and generator fix (their selection metric, th
   every validation, ``OUT/best`` (the model with the best validation metric). ``resume=True`` continues
   an interrupted run from ``OUT/checkpoint``; because the data order is a function of (seed, epoch) and
   the random states are restored, a resumed run ends with the same weights as an uninterrupted one.
+- Nothing is deleted or replaced that the trainer cannot show it wrote: OUT gets a run id (``.relist-run``)
+  when the trainer creates it (or finds it empty), every checkpoint carries it, and a checkpoint is written
+  in a staging folder named by it and renamed into place. Without a ``latest`` pointer, OUT is started
+  again only when it holds nothing but this trainer's files of a run that never completed a checkpoint
+  (so a run that failed before training, rerun with its mistake corrected, is not refused); a checkpoint
+  without its pointer, a directory without the run id, or any other file is refused and left as it was.
 - The run carries the raw-id vocabularies of its data (``OUT/vocab``), so it can be served without it.
 - Under ``torchrun`` (WORLD_SIZE > 1) the objective is wrapped in DistributedDataParallel; every global
   batch is split evenly across the processes, so the gradient equals the single-process one.
@@ -26,6 +32,7 @@ import re
 import shutil
 import time
 import typing
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,9 +61,11 @@ from relist.rerankers.generator import REWARDS
 from relist.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("relist")
-# what a run writes before its first complete checkpoint (the untrained model is validated, and saved as
-# best/, at step 0; checkpoint/ may hold a step-N folder a kill interrupted): --resume starts it afresh
-UNSTARTED_RUN_FILES = {"config.json", "vocab", "tensorboard", "best", "checkpoint"}
+RUN_MARK = ".relist-run"  # the run's id: written first into the directory the trainer creates or finds empty
+# what a run writes before its first complete checkpoint (the untrained model is validated, and saved as best/,
+# at step 0; checkpoint/ may hold this run's staging folder of a save a kill interrupted): a directory holding
+# only these and this trainer's RUN_MARK is an unstarted run of its own, which it starts again
+UNSTARTED_RUN_FILES = {RUN_MARK, "config.json", "vocab", "tensorboard", "best", "checkpoint"}
 
 
 @dataclass
@@ -317,61 +326,86 @@ class Trainer:
             cs_gradient=config.cs_gradient,
         )
         self.max_len = int(self.data.counts.get("list_len", {}).get("max", 0)) or None
+        self.run_id: str | None = None  # set by _prepare_out in the process that writes OUT
+        self.resumed_from: Path | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _prepare_out(self, dist: _Distributed) -> bool:
         """Create OUT; returns True when resuming from a checkpoint.
 
-        ``--resume`` on a directory without a checkpoint starts afresh only when the directory is empty or
-        holds nothing but this trainer's own files from a run that had not saved a checkpoint yet; anything
-        else is refused, never deleted (only ``--overwrite`` replaces a directory)."""
+        An existing OUT without a checkpoint pointer is started again only when it is this trainer's own
+        unstarted run (``UNSTARTED_RUN_FILES`` and its run id, no complete checkpoint); anything else is
+        refused, never deleted (only ``--overwrite`` replaces a directory)."""
         c = self.config
         if c.resume and self._latest_checkpoint() is not None:
+            self.resumed_from = self._latest_checkpoint()
+            if dist.main:  # a run written before run ids is adopted: --resume says it is this run
+                self.run_id = self._read_run_id() or self._write_run_id()
             return True
         if dist.main:
             if self.out.exists() and any(self.out.iterdir()):
                 if c.overwrite:
                     shutil.rmtree(self.out)
-                elif not c.resume:
-                    raise FileExistsError(
-                        f"{self.out} already exists (pass --overwrite to replace it or --resume to continue)"
-                    )
                 else:
-                    foreign = sorted(p.name for p in self.out.iterdir() if p.name not in UNSTARTED_RUN_FILES)
-                    if foreign:
-                        raise FileExistsError(
-                            f"--resume: {self.out} holds no checkpoint to resume and other files "
-                            f"({', '.join(foreign[:5])}); nothing was changed (pass --overwrite "
-                            "to replace the directory)"
-                        )
-                    self._check_own_config()
+                    self._check_unstarted_run()
+                    log.info("%s: an earlier start of this run completed no checkpoint; starting it again", self.out)
             self.out.mkdir(parents=True, exist_ok=True)
+            self.run_id = self._write_run_id()
             self._write_vocabularies()
             atomic_write_text(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2, default=str))
         dist.barrier()
         return False
 
-    def _check_own_config(self) -> None:
-        """A config.json in a run directory without a checkpoint must be the one this run writes (an
-        interrupted start of the same run), not a file of the same name someone else left there."""
-        path = self.out / "config.json"
-        if not path.is_file():
-            return
-        ours = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
+    def _read_run_id(self) -> str | None:
         try:
-            theirs = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            theirs = None
-        free = {"resume", "overwrite", "progress"}
-        if not isinstance(theirs, dict):
-            changed = ["(not a run configuration)"]
-        else:
-            changed = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
-        if changed:
+            value = json.loads((self.out / RUN_MARK).read_text(encoding="utf-8")).get("run")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) else None
+
+    def _write_run_id(self) -> str:
+        run_id = uuid.uuid4().hex
+        atomic_write_text(self.out / RUN_MARK, json.dumps({"run": run_id, "written_by": "relist train"}) + "\n")
+        return run_id
+
+    def _check_unstarted_run(self) -> None:
+        """Raise FileExistsError (changing nothing) unless OUT holds only an unstarted run of this trainer;
+        remove that run's staging folders (checkpoint saves a kill interrupted, named by its run id)."""
+        c, out = self.config, self.out
+        prefix = "--resume: " if c.resume else ""
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if n not in UNSTARTED_RUN_FILES]
+        if (out / "checkpoint" / "latest").exists() or (foreign and not c.resume):
+            raise FileExistsError(f"{out} already exists (pass --overwrite to replace it or --resume to continue)")
+        if foreign:
             raise FileExistsError(
-                f"--resume: {path} is not this run's configuration ({', '.join(changed[:5])} differ) and there is "
-                "no checkpoint to resume; nothing was changed (pass --overwrite to replace the directory)"
+                f"--resume: {out} holds no checkpoint to resume and other files ({', '.join(foreign[:5])}); "
+                "nothing was changed (pass --overwrite to replace the directory)"
             )
+        run_id = self._read_run_id()
+        if run_id is None:
+            raise FileExistsError(
+                f"{prefix}{out} holds {', '.join(names[:5])} but no {RUN_MARK} naming the run that wrote them, so "
+                "they may not be this trainer's; nothing was changed (pass --overwrite to replace the directory)"
+            )
+        folder = out / "checkpoint"
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+        staging = [p for p in entries if p.name.startswith(".step-") and p.name.endswith(f".{run_id}")]
+        kept = [p.name for p in entries if p not in staging]
+        if kept:
+            raise FileExistsError(
+                f"{prefix}{folder} holds {', '.join(kept[:3])} but no 'latest' pointer; nothing was changed (to "
+                f"resume from a checkpoint, write its folder's name into {folder / 'latest'} and pass --resume; "
+                "or pass --overwrite)"
+            )
+        for path in staging:  # this run's own half-written checkpoints
+            shutil.rmtree(path)
+
+    def _written_by_this_run(self, folder: Path) -> bool:
+        try:
+            return json.loads((folder / "state.json").read_text(encoding="utf-8")).get("run") == self.run_id
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _write_vocabularies(self) -> None:
         """Copy the raw-id vocabularies of the schema's sparse fields into OUT/vocab, so the run (and a
@@ -520,24 +554,36 @@ class Trainer:
     def _save_checkpoint(
         self, model: Reranker, optimiser, perturb_rng: torch.Generator, state: dict, average: "WeightAverage"
     ) -> None:
-        """A complete checkpoint in its own folder, then the ``latest`` pointer moved to it atomically, so a
-        kill at any moment leaves a consistent checkpoint behind."""
+        """A complete checkpoint in a staging folder named by the run id, renamed into place, then the
+        ``latest`` pointer moved to it atomically, so a kill at any moment leaves a consistent checkpoint
+        behind. The checkpoints replaced are this run's own (carrying its id, or the one it resumed from);
+        a ``step-N`` folder of the same name that is not is an error, and left as it was."""
         root = self.out / "checkpoint"
-        folder = root / f"step-{state['step']:09d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        model.save(folder)
+        name = f"step-{state['step']:09d}"
+        folder, staging = root / name, root / f".{name}.{self.run_id}"
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)  # this run's own: a save an error interrupted
+        staging.mkdir()
+        model.save(staging)
         if average.active:
-            average.model.save(folder / "average")
+            average.model.save(staging / "average")
         tensors, meta = _optimiser_tensors(optimiser)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.perturb"] = perturb_rng.get_state()
-        atomic_save_tensors(tensors, folder / "optimiser.safetensors")
-        atomic_write_text(folder / "state.json", json.dumps({**state, "optimiser": meta}, indent=1))
-        seal(folder, ["optimiser.safetensors", "state.json"])
-        atomic_write_text(root / "latest", folder.name)
+        atomic_save_tensors(tensors, staging / "optimiser.safetensors")
+        saved = {**state, "optimiser": meta, "run": self.run_id}
+        atomic_write_text(staging / "state.json", json.dumps(saved, indent=1))
+        seal(staging, ["optimiser.safetensors", "state.json"])
+        if folder.exists():
+            if not self._written_by_this_run(folder):
+                shutil.rmtree(staging)
+                raise FileExistsError(f"{folder} exists and was not written by this run; nothing was replaced")
+            shutil.rmtree(folder)  # this run's own, from an attempt killed before the pointer moved to it
+        os.replace(staging, folder)
+        atomic_write_text(root / "latest", name)
         for old in root.glob("step-*"):
-            if old.name != folder.name:
+            if old != folder and (old == self.resumed_from or self._written_by_this_run(old)):
                 shutil.rmtree(old, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path | None:
@@ -580,6 +626,7 @@ class Trainer:
         torch.set_rng_state(tensors.pop("rng.torch"))
         perturb_rng.set_state(tensors.pop("rng.perturb"))
         _load_optimiser(optimiser, {k: v.to(self.device) for k, v in tensors.items()}, meta.pop("optimiser"))
+        meta.pop("run", None)
         return meta
 
     def _finish(self, state: dict, seconds: float) -> dict:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.io import CorruptFileError
+from relist.io import CorruptFileError, seal
 from relist.nn import LIST_LOSSES
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import build_reranker
@@ -103,33 +103,94 @@ def test_existing_output_is_kept_unless_asked(rerank_data, tmp_path):
     assert (tmp_path / "run" / "keep.txt").exists()
 
 
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_resume_never_deletes_a_directory_it_did_not_write(rerank_data, tmp_path):
     """--resume on a directory without a checkpoint (a wrong path, a lost pointer) is refused and the
-    directory left as it was; a run that stopped before its first checkpoint starts afresh."""
+    directory left as it was: other files, a config.json without the trainer's run id, and a complete
+    checkpoint whose 'latest' pointer is gone (which the trainer used to replace by its own step-N)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "important.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="holds no checkpoint to resume and other files \\(important.txt\\)"):
         train(small(rerank_data, run, resume=True))
-    assert (run / "important.txt").read_text() == "keep me" and sorted(p.name for p in run.iterdir()) == [
-        "important.txt"
-    ]
-    # a config.json that is not this run's (someone's own file of that name) is refused and left as it was
+    assert tree(run) == {"important.txt": b"keep me"}
+    # a config.json of the trainer's own form but no run id: not provably this trainer's, so refused
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "config.json").write_text('{"mine": "do not touch"}')
-    with pytest.raises(FileExistsError, match="is not this run's configuration"):
-        train(small(rerank_data, mine, max_steps=5, resume=True))
-    assert (mine / "config.json").read_text() == '{"mine": "do not touch"}'
-    unstarted = tmp_path / "unstarted"
-    unstarted.mkdir()
-    config = json.loads(json.dumps(dataclasses.asdict(small(rerank_data, unstarted, max_steps=5)), default=str))
-    (unstarted / "config.json").write_text(json.dumps(config))  # what this run writes before its first checkpoint
-    assert train(small(rerank_data, unstarted, max_steps=5, resume=True))["steps"] == 5
-    # killed before its first complete checkpoint: best/ (step 0), config, vocab, a step folder, no pointer
+    config = json.loads(json.dumps(dataclasses.asdict(small(rerank_data, mine, max_steps=5)), default=str))
+    (mine / "config.json").write_text(json.dumps(config))
+    for resume in (True, False):
+        with pytest.raises(FileExistsError, match="no .relist-run naming the run that wrote them"):
+            train(small(rerank_data, mine, max_steps=5, resume=resume))
+    assert tree(mine) == {"config.json": json.dumps(config).encode()}
+    # a finished run whose pointer was lost (and its metrics moved away): its checkpoint is kept, byte for byte
+    lost = tmp_path / "lost"
+    train(small(rerank_data, lost, max_steps=5))
     for name in ("metrics.json", "history.jsonl", "checkpoint/latest"):
-        (unstarted / name).unlink()
-    assert train(small(rerank_data, unstarted, max_steps=5, resume=True))["steps"] == 5
+        (lost / name).unlink()
+    before = tree(lost)
+    for resume in (True, False):
+        with pytest.raises(FileExistsError, match="holds step-000000005 but no 'latest' pointer; nothing was changed"):
+            train(small(rerank_data, lost, max_steps=5, resume=resume))
+    assert tree(lost) == before
+    # the message's remedy works: the pointer written back, the run resumes from it
+    (lost / "checkpoint" / "latest").write_text("step-000000005")
+    assert train(small(rerank_data, lost, max_steps=5, resume=True))["steps"] == 5
+
+
+def test_a_run_that_failed_before_training_starts_again_when_corrected(rerank_data, tmp_path):
+    """A run that failed before its first checkpoint (here: an unknown selection metric, found at the
+    step-0 validation, after the run wrote its id, config and vocabularies) is started again by the
+    corrected command, with or without --resume; a staging folder of its own (a checkpoint save a kill
+    interrupted) is removed, one named by another run id is not, and the run is then refused."""
+    for k, resume in enumerate((False, True)):
+        run = tmp_path / f"run{k}"
+        with pytest.raises(ValueError, match="is not a validation metric"):
+            train(small(rerank_data, run, max_steps=5, select_metric="ndcg@7"))
+        assert {".relist-run", "config.json", "vocab"} <= {p.name for p in run.iterdir()}
+        run_id = json.loads((run / ".relist-run").read_text())["run"]
+        (run / "checkpoint" / f".step-000000005.{run_id}").mkdir(parents=True)  # half of a save
+        result = train(small(rerank_data, run, max_steps=5, resume=resume))
+        assert result["steps"] == 5 and result["config"]["select_metric"] == "list_ce"
+        assert json.loads((run / "config.json").read_text())["select_metric"] == "list_ce"
+        assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["latest", "step-000000005"]
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="is not a validation metric"):
+        train(small(rerank_data, other, max_steps=5, select_metric="ndcg@7"))
+    (other / "checkpoint" / f".step-000000005.{'0' * 32}").mkdir(parents=True)
+    before = tree(other)
+    with pytest.raises(FileExistsError, match="but no 'latest' pointer"):
+        train(small(rerank_data, other, max_steps=5))
+    assert tree(other) == before and (other / "checkpoint" / f".step-000000005.{'0' * 32}").is_dir()
+
+
+def test_a_checkpoint_folder_the_run_did_not_write_is_never_replaced(rerank_data, tmp_path):
+    """A resumed run that reaches a step whose checkpoint folder exists but is not its own (it carries no
+    run id of this run) stops with an error and leaves the folder as it was; its own checkpoints are
+    replaced as it goes."""
+    run = tmp_path / "run"
+    train(small(rerank_data, run, max_steps=5))
+    (run / "metrics.json").unlink()
+    # as if killed right after its step-5 checkpoint: the state is not done (and sealed again)
+    state_path = run / "checkpoint" / "step-000000005" / "state.json"
+    state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "done": False}))
+    seal(state_path.parent, ["state.json"])
+    foreign = run / "checkpoint" / "step-000000010"
+    foreign.mkdir()
+    (foreign / "state.json").write_text('{"step": 10, "note": "someone else\'s"}')
+    before = tree(foreign)
+    with pytest.raises(FileExistsError, match="step-000000010 exists and was not written by this run"):
+        train(small(rerank_data, run, max_steps=10, resume=True))
+    assert tree(foreign) == before
+    assert (run / "checkpoint" / "latest").read_text() == "step-000000005"  # the pointer still names a checkpoint
+    assert not [p.name for p in (run / "checkpoint").iterdir() if p.name.startswith(".")]  # no staging left
+    foreign.rename(tmp_path / "moved")
+    assert train(small(rerank_data, run, max_steps=10, resume=True))["steps"] == 10
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["latest", "step-000000010"]
 
 
 def test_max_steps_stops_training_between_validations(rerank_data, tmp_path):
