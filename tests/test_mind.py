@@ -1,4 +1,7 @@
-"""The MIND source on the 5k-impression subset in shared/data, and on small malformed files."""
+"""The MIND source on the 5k-impression subset in shared/data, and on small malformed files.
+
+The tests on the subset take it through the ``prepared`` fixture (``mind_data``), which skips them where the
+subset is absent; the tests on files written here always run."""
 
 from __future__ import annotations
 
@@ -10,12 +13,11 @@ import pytest
 
 from relist.cli import main
 from relist.data.errors import DataFormatError
+from relist.data.mind import read_behaviors
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 
 MIND = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
-if not (MIND / "behaviors.tsv").is_file():
-    pytest.skip(f"MIND 5k subset not found at {MIND}", allow_module_level=True)
 
 SPLITS = ("ranker", "train", "valid", "test")
 
@@ -195,7 +197,7 @@ BAD = {
     "too_many_items": (
         b"3\tU3\t" + TIME + b"\tN1\t" + b" ".join([b"N1-0"] * 1001) + b"\n",
         "impressions",
-        "1001 items, more than the limit of 1000",
+        "more than 1000 items, the limit (--max-items): 1001 space-separated entries",
     ),  # fmt: skip
 }
 
@@ -287,11 +289,35 @@ def test_long_histories_are_cut_to_their_newest_clicks_and_counted(tmp_path):
 
     assert history(cut, 2) == [c.decode() for c in clicks[-5:]]  # the newest five, oldest first
     assert history(cut, 0) == history(full, 0) == ["N1", "N2"]  # a short history is kept whole
-    longest = max(len(line.split(b"\t")[3].split()) for line in raw_lines())
-    assert longest < PrepareConfig.max_history  # the default cuts nothing of the subset
+    exact = PreparedDataset(prepare(PrepareConfig(source="mind", src=folder, out=tmp_path / "exact", max_history=12)))
+    assert exact.manifest["info"]["histories_cut"] == 0 and history(exact, 2) == [c.decode() for c in clicks]
+
+
+def test_a_huge_line_is_refused_before_it_is_split(tmp_path):
+    """A line of a million items (6 MB) is refused with its file, line and field, and refusing it allocates
+    about the line itself (it is read whole) rather than a million item strings (splitting it took over 60 MB)."""
+    import tracemalloc
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "news.tsv").write_bytes(NEWS)
+    huge = b"3\tU3\t" + TIME + b"\tN1\t" + b" ".join([b"N1-0"] * 1_000_000) + b"\n"
+    (folder / "behaviors.tsv").write_bytes(GOOD[0] + huge + GOOD[1])
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFormatError, match="more than 1000 items, the limit") as err:
+            read_behaviors(folder / "behaviors.tsv")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (err.value.line, err.value.field) == (2, "impressions")
+    assert "1000000 space-separated entries" in str(err.value)
+    assert peak < 4 * len(huge), peak
 
 
 def test_the_subset_prepared_with_the_defaults_cuts_and_refuses_nothing(prepared):
     info = prepared().manifest["info"]
     assert info["histories_cut"] == 0
     assert max(np.diff(np.asarray(prepared().offsets))) == 283 < PrepareConfig.max_items
+    longest = max(len(line.split(b"\t")[3].split()) for line in raw_lines())
+    assert longest == 425 < PrepareConfig.max_history  # the default cuts nothing of the subset

@@ -334,3 +334,68 @@ def test_synthetic_histories_cut_to_max_history_keep_the_newest(tmp_path):
         kept = np.asarray(cut.user_hist[cut.hist_offsets[k] : cut.hist_offsets[k + 1]])
         assert len(whole) == 10 and np.array_equal(kept, whole[-4:])
     assert np.array_equal(np.asarray(cut.item_sparse), np.asarray(full.item_sparse))
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name", ["raw_sample.csv", "ad_feature.csv", "user_profile.csv"])
+def test_taobao_byte_order_mark_is_not_data(tmp_path, name):
+    """A file saved with a UTF-8 byte-order mark prepares the same dataset as the file without it."""
+    write_taobao(tmp_path / "raw", 6)
+    clean = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "a")))
+    path = tmp_path / "raw" / name
+    path.write_bytes(BOM + path.read_bytes())
+    marked = PreparedDataset(prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "b")))
+    assert marked.manifest["content_hash"] == clean.manifest["content_hash"]
+    for field in ("user_id", "item_id", "cms_segid"):
+        assert marked.vocab(field) == clean.vocab(field)
+
+
+def test_prm_public_byte_order_mark_is_not_data(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_prm(tmp_path / "a" / "p.txt", 5, n_null=0)
+    (tmp_path / "b" / "p.txt").write_bytes(BOM + (tmp_path / "a" / "p.txt").read_bytes())
+    hashes = [
+        PreparedDataset(prepare(PrepareConfig(source="prm-public", src=tmp_path / d, out=tmp_path / f"out-{d}")))
+        for d in ("a", "b")
+    ]
+    assert hashes[0].manifest["content_hash"] == hashes[1].manifest["content_hash"]
+    assert hashes[0].vocab("user_id") == hashes[1].vocab("user_id")
+
+
+@pytest.mark.parametrize("name", ["data.stat", "data.train", "data.test"])
+def test_librerank_byte_order_mark_is_not_data(tmp_path, name):
+    write_librerank(tmp_path / "lr", 2)
+    clean = PreparedDataset(prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "a")))
+    path = tmp_path / "lr" / name
+    path.write_bytes(BOM + path.read_bytes())
+    marked = PreparedDataset(prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "b")))
+    assert marked.manifest["content_hash"] == clean.manifest["content_hash"]
+    assert marked.manifest["info"]["data_stat"] == clean.manifest["info"]["data_stat"]
+
+
+@pytest.mark.parametrize(
+    "name, column, value",
+    [
+        ("raw_sample.csv", 0, "\u0663\u0664"),  # Arabic-Indic digits: str.isdigit() says yes, polars no
+        ("raw_sample.csv", 2, "\uff11\uff12"),  # fullwidth digits
+        ("raw_sample.csv", 1, "12 "),  # a trailing space polars does not read as part of an integer
+        ("ad_feature.csv", 0, "\u0663"),
+        ("user_profile.csv", 0, "\u0663\u0664"),
+    ],
+)
+def test_taobao_integers_in_other_digits_name_file_line_and_field(tmp_path, name, column, value):
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / name
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    cells = lines[6].rstrip("\n").split(",")
+    cells[column] = value
+    lines[6] = ",".join(cells) + "\n"
+    path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(DataFormatError, match="expected an integer") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    field = lines[0].strip().split(",")[column]
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 7, field)
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ def read_stat(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no data.stat (LibRerank's JSON of feature counts)")
     try:
-        stat = json.loads(path.read_text(encoding="utf-8"))
+        stat = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is not data
     except (ValueError, UnicodeDecodeError) as err:
         raise DataFormatError(path, None, None, f"not valid JSON: {err}") from None
     missing = [k for k in STAT_KEYS if k not in stat]

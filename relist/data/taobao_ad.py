@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -49,6 +50,10 @@ PROFILE_COLUMNS = (
 )
 MISSING = "<missing>"
 PAD = "<pad>"
+# what polars reads as an integer: ASCII digits, a sign and leading spaces (str.isdigit also takes Unicode
+# digits such as '٣', which polars refuses: those lines then surfaced as polars' own error, without the line)
+_INTEGER = re.compile(r"[ \t]*[+-]?[0-9]+")
+_PADDED_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # user_profile.csv's ids are stripped before they are read
 
 
 def _check_header(path: Path, expected: tuple[str, ...]) -> None:
@@ -68,9 +73,11 @@ def _locate(
     integer: tuple[str, ...],
     number: tuple[str, ...] = (),
     binary: tuple[str, ...] = (),
+    padded: bool = False,
 ) -> None:
     """Scan ``path`` line by line and raise a DataFormatError at the first bad line (slow path, on error only);
-    blank lines are skipped, as the fast path drops them."""
+    blank lines are skipped, as the fast path drops them. ``padded``: integers may have spaces around them."""
+    integer_form = _PADDED_INTEGER if padded else _INTEGER
     with open(path, "rb") as handle:
         for line, raw in enumerate(handle, start=1):
             if line == 1 or not raw.strip():
@@ -91,8 +98,8 @@ def _locate(
                     f"expected {len(columns)} comma-separated fields ({','.join(columns)}), found {len(cells)}{hint}",
                 )
             for name, cell in zip(columns, cells):
-                if name in integer and not cell.strip().lstrip("-").isdigit():
-                    raise DataFormatError(path, line, name, f"expected an integer, found {cell!r}")
+                if name in integer and not integer_form.fullmatch(cell):
+                    raise DataFormatError(path, line, name, f"expected an integer (ASCII digits), found {cell!r}")
                 if name in binary and cell.strip() not in ("0", "1"):
                     raise DataFormatError(path, line, name, f"expected 0 or 1, found {cell!r}")
                 if name in number:
@@ -102,6 +109,12 @@ def _locate(
                         raise DataFormatError(path, line, name, f"expected a number, found {cell!r}") from None
                     if not math.isfinite(value):
                         raise DataFormatError(path, line, name, f"expected a finite number, found {cell!r}")
+
+
+def _unreadable(path: Path, err: Exception) -> DataFormatError:
+    """What polars could not read, when no line was found at fault: the file and polars' first line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DataFormatError(path, None, None, f"cannot be read as CSV: {first}")
 
 
 def _trailing_blank_lines(path: Path, window: int = 1 << 16) -> int:
@@ -148,9 +161,9 @@ def _read(path: Path, columns: tuple[str, ...], schema: dict, integer=(), number
             encoding="utf8",
             null_values=[""],
         )
-    except Exception:  # noqa: BLE001 - polars raises several types; find and name the line ourselves
+    except Exception as err:  # noqa: BLE001 - polars raises several types; find and name the line ourselves
         _locate(path, columns, integer, number, binary)
-        raise
+        raise _unreadable(path, err) from err
     frame = _drop_blank_lines(path, frame)
     required = [c for c in integer + number + binary if c in frame.columns]
     bad = (
@@ -269,24 +282,24 @@ def build(
         number=("price",),
     )
     items = lists.join(ads.unique("adgroup_id", keep="first"), on="adgroup_id", how="left", maintain_order="left")
-    profile = (
-        pl.read_csv(
+    if not (src / "user_profile.csv").is_file():
+        raise FileNotFoundError(f"{src}: no user_profile.csv")
+    _check_header(src / "user_profile.csv", PROFILE_COLUMNS)
+    try:
+        profile = pl.read_csv(
             src / "user_profile.csv",
             has_header=True,
             new_columns=list(PROFILE_COLUMNS),
             infer_schema_length=0,
             null_values=[""],
         )
-        if (src / "user_profile.csv").is_file()
-        else None
-    )
-    if profile is None:
-        raise FileNotFoundError(f"{src}: no user_profile.csv")
-    _check_header(src / "user_profile.csv", PROFILE_COLUMNS)
+    except Exception as err:  # noqa: BLE001 - as in _read: name the line, or at least the file
+        _locate(src / "user_profile.csv", PROFILE_COLUMNS, integer=("userid",), padded=True)
+        raise _unreadable(src / "user_profile.csv", err) from err
     profile = _drop_blank_lines(src / "user_profile.csv", profile)
     profile = profile.with_columns(pl.col("userid").str.strip_chars().cast(pl.Int64, strict=False))
     if profile["userid"].null_count():
-        _locate(src / "user_profile.csv", PROFILE_COLUMNS, integer=("userid",))
+        _locate(src / "user_profile.csv", PROFILE_COLUMNS, integer=("userid",), padded=True)
         row = int(profile.with_row_index("_r").filter(pl.col("userid").is_null())["_r"][0])
         raise DataFormatError(src / "user_profile.csv", row + 2, "userid", "expected an integer")
     users = (
