@@ -1,6 +1,6 @@
 """The service under load: closed-loop clients against the real `relist serve` on loopback.
 
-    python benchmarks/bench_serve_load.py [--seconds 5] [--clients 1,16,64,256] [--retry now,after]
+    python benchmarks/bench_serve_load.py [--seconds 5] [--clients 1,16,64,256] [--retry now,after] [--big 32]
 
 A small model is trained first (synthetic data, a LambdaMART initial ranker, LAST's evaluator and
 generator at their default sizes for a few steps; speed does not depend on how well they are trained).
@@ -17,8 +17,14 @@ counted the shed requests the clients received. The deployed weights' hash (SHA-
 is taken before and after, and the greedy server answers a few probe requests identically before and
 after the load (its weights in memory did not change). Target: the served p99 at 256 clients <= 1 s.
 
-The server runs on one core and the load generator (asyncio, raw HTTP/1.1 over keep-alive connections)
-on the other, where the machine has two; the training beforehand uses both.
+Then (``--big N``, 0 to skip) the greedy server is probed on GET /healthz every 20 ms, first idle and then
+while N clients send large valid bodies (a test list and a history of 1,000 clicks with long ids, about
+250 kB each): /healthz p50/p99 in both, and the large requests' statuses and rate.
+
+The server (its HTTP process and its model process) runs on one core and the load generator (asyncio,
+raw HTTP/1.1 over keep-alive connections) on the other, where the machine has two; the training
+beforehand uses both. The machine's load average is printed before and after: other processes on the
+machine take their share of both cores, and the numbers move with them.
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ def start_server(run: Path, args: list[str], cores: set[int] | None):
 
 
 class Rss:
-    """The server's peak resident memory, sampled every 0.2 s in a thread."""
+    """The server's peak resident memory (its HTTP process and its model process together), sampled every
+    0.2 s in a thread."""
 
     def __init__(self, pid: int):
         import psutil
@@ -128,14 +135,18 @@ class Rss:
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
+    def now(self) -> int:
+        processes = [self.process, *self.process.children(recursive=True)]
+        return sum(p.memory_info().rss for p in processes)
+
     def _sample(self):
         while not self.stop.wait(0.2):
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, self.now())
 
     def close(self) -> int:
         self.stop.set()
         self.thread.join()
-        return max(self.peak, self.process.memory_info().rss)
+        return max(self.peak, self.now())
 
 
 async def exchange(reader, writer, body: bytes) -> tuple[int, dict]:
@@ -186,6 +197,41 @@ async def load(port: int, clients: int, payloads: list[bytes], warmup: float, se
     return results
 
 
+def large_bodies(data: PreparedDataset, count: int) -> list[bytes]:
+    """Valid bodies of about 250 kB: a test list and a history of 1,000 clicks with long (unknown) ids."""
+    out = []
+    for body in bodies(data, count):
+        request = json.loads(body)
+        request["user"]["history"] = [{"item_id": f"{'h' * 230}{n}"} for n in range(1000)]
+        out.append(json.dumps(request).encode())
+    return out
+
+
+async def probe_health(port: int, seconds: float, every: float = 0.02) -> list[float]:
+    """GET /healthz every ``every`` s on one kept-alive connection for ``seconds``: the latencies."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    latencies, end = [], loop.time() + seconds
+    while loop.time() < end:
+        began = loop.time()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relist\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        latencies.append(loop.time() - began)
+        await asyncio.sleep(max(0.0, every - (loop.time() - began)))
+    writer.close()
+    return latencies
+
+
+async def health_under_big_bodies(port: int, clients: int, payloads: list[bytes], seconds: float):
+    """/healthz latencies while ``clients`` closed-loop clients send ``payloads``, and their results."""
+    load_task = asyncio.ensure_future(load(port, clients, payloads, 0.5, seconds, True))
+    await asyncio.sleep(0.5)
+    latencies = await probe_health(port, seconds)
+    return latencies, await load_task
+
+
 def metric(port: int, name: str, **labels) -> float:
     import httpx
 
@@ -210,7 +256,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per load level")
     parser.add_argument("--clients", default="1,16,64,256")
     parser.add_argument("--retry", default="now,after", help="after a 503: retry now, or after its Retry-After")
+    parser.add_argument("--big", type=int, default=32, help="clients sending large bodies while /healthz is probed")
     args = parser.parse_args()
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     levels = [int(c) for c in args.clients.split(",")]
     retries = args.retry.split(",")
     available = sorted(os.sched_getaffinity(0))
@@ -220,6 +268,7 @@ def main() -> None:
         run = train_run(Path(tmp))
         data = PreparedDataset(Path(tmp) / "ranker" / "rerank")
         payloads = bodies(data, 200)
+        big = large_bodies(data, 20) if args.big else []
         lengths = [len(json.loads(b)["items"]) for b in payloads]
         print(f"trained in {time.perf_counter() - started:.0f} s; {len(payloads)} request bodies, lists of "
               f"{min(lengths)}-{max(lengths)} items ({np.mean(lengths):.1f} on average)")  # fmt: skip
@@ -252,6 +301,10 @@ def main() -> None:
                 rows[-1] = rows[-1][:4] + (peak, rows[-1][5])
                 if mode == "greedy":
                     probes_equal = probe(port, payloads[:5]) == first
+                    if args.big:
+                        time.sleep(1.0)
+                        idle = asyncio.run(probe_health(port, args.seconds))
+                        health = asyncio.run(health_under_big_bodies(port, args.big, big, args.seconds))
             finally:
                 if load_cores:
                     os.sched_setaffinity(0, set(available))
@@ -260,6 +313,21 @@ def main() -> None:
         after = weights_hash(run)
 
     report(rows, args.seconds)
+    if args.big:
+        busy, results = health
+        statuses = {}
+        for status, _, inside in results:
+            if inside:
+                statuses[status] = statuses.get(status, 0) + 1
+        sizes = [len(b) for b in big]
+        print(
+            f"\nGET /healthz every 20 ms, greedy server: idle p50 {np.percentile(idle, 50) * 1000:.1f} ms, p99 "
+            f"{np.percentile(idle, 99) * 1000:.1f} ms ({len(idle)} probes); with {args.big} clients sending "
+            f"{min(sizes) // 1000}-{max(sizes) // 1000} kB valid bodies: p50 {np.percentile(busy, 50) * 1000:.1f} ms, "
+            f"p99 {np.percentile(busy, 99) * 1000:.1f} ms, max {max(busy) * 1000:.1f} ms ({len(busy)} probes); the "
+            f"large requests: {dict(sorted(statuses.items()))} in {args.seconds:g} s"
+        )
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     print(f"\nweights sha256 before {before}")
     print(f"weights sha256 after  {after}  ({'unchanged' if before == after else 'CHANGED'})")
     print(f"greedy server: probe answers after the load {'identical' if probes_equal else 'DIFFERENT'} to before")
@@ -280,13 +348,14 @@ def report(rows, seconds: float) -> None:
     for mode, retry, clients, results, rss, counted in rows:
         served = np.array([t for s, t in results if 200 <= s < 300]) * 1000
         shed = np.array([t for s, t in results if s == 503]) * 1000
-        errors = sum(1 for s, _ in results if not (200 <= s < 300 or s == 503))
+        errors = sum(1 for s, _ in results if not (200 <= s < 300 or s == 503))  # 504s (timeouts) among them
         rate = len(served) / seconds
         reference.setdefault((mode, retry), rate)
         pct = lambda a, q: f"{np.percentile(a, q):.1f}" if len(a) else "-"  # noqa: E731
-        share, ratio = len(shed) / max(len(results), 1), rate / reference[mode, retry]
+        share = len(shed) / max(len(results), 1)
+        ratio = f"{rate / reference[mode, retry]:.2f}" if reference[mode, retry] else "-"
         print(
-            f"{mode:>7} {retry:>5} {clients:>7} {rate:>9.1f} {ratio:>6.2f} {pct(served, 50):>8} "
+            f"{mode:>7} {retry:>5} {clients:>7} {rate:>9.1f} {ratio:>6} {pct(served, 50):>8} "
             f"{pct(served, 99):>8} {pct(shed, 50):>9} {pct(shed, 99):>9} {share:>7.1%} {errors:>6} "
             f"{rss / 2**20:>7.0f} {'all' if counted else 'NOT all':>12}"
         )
