@@ -97,3 +97,23 @@ def test_a_full_disk_is_an_error_naming_the_file_and_leaves_no_temporary(tmp_pat
         prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=50, n_users=10, n_items=40))
     assert err.value.errno == errno.ENOSPC and str(tmp_path / "data") in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no partial dataset directory
+
+
+def test_an_unknown_or_mistyped_setting_in_model_json_is_an_error_naming_the_file(tmp_path):
+    """A hand-edited model.json (a misspelt setting, a number written as a string) is refused with the file
+    and the key, not a TypeError from the model's constructor."""
+    from relist.config import ConfigError
+    from relist.data.store import Schema, SparseField
+    from relist.rerankers import build_reranker, load_reranker
+
+    schema = Schema((SparseField("item_id", 10),), ("x",), (SparseField("user_id", 10),), ())
+    build_reranker("prm", schema).save(tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    pristine = json.loads(path.read_text())
+    (tmp_path / "m" / "checksums.json").unlink()  # as a hand edit would leave it, unchecked
+    cases = (("d_modle", 8, r"config: unknown option\(s\) \['d_modle'\]"), ("d_model", "32", "d_model: expected int"))
+    for key, value, message in cases:
+        path.write_text(json.dumps({**pristine, "config": {**pristine["config"], key: value}}))
+        with pytest.raises((ConfigError, ValueError), match=message) as err:
+            load_reranker(tmp_path / "m")
+        assert str(path) in str(err.value)

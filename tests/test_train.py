@@ -212,6 +212,16 @@ def test_a_corrupt_or_escaping_checkpoint_is_refused_on_resume(rerank_data, tmp_
         with pytest.raises(CorruptFileError, match=f"{name}: contents differ"):
             train(small(rerank_data, run, max_steps=5, resume=True))
         path.write_bytes(pristine)
+    state, sums = folder / "state.json", folder / "checksums.json"
+    pristine, sealed = state.read_bytes(), sums.read_bytes()
+    state.write_bytes(pristine[: len(pristine) // 2])  # a truncated state.json: by its checksum, then by itself
+    with pytest.raises(CorruptFileError, match="state.json: contents differ"):
+        train(small(rerank_data, run, max_steps=5, resume=True))
+    sums.unlink()
+    with pytest.raises(CorruptFileError, match="state.json: not valid JSON"):
+        train(small(rerank_data, run, max_steps=5, resume=True))
+    state.write_bytes(pristine)
+    sums.write_bytes(sealed)
     latest = run / "checkpoint" / "latest"
     for pointer in ("../../elsewhere", "/tmp", folder.name + "/.."):
         latest.write_text(pointer)
