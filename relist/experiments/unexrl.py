@@ -609,10 +609,13 @@ def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
         "## More stages (the paper's open question)",
         "",
         f"Seeds {', '.join(map(str, seeds))} at every count. Session dwell, mean [95% interval over seeds and "
-        "evaluation users]; seeds above the hand-set weights; check-cascade passed on how many of the seeds' worlds.",
+        "evaluation users]; UNEX-RL (CIC) minus the method at the same count, with the same interval, its bootstrap "
+        "p Holm-adjusted over that count's other methods, and the Wilcoxon p over seeds; seeds above the hand-set "
+        "weights; check-cascade passed on how many of the seeds' worlds.",
         "",
-        "| stages | method | seeds | session dwell (s) | above hand-set | session length | check passed |",
-        "|---|---|---|---|---|---|---|",
+        "| stages | method | seeds | session dwell (s) | UNEX-RL minus it | Holm p | Wilcoxon p | above hand-set | "
+        "session length | check passed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in counts:
         stats = method_stats(records, n, ["default", *stage_methods], cfg.resamples, seeds)
@@ -620,9 +623,12 @@ def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
         ok = f"{sum(passed(c) for c in checked)}/{len(checked)}" if checked else "-"
         for method, st in stats.items():
             above = _count(st["above_default"]) if method != "default" else "-"
+            vs = _diff(st["vs_ref"]) if "vs_ref" in st else "-"
+            holm_p = format_p(st["holm"], cfg.resamples) if "holm" in st else "-"
+            wil = f"{st['wilcoxon']['p']:.3g}" if "wilcoxon" in st else "-"
             lines.append(
-                f"| {n} | {LABELS[method]} | {st['seeds']} | {_interval(st['mean'])} | {above} | {st['length']:.2f} | "
-                f"{ok} |"
+                f"| {n} | {LABELS[method]} | {st['seeds']} | {_interval(st['mean'])} | {vs} | {holm_p} | {wil} | "
+                f"{above} | {st['length']:.2f} | {ok} |"
             )
     return lines
 
