@@ -93,7 +93,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "compare policies on simulated users (common random numbers, paired CIs)",
     ),
     ("rl", "train"): Command(
-        "relist.rl.loop:RLTrainConfig",
+        "relist.rl.train:RLTrainConfig",
         "relist.cli.rl:run_rl_train",
         "train one cascade agent (UNEX-RL or a baseline); runs under torchrun",
     ),

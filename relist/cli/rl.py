@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relist.rl.loop import RLTrainConfig, train_rl
+from relist.rl.train import RLTrainConfig, train_rl
 
 
 def run_rl_train(cfg: RLTrainConfig) -> None:

@@ -120,7 +120,7 @@ def model_main(conn) -> None:
     SIGTERM ends it at once when idle, or after the batch it is running. It leaves with ``os._exit``: it
     holds nothing to flush, and the interpreter's teardown (torch's included) took most of a second of the
     server's grace period."""
-    from relist.serve.app import Service  # torch and the models only here
+    from relist.serve.service import Service  # torch and the models only here
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     state = {"busy": False, "stopping": False}
