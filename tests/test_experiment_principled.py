@@ -12,7 +12,7 @@ import torch
 from relist.cli import COMMANDS, main, make_parser, resolve
 from relist.config import build
 from relist.data.prepare import PrepareConfig, prepare
-from relist.experiments.principled import plan_runs, random_tie_scores
+from relist.experiments.principled import PrincipledExperimentConfig, plan_runs, random_tie_scores, run_experiment
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "configs" / "protocol.yaml"
 
@@ -116,20 +116,15 @@ def test_random_tie_scores_shuffle_ties_only():
 
 def test_unknown_model_fails_before_any_work(tmp_path, capsys):
     prepare(PrepareConfig(source="synthetic", out=tmp_path / "data", n_lists=200, n_users=20, n_items=50, seed=1))
-    code = main(
-        [
-            "experiment",
-            "principled",
-            "--data",
-            str(tmp_path / "data"),
-            "--models",
-            "prm,nope",
-            "--out",
-            str(tmp_path / "exp"),
-        ]
-    )
-    assert code == 2
-    assert "unknown re-ranker 'nope'" in capsys.readouterr().err
+    argv = ["experiment", "principled", "--data", str(tmp_path / "data"), "--models", "prm,nope"]
+    with pytest.raises(SystemExit) as exit_:  # refused by the option's choices, before anything is read
+        main([*argv, "--out", str(tmp_path / "exp")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'nope' is not one of" in err and "prm" in err
+    assert not (tmp_path / "exp").exists()
+    with pytest.raises(ValueError, match="unknown re-ranker 'nope'"):  # and by the library, called directly
+        run_experiment(PrincipledExperimentConfig(data=tmp_path / "data", out=tmp_path / "exp", models=("nope",)))
     assert not (tmp_path / "exp" / "ranker").exists()
 
 
