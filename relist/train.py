@@ -643,9 +643,8 @@ class Trainer:
             "obedience_test": obedience(best.score, batches("test"), seed=self.config.seed),
             "initial_test": initial_order_metrics(self.data, "test"),
         }
-        with open(self.out / "history.jsonl", "w", encoding="utf-8") as handle:
-            for record in state["history"]:
-                handle.write(json.dumps(record) + "\n")
+        # atomic, like every output: a copy of the run sharing this file by a hard link keeps its own
+        atomic_write_text(self.out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2, default=str))
         return result
 

@@ -194,6 +194,9 @@ BAD = {
     "truncated_mid_label": (b"3\tU3\t" + TIME + b"\tN1 N2\tN1-0 N2-", "impressions", "truncated"),
     "truncated_mid_line": (b"3\tU3\t11/12/20", None, "truncated"),
     "repeated_impression_id": (b"1\tU3\t" + TIME + b"\tN1\tN1-1\n", "impression_id", "1 repeats line 1"),
+    "repeated_impression_id_zero_padded": (b"01\tU3\t" + TIME + b"\tN1\tN1-1\n", "impression_id", "1 repeats line 1"),
+    "impression_id_in_other_digits": ("\u0663\tU3\t".encode() + TIME + b"\tN1\tN1-1\n", "impression_id", "integer"),
+    "impression_id_superscript": ("\u00b2\tU3\t".encode() + TIME + b"\tN1\tN1-1\n", "impression_id", "integer"),
     "too_many_items": (
         b"3\tU3\t" + TIME + b"\tN1\t" + b" ".join([b"N1-0"] * 1001) + b"\n",
         "impressions",

@@ -462,3 +462,15 @@ def test_the_training_loop_validates_stops_and_resumes_where_it_was():
     state["done"] = False
     again = run(state, weight_from=first)
     assert state["history"] == whole_state["history"] and torch.equal(again, whole)
+
+
+def test_an_out_that_is_a_file_is_an_error_not_a_traceback(synthetic_world, tmp_path, capsys):
+    from relist.cli import main
+
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    for extra in ([], ["--resume"]):
+        argv = ["train", "reranker", "--data", str(synthetic_world / "ranker" / "rerank"), "--out", str(out)]
+        assert main([*argv, "--max-steps", "1", "--no-progress", *extra]) == 2
+        assert "relist: error:" in capsys.readouterr().err
+        assert out.read_text() == "mine"

@@ -94,12 +94,13 @@ def read_behaviors(path: Path, max_items: int = MAX_ITEMS, max_history: int = MA
                 f"more than {max_items} items, the limit (--max-items): {entries} space-separated entries",
             )
         impression_id, user, time, history, impressions = split_fields(path, line, raw, BEHAVIOR_FIELDS, b"\t", ended)
-        if not impression_id.strip().isdigit():
+        key = impression_id.strip()
+        if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes other scripts' digits and '²'
             raise DataFormatError(path, line, "impression_id", f"expected an integer, found {impression_id!r}")
-        if impression_id.strip() in seen:
-            first = seen[impression_id.strip()]
-            raise DataFormatError(path, line, "impression_id", f"{impression_id.strip()} repeats line {first}")
-        seen[impression_id.strip()] = line
+        key = str(int(key))  # '03' and '3' are the same impression
+        if key in seen:
+            raise DataFormatError(path, line, "impression_id", f"{key} repeats line {seen[key]}")
+        seen[key] = line
         if not user.strip():
             raise DataFormatError(path, line, "user_id", "empty user id")
         try:
