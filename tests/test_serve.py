@@ -869,6 +869,39 @@ def test_a_request_shed_from_its_headers_gets_a_proper_503_and_its_connection_st
     assert [b["k"] for batch in service.batches for b in batch] == ["held", "queued", "again"]
 
 
+def test_a_body_is_never_read_as_a_request_when_its_length_is_written_unusually(tmp_path):
+    """A shed request whose Content-Length the fast path does not read (zero-padded past 12 digits) is left
+    to h11, which reads the same length: its body, itself an HTTP request, is skipped, not answered."""
+    from relist.serve.app import create_app
+    from relist.serve.settings import ServeSettings
+
+    service = GatedService()
+    settings = ServeSettings(run=tmp_path, port=free_port(), window_ms=1.0, max_batch=1, max_queue=1)
+    hidden = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with serving(create_app(settings, service=service), settings) as url, ThreadPoolExecutor(4) as pool:
+        held = pool.submit(httpx.post, url + "/rerank", json={"k": "held"}, timeout=30)
+        time.sleep(0.3)
+        queued = pool.submit(httpx.post, url + "/rerank", json={"k": "queued"}, timeout=30)
+        time.sleep(0.3)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            head = (
+                b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %016d\r\n\r\n" % len(hidden)
+            )
+            sock.sendall(head + hidden)
+            status, _, _ = read_response(sock)
+            sock.settimeout(1.0)
+            try:
+                extra = sock.recv(65536)
+            except TimeoutError:
+                extra = b""
+        service.gate.set()
+        assert held.result(timeout=30).status_code == 200 and queued.result(timeout=30).status_code == 200
+    assert status in (503, 400, 422)  # shed, or refused as a body; never a second answer
+    assert b"HTTP/1.1" not in extra, extra[:200]
+
+
 def test_a_client_that_never_reads_its_answers_is_cut_off_after_the_write_timeout(tmp_path):
     """A client that pipelines requests for large answers and reads none of them is let go once its
     bytes have waited --write-timeout-seconds (1 s) unsent, and counted; uvicorn alone held it forever."""
