@@ -251,12 +251,12 @@ class RecordingBar:
 
 @pytest.fixture
 def bars(monkeypatch):
-    import relist.rl.loop
+    import relist.rl.train
     import relist.sim.train
 
     RecordingBar.made = []
     monkeypatch.setattr(relist.sim.train, "tqdm", RecordingBar)
-    monkeypatch.setattr(relist.rl.loop, "tqdm", RecordingBar)
+    monkeypatch.setattr(relist.rl.train, "tqdm", RecordingBar)
     return RecordingBar.made
 
 

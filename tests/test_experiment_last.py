@@ -92,6 +92,7 @@ def _world(root):
     assert main(sim + ["--session-requests", "2", "--max-sessions", "1"]) == 0
 
 
+@pytest.mark.slow  # the executors' equality is in the default suite through tests/test_grid.py
 def test_seeds_in_two_worker_processes_give_the_results_of_one_process(tmp_path):
     """Two seeds (the second without the quality and offset studies) in this process and with --jobs 2: the
     same results.csv and summary; the one-seed study tables say so instead of showing "± nan"."""
