@@ -20,7 +20,6 @@ lists or simulated users only, never over training seeds, and the tables say so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import socket
@@ -38,6 +37,7 @@ from relist.config import option
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.io import atomic_write_text, read_json
+from relist.last import weights_hash
 
 MARKER = "demo.json"  # a directory the demo wrote: only such a directory is replaced
 DATA_CHOICES = ("synthetic", "mind", "trivago")
@@ -169,16 +169,6 @@ def client_body(data: PreparedDataset, index: int, vocabs: dict[str, list[str]])
             {f.name: vocabs[f.name][int(data.user_hist[r, j])] for j, f in enumerate(hist)} for r in range(h0, h1)
         ]
     return {"user": user, "items": items}
-
-
-def weights_hash(*modules: torch.nn.Module) -> str:
-    """SHA-256 of the modules' parameters and buffers, in a fixed order."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @contextmanager

@@ -35,6 +35,7 @@ objective and now saves little time.
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 import time
 from contextlib import contextmanager
@@ -345,3 +346,14 @@ def load_last(run: str | Path, config: LastConfig | None = None, device: torch.d
     if not isinstance(generator, Generator):
         raise ValueError(f"{run}/generator holds a {generator.name!r} model, not a generator")
     return Last(generator.to(device), load_evaluator(run / "evaluator").to(device), config)
+
+
+def weights_hash(*modules: torch.nn.Module) -> str:
+    """SHA-256 of the modules' parameters and buffers in a fixed order: what "the deployed weights never
+    change" is checked against (tests, the demo, the serving benchmark's in-process runs)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
@@ -12,7 +11,7 @@ import torch
 from relist.batch import rank
 from relist.cli import main
 from relist.data.store import PreparedDataset
-from relist.last import Last, LastConfig
+from relist.last import Last, LastConfig, weights_hash
 from relist.metrics import per_list_metrics
 from relist.rerankers.base import check_reranker, load_reranker
 from relist.rerankers.evaluator import Evaluator, EvaluatorConfig, load_evaluator
@@ -143,15 +142,6 @@ def test_trained_models_learn_from_the_data(runs):
     assert gen["valid"]["ndcg@10"] > untrained + 0.02
     with pytest.raises(ValueError, match="not an evaluator"):
         load_evaluator(runs / "gen")
-
-
-def weights_hash(*modules) -> str:
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Boom(RuntimeError):
