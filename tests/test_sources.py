@@ -365,6 +365,21 @@ def test_prm_public_byte_order_mark_is_not_data(tmp_path):
     assert hashes[0].vocab("user_id") == hashes[1].vocab("user_id")
 
 
+@pytest.mark.parametrize(
+    "key, value", [("ft_num", "500"), ("ft_num", None), ("itm_spar_fnum", "5"), ("itm_dens_fnum", -1)]
+)
+def test_librerank_data_stat_of_the_wrong_type_names_file_and_key(tmp_path, key, value):
+    import json
+
+    write_librerank(tmp_path / "lr", 2)
+    path = tmp_path / "lr" / "data.stat"
+    stat = json.loads(path.read_text())
+    path.write_text(json.dumps({**stat, key: value}))
+    with pytest.raises(DataFormatError, match=f"field '{key}'.*non-negative integer"):
+        prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["data.stat", "data.train", "data.test"])
 def test_librerank_byte_order_mark_is_not_data(tmp_path, name):
     write_librerank(tmp_path / "lr", 2)

@@ -33,9 +33,15 @@ def read_stat(path: Path) -> dict:
         stat = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is not data
     except (ValueError, UnicodeDecodeError) as err:
         raise DataFormatError(path, None, None, f"not valid JSON: {err}") from None
+    if not isinstance(stat, dict):
+        raise DataFormatError(path, None, None, f"expected a JSON object of feature counts, got {type(stat).__name__}")
     missing = [k for k in STAT_KEYS if k not in stat]
     if missing:
         raise DataFormatError(path, None, missing[0], f"missing key(s) {missing}")
+    for key in STAT_KEYS:  # counts: a JSON integer (not "5", 5.0, true or null), none negative
+        value = stat[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataFormatError(path, None, key, f"expected a non-negative integer, got {value!r}")
     return stat
 
 
