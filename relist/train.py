@@ -339,8 +339,8 @@ class Trainer:
         c = self.config
         if c.resume and self._latest_checkpoint() is not None:
             self.resumed_from = self._latest_checkpoint()
-            if dist.main:  # a run written before run ids is adopted: --resume says it is this run
-                self.run_id = self._read_run_id() or self._write_run_id()
+            if dist.main:
+                self.run_id = self._resumed_run_id(self.resumed_from)
             return True
         if dist.main:
             if self.out.exists() and any(self.out.iterdir()):
@@ -355,6 +355,27 @@ class Trainer:
             atomic_write_text(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2, default=str))
         dist.barrier()
         return False
+
+    def _resumed_run_id(self, checkpoint: Path) -> str:
+        """The run id a resumed run goes on under. A run written before run ids is adopted (--resume says it
+        is this run); a run id file that is not one this trainer writes, or a checkpoint of another run
+        (copied in, or named by an edited pointer), is refused and nothing is changed."""
+        own = self._read_run_id()
+        if own is None and (self.out / RUN_MARK).exists():
+            raise FileExistsError(
+                f"--resume: {self.out / RUN_MARK} does not hold a run id this trainer wrote (was it edited?); "
+                "nothing was changed"
+            )
+        try:
+            theirs = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("run")
+        except (OSError, ValueError, AttributeError):
+            theirs = None
+        if own is not None and theirs is not None and theirs != own:
+            raise FileExistsError(
+                f"--resume: {checkpoint} was written by another run ({theirs}, this directory's is {own}); "
+                "nothing was changed (point checkpoint/latest at one of this run's checkpoints)"
+            )
+        return own or self._write_run_id()
 
     def _read_run_id(self) -> str | None:
         try:

@@ -142,6 +142,29 @@ def test_resume_never_deletes_a_directory_it_did_not_write(rerank_data, tmp_path
     assert train(small(rerank_data, lost, max_steps=5, resume=True))["steps"] == 5
 
 
+def test_resume_refuses_another_runs_checkpoint_and_an_edited_run_id(rerank_data, tmp_path):
+    """--resume from a checkpoint another run wrote (copied in, the pointer edited to name it) would mix two
+    runs; a run id file edited by hand no longer says whose the checkpoints are. Both are refused and the
+    directory left as it was."""
+    import shutil
+
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    train(small(rerank_data, mine, max_steps=5))
+    train(small(rerank_data, theirs, max_steps=5, seed=3))
+    shutil.copytree(theirs / "checkpoint" / "step-000000005", mine / "checkpoint" / "step-000000004")
+    (mine / "checkpoint" / "latest").write_text("step-000000004")
+    before = tree(mine)
+    with pytest.raises(FileExistsError, match="was written by another run"):
+        train(small(rerank_data, mine, max_steps=6, resume=True))
+    assert tree(mine) == before
+    (mine / "checkpoint" / "latest").write_text("step-000000005")
+    (mine / ".relist-run").write_text('{"run": "MY-RUN"}')
+    before = tree(mine)
+    with pytest.raises(FileExistsError, match="does not hold a run id this trainer wrote"):
+        train(small(rerank_data, mine, max_steps=6, resume=True))
+    assert tree(mine) == before
+
+
 def test_a_run_that_failed_before_training_starts_again_when_corrected(rerank_data, tmp_path):
     """A run that failed before its first checkpoint (here: an unknown selection metric, found at the
     step-0 validation, after the run wrote its id, config and vocabularies) is started again by the
