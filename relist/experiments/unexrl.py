@@ -50,7 +50,7 @@ from relist.config import load_yaml, option
 from relist.grid import run_tasks
 from relist.io import atomic_write_csv, atomic_write_text, read_json
 from relist.rl.agents import METHODS, method_config
-from relist.rl.cem import CEMConfig, train_cem, weights_of
+from relist.rl.cem import CEMConfig, cem_curve, train_cem
 from relist.rl.loop import LoopConfig, evaluate_users, fixed_policy, greedy_policy, train_agent
 from relist.sim.cascade_check import check_cascade, passed
 from relist.sim.cascade_env import CascadeEnvConfig, build_env, default_actions, session_metrics
@@ -151,22 +151,6 @@ def _loop(cfg: UnexrlExperimentConfig) -> LoopConfig:
     )
 
 
-def _cem_curve(env, history: list[dict], cfg: UnexrlExperimentConfig, seed: int) -> list[dict]:
-    """CEM's learning curve at the RL methods' evaluation points: the fusion CEM held after each number of
-    requests, evaluated on the evaluation users."""
-    loop, curve = _loop(cfg), []
-    checkpoints = sorted({*range(0, cfg.steps + 1, cfg.eval_every), cfg.steps})
-    for step in checkpoints:
-        spent = step * cfg.n_envs
-        # at the end, the fusion CEM returned (its last candidate may have gone past the budget)
-        done = history if step == cfg.steps else [h for h in history if h["requests"] <= spent]
-        weights = weights_of(done[-1], env) if done else default_actions(env.cascade, 1)
-        metrics = session_metrics(evaluate_users(env, fixed_policy(weights), loop, seed))
-        used = done[-1]["requests"] if done else 0
-        curve.append({"step": step, "requests": used, **metrics})
-    return curve
-
-
 def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> dict:
     """Train ``method`` on ``env`` for seed ``seed`` and evaluate it; the run's record (metrics, requests used,
     the evaluation users' outcomes and the learning curve)."""
@@ -177,7 +161,7 @@ def run_method(env, method: str, cfg: UnexrlExperimentConfig, seed: int) -> dict
         cem = CEMConfig(iterations=10**6, population=cfg.cem_population, users=cfg.cem_users, budget=budget(cfg))
         weights, history = train_cem(env, cem, seed)
         policy, used = fixed_policy(weights), history[-1]["requests"]
-        curve = _cem_curve(env, history, cfg, seed)
+        curve = cem_curve(env, history, _loop(cfg), seed)
     elif method == "reference":
         cem = CEMConfig(
             iterations=10**6,

@@ -123,12 +123,7 @@ def train_rl(cfg: RLTrainConfig) -> dict | None:
         "method": cfg.method,
         "world_size": world,
         "ranks_in_sync": in_sync,
-        "env": info,
-        "env_config": to_mapping(env_cfg),
-        "curve": curve,
-        "final": curve[-1],
-        "handset": evaluate(env, None, loop, cfg.seed),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        **_common_metrics(cfg, env, info, env_cfg, loop, curve),
         "agent": asdict(agent_cfg),
     }
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
@@ -157,15 +152,23 @@ def _train_cem(cfg: RLTrainConfig, env: CascadeEnv, info: dict, env_cfg: Cascade
         "method": "cem",
         "world_size": 1,
         "ranks_in_sync": True,
-        "env": info,
-        "env_config": to_mapping(env_cfg),
-        "curve": curve,
-        "final": curve[-1],
-        "handset": evaluate(env, None, loop, cfg.seed),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        **_common_metrics(cfg, env, info, env_cfg, loop, curve),
         "cem": asdict(cem),
         "history": history,
     }
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
     seal(out, ["fusion.safetensors", "metrics.json"])
     return result
+
+
+def _common_metrics(cfg: RLTrainConfig, env: CascadeEnv, info: dict, env_cfg, loop: LoopConfig, curve: list) -> dict:
+    """What every method's metrics.json holds: the environment, the curve and its end, the hand-set weights
+    on the same evaluation users, and the configuration."""
+    return {
+        "env": info,
+        "env_config": to_mapping(env_cfg),
+        "curve": curve,
+        "final": curve[-1],
+        "handset": evaluate(env, None, loop, cfg.seed),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
