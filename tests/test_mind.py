@@ -197,6 +197,26 @@ BAD = {
     "repeated_impression_id_zero_padded": (b"01\tU3\t" + TIME + b"\tN1\tN1-1\n", "impression_id", "1 repeats line 1"),
     "impression_id_in_other_digits": ("\u0663\tU3\t".encode() + TIME + b"\tN1\tN1-1\n", "impression_id", "integer"),
     "impression_id_superscript": ("\u00b2\tU3\t".encode() + TIME + b"\tN1\tN1-1\n", "impression_id", "integer"),
+    "long_impression_id_repeated": (
+        b"0" * 5000 + b"1\tU3\t" + TIME + b"\tN1\tN1-1\n",
+        "impression_id",
+        "1 repeats line 1",
+    ),
+    "user_id_too_long": (
+        b"3\t" + b"U" * 257 + b"\t" + TIME + b"\tN1\tN1-1\n",
+        "user_id",
+        "an id of 257 characters, more than the limit of 256 (--max-id-chars)",
+    ),
+    "item_id_too_long": (
+        b"3\tU3\t" + TIME + b"\tN1\tN1-0 N" + b"7" * 300 + b"-1\n",
+        "impressions",
+        "item 2: an id of 301 characters, more than the limit of 256",
+    ),
+    "history_id_too_long": (
+        b"3\tU3\t" + TIME + b"\tN1 N" + b"7" * 256 + b" N2\tN1-1\n",
+        "history",
+        "a clicked item's id of 257 characters, more than the limit of 256",
+    ),
     "too_many_items": (
         b"3\tU3\t" + TIME + b"\tN1\t" + b" ".join([b"N1-0"] * 1001) + b"\n",
         "impressions",
@@ -324,3 +344,55 @@ def test_the_subset_prepared_with_the_defaults_cuts_and_refuses_nothing(prepared
     assert max(np.diff(np.asarray(prepared().offsets))) == 283 < PrepareConfig.max_items
     longest = max(len(line.split(b"\t")[3].split()) for line in raw_lines())
     assert longest == 425 < PrepareConfig.max_history  # the default cuts nothing of the subset
+    ids = [line.split(b"\t")[1] for line in raw_lines()]
+    ids += [token.rsplit(b"-", 1)[0] for line in raw_lines() for token in line.split(b"\t")[4].split()]
+    ids += [item for line in raw_lines() for item in line.split(b"\t")[3].split()]
+    news = [line.split(b"\t")[:3] for line in (MIND / "news.tsv").read_bytes().splitlines() if line.strip()]
+    assert max(map(len, ids)) == 6  # user and news ids
+    assert max(len(field) for row in news for field in row) == 31 < PrepareConfig.max_id_chars  # a subcategory
+    assert len({row[0] for row in news}) == len(news)  # no news id repeated: the subset's news.tsv prepares
+
+
+def test_a_repeated_news_id_names_both_lines(tmp_path):
+    """N1 again on line 4 (after a blank line): which category it has would be the file's order."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    path = folder / "news.tsv"
+    path.write_bytes(NEWS + b"\n" + b"N1\tfinance\tmarkets\tC title\tC abstract\thttps://x/N1b\t[]\t[]\n")
+    (folder / "behaviors.tsv").write_bytes(b"".join(GOOD))
+    with pytest.raises(DataFormatError) as err:
+        prepare(PrepareConfig(source="mind", src=folder, out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 4, "news_id")
+    assert "N1 repeats line 1" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("column", [0, 1, 2])
+def test_a_news_id_or_category_longer_than_max_id_chars_names_its_line(tmp_path, column):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    row = [b"N9", b"news", b"sports", b"T", b"A", b"https://x/N9", b"[]", b"[]"]
+    row[column] = b"x" * 12
+    (folder / "news.tsv").write_bytes(NEWS + b"\t".join(row) + b"\n")
+    (folder / "behaviors.tsv").write_bytes(b"".join(GOOD))
+    prepare(PrepareConfig(source="mind", src=folder, out=tmp_path / "ok", max_id_chars=12))
+    with pytest.raises(DataFormatError, match="an id of 12 characters, more than the limit of 11") as err:
+        prepare(PrepareConfig(source="mind", src=folder, out=tmp_path / "out", max_id_chars=11))
+    field = ("news_id", "category", "subcategory")[column]
+    assert (err.value.path, err.value.line, err.value.field) == (str(folder / "news.tsv"), 3, field)
+
+
+def test_max_id_chars_through_the_cli(tmp_path, capsys):
+    """--max-id-chars is an option of `relist data prepare`: the longest id of the small files (the category
+    'finance', 7 characters) passes at 7 and is refused at 6, naming its line."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "news.tsv").write_bytes(NEWS)
+    (folder / "behaviors.tsv").write_bytes(b"".join(GOOD))
+    args = ["data", "prepare", "mind", "--src", str(folder)]
+    assert main([*args, "--out", str(tmp_path / "ok"), "--max-id-chars", "7"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "out"), "--max-id-chars", "6"]) != 0
+    err = capsys.readouterr().err
+    assert f"{folder / 'news.tsv'}:2: field 'category': an id of 7 characters, more than the limit of 6" in err
+    assert not (tmp_path / "out").exists()

@@ -414,3 +414,200 @@ def test_taobao_integers_in_other_digits_name_file_line_and_field(tmp_path, name
     field = lines[0].strip().split(",")[column]
     assert (err.value.path, err.value.line, err.value.field) == (str(path), 7, field)
     assert not (tmp_path / "out").exists()
+
+
+def replace_cell(path, line: int, column: int, value: str) -> None:
+    """Write ``value`` into one cell of a Taobao CSV line (1-based)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    cells = lines[line - 1].rstrip("\n").split(",")
+    cells[column] = value
+    lines[line - 1] = ",".join(cells) + "\n"
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def test_taobao_line_longer_than_the_csv_field_limit_names_file_line_and_field(tmp_path):
+    """A 200 KB cell (csv's default limit is 128 KiB) on a bad line: the line's fault is named, not csv's
+    limit, and csv's process-wide limit is left as it was."""
+    import csv
+
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / "raw_sample.csv"
+    replace_cell(path, 7, 3, "p" * 200_000)  # pid: any text
+    replace_cell(path, 7, 5, "y")  # clk
+    limit = csv.field_size_limit()
+    with pytest.raises(DataFormatError, match="expected 0 or 1") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 7, "clk")
+    assert csv.field_size_limit() == limit
+
+
+@pytest.mark.parametrize(
+    "price",
+    [
+        "\u0661\u0662.5",  # Arabic-Indic digits: float() reads them, polars does not
+        "\uff11\uff12.5",  # fullwidth digits
+        "1_000",  # float() reads underscores
+        "12.5 ",  # float() strips a trailing space, polars does not
+    ],
+)
+def test_taobao_prices_in_other_digits_name_file_line_and_field(tmp_path, price):
+    """Prices are ASCII numbers, as the ids are. Prices polars reads (leading spaces, exponents, signs, a bare
+    point) on earlier lines are passed over: the line named is the bad one."""
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / "ad_feature.csv"
+    for line, good in zip(range(2, 8), [" 12.5", "1e3", "+12", ".5", "5.", "-.5E-2"]):
+        replace_cell(path, line, 5, good)
+    replace_cell(path, 9, 5, price)
+    with pytest.raises(DataFormatError, match="expected a number \\(ASCII digits\\)") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 9, "price")
+
+
+@pytest.mark.parametrize(
+    "name, column, value",
+    [
+        ("raw_sample.csv", 0, "9223372036854775808"),  # 2**63
+        ("raw_sample.csv", 1, "-" + "9" * 30),  # time_stamp
+        ("ad_feature.csv", 0, "1" + "0" * 5000),  # past int()'s 4,300 digits too
+    ],
+)
+def test_taobao_integers_beyond_64_bits_name_file_line_and_field(tmp_path, name, column, value):
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / name
+    first = path.read_text().splitlines()[1].split(",")[column]
+    replace_cell(path, 2, column, "0" * 5000 + first)  # leading zeros polars reads: not the fault
+    replace_cell(path, 6, column, value)
+    with pytest.raises(DataFormatError, match="out of the 64-bit range") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    field = path.read_text().splitlines()[0].split(",")[column]
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 6, field)
+
+
+@pytest.mark.parametrize("spelling", ["7", "007"])
+def test_taobao_repeated_adgroup_id_names_both_lines(tmp_path, spelling):
+    """Ad 7 a second time (after a blank line, counted) is refused with both lines: the file's order would pick
+    its features."""
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / "ad_feature.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    assert lines[7].startswith("7,")
+    path.write_text("".join(lines) + "\n" + f"{spelling},1,2,3,4,5.0\n")
+    with pytest.raises(DataFormatError, match="7 repeats line 8") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), len(lines) + 2, "adgroup_id")
+    assert not (tmp_path / "out").exists()
+
+
+def set_prm_field(path, line: int, field: str, value: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    parts = lines[line - 1].rstrip("\n").split("|")
+    parts[("uid", "profile", "spar_ft", "dens_ft1", "dens_ft2", "label").index(field)] = value
+    lines[line - 1] = "|".join(parts) + "\n"
+    path.write_text("".join(lines))
+
+
+def set_first_sparse_id(path, line: int, value: str) -> None:
+    """Write ``value`` (a literal) as the first item's first sparse id of a PRM line."""
+    spar = path.read_text().splitlines()[line - 1].split("|")[2]
+    set_prm_field(path, line, "spar_ft", "[[" + value + spar[spar.index(",", 2) :])
+
+
+def test_prm_public_sparse_ids_above_2_53_stay_exact(tmp_path):
+    """2**53 and 2**53 + 1 are one float64: read through floats they were one item."""
+    path = tmp_path / "p.txt"
+    write_prm(path, 2, n_lists=6, n_null=0)
+    set_first_sparse_id(path, 2, str(2**53))
+    set_first_sparse_id(path, 3, str(2**53 + 1))
+    set_first_sparse_id(path, 4, str(2**63 - 1))
+    data = PreparedDataset(prepare(PrepareConfig(source="prm-public", src=path, out=tmp_path / "out")))
+    items = data.vocab("item_id")
+    firsts = [items[data.item_sparse[data.offsets[k], 0]] for k in (1, 2, 3)]
+    assert firsts == [str(2**53), str(2**53 + 1), str(2**63 - 1)]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("spar_ft", "1e300"),  # wrapped to -2**63 through float64
+        ("spar_ft", "2.0"),
+        ("spar_ft", "true"),  # JSON true: 1 to numpy
+        ("spar_ft", str(2**63)),  # past int64
+        ("spar_ft", str(-(2**63) - 1)),
+        ("uid", "true"),
+        ("uid", "false"),
+    ],
+)
+def test_prm_public_ids_that_are_not_exact_integers_name_file_line_and_field(tmp_path, field, value):
+    path = tmp_path / "p.txt"
+    write_prm(path, 2, n_lists=6, n_null=0)
+    if field == "uid":
+        set_prm_field(path, 4, "uid", value)
+    else:
+        set_first_sparse_id(path, 4, value)
+    with pytest.raises(DataFormatError, match="integer") as err:
+        prepare(PrepareConfig(source="prm-public", src=path, out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 4, field)
+
+
+def test_librerank_sparse_ids_must_be_json_integers(tmp_path):
+    write_librerank(tmp_path / "lr", 1)
+    path = tmp_path / "lr" / "data.test"
+    lines = path.read_text().splitlines(keepends=True)
+    parts = lines[1].split("\t")
+    parts[2] = "[[true" + parts[2][parts[2].index(",", 2) :]  # read as 1 through float64
+    lines[1] = "\t".join(parts)
+    path.write_text("".join(lines))
+    with pytest.raises(DataFormatError, match=r"data.test:2: field 'spar_ft': .*integer ids.*True"):
+        prepare(PrepareConfig(source="librerank", src=tmp_path / "lr", out=tmp_path / "out"))
+
+
+def refused_with_peak(call) -> tuple[DataFormatError, int]:
+    """The DataFormatError ``call`` raises, and the peak bytes Python allocated while it ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFormatError) as err:
+            call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return err.value, peak
+
+
+def test_prm_public_long_lines_are_refused_before_they_are_parsed(tmp_path):
+    """A label of a million entries is refused from its commas, and so are features wider than the first
+    list's: refusing them allocates about three copies of the line (it is read, cut at its newline and
+    split), where parsing them took 7 and 13 times its size."""
+    from relist.data.prm_public import read
+
+    path = tmp_path / "p.txt"
+    write_prm(path, 3, n_lists=3, n_null=0)
+    good = path.read_bytes()
+    long_label = "7|[1, 2, 3]|[[1, 2, 3, 4, 5]]|[[0.1]]|[[0.2]]|" + str([0] * 1_000_000) + "\n"
+    path.write_bytes(good + long_label.encode())
+    err, peak = refused_with_peak(lambda: read([path], 1.0, 0))
+    assert (err.line, err.field) == (4, "label")
+    assert "1000000 comma-separated entries, more than the limit of 1000 items" in str(err)
+    assert peak < 4 * len(long_label), peak
+
+    wide = str([[0.5] * 2000] * 200)  # 200 items of 2,000 dense values, where the first lists have 19
+    wide_line = f"7|[1, 2, 3]|{[[1, 2, 3, 4, 5]] * 200}|{wide}|{[[0.2]] * 200}|{[0] * 200}\n"
+    path.write_bytes(good + wide_line.encode())
+    err, peak = refused_with_peak(lambda: read([path], 1.0, 0))
+    assert (err.line, err.field) == (4, "dens_ft1")
+    assert "399999 commas, more than 200 items of 19 values each hold (the width of earlier lines)" in str(err)
+    assert peak < 4 * len(wide_line), peak
+
+
+def test_max_id_chars_guards_every_source(tmp_path):
+    """PRM Public's longest id (user 1000..) passes at its own length and is refused one below, naming the
+    field; a non-positive limit is refused."""
+    write_prm(tmp_path / "p.txt", 0, n_lists=10, n_null=0)
+    src = tmp_path / "p.txt"
+    prepare(PrepareConfig(source="prm-public", src=src, out=tmp_path / "ok", max_id_chars=4))
+    with pytest.raises(ValueError, match="field 'user_id' holds an id of 4 characters \\('1000'\\).*--max-id-chars 3"):
+        prepare(PrepareConfig(source="prm-public", src=src, out=tmp_path / "out", max_id_chars=3))
+    with pytest.raises(ValueError, match="--max-id-chars must be positive"):
+        prepare(PrepareConfig(source="prm-public", src=src, out=tmp_path / "out", max_id_chars=0))
+    assert not (tmp_path / "out").exists()

@@ -73,7 +73,10 @@ def build(src: Path, seed: int, valid_share: float = 0.1, max_items: int = MAX_I
                     None,
                     f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), found {len(parts)}{hint}",
                 )
-            uid, profile, sparse, dense, label = parse_fields(path, line, parts, FIELDS, ended, max_items)
+            widths = {"spar_ft": stat["itm_spar_fnum"], "dens_ft": stat["itm_dens_fnum"]}  # bound before the parse
+            uid, profile, sparse, dense, label = parse_fields(
+                path, line, parts, FIELDS, ended, max_items, widths, "the widths data.stat gives"
+            )
             records.add(line, uid, profile, sparse, dense, label)
             width = records.widths
             if (width[1], width[2]) != (stat["itm_spar_fnum"], stat["itm_dens_fnum"]):

@@ -32,6 +32,7 @@ from relist.data.store import ListTable, Schema, SparseField, first_seen_ids, ra
 BEHAVIOR_FIELDS = ("impression_id", "user_id", "time", "history", "impressions")
 MAX_ITEMS = 1000  # the longest impression accepted by default (the 5k subset's longest: 283 items)
 MAX_HISTORY = 1000  # history items read per impression by default (the 5k subset's longest: 425)
+MAX_ID_CHARS = 256  # as the service's --max-id-chars (the 5k subset's longest id: a subcategory of 31 characters)
 NEWS_FIELDS = ("news_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities")
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 UNKNOWN = "<unknown>"
@@ -58,27 +59,45 @@ def _find(src: Path, name: str) -> Path:
     return path
 
 
-def read_news(path: Path) -> dict[str, tuple[str, str]]:
-    """news id -> (category, subcategory)."""
-    news = {}
+def _too_long(path: Path, line: int, field: str, value: str, limit: int, what: str = "an id") -> None:
+    if len(value) > limit:
+        raise DataFormatError(
+            path, line, field, f"{what} of {len(value)} characters, more than the limit of {limit} (--max-id-chars)"
+        )
+
+
+def read_news(path: Path, max_id_chars: int = MAX_ID_CHARS) -> dict[str, tuple[str, str]]:
+    """news id -> (category, subcategory). A news id seen twice is refused with both lines (which row's
+    category would hold is otherwise the file's order), and a news id, category or subcategory longer than
+    ``max_id_chars`` with its line."""
+    news: dict[str, tuple[str, str]] = {}
+    lines: dict[str, int] = {}
     for line, raw, ended in read_lines(path):
         if not raw.strip():
             continue
         fields = split_fields(path, line, raw, NEWS_FIELDS, b"\t", ended)
         if not fields[0]:
             raise DataFormatError(path, line, "news_id", "empty news id")
+        if fields[0] in lines:
+            raise DataFormatError(path, line, "news_id", f"{fields[0]} repeats line {lines[fields[0]]}")
+        for k in range(3):  # news_id, category, subcategory: the ids of the dataset's vocabularies
+            _too_long(path, line, NEWS_FIELDS[k], fields[k], max_id_chars)
+        lines[fields[0]] = line
         news[fields[0]] = (fields[1] or UNKNOWN, fields[2] or UNKNOWN)
     return news
 
 
-def read_behaviors(path: Path, max_items: int = MAX_ITEMS, max_history: int = MAX_HISTORY):
+def read_behaviors(
+    path: Path, max_items: int = MAX_ITEMS, max_history: int = MAX_HISTORY, max_id_chars: int = MAX_ID_CHARS
+):
     """Parse behaviors.tsv into per-impression users, times, histories, items, labels and the number of
     histories cut.
 
-    An impression id seen twice, or an impression of more than ``max_items`` items, is refused with its
-    line (and the first line of a repeated id): a repeated id could fall into two splits, and a line of
-    thousands of items is far more likely a corrupt file than an impression. A history longer than
-    ``max_history`` keeps its newest clicks (``relist.data.prepare`` says why)."""
+    An impression id seen twice, an impression of more than ``max_items`` items, or a user or news id of
+    more than ``max_id_chars`` characters is refused with its line (and the first line of a repeated id): a
+    repeated id could fall into two splits, a line of thousands of items is far more likely a corrupt file
+    than an impression, and the service refuses longer ids. A history longer than ``max_history`` keeps its
+    newest clicks (``relist.data.prepare`` says why); only the kept ones are held to ``max_id_chars``."""
     users, times, histories, items, labels = [], [], [], [], []
     cut = 0
     seen: dict[str, int] = {}
@@ -97,12 +116,13 @@ def read_behaviors(path: Path, max_items: int = MAX_ITEMS, max_history: int = MA
         key = impression_id.strip()
         if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes other scripts' digits and '²'
             raise DataFormatError(path, line, "impression_id", f"expected an integer, found {impression_id!r}")
-        key = str(int(key))  # '03' and '3' are the same impression
+        key = key.lstrip("0") or "0"  # '03' and '3' are the same impression (int() refuses 4,301 digits)
         if key in seen:
             raise DataFormatError(path, line, "impression_id", f"{key} repeats line {seen[key]}")
         seen[key] = line
         if not user.strip():
             raise DataFormatError(path, line, "user_id", "empty user id")
+        _too_long(path, line, "user_id", user.strip(), max_id_chars)
         try:
             stamp = datetime.strptime(time.strip(), TIME_FORMAT).timestamp()
         except ValueError:
@@ -125,11 +145,14 @@ def read_behaviors(path: Path, max_items: int = MAX_ITEMS, max_history: int = MA
                     "impressions",
                     f"item {position} {token!r}: expected NEWSID-LABEL with label 0 or 1{hint}",
                 )
+            _too_long(path, line, "impressions", match.group(1), max_id_chars, f"item {position}: an id")
             row_items.append(match.group(1))
             row_labels.append(match.group(2) == "1")
         clicked = history.rsplit(None, max_history)  # the newest max_history, and the rest unsplit before them
         if len(clicked) > max_history:
             clicked, cut = clicked[1:], cut + 1
+        if clicked and max(map(len, clicked)) > max_id_chars:
+            _too_long(path, line, "history", max(clicked, key=len), max_id_chars, "a clicked item's id")
         users.append(user.strip())
         times.append(stamp)
         histories.append(clicked)
@@ -147,10 +170,13 @@ def build(
     max_hist: int = 50,
     max_items: int = MAX_ITEMS,
     max_history: int = MAX_HISTORY,
+    max_id_chars: int = MAX_ID_CHARS,
 ) -> ListTable:
     src = Path(src)
-    news = read_news(_find(src, "news.tsv"))
-    users, times, histories, items, labels, cut = read_behaviors(_find(src, "behaviors.tsv"), max_items, max_history)
+    news = read_news(_find(src, "news.tsv"), max_id_chars)
+    users, times, histories, items, labels, cut = read_behaviors(
+        _find(src, "behaviors.tsv"), max_items, max_history, max_id_chars
+    )
 
     item_index = first_seen_ids(i for row in items for i in row)
     for row in histories:

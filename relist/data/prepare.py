@@ -10,6 +10,10 @@ impression is 283 items and its longest history 425; Taobao lists are at most ``
 - A history longer than ``max_history`` is cut to its newest items, and the number of histories cut is
   ``histories_cut`` in the manifest's info. A history is context for the list, its oldest clicks count
   least, and real logs have long tails of heavy users, so refusing them would fail ordinary files.
+- An id (any value of a vocabulary: user, item, category ...) longer than ``max_id_chars`` characters is
+  refused: `relist serve` refuses such ids (its ``--max-id-chars``, 256 by default), so a model could never
+  be asked about them. MIND names the file, line and field; for the other sources the check on the
+  vocabularies names the source and field (their ids are integers, or short codes, in the real files).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from relist.data import librerank, mind, prm_public, synthetic, taobao_ad, triva
 from relist.data.store import ListTable, cut_histories, split_fractions, write_dataset
 
 log = logging.getLogger("relist")
+PLACEHOLDERS = frozenset({mind.PAD, mind.UNKNOWN, taobao_ad.MISSING, trivago.UNKNOWN})  # the sources' own values
 
 
 @dataclass
@@ -46,6 +51,11 @@ class PrepareConfig:
     max_items: int = option(1000, help="most items per list; a longer list is refused, naming its file and line")
     max_history: int = option(
         1000, help="most history items read per list; longer histories are cut to their newest, counted in the manifest"
+    )
+    max_id_chars: int = option(
+        256,
+        help="most characters of an id (user, item, category ...); a longer one is refused, naming its file and line "
+        "(mind) or its field (every source), as relist serve refuses ids longer than its --max-id-chars (256)",
     )
     n_lists: int = option(20000, help="synthetic: number of lists")
     n_users: int = option(2000, help="synthetic: number of users")
@@ -70,7 +80,13 @@ class PrepareConfig:
 def _mind(cfg: PrepareConfig):
     splits = split_fractions(cfg.splits)
     table = mind.build(
-        _src(cfg), cfg.seed, splits, max_hist=cfg.max_hist, max_items=cfg.max_items, max_history=cfg.max_history
+        _src(cfg),
+        cfg.seed,
+        splits,
+        max_hist=cfg.max_hist,
+        max_items=cfg.max_items,
+        max_history=cfg.max_history,
+        max_id_chars=cfg.max_id_chars,
     )
     return table, {}
 
@@ -133,15 +149,23 @@ def prepare(cfg: PrepareConfig) -> Path:
         raise ValueError(f"unknown source {cfg.source!r}; valid: {sorted(SOURCES)}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already exists (pass --overwrite to replace it)")
-    if cfg.max_items < 1 or cfg.max_history < 0:
+    if cfg.max_items < 1 or cfg.max_history < 0 or cfg.max_id_chars < 1:
         raise ValueError(
-            f"--max-items must be positive and --max-history non-negative, got {cfg.max_items} and {cfg.max_history}"
+            "--max-items and --max-id-chars must be positive and --max-history non-negative, got "
+            f"{cfg.max_items}, {cfg.max_id_chars} and {cfg.max_history}"
         )
     log.info("preparing %s from %s", cfg.source, cfg.src)
     table, extras = SOURCES[cfg.source](cfg)
     longest = int(np.diff(table.offsets).max()) if table.n_lists else 0
     if longest > cfg.max_items:  # the sources refuse such lists with their line; this guards the rule itself
         raise ValueError(f"{cfg.source}: a list of {longest} items, more than --max-items {cfg.max_items}")
+    for field, vocab in table.vocabs.items():  # MIND refuses long ids with their line; this guards every source
+        widest = max((v for v in vocab if v not in PLACEHOLDERS), key=len, default="")
+        if len(widest) > cfg.max_id_chars:
+            raise ValueError(
+                f"{cfg.source}: field {field!r} holds an id of {len(widest)} characters "
+                f"({widest[:40]!r}{'...' if len(widest) > 40 else ''}), more than --max-id-chars {cfg.max_id_chars}"
+            )
     table.info["histories_cut"] = table.info.get("histories_cut", 0) + cut_histories(table, cfg.max_history)
     return write_dataset(
         table, cfg.out, source=cfg.source, seed=cfg.seed, overwrite=cfg.overwrite, config=asdict(cfg), extras=extras

@@ -8,8 +8,9 @@ item. ``--src`` is a file or a folder whose ``*.txt*`` files are read in name or
 
 As LibRerank: lines containing "null" are skipped (counted in the manifest), and ``sample`` keeps a
 random share of the lists (LibRerank: 0.1). A line of more than ``max_items`` items is refused with its
-file and line (``relist.data.prepare`` says why). Deviation: ids are re-indexed per field from 1 (LibRerank
-shares one counter across fields); the user id is re-indexed too.
+file and line (``relist.data.prepare`` says why). The uid and the sparse ids are integers (JSON integers,
+not floats or booleans; sparse ids within int64), kept exact. Deviation: ids are re-indexed per field from 1
+(LibRerank shares one counter across fields); the user id is re-indexed too.
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ def read(paths: list[Path], sample: float, seed: int, max_items: int = MAX_ITEMS
                     None,
                     f"expected {len(FIELDS)} '|'-separated fields ({'|'.join(FIELDS)}), found {len(parts)}{hint}",
                 )
-            uid, profile, sparse, dense1, dense2, label = parse_fields(path, line, parts, FIELDS, ended, max_items)
-            if not isinstance(uid, int):
+            widths = None
+            if records.widths is not None:  # fixed by the first list: bounds the fields before they are parsed
+                n_profile, n_sparse, n_dense = records.widths
+                widths = {"profile": n_profile, "spar_ft": n_sparse, "dens_ft1": n_dense, "dens_ft2": n_dense}
+            uid, profile, sparse, dense1, dense2, label = parse_fields(
+                path, line, parts, FIELDS, ended, max_items, widths
+            )
+            if type(uid) is not int:  # not isinstance: JSON true is a bool, an int to isinstance
                 raise DataFormatError(path, line, "uid", f"expected an integer, found {uid!r}")
             try:
                 dense = [list(a) + list(b) for a, b in zip(dense1, dense2, strict=True)]

@@ -15,7 +15,9 @@ cut can drop the window's clicks, so a few lists have none, as in LibRerank.
 Features: item sparse [adgroup, category, campaign, customer, brand], item dense [price] (raw, as
 LibRerank), user sparse [user id + the 8 profile columns]. Missing values ("NULL" brands, empty
 profile cells, users without a profile row, ads without a feature row) are their own "<missing>"
-category. Deviation: ids are re-indexed per field from 1 (LibRerank shares one counter across fields).
+category. Integers are ASCII numbers within Int64 and prices finite ASCII numbers, as polars reads them; an
+adgroup id repeated in ad_feature.csv is refused with both lines. Deviation: ids are re-indexed per field
+from 1 (LibRerank shares one counter across fields).
 
 Everything runs vectorised on polars and NumPy; the window walk uses pointer doubling, so 26.6M
 records prepare in minutes on two cores.
@@ -54,6 +56,38 @@ PAD = "<pad>"
 # digits such as '٣', which polars refuses: those lines then surfaced as polars' own error, without the line)
 _INTEGER = re.compile(r"[ \t]*[+-]?[0-9]+")
 _PADDED_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # user_profile.csv's ids are stripped before they are read
+# what polars reads as a float: ASCII digits only, as the integers (float() also takes '١٢', '1_0' and '12 ')
+_NUMBER = re.compile(r"[ \t]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[ \t]*[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _shown(cell: str, limit: int = 60) -> str:
+    """A cell for a message: its repr, cut to ``limit`` characters (a cell can be megabytes long)."""
+    return repr(cell) if len(cell) <= limit else f"{cell[:limit]!r}... ({len(cell)} characters)"
+
+
+def _cells(path: Path, line: int, text: str) -> list[str]:
+    """The CSV cells of one line; csv's field size limit (128 KiB, process-wide) is raised for the call to
+    the line's length, as polars reads fields of any length."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        return next(csv.reader([text]))
+    except csv.Error as err:
+        raise DataFormatError(path, line, None, f"not a CSV line ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _fits_int64(cell: str) -> bool:
+    """Whether an integer cell polars reads (sign, digits, spaces) is within Int64 (leading zeros allowed)."""
+    text = cell.strip()
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 19:
+        return False
+    value = -int(digits) if text.startswith("-") else int(digits)
+    return _INT64[0] <= value <= _INT64[1]
 
 
 def _check_header(path: Path, expected: tuple[str, ...]) -> None:
@@ -88,7 +122,7 @@ def _locate(
             except UnicodeDecodeError as err:
                 field = columns[min(raw[: err.start].count(b","), len(columns) - 1)]
                 raise DataFormatError(path, line, field, "not valid UTF-8") from None
-            cells = next(csv.reader([text]))
+            cells = _cells(path, line, text)
             if len(cells) != len(columns):
                 hint = " (the last line has no newline: is the file truncated?)" if not ended else ""
                 raise DataFormatError(
@@ -98,17 +132,41 @@ def _locate(
                     f"expected {len(columns)} comma-separated fields ({','.join(columns)}), found {len(cells)}{hint}",
                 )
             for name, cell in zip(columns, cells):
-                if name in integer and not integer_form.fullmatch(cell):
-                    raise DataFormatError(path, line, name, f"expected an integer (ASCII digits), found {cell!r}")
+                if name in integer:
+                    if not integer_form.fullmatch(cell):
+                        raise DataFormatError(
+                            path, line, name, f"expected an integer (ASCII digits), found {_shown(cell)}"
+                        )
+                    if not _fits_int64(cell):
+                        raise DataFormatError(path, line, name, f"integer out of the 64-bit range: {_shown(cell)}")
                 if name in binary and cell.strip() not in ("0", "1"):
-                    raise DataFormatError(path, line, name, f"expected 0 or 1, found {cell!r}")
+                    raise DataFormatError(path, line, name, f"expected 0 or 1, found {_shown(cell)}")
                 if name in number:
-                    try:
-                        value = float(cell)
-                    except ValueError:
-                        raise DataFormatError(path, line, name, f"expected a number, found {cell!r}") from None
-                    if not math.isfinite(value):
-                        raise DataFormatError(path, line, name, f"expected a finite number, found {cell!r}")
+                    if _NON_FINITE.fullmatch(cell) or (_NUMBER.fullmatch(cell) and not math.isfinite(float(cell))):
+                        raise DataFormatError(path, line, name, f"expected a finite number, found {_shown(cell)}")
+                    if not _NUMBER.fullmatch(cell):
+                        raise DataFormatError(
+                            path, line, name, f"expected a number (ASCII digits), found {_shown(cell)}"
+                        )
+
+
+def _refuse_repeats(path: Path, frame: pl.DataFrame, columns: tuple[str, ...], key: str) -> None:
+    """Raise a DataFormatError naming the first line whose ``key`` repeats an earlier line's, and that line
+    (rows are found by polars; their lines by a scan of the file, as blank lines are not rows)."""
+    if not frame[key].is_duplicated().any():
+        return
+    seen: dict[int, int] = {}
+    column = columns.index(key)
+    with open(path, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if line == 1 or not raw.strip():
+                continue
+            text = raw.decode("utf-8").rstrip("\r\n")  # polars read the file: it is valid UTF-8
+            value = int(_cells(path, line, text)[column])
+            if value in seen:
+                raise DataFormatError(path, line, key, f"{value} repeats line {seen[value]}")
+            seen[value] = line
+    raise DataFormatError(path, None, key, "a value repeats an earlier row's")  # not reached: polars saw one
 
 
 def _unreadable(path: Path, err: Exception) -> DataFormatError:
@@ -281,7 +339,8 @@ def build(
         integer=("adgroup_id",),
         number=("price",),
     )
-    items = lists.join(ads.unique("adgroup_id", keep="first"), on="adgroup_id", how="left", maintain_order="left")
+    _refuse_repeats(src / "ad_feature.csv", ads, AD_COLUMNS, "adgroup_id")  # else the file's order picks the features
+    items = lists.join(ads, on="adgroup_id", how="left", maintain_order="left")
     if not (src / "user_profile.csv").is_file():
         raise FileNotFoundError(f"{src}: no user_profile.csv")
     _check_header(src / "user_profile.csv", PROFILE_COLUMNS)
