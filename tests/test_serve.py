@@ -974,8 +974,9 @@ def test_probes_answer_while_the_model_process_is_stopped_and_a_dead_one_is_repl
     """The real server parses, checks and runs requests in its model process, off the event loop. With
     that process stopped (SIGSTOP) and 8 large valid bodies in flight, /healthz, /readyz and /metrics
     answer at once and the requests get 504 after --request-timeout-ms; once it continues, requests are
-    served. Killed (SIGKILL), it is replaced: requests meanwhile get a 5xx naming a request id, then 200
-    from the new process."""
+    served. A malformed body sent meanwhile gets 504 too, not its 400: bodies are parsed in the model process,
+    never on the event loop. Killed (SIGKILL), it is replaced: requests meanwhile get a 5xx naming a request
+    id, then 200 from the new process."""
     proc, url = start_server(run_dir, "--request-timeout-ms", "2500", "--deadline-ms", "0")  # nothing shed
     data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
     good, bodies = request_body(data, 0), [large_body(data, k) for k in range(8)]
@@ -984,12 +985,16 @@ def test_probes_answer_while_the_model_process_is_stopped_and_a_dead_one_is_repl
         assert model is not None and model != proc.pid
         assert httpx.post(url + "/rerank", json=good, timeout=30).status_code == 200
         os.kill(model, signal.SIGSTOP)
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(9) as pool:
             waiting = [pool.submit(httpx.post, url + "/rerank", json=b, timeout=30) for b in bodies]
+            malformed = pool.submit(
+                httpx.post, url + "/rerank", content=b'{"user": ', headers={"content-type": "application/json"}
+            )
             time.sleep(0.3)
             probes = [httpx.get(url + path, timeout=5) for path in ("/healthz", "/readyz", "/metrics")]
             in_flight = sum(not f.done() for f in waiting)
             answers = [f.result() for f in waiting]
+            unparsed = malformed.result()
         os.kill(model, signal.SIGCONT)
         after_stop = httpx.post(url + "/rerank", json=good, timeout=30)
         text = httpx.get(url + "/metrics").text
@@ -1008,10 +1013,10 @@ def test_probes_answer_while_the_model_process_is_stopped_and_a_dead_one_is_repl
         proc.wait(timeout=30)
     assert in_flight == 8 and [p.status_code for p in probes[::2]] == [200, 200]  # answered while all waited
     assert probes[1].status_code in (200, 503) and "waiting" in probes[1].json()
-    for reply in answers:
+    for reply in [*answers, unparsed]:
         assert reply.status_code == 504 and "--request-timeout-ms" in reply.json()["error"], reply.text
     assert after_stop.status_code == 200
-    assert 'relist_request_errors_total{path="/rerank",status="504",reason="request_timeout"} 8' in text
+    assert 'relist_request_errors_total{path="/rerank",status="504",reason="request_timeout"} 9' in text
     assert statuses[-1] == 200 and replaced not in (None, model), (statuses, replaced)
 
 
@@ -1024,17 +1029,17 @@ def test_sigterm_with_200_stalled_connections_exits_within_the_grace_period(run_
     proc, url = start_server(
         run_dir,
         *("--grace-seconds", str(grace), "--header-timeout-seconds", "60", "--body-timeout-seconds", "60"),
-        *("--deadline-ms", "0"),  # the stalled requests are all admitted, and so is the one served
+        *("--deadline-ms", "0"),  # nothing is shed
     )
     data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
     host, port = url.removeprefix("http://").split(":")
     model = httpx.get(url + "/healthz").json()["model_pid"]
     stalled = []
 
-    def in_flight(expected: int) -> None:
+    def reaches(key: str, expected: int) -> None:
         deadline = time.time() + 30
-        while httpx.get(url + "/readyz", timeout=5).json()["in_flight"] < expected:
-            assert time.time() < deadline, "the requests were not admitted"
+        while httpx.get(url + "/readyz", timeout=5).json()[key] < expected:
+            assert time.time() < deadline, f"/readyz {key} did not reach {expected}"
             time.sleep(0.05)
 
     try:
@@ -1043,11 +1048,11 @@ def test_sigterm_with_200_stalled_connections_exits_within_the_grace_period(run_
             head = raw_post(b"x" * 1000)
             sock.sendall(head[:30] if k % 2 else head[: head.index(b"\r\n\r\n") + 14])
             stalled.append(sock)
-        in_flight(100)  # the stuck bodies' requests are in the app
+        reaches("reading_bodies", 100)  # the stuck bodies' requests are in the app
         os.kill(model, signal.SIGSTOP)
         served = socket.create_connection((host, int(port)))
         served.sendall(raw_post(json.dumps(request_body(data, 1)).encode()))
-        in_flight(101)
+        reaches("in_flight", 1)
         os.kill(model, signal.SIGCONT)
         started = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
@@ -1066,3 +1071,110 @@ def test_sigterm_with_200_stalled_connections_exits_within_the_grace_period(run_
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(model, 0)
+
+
+def test_a_model_process_that_exits_or_hangs_is_replaced_without_waiting_for_a_request(run_dir):
+    """The watchdog of the model process, with --model-timeout-seconds 2: killed while idle, the process is
+    replaced with no /rerank sent (/readyz is 503 meanwhile, then 200 again); stopped while idle, it is
+    found by its unanswered ping, killed and replaced; stopped while serving, its request gets a 500 naming
+    a request id after the model timeout (not a 504 after the much longer request timeout); killed while
+    serving, the requests in its batch get their 500 at once, before a new process has loaded (any queued
+    behind them a 503 with Retry-After). Every loss is counted."""
+    proc, url = start_server(run_dir, *("--model-timeout-seconds", "2", "--request-timeout-ms", "30000"))
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    good = request_body(data, 0)
+
+    def model_pid() -> int | None:
+        return httpx.get(url + "/healthz", timeout=5).json()["model_pid"]
+
+    def replaced(old: int, limit: float = 60) -> tuple[int, list[int]]:
+        """Wait for a new model process: (its pid, the /readyz statuses seen meanwhile)."""
+        seen, deadline = [], time.time() + limit
+        while time.time() < deadline:
+            seen.append(httpx.get(url + "/readyz", timeout=5).status_code)
+            pid = model_pid()
+            if pid not in (None, old) and seen[-1] == 200:
+                return pid, seen
+            time.sleep(0.1)
+        raise AssertionError(f"model process {old} was not replaced within {limit:g} s: {seen[-5:]}")
+
+    try:
+        assert httpx.post(url + "/rerank", json=good, timeout=30).status_code == 200
+        first = model_pid()
+        os.kill(first, signal.SIGKILL)  # idle, and no request comes
+        second, seen_exit = replaced(first)
+        os.kill(second, signal.SIGSTOP)  # idle: only the watchdog's ping can tell
+        third, seen_hang = replaced(second)
+        assert httpx.post(url + "/rerank", json=good, timeout=30).status_code == 200
+        os.kill(third, signal.SIGSTOP)  # right after a request: the next batch finds it stopped
+        started = time.perf_counter()
+        hung = httpx.post(url + "/rerank", json=good, timeout=60)
+        hung_seconds = time.perf_counter() - started
+        fourth, _ = replaced(third)
+        os.kill(fourth, signal.SIGSTOP)  # holds the batch while it is killed
+        with ThreadPoolExecutor(4) as pool:
+            waiting = [pool.submit(httpx.post, url + "/rerank", json=good, timeout=60) for _ in range(4)]
+            deadline = time.time() + 10
+            while httpx.get(url + "/readyz", timeout=5).json()["in_flight"] < 4:
+                assert time.time() < deadline, "the requests were not admitted"
+                time.sleep(0.02)
+            os.kill(fourth, signal.SIGKILL)
+            killed = [f.result() for f in waiting]
+        loading = model_pid()  # asked as soon as the answers came: the new process is still loading
+        fifth, _ = replaced(fourth)
+        after = httpx.post(url + "/rerank", json=good, timeout=30)
+        text = httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert 503 in seen_exit and 503 in seen_hang, (seen_exit, seen_hang)
+    for old in (first, second, third, fourth):
+        with pytest.raises(ProcessLookupError):  # killed and reaped, none left behind
+            os.kill(old, 0)
+    assert hung.status_code == 500 and hung.json()["request_id"] == hung.headers["x-request-id"], hung.text
+    assert 2.0 <= hung_seconds < 15, hung_seconds
+    statuses = [r.status_code for r in killed]  # 500 in the killed batch; 503 (retry) for any queued behind it
+    assert set(statuses) <= {500, 503} and 500 in statuses and loading is None, ([r.text for r in killed], loading)
+    assert all(r.headers["retry-after"] for r in killed if r.status_code == 503)
+    assert after.status_code == 200 and fifth not in (None, fourth)
+    assert 'relist_model_processes_lost_total{reason="exited"} 2' in text
+    assert 'relist_model_processes_lost_total{reason="hung"} 2' in text
+
+
+def test_stalled_uploads_do_not_count_ahead_and_the_requests_behind_them_are_served(tmp_path):
+    """30 clients that send their headers and part of their bodies, then stall, against a model taking 50 ms
+    a request and a 500 ms deadline: admitted from their headers, they would count as 30 requests ahead
+    (1.5 s of expected wait) and every request behind them would be shed. They stop counting once their
+    bodies are late (/readyz: reading 30, in flight 0), good requests sent one at a time are all served, and
+    the stalled ones are served (or shed, never failed) when their bodies finally come."""
+    from relist.serve.app import create_app
+    from relist.serve.protocol import BODY_STALL
+    from relist.serve.settings import ServeSettings
+
+    settings = ServeSettings(run=tmp_path, port=free_port(), window_ms=1.0, max_batch=4, deadline_ms=500.0)
+    stalled = []
+    with serving(create_app(settings, service=SlowService(0.05)), settings) as url:
+        with httpx.Client(timeout=30) as client:
+            warm = [client.post(url + "/rerank", json={}).status_code for _ in range(3)]  # the batch times
+            body = b'{"k": "' + b"x" * 2000 + b'"}'
+            for _ in range(30):
+                sock = socket.create_connection((settings.host, settings.port))
+                request = raw_post(body)
+                sock.sendall(request[: len(request) - 1000])
+                stalled.append((sock, request[len(request) - 1000 :]))
+                time.sleep(1.5 * BODY_STALL)  # they come one after another (together, most would be shed)
+            deadline = time.time() + 10
+            while (ready := client.get(url + "/readyz").json())["reading_bodies"] < 30:
+                assert time.time() < deadline, ready
+                time.sleep(0.02)
+            time.sleep(0.2)  # past the time a body is expected to be all here
+            ready = client.get(url + "/readyz").json()
+            behind = [client.post(url + "/rerank", json={}).status_code for _ in range(10)]
+            for sock, rest in stalled:
+                sock.sendall(rest)
+            late = [read_response(sock)[0] for sock, _ in stalled]
+    for sock, _ in stalled:
+        sock.close()
+    assert warm == [200] * 3 and behind == [200] * 10, (warm, behind)
+    assert ready["reading_bodies"] == 30 and ready["in_flight"] == 0, ready
+    assert set(late) <= {200, 503} and 200 in late, late

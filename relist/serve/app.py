@@ -3,7 +3,9 @@
 Concurrent /rerank requests wait up to ``window_ms`` (or until ``max_batch`` are queued) and go as one
 batch of raw bodies to the model process (``relist.serve.worker``), which parses and checks every body
 and runs the good ones through LAST; the event loop of this process only reads, sheds and answers, so
-neither parsing nor the model competes with it for the interpreter lock. LAST keeps no state between
+neither parsing nor the model competes with it for the interpreter lock. A watchdog replaces a model
+process that exits or hangs (``ModelProcess``); while the new one loads, /rerank is shed with 503
+(``model_unavailable``) and /readyz is 503. LAST keeps no state between
 requests, so several uvicorn worker processes can serve the same checkpoint (``workers``); each has its
 own batcher, model process and /metrics. The sampling noise comes from one seeded generator per model
 process, so a request's exploration depends on what it was batched with.
@@ -47,9 +49,10 @@ from relist.serve.metrics import ServiceMetrics
 from relist.serve.requests import BadRequest
 from relist.serve.service import Service
 from relist.serve.settings import ADMITTED, LIMITS, ServeSettings
-from relist.serve.worker import Answer, InProcess, ModelProcess
+from relist.serve.worker import Answer, InProcess, ModelProcess, ModelUnavailable
 
 log = logging.getLogger("relist")
+MODEL_UNAVAILABLE = "the model process is starting again (the last one exited or hung)"
 SETTINGS_ENV = "RELIST_SERVE_SETTINGS"
 
 
@@ -233,6 +236,8 @@ class MicroBatcher:
                 answers = self.runner.call(bodies)
                 self.batch_time.add(len(bodies), time.perf_counter() - started)  # a failed batch times nothing
                 self.metrics.observe_batch(len(bodies))
+            except ModelUnavailable as err:  # a new model process is loading: these requests may retry
+                answers = [Answer(503, message=str(err))] * len(bodies)
             except Exception as err:  # noqa: BLE001 - the model process died: this batch's requests fail
                 answers = [Answer(500, message=f"{type(err).__name__}: {err}")] * len(bodies)
             finally:
@@ -295,12 +300,17 @@ class Counted:
 def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
     """The app; without ``service`` the models are loaded in a model process of their own (this call waits
     for it and raises what loading raised), with one it is run in this process (tests, the demo)."""
-    runner = InProcess(service) if service is not None else ModelProcess(settings)
     metrics = ServiceMetrics()
+    if service is not None:
+        runner = InProcess(service)
+    else:
+        runner = ModelProcess(settings, hang_timeout=settings.model_timeout_seconds, on_lost=metrics.observe_model_lost)
     batcher = MicroBatcher(runner, settings.window_ms, settings.max_batch, metrics)
 
     def overloaded() -> tuple[str, str, str] | None:
         """(reason, message, Retry-After) when a /rerank request arriving now is to be shed, else None."""
+        if not runner.ready:
+            return "model_unavailable", MODEL_UNAVAILABLE, str(max(1, ceil(runner.start_seconds)))
         if batcher.waiting() >= settings.max_queue:  # shed rather than let every request wait
             return "queue_full", f"{settings.max_queue} requests already waiting", "1"
         if not batcher.admitted:  # nothing ahead: shedding cannot make it sooner (nor tell how long it takes)
@@ -320,6 +330,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     def release(admission: Admission, answered: bool = True) -> None:
         batcher.settle(admission, answered)
 
+    reading = {"bodies": 0}  # /rerank requests whose bodies are being read
     limits = {
         "header_timeout": settings.header_timeout_seconds,
         "write_timeout": settings.write_timeout_seconds,
@@ -389,6 +400,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
             message = f"body of {declared} bytes, more than the limit of {settings.max_body_bytes}"
             return answer(request, 413, message, "body_too_large", close)
+        reading["bodies"] += 1
         try:
             body = await asyncio.wait_for(read_body(request), settings.body_timeout_seconds)
         except asyncio.TimeoutError:
@@ -398,7 +410,10 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             return answer(request, err.status, str(err), "body_too_large", close)
         except ClientDisconnect:
             return answer(request, 499, "the client closed the connection during the body", "client_disconnected")
-        own = not request.scope["state"].get(ADMITTED)  # not admitted by the protocol (the app run without it)
+        finally:
+            reading["bodies"] -= 1
+        held = request.scope["state"].get(ADMITTED)  # the protocol's admission from the headers, if it holds
+        own = held is None or held["admission"] is None  # the app run without the protocol, or a stalled body
         if own:
             verdict, admission = admit()
             if verdict is not None:
@@ -417,6 +432,9 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
                 release(admission)
         if outcome.status == 200:
             return Response(outcome.body, media_type="application/json")
+        if outcome.status == 503:  # the model process went while this request waited for its batch
+            retry = {"Retry-After": str(max(1, ceil(runner.start_seconds)))}
+            return answer(request, 503, f"{MODEL_UNAVAILABLE}; retry shortly", "model_unavailable", retry)
         if outcome.status < 500:
             reason = {400: "malformed_json", 413: "too_large"}.get(outcome.status, "invalid_request")
             return answer(request, outcome.status, outcome.message, reason)
@@ -437,7 +455,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     async def readyz(request: Request):
         """Ready: the model process is up, the batcher runs, the queue has room, the expected wait is within
         the deadline and the open connections are within their bound."""
-        running = batcher.running_ok and runner.alive
+        running = batcher.running_ok and runner.ready
         waiting, wait_ms = batcher.waiting(), batcher.expected_wait() * 1000
         in_time = not settings.deadline_ms or not batcher.admitted or wait_ms <= settings.deadline_ms
         connections = len(limits["connections"] or ())
@@ -445,6 +463,8 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         body = {"ready": running and waiting < settings.max_queue and in_time and room, "waiting": waiting}
         body["expected_wait_ms"] = round(wait_ms, 1)
         body["in_flight"] = batcher.admitted  # admitted and not answered yet
+        body["reading_bodies"] = reading["bodies"]  # requests whose bodies are still coming
+        body["model_ready"] = runner.ready
         body["connections"] = connections
         if body["ready"]:
             return body

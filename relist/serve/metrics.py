@@ -17,13 +17,14 @@ def path_label(path: str) -> str:
 
 class ServiceMetrics:
     """Answers by path and status, non-2xx answers by path, status and reason, connections closed by the
-    server without an answer by reason, latency and batch sizes."""
+    server without an answer by reason, model processes replaced by reason, latency and batch sizes."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: Counter = Counter()  # (path, status) -> count
         self.errors: Counter = Counter()  # (path, status, reason) -> count
         self.closed: Counter = Counter()  # reason -> connections closed without an answer
+        self.models_lost: Counter = Counter()  # reason (exited, hung) -> model processes replaced
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.batches = 0
@@ -44,6 +45,10 @@ class ServiceMetrics:
     def observe_closed(self, reason: str) -> None:
         with self.lock:
             self.closed[reason] += 1
+
+    def observe_model_lost(self, reason: str) -> None:
+        with self.lock:
+            self.models_lost[reason] += 1
 
     def observe_batch(self, size: int) -> None:
         with self.lock:
@@ -72,6 +77,13 @@ class ServiceMetrics:
                 "# TYPE relist_connections_closed_total counter",
             ]
             lines += [f'relist_connections_closed_total{{reason="{r}"}} {n}' for r, n in sorted(self.closed.items())]
+            lines += [
+                "# HELP relist_model_processes_lost_total Model processes that exited or hung and were replaced.",
+                "# TYPE relist_model_processes_lost_total counter",
+            ]
+            lines += [
+                f'relist_model_processes_lost_total{{reason="{r}"}} {n}' for r, n in sorted(self.models_lost.items())
+            ]
             lines += [
                 "# HELP relist_rerank_latency_seconds /rerank latency, request headers read to response ready.",
                 "# TYPE relist_rerank_latency_seconds histogram",

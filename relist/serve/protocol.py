@@ -14,7 +14,9 @@
 - Load shedding and admission before the body is read: a POST /rerank that the app's ``overloaded()``
   would shed gets its 503 here, without going through the app; one it would not is admitted here (counted
   among the requests ahead until its answer), so that the requests whose headers arrive in the same moment
-  see each other rather than all passing the check and all being shed after their bodies were read.
+  see each other rather than all passing the check and all being shed after their bodies were read. A
+  request whose body is not all here ``BODY_STALL`` seconds after its headers stops counting until the app
+  has read it (and admits it again), so that stalled uploads do not have the requests behind them shed.
   When the request line and headers arrive in one piece (the usual case), the refusal is written
   straight from the bytes received, without h11, an ASGI task or the app, and the body is skipped as it
   arrives: under a retry storm (clients that retry a 503 at once), refusing costs the server's core as
@@ -44,6 +46,7 @@ from relist.serve.settings import ADMITTED, LIMITS  # LIMITS: the app's create_a
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_WRITE_TIMEOUT = 10.0
 PROBES = ("/healthz", "/readyz")
+BODY_STALL = 0.05  # seconds after its headers by which an admitted request's body is expected to be all here
 SHED_LINE = b"POST /rerank HTTP/1.1\r\n"
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r\n|$)")
 _ORDINARY_PATH = (b"\r\ntransfer-encoding:", b"\r\nexpect:", b"\r\nconnection:")  # left to h11
@@ -300,13 +303,26 @@ class ServeProtocol(H11Protocol):
                 reason, message, retry_after = verdict
                 await self._refuse(scope, send, reason, message, retry_after, close=False)
                 return
-            scope.setdefault("state", {})[ADMITTED] = True  # counted from its headers, so that the requests
-            try:  # whose headers arrive together see each other (checked after the body, all were admitted)
+            # counted from its headers, so that the requests whose headers arrive together see each other
+            # (checked after the body, all were admitted), unless its body stalls (``_let_go``)
+            held = scope.setdefault("state", {})[ADMITTED] = {"admission": admission}
+            stall = self.loop.call_later(BODY_STALL, self._let_go, self.cycle, held)
+            try:
                 await self.served_app(scope, receive, send)
             finally:
-                self.release(admission)
+                stall.cancel()
+                if held["admission"] is not None:
+                    self.release(held["admission"])
             return
         await self.served_app(scope, receive, send)
+
+    def _let_go(self, cycle, held: dict) -> None:
+        """A request admitted from its headers whose body is not all here ``BODY_STALL`` seconds later stops
+        counting among the requests ahead (the app admits it again once its body is read): stalled uploads
+        made every request behind them expect a wait they never caused, and be shed."""
+        if cycle is self.cycle and cycle.more_body and held["admission"] is not None:
+            self.release(held["admission"], answered=False)
+            held["admission"] = None
 
     async def _refuse(self, scope, send, reason: str, message: str, retry_after: str, close: bool) -> None:
         """503 with Retry-After and a request id, counted; the unread body is skipped by the protocol."""

@@ -9,7 +9,9 @@ from relist.config import option
 from relist.last import LastConfig
 
 LIMITS = "relist.limits"  # lifespan-state key of the limits the server's protocol reads (relist.serve.protocol)
-ADMITTED = "relist.admitted"  # request-state key: the protocol admitted this /rerank request (and releases it)
+# request-state key: {"admission": ...} of a /rerank request the protocol admitted from its headers (and
+# releases); None in it once the protocol let the admission go (the body stalled: the app admits it again)
+ADMITTED = "relist.admitted"
 
 
 @dataclass
@@ -61,6 +63,11 @@ class ServeSettings:
         help="a connection whose client has not taken the bytes sent to it for this long (a client that never "
         "reads its answers) is closed",
     )
+    model_timeout_seconds: float = option(
+        30.0,
+        help="a model process that has not answered a batch, or a ping while idle, within this long is taken as "
+        "hung: it is killed (its batch's requests get 500) and a new one started",
+    )
     max_id_chars: int = option(256, help="longest id accepted, in characters")
     threads: int = option(1, help="torch threads per worker process")
     seed: int = option(0, help="seed of the sampling noise")
@@ -69,7 +76,8 @@ class ServeSettings:
         return self.last
 
     def __post_init__(self):
-        for name in ("header_timeout_seconds", "body_timeout_seconds", "write_timeout_seconds", "request_timeout_ms"):
+        timeouts = ("header_timeout_seconds", "body_timeout_seconds", "write_timeout_seconds", "request_timeout_ms")
+        for name in (*timeouts, "model_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.shed_pause_ms < 0:

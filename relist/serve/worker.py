@@ -23,7 +23,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import NamedTuple
 
@@ -82,7 +84,11 @@ def serve_batch(service, bodies: list[bytes]) -> list[Answer]:
 
 
 class ModelProcessExited(RuntimeError):
-    """The model process ended while a batch was in it (it is started again for the next batch)."""
+    """The model process ended (or was killed as hung) while a batch was in it."""
+
+
+class ModelUnavailable(RuntimeError):
+    """The model process is being started again: no batch can run now."""
 
 
 class InProcess:
@@ -91,9 +97,10 @@ class InProcess:
     def __init__(self, service):
         self.service = service
         self.pid = os.getpid()
+        self.start_seconds = 0.0
 
     @property
-    def alive(self) -> bool:
+    def ready(self) -> bool:
         return True
 
     def call(self, bodies: list[bytes]) -> list[Answer]:
@@ -112,9 +119,12 @@ def _sendable(err: BaseException) -> BaseException:
         return ValueError(str(err))
 
 
+PING, PONG = "ping", "pong"  # asks an idle model process whether it still answers, and its reply
+
+
 def model_main(conn) -> None:
-    """The model process: read the settings, load the service, say so, then answer batches until the
-    connection closes.
+    """The model process: read the settings, load the service, say so, then answer batches (and pings)
+    until the connection closes.
 
     Ctrl-C reaches the whole process group; the server closes this process itself, so it ignores SIGINT.
     SIGTERM ends it at once when idle, or after the batch it is running. It leaves with ``os._exit``: it
@@ -139,35 +149,59 @@ def model_main(conn) -> None:
     conn.send(("ready", os.getpid()))
     while not state["stopping"]:
         try:
-            bodies = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):  # the server is gone
             break
         state["busy"] = True
-        answers = serve_batch(service, bodies)
+        reply = PONG if message == PING else serve_batch(service, message)
         try:
-            conn.send(answers)
+            conn.send(reply)
         except OSError:
             break
         state["busy"] = False
     os._exit(0)
 
 
+WATCH_EVERY = 0.1  # seconds between the watchdog's looks at the model process
+PING_AFTER = 1.0  # seconds without an exchange after which an idle model process is pinged
+
+
 class ModelProcess:
     """The models in a child process (``python -m relist.serve.worker``: nothing of the server's state is
     inherited, and no main module is imported again, as multiprocessing's spawn would); ``call`` sends a
-    batch of bodies over a socket pair and blocks until its answers come back. If the process dies, the
-    batch in it fails (``ModelProcessExited``) and a new process is started for the next one."""
+    batch of bodies over a socket pair and blocks until its answers come back.
 
-    def __init__(self, settings, start_timeout: float = 600.0):
-        self.settings, self.start_timeout = settings, start_timeout
-        self.lock = threading.Lock()
-        self.process: subprocess.Popen | None = None
-        self.conn = None
+    A watchdog thread keeps the process serving without waiting for a request to find it broken:
+    - a process that exited (killed, crashed, out of memory), busy or idle, is started again at once;
+    - a batch not answered within ``hang_timeout`` seconds, or a ping (sent after ``PING_AFTER`` s idle)
+      not answered within it, means the process hung (stopped, deadlocked): it is killed and started again.
+    The batch in a process that exits or is killed fails at once (``ModelProcessExited``); while a new one
+    loads, ``ready`` is false and ``call`` raises ``ModelUnavailable`` (the server sheds with 503).
+    ``on_lost(reason)`` is told of every process lost, ``exited`` or ``hung``."""
+
+    def __init__(
+        self,
+        settings,
+        start_timeout: float = 600.0,
+        hang_timeout: float = 30.0,
+        on_lost: Callable[[str], None] | None = None,
+    ):
+        self.settings, self.start_timeout, self.hang_timeout = settings, start_timeout, hang_timeout
+        self.on_lost = on_lost or (lambda reason: None)
+        self.lock = threading.Lock()  # one exchange on the connection at a time
         self.closing = False
-        self.restarts = 0
-        self._start()
+        self.busy_since: float | None = None  # monotonic time the batch in the process was sent
+        self.killed_as_hung = False
+        self.start_seconds = 0.0  # how long the last start took (the Retry-After while restarting)
+        self.process, self.conn = self._spawn()
+        self.last_exchange = time.monotonic()
+        self.stopped = threading.Event()
+        self.watchdog = threading.Thread(target=self._watch, name="relist-model-watchdog", daemon=True)
+        self.watchdog.start()
 
-    def _start(self) -> None:
+    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+        """A new model process with the service loaded (raises what loading raised)."""
+        started = time.monotonic()
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
@@ -192,39 +226,119 @@ class ModelProcess:
             process.wait()
             conn.close()
             raise value
-        self.process, self.conn = process, conn
+        self.start_seconds = time.monotonic() - started
+        return process, conn
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        """The serving model process's pid (None while a new one loads)."""
+        return self.process.pid if self.conn is not None else None
 
     @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def ready(self) -> bool:
+        """A model process is loaded and has not exited (a hung one counts until the watchdog finds it)."""
+        return not self.closing and self.conn is not None and self.process.poll() is None
 
     def call(self, bodies: list[bytes]) -> list[Answer]:
         with self.lock:
+            conn = self.conn
+            if conn is None or self.closing:
+                raise ModelUnavailable("the model process is starting again (the last one exited or hung)")
+            self.busy_since = time.monotonic()
             try:
-                self.conn.send(bodies)
-                return self.conn.recv()
+                conn.send(bodies)
+                return conn.recv()
             except (EOFError, OSError):
-                try:
-                    code = self.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    code = self.process.wait()
-                if not self.closing:
-                    log.error("serve: the model process exited (status %s); starting a new one", code)
-                    self.conn.close()
-                    self.restarts += 1
-                    self._start()
-                raise ModelProcessExited(f"the model process exited (status {code}) while serving this batch") from None
+                reason = self._lost()
+                raise ModelProcessExited(
+                    f"the model process {'hung and was killed' if reason == 'hung' else 'exited'} "
+                    "while serving this batch"
+                ) from None
+            finally:
+                self.busy_since = None
+                self.last_exchange = time.monotonic()
+
+    def _lost(self) -> str:
+        """The connection to the process broke (lock held): forget it; the watchdog starts a new one."""
+        reason = "hung" if self.killed_as_hung else "exited"
+        self.killed_as_hung = False
+        self.conn.close()
+        self.conn = None
+        if not self.closing:
+            log.error("serve: the model process %d %s; starting a new one", self.process.pid, reason)
+            self.on_lost(reason)
+        return reason
+
+    # ---- the watchdog ------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self.stopped.wait(WATCH_EVERY) and not self.closing:
+            busy = self.busy_since
+            if busy is not None:
+                if time.monotonic() - busy > self.hang_timeout:
+                    self._kill_hung(f"a batch was not answered within {self.hang_timeout:g} s")
+            elif self.conn is None or self.process.poll() is not None:
+                self._restart()
+            elif time.monotonic() - self.last_exchange > PING_AFTER:
+                self._ping()
+
+    def _kill_hung(self, why: str) -> None:
+        if self.process.poll() is None and not self.killed_as_hung:
+            log.error("serve: the model process %d hung (%s): killing it", self.process.pid, why)
+            self.killed_as_hung = True
+            self.process.kill()  # the call waiting on it sees its connection close
+
+    def _ping(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            return  # a batch is being sent: that exchange shows whether the process answers
+        try:
+            if self.conn is None or self.closing:
+                return
+            try:
+                self.conn.send(PING)
+                answered = self.conn.poll(self.hang_timeout)
+                if answered:
+                    self.conn.recv()
+            except (EOFError, OSError):
+                self._lost()
+                return
+            if not answered:
+                self._kill_hung(f"a ping was not answered within {self.hang_timeout:g} s")
+                self.process.wait()
+                self._lost()
+            self.last_exchange = time.monotonic()
+        finally:
+            self.lock.release()
+
+    def _restart(self) -> None:
+        """Reap the process that is gone and start a new one (retried by the next look if it fails)."""
+        with self.lock:
+            if self.conn is not None:  # it exited while idle: nobody noticed the connection break
+                self._lost()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        try:
+            process, conn = self._spawn()
+        except Exception as err:  # noqa: BLE001 - logged; the next look tries again
+            log.error("serve: a new model process failed to start: %s", err)
+            self.stopped.wait(1.0)
+            return
+        with self.lock:
+            if self.closing:
+                process.kill()
+                process.wait()
+                conn.close()
+                return
+            self.process, self.conn = process, conn
+            self.last_exchange = time.monotonic()
+        log.warning("serve: model process %d serving (started in %.1f s)", process.pid, self.start_seconds)
 
     def close(self, timeout: float = 5.0) -> None:
         """End the model process: SIGTERM (it finishes a batch it is running), then SIGKILL after ``timeout``."""
         self.closing = True
-        if self.process is None:
-            return
+        self.stopped.set()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -232,7 +346,13 @@ class ModelProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.conn.close()
+        if self.lock.acquire(timeout=0.2):  # whoever holds it is told of the exit at once
+            try:
+                if self.conn is not None:
+                    self.conn.close()
+                    self.conn = None
+            finally:
+                self.lock.release()
 
 
 if __name__ == "__main__":  # the module's own copy, so that what it pickles names relist.serve.worker
