@@ -50,7 +50,8 @@ class ServeSettings:
     grace_seconds: float = option(
         10.0,
         help="on SIGTERM, the process exits within this long; in-flight requests may finish in all of it but "
-        "its last quarter (at most its last second), which closing the model process takes",
+        "0.2 s (uvicorn's own stop) and its last quarter (at most its last second), which closing the model "
+        "process takes",
     )
     header_timeout_seconds: float = option(
         10.0,
