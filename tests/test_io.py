@@ -117,3 +117,21 @@ def test_an_unknown_or_mistyped_setting_in_model_json_is_an_error_naming_the_fil
         with pytest.raises((ConfigError, ValueError), match=message) as err:
             load_reranker(tmp_path / "m")
         assert str(path) in str(err.value)
+
+
+def test_an_unknown_top_level_key_in_model_json_is_an_error_naming_the_file(tmp_path):
+    """A misspelt or foreign top-level key of a re-ranker's model.json is refused with the file and the key
+    (it was ignored, so a hand edit such as ``"shema"`` beside the real schema went unnoticed)."""
+    from relist.data.store import Schema, SparseField
+    from relist.rerankers import build_reranker, load_reranker
+
+    schema = Schema((SparseField("item_id", 10),), ("x",), (SparseField("user_id", 10),), ())
+    build_reranker("prm", schema).save(tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    pristine = json.loads(path.read_text())
+    (tmp_path / "m" / "checksums.json").unlink()  # as a hand edit would leave it, unchecked
+    load_reranker(tmp_path / "m")  # the pristine file loads
+    path.write_text(json.dumps({**pristine, "shema": pristine["schema"]}))
+    with pytest.raises(io.CorruptFileError, match=r"unknown key\(s\) \['shema'\]") as err:
+        load_reranker(tmp_path / "m")
+    assert str(path) in str(err.value)

@@ -300,6 +300,9 @@ def load_reranker(directory: str | Path) -> Reranker:
     where = str(directory / MODEL_META)
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("schema"), dict):
         raise CorruptFileError(f"{where}: expected the model's config and schema (a mapping each)")
+    unknown = sorted(set(meta) - {"model", "config", "schema"})
+    if unknown:  # what Reranker.save writes, and nothing else: a key misspelt by hand is not silently ignored
+        raise CorruptFileError(f"{where}: unknown key(s) {unknown}; valid: ['config', 'model', 'schema']")
     if meta.get("model") not in REGISTRY:
         raise ValueError(
             f"{where}: a {meta.get('model')!r} model is not a re-ranker (valid: {', '.join(sorted(REGISTRY))}); "
