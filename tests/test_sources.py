@@ -498,6 +498,20 @@ def test_taobao_repeated_adgroup_id_names_both_lines(tmp_path, spelling):
     assert not (tmp_path / "out").exists()
 
 
+def test_taobao_repeated_user_profile_names_both_lines(tmp_path):
+    """User 1's profile a second time (padded, as the file's ids may be) is refused with both lines: the first
+    row used to win silently."""
+    write_taobao(tmp_path / "raw", 0)
+    path = tmp_path / "raw" / "user_profile.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    assert lines[1].startswith("1,")
+    path.write_text("".join(lines) + " 1 ,0,5,2,3,2,3,0,1\n")
+    with pytest.raises(DataFormatError, match="1 repeats line 2") as err:
+        prepare(PrepareConfig(source="taobao-ad", src=tmp_path / "raw", out=tmp_path / "out"))
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), len(lines) + 1, "userid")
+    assert not (tmp_path / "out").exists()
+
+
 def set_prm_field(path, line: int, field: str, value: str) -> None:
     lines = path.read_text().splitlines(keepends=True)
     parts = lines[line - 1].rstrip("\n").split("|")

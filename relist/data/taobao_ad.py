@@ -361,11 +361,12 @@ def build(
         _locate(src / "user_profile.csv", PROFILE_COLUMNS, integer=("userid",), padded=True)
         row = int(profile.with_row_index("_r").filter(pl.col("userid").is_null())["_r"][0])
         raise DataFormatError(src / "user_profile.csv", row + 2, "userid", "expected an integer")
+    _refuse_repeats(src / "user_profile.csv", profile, PROFILE_COLUMNS, "userid")  # else the first row won
     users = (
         lists[first]
         .select("user")
         .join(
-            profile.rename({"userid": "user"}).unique("user", keep="first"),
+            profile.rename({"userid": "user"}),
             on="user",
             how="left",
             maintain_order="left",
