@@ -24,9 +24,8 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
-bench: install
-	$(BIN)/python benchmarks/bench_prepare_scale.py
-	$(BIN)/python benchmarks/bench_batch_iteration.py
+bench: install  # every benchmark, each printing its ratios against a reference measured in the same run
+	for bench in benchmarks/bench_*.py; do echo "== $$bench"; $(BIN)/python $$bench || exit 1; done
 
 lint: install
 	$(BIN)/ruff check --fix .

@@ -99,6 +99,19 @@ def test_a_full_disk_is_an_error_naming_the_file_and_leaves_no_temporary(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no partial dataset directory
 
 
+def test_a_full_disk_through_the_command_line_is_a_message_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """The same ENOSPC from `relist data prepare`: one line naming the directory, exit 2, not a traceback."""
+    from relist.cli import main
+    from relist.data import store
+
+    monkeypatch.setattr(store.np, "save", lambda *a, **k: FullDisk(None).write())
+    argv = ["data", "prepare", "synthetic", "--out", str(tmp_path / "data"), "--n-lists", "50", "--n-users", "10"]
+    assert main([*argv, "--n-items", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relist: error: ") and "No space left" in err and str(tmp_path / "data") in err, err
+    assert not (tmp_path / "data").exists()
+
+
 def test_an_unknown_or_mistyped_setting_in_model_json_is_an_error_naming_the_file(tmp_path):
     """A hand-edited model.json (a misspelt setting, a number written as a string) is refused with the file
     and the key, not a TypeError from the model's constructor."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,6 +321,8 @@ def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
+    """SIGKILL mid-run, then --resume in a hard-linked copy of the run directory at another path: the same
+    final weights, weight average and test metrics as an uninterrupted run, and the original untouched."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(cli(*cli_args(rerank_data, tmp_path / "whole")), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
@@ -339,8 +342,16 @@ def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
     assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
     killed_at = int(pointer.read_text().split("-")[1])
 
-    resumed = subprocess.run(cli(*cli_args(rerank_data, run, "--resume")), env=env, capture_output=True, text=True)
+    # resumed elsewhere, from a copy whose files are hard links to the killed run's: run directories are
+    # movable, and resuming replaces files rather than writing into them, so the original is left as it was
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(run, moved, copy_function=os.link)
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert (run / "checkpoint" / "latest").stat().st_nlink == 2
+    resumed = subprocess.run(cli(*cli_args(rerank_data, moved, "--resume")), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    run = moved
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     again = json.loads((run / "metrics.json").read_text())
     assert again["steps"] == whole["steps"] > killed_at

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         resolve(command.run)(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: missing files, a full disk (naming the file), ...
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"relist: error: {message}", file=sys.stderr)
         return 2
