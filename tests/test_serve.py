@@ -1211,3 +1211,41 @@ def test_stalled_uploads_do_not_count_ahead_and_the_requests_behind_them_are_ser
     assert warm == [200] * 3 and behind == [200] * 10, (warm, behind)
     assert ready["reading_bodies"] == 30 and ready["in_flight"] == 0, ready
     assert set(late) <= {200, 503} and 200 in late, late
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from /proc")
+def test_32_concurrent_bodies_of_45k_history_items_leave_the_memory_bounded(run_dir):
+    """32 concurrent bodies of almost 1 MiB, each a history of 45,000 clicks (the audit's case: the server went
+    from 437 MB to 4.68 GB): each gets 413 naming the limit (--max-history), and neither the server's nor its model
+    process's peak memory grows by more than 300 MB."""
+    proc, url = start_server(run_dir, "--deadline-ms", "0")  # nothing shed: every body is read and parsed
+    data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
+    body = request_body(data, 0)
+    body["user"]["history"] = [{"item_id": f"N{n % 100}"} for n in range(45_000)]
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    assert len(raw) < 1 << 20
+    try:
+        model = httpx.get(url + "/healthz").json()["model_pid"]
+        before = {pid: peak_rss_mb(pid) for pid in (proc.pid, model)}
+        headers = {"content-type": "application/json"}
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(
+                pool.map(lambda _: httpx.post(url + "/rerank", content=raw, headers=headers, timeout=60), range(32))
+            )
+        grown = {pid: peak_rss_mb(pid) - before[pid] for pid in before}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    limit = "user.history: 45000 items, more than the limit of 1000"
+    assert all(r.status_code == 413 and limit in r.json()["error"] for r in replies), replies[0].text
+    print(f"32 bodies of 45k history items: peak memory grew by {grown[proc.pid]:.0f} MB (server), "
+          f"{grown[model]:.0f} MB (model process)")  # fmt: skip
+    assert max(grown.values()) < 300, grown
