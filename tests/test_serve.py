@@ -1107,13 +1107,19 @@ def test_sigterm_with_200_stalled_connections_exits_within_the_grace_period(run_
 
 
 def test_a_model_process_that_exits_or_hangs_is_replaced_without_waiting_for_a_request(run_dir):
-    """The watchdog of the model process, with --model-timeout-seconds 2: killed while idle, the process is
-    replaced with no /rerank sent (/readyz is 503 meanwhile, then 200 again); stopped while idle, it is
-    found by its unanswered ping, killed and replaced; stopped while serving, its request gets a 500 naming
-    a request id after the model timeout (not a 504 after the much longer request timeout); killed while
-    serving, the requests in its batch get their 500 at once, before a new process has loaded (any queued
-    behind them a 503 with Retry-After). Every loss is counted."""
-    proc, url = start_server(run_dir, *("--model-timeout-seconds", "2", "--request-timeout-ms", "30000"))
+    """The watchdog of the model process, with --model-timeout-seconds 2 and LAST serial taking 0.8 s a
+    batch (--serial-seconds): killed while idle, the process is replaced with no /rerank sent (/readyz is 503
+    meanwhile, then 200 again); stopped while idle, it is found by its unanswered ping, killed and replaced;
+    stopped before it took a batch, the batch's request gets a retryable 503 after the model timeout (not a
+    504 after the much longer request timeout: nothing of it ran); stopped while computing a batch, that
+    request gets a 500 naming a request id after the model timeout; killed while computing a batch, the
+    batch's requests get their 500 at once, before a new process has loaded (any queued behind them a 503
+    with Retry-After). Every loss is counted by reason."""
+    proc, url = start_server(
+        run_dir,
+        *("--model-timeout-seconds", "2", "--request-timeout-ms", "30000", "--deadline-ms", "0"),
+        *("--mode", "serial", "--serial-steps", "100000", "--serial-seconds", "0.8"),
+    )
     data = PreparedDataset(json.loads((run_dir / "generator" / "config.json").read_text())["data"])
     good = request_body(data, 0)
 
@@ -1131,6 +1137,15 @@ def test_a_model_process_that_exits_or_hangs_is_replaced_without_waiting_for_a_r
             time.sleep(0.1)
         raise AssertionError(f"model process {old} was not replaced within {limit:g} s: {seen[-5:]}")
 
+    def computing(pool: ThreadPoolExecutor, n: int) -> list:
+        """``n`` requests sent, once their batch has been in the model process for 0.3 s (it is computing)."""
+        waiting = [pool.submit(httpx.post, url + "/rerank", json=good, timeout=60) for _ in range(n)]
+        deadline = time.time() + 10
+        while httpx.get(url + "/readyz", timeout=5).json()["batch_running_ms"] < 300:
+            assert time.time() < deadline, "no batch was sent to the model process"
+            time.sleep(0.02)
+        return waiting
+
     try:
         assert httpx.post(url + "/rerank", json=good, timeout=30).status_code == 200
         first = model_pid()
@@ -1139,39 +1154,40 @@ def test_a_model_process_that_exits_or_hangs_is_replaced_without_waiting_for_a_r
         os.kill(second, signal.SIGSTOP)  # idle: only the watchdog's ping can tell
         third, seen_hang = replaced(second)
         assert httpx.post(url + "/rerank", json=good, timeout=30).status_code == 200
-        os.kill(third, signal.SIGSTOP)  # right after a request: the next batch finds it stopped
+        os.kill(third, signal.SIGSTOP)  # right after a request: the next batch is sent but never taken
         started = time.perf_counter()
-        hung = httpx.post(url + "/rerank", json=good, timeout=60)
-        hung_seconds = time.perf_counter() - started
+        untaken = httpx.post(url + "/rerank", json=good, timeout=60)
+        untaken_seconds = time.perf_counter() - started
         fourth, _ = replaced(third)
-        os.kill(fourth, signal.SIGSTOP)  # holds the batch while it is killed
         with ThreadPoolExecutor(4) as pool:
-            waiting = [pool.submit(httpx.post, url + "/rerank", json=good, timeout=60) for _ in range(4)]
-            deadline = time.time() + 10
-            while httpx.get(url + "/readyz", timeout=5).json()["in_flight"] < 4:
-                assert time.time() < deadline, "the requests were not admitted"
-                time.sleep(0.02)
-            os.kill(fourth, signal.SIGKILL)
+            waiting = computing(pool, 1)
+            os.kill(fourth, signal.SIGSTOP)  # stopped in the middle of the batch
+            hung = waiting[0].result()
+        fifth, _ = replaced(fourth)
+        with ThreadPoolExecutor(4) as pool:
+            waiting = computing(pool, 4)
+            os.kill(fifth, signal.SIGKILL)
             killed = [f.result() for f in waiting]
         loading = model_pid()  # asked as soon as the answers came: the new process is still loading
-        fifth, _ = replaced(fourth)
+        sixth, _ = replaced(fifth)
         after = httpx.post(url + "/rerank", json=good, timeout=30)
         text = httpx.get(url + "/metrics").text
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert 503 in seen_exit and 503 in seen_hang, (seen_exit, seen_hang)
-    for old in (first, second, third, fourth):
+    for old in (first, second, third, fourth, fifth):
         with pytest.raises(ProcessLookupError):  # killed and reaped, none left behind
             os.kill(old, 0)
+    assert untaken.status_code == 503 and untaken.headers["retry-after"], untaken.text
+    assert 2.0 <= untaken_seconds < 15, untaken_seconds
     assert hung.status_code == 500 and hung.json()["request_id"] == hung.headers["x-request-id"], hung.text
-    assert 2.0 <= hung_seconds < 15, hung_seconds
     statuses = [r.status_code for r in killed]  # 500 in the killed batch; 503 (retry) for any queued behind it
     assert set(statuses) <= {500, 503} and 500 in statuses and loading is None, ([r.text for r in killed], loading)
     assert all(r.headers["retry-after"] for r in killed if r.status_code == 503)
-    assert after.status_code == 200 and fifth not in (None, fourth)
+    assert after.status_code == 200 and sixth not in (None, fifth)
     assert 'relist_model_processes_lost_total{reason="exited"} 2' in text
-    assert 'relist_model_processes_lost_total{reason="hung"} 2' in text
+    assert 'relist_model_processes_lost_total{reason="hung"} 3' in text
 
 
 def test_stalled_uploads_do_not_count_ahead_and_the_requests_behind_them_are_served(tmp_path):

@@ -167,6 +167,11 @@ class MicroBatcher:
     def waiting(self) -> int:
         return self.queue.qsize()
 
+    def running_for(self) -> float:
+        """Seconds the batch with the runner has run (0 when none runs)."""
+        size, started = self.running
+        return time.perf_counter() - started if size else 0.0
+
     def modelled_wait(self) -> float:
         """Seconds until a request admitted now is answered, as the batch times say: what is left of the
         batch running (which it cannot join), then the window and the batches of the other requests admitted
@@ -311,6 +316,13 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         """(reason, message, Retry-After) when a /rerank request arriving now is to be shed, else None."""
         if not runner.ready:
             return "model_unavailable", MODEL_UNAVAILABLE, str(max(1, ceil(runner.start_seconds)))
+        stuck = batcher.running_for()
+        if stuck * 1000 > settings.request_timeout_ms:  # it would time out behind that batch: say so at once
+            message = (
+                f"the model has run one batch for {stuck:.1f} s, longer than the request timeout of "
+                f"{settings.request_timeout_ms:g} ms"
+            )
+            return "model_stalled", message, "1"
         if batcher.waiting() >= settings.max_queue:  # shed rather than let every request wait
             return "queue_full", f"{settings.max_queue} requests already waiting", "1"
         if not batcher.admitted:  # nothing ahead: shedding cannot make it sooner (nor tell how long it takes)
@@ -456,15 +468,18 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         """Ready: the model process is up, the batcher runs, the queue has room, the expected wait is within
         the deadline and the open connections are within their bound."""
         running = batcher.running_ok and runner.ready
+        stuck = batcher.running_for() * 1000 > settings.request_timeout_ms  # a batch past the request timeout
         waiting, wait_ms = batcher.waiting(), batcher.expected_wait() * 1000
         in_time = not settings.deadline_ms or not batcher.admitted or wait_ms <= settings.deadline_ms
         connections = len(limits["connections"] or ())
         room = not settings.max_connections or connections <= settings.max_connections
-        body = {"ready": running and waiting < settings.max_queue and in_time and room, "waiting": waiting}
+        ready = running and not stuck and waiting < settings.max_queue and in_time and room
+        body = {"ready": ready, "waiting": waiting}
         body["expected_wait_ms"] = round(wait_ms, 1)
         body["in_flight"] = batcher.admitted  # admitted and not answered yet
         body["reading_bodies"] = reading["bodies"]  # requests whose bodies are still coming
         body["model_ready"] = runner.ready
+        body["batch_running_ms"] = round(batcher.running_for() * 1000, 1)
         body["connections"] = connections
         if body["ready"]:
             return body
@@ -532,15 +547,23 @@ def uvicorn_options(settings: ServeSettings) -> dict:
         # in-flight requests get the grace period less what closing the model process and the batcher takes
         # after them, so that the process is gone within --grace-seconds
         "timeout_graceful_shutdown": max(
-            settings.grace_seconds - shutdown_reserve(settings.grace_seconds) - UVICORN_STOP_SECONDS, 0.0
+            settings.grace_seconds - shutdown_reserve(settings.grace_seconds) - uvicorn_stop_seconds(settings.workers),
+            0.0,
         ),
     }
 
 
-# what uvicorn takes of the grace period besides the wait for in-flight requests: noticing the signal (it
-# looks every 0.1 s), closing the open connections (0.05-0.09 s for 200 on a busy 2-core machine) and
-# returning after the lifespan; measured, with 1 s of grace the process exited after 1.02-1.08 s without it
-UVICORN_STOP_SECONDS = 0.2
+def uvicorn_stop_seconds(workers: int) -> float:
+    """What uvicorn takes of the grace period besides the wait for in-flight requests (measured on a busy
+    2-core machine): noticing the signal (it looks every 0.1 s), closing the open connections (0.05-0.09 s
+    for 200) and returning after the lifespan, 0.2 s; with ``workers`` > 1 also its supervisor, which looks
+    for the signal every 0.5 s before it passes it on, and the worker processes' own exit and join, 1.2 s
+    more (idle, with 1 s of grace, two workers had exited 1.43-1.53 s after SIGTERM). With 1 s of grace
+    and 200 stalled connections one process exited after 1.02-1.08 s without the 0.2 s, 0.77-0.83 s with."""
+    return UVICORN_STOP_SECONDS + (SUPERVISOR_STOP_SECONDS if workers > 1 else 0.0)
+
+
+UVICORN_STOP_SECONDS, SUPERVISOR_STOP_SECONDS = 0.2, 1.2  # see uvicorn_stop_seconds
 
 
 def shutdown_reserve(grace: float) -> float:

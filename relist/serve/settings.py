@@ -12,6 +12,7 @@ LIMITS = "relist.limits"  # lifespan-state key of the limits the server's protoc
 # request-state key: {"admission": ...} of a /rerank request the protocol admitted from its headers (and
 # releases); None in it once the protocol let the admission go (the body stalled: the app admits it again)
 ADMITTED = "relist.admitted"
+MIN_GRACE_WITH_WORKERS = 2.0  # seconds (relist.serve.app.uvicorn_stop_seconds)
 
 
 @dataclass
@@ -65,9 +66,10 @@ class ServeSettings:
         "reads its answers) is closed",
     )
     model_timeout_seconds: float = option(
-        30.0,
+        10.0,
         help="a model process that has not answered a batch, or a ping while idle, within this long is taken as "
-        "hung: it is killed (its batch's requests get 500) and a new one started",
+        "hung: it is killed (its batch's requests get 500) and a new one started (a new one not loaded within "
+        "the larger of this and 4x the first start's time is killed too)",
     )
     max_id_chars: int = option(256, help="longest id accepted, in characters")
     threads: int = option(1, help="torch threads per worker process")
@@ -81,6 +83,11 @@ class ServeSettings:
         for name in (*timeouts, "model_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.workers > 1 and self.grace_seconds < MIN_GRACE_WITH_WORKERS:
+            raise ValueError(
+                f"serve: with --workers {self.workers}, --grace-seconds must be at least {MIN_GRACE_WITH_WORKERS:g} "
+                f"(uvicorn's supervisor and the worker processes' exit take about 1.5 s), got {self.grace_seconds:g}"
+            )
         if self.shed_pause_ms < 0:
             raise ValueError(f"serve: --shed-pause-ms must be 0 (off) or positive, got {self.shed_pause_ms}")
         if self.deadline_ms < 0:

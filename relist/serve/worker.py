@@ -120,6 +120,7 @@ def _sendable(err: BaseException) -> BaseException:
 
 
 PING, PONG = "ping", "pong"  # asks an idle model process whether it still answers, and its reply
+TAKEN = "taken"  # a model process's first reply to a batch: it has it (the answers follow)
 
 
 def model_main(conn) -> None:
@@ -130,9 +131,9 @@ def model_main(conn) -> None:
     SIGTERM ends it at once when idle, or after the batch it is running. It leaves with ``os._exit``: it
     holds nothing to flush, and the interpreter's teardown (torch's included) took most of a second of the
     server's grace period."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # before torch's import, which a Ctrl-C interrupted
     from relist.serve.service import Service  # torch and the models only here
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     state = {"busy": False, "stopping": False}
 
     def on_term(signum, frame):
@@ -153,9 +154,12 @@ def model_main(conn) -> None:
         except (EOFError, OSError):  # the server is gone
             break
         state["busy"] = True
-        reply = PONG if message == PING else serve_batch(service, message)
         try:
-            conn.send(reply)
+            if message == PING:
+                conn.send(PONG)
+            else:
+                conn.send(TAKEN)  # the server then knows this batch's requests reached a process
+                conn.send(serve_batch(service, message))
         except OSError:
             break
         state["busy"] = False
@@ -164,6 +168,12 @@ def model_main(conn) -> None:
 
 WATCH_EVERY = 0.1  # seconds between the watchdog's looks at the model process
 PING_AFTER = 1.0  # seconds without an exchange after which an idle model process is pinged
+REAP_SECONDS = 5.0  # how long a killed process is waited for (one in uninterruptible I/O may take longer)
+RESTART_BACKOFF = (1.0, 30.0)  # seconds between failed starts: the first, doubled up to the last
+
+
+class ModelStartFailed(RuntimeError):
+    """A model process exited, or did not load the models in time, while starting."""
 
 
 class ModelProcess:
@@ -174,33 +184,40 @@ class ModelProcess:
     A watchdog thread keeps the process serving without waiting for a request to find it broken:
     - a process that exited (killed, crashed, out of memory), busy or idle, is started again at once;
     - a batch not answered within ``hang_timeout`` seconds, or a ping (sent after ``PING_AFTER`` s idle)
-      not answered within it, means the process hung (stopped, deadlocked): it is killed and started again.
-    The batch in a process that exits or is killed fails at once (``ModelProcessExited``); while a new one
-    loads, ``ready`` is false and ``call`` raises ``ModelUnavailable`` (the server sheds with 503).
-    ``on_lost(reason)`` is told of every process lost, ``exited`` or ``hung``."""
+      not answered within it, means the process hung (stopped, deadlocked): it is killed and started again;
+    - a new process that has not loaded within ``max(hang_timeout, 4 x the first start's time)`` is killed
+      and another started; failed starts are retried after 1 s, doubling up to 30 s.
+    The batch in a process that exits or is killed fails at once (``ModelProcessExited``); a batch that
+    the process never took (it replies ``TAKEN`` first), or that finds a new one loading, gets
+    ``ModelUnavailable`` (the server answers 503 with Retry-After). ``on_lost(reason)`` is told of every
+    process lost (``exited``, ``hung``) and every failed start (``start_failed``). ``close`` also ends a
+    process that is still loading."""
 
     def __init__(
         self,
         settings,
         start_timeout: float = 600.0,
-        hang_timeout: float = 30.0,
+        hang_timeout: float = 10.0,
         on_lost: Callable[[str], None] | None = None,
     ):
-        self.settings, self.start_timeout, self.hang_timeout = settings, start_timeout, hang_timeout
+        self.settings, self.hang_timeout = settings, hang_timeout
         self.on_lost = on_lost or (lambda reason: None)
         self.lock = threading.Lock()  # one exchange on the connection at a time
         self.closing = False
+        self.stopped = threading.Event()
         self.busy_since: float | None = None  # monotonic time the batch in the process was sent
         self.killed_as_hung = False
+        self.loading: subprocess.Popen | None = None  # a process being started, until it is loaded
         self.start_seconds = 0.0  # how long the last start took (the Retry-After while restarting)
-        self.process, self.conn = self._spawn()
+        self.process, self.conn = self._spawn(start_timeout)
+        self.restart_timeout = max(hang_timeout, 4 * self.start_seconds)
         self.last_exchange = time.monotonic()
-        self.stopped = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="relist-model-watchdog", daemon=True)
         self.watchdog.start()
 
-    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
-        """A new model process with the service loaded (raises what loading raised)."""
+    def _spawn(self, timeout: float) -> tuple[subprocess.Popen, Connection]:
+        """A new model process with the service loaded within ``timeout`` seconds (raises what loading
+        raised, or ``ModelStartFailed``); given up at once when ``close`` is called meanwhile."""
         started = time.monotonic()
         ours, theirs = socket.socketpair()
         try:
@@ -211,19 +228,29 @@ class ModelProcess:
             )
         finally:
             theirs.close()
+        self.loading = process
         conn = Connection(ours.detach())
         try:
             conn.send(self.settings)
-            if not conn.poll(self.start_timeout):
-                process.kill()
-                raise RuntimeError(f"the model process did not load the models within {self.start_timeout:g} s")
+            while not conn.poll(WATCH_EVERY):  # in short looks, so that close() is heard
+                if self.closing or time.monotonic() - started > timeout:
+                    why = "the server is closing" if self.closing else f"not loaded within {timeout:g} s"
+                    raise ModelStartFailed(f"the model process was stopped while loading the models ({why})")
             kind, value = conn.recv()
         except (EOFError, OSError):
-            code = process.wait()
+            _reap(process)
             conn.close()
-            raise RuntimeError(f"the model process exited while loading the models (status {code})") from None
+            raise ModelStartFailed(
+                f"the model process exited while loading the models (status {process.returncode})"
+            ) from None
+        except ModelStartFailed:
+            _reap(process, kill=True)
+            conn.close()
+            raise
+        finally:
+            self.loading = None
         if kind == "failed":
-            process.wait()
+            _reap(process)
             conn.close()
             raise value
         self.start_seconds = time.monotonic() - started
@@ -242,14 +269,21 @@ class ModelProcess:
     def call(self, bodies: list[bytes]) -> list[Answer]:
         with self.lock:
             conn = self.conn
+            if conn is not None and self.process.poll() is not None:  # gone before this batch reached it
+                self._lost()
+                conn = None
             if conn is None or self.closing:
                 raise ModelUnavailable("the model process is starting again (the last one exited or hung)")
             self.busy_since = time.monotonic()
+            taken = False
             try:
                 conn.send(bodies)
+                taken = conn.recv() == TAKEN
                 return conn.recv()
             except (EOFError, OSError):
                 reason = self._lost()
+                if not taken:  # it went before it read the batch: nothing of these requests ran
+                    raise ModelUnavailable("the model process exited before this batch reached it") from None
                 raise ModelProcessExited(
                     f"the model process {'hung and was killed' if reason == 'hung' else 'exited'} "
                     "while serving this batch"
@@ -259,7 +293,7 @@ class ModelProcess:
                 self.last_exchange = time.monotonic()
 
     def _lost(self) -> str:
-        """The connection to the process broke (lock held): forget it; the watchdog starts a new one."""
+        """The process is gone or its connection broke (lock held): forget it; the watchdog starts another."""
         reason = "hung" if self.killed_as_hung else "exited"
         self.killed_as_hung = False
         self.conn.close()
@@ -271,13 +305,19 @@ class ModelProcess:
 
     # ---- the watchdog ------------------------------------------------------------------------------------
     def _watch(self) -> None:
+        failures = 0
         while not self.stopped.wait(WATCH_EVERY) and not self.closing:
             busy = self.busy_since
             if busy is not None:
                 if time.monotonic() - busy > self.hang_timeout:
                     self._kill_hung(f"a batch was not answered within {self.hang_timeout:g} s")
             elif self.conn is None or self.process.poll() is not None:
-                self._restart()
+                if self._restart():
+                    failures = 0
+                else:
+                    failures += 1
+                    first, most = RESTART_BACKOFF
+                    self.stopped.wait(min(first * 2 ** (failures - 1), most))
             elif time.monotonic() - self.last_exchange > PING_AFTER:
                 self._ping()
 
@@ -303,49 +343,50 @@ class ModelProcess:
                 return
             if not answered:
                 self._kill_hung(f"a ping was not answered within {self.hang_timeout:g} s")
-                self.process.wait()
+                _reap(self.process)
                 self._lost()
             self.last_exchange = time.monotonic()
         finally:
             self.lock.release()
 
-    def _restart(self) -> None:
-        """Reap the process that is gone and start a new one (retried by the next look if it fails)."""
+    def _restart(self) -> bool:
+        """Reap the process that is gone and start a new one; False if the start failed (told to on_lost)."""
         with self.lock:
             if self.conn is not None:  # it exited while idle: nobody noticed the connection break
                 self._lost()
+        _reap(self.process)
         try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        try:
-            process, conn = self._spawn()
-        except Exception as err:  # noqa: BLE001 - logged; the next look tries again
-            log.error("serve: a new model process failed to start: %s", err)
-            self.stopped.wait(1.0)
-            return
+            process, conn = self._spawn(self.restart_timeout)
+        except Exception as err:  # noqa: BLE001 - logged and counted; the watchdog tries again
+            if not self.closing:
+                log.error("serve: a new model process failed to start: %s", err)
+                self.on_lost("start_failed")
+            return False
         with self.lock:
             if self.closing:
-                process.kill()
-                process.wait()
+                _reap(process, kill=True)
                 conn.close()
-                return
+                return True
             self.process, self.conn = process, conn
+            self.killed_as_hung = False
             self.last_exchange = time.monotonic()
         log.warning("serve: model process %d serving (started in %.1f s)", process.pid, self.start_seconds)
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """End the model process: SIGTERM (it finishes a batch it is running), then SIGKILL after ``timeout``."""
+        """End the model process: SIGTERM (it finishes a batch it is running), then SIGKILL after ``timeout``;
+        a process still loading is killed."""
         self.closing = True
         self.stopped.set()
+        loading = self.loading
+        if loading is not None:
+            _reap(loading, kill=True)
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                _reap(self.process, kill=True)
         if self.lock.acquire(timeout=0.2):  # whoever holds it is told of the exit at once
             try:
                 if self.conn is not None:
@@ -353,6 +394,22 @@ class ModelProcess:
                     self.conn = None
             finally:
                 self.lock.release()
+        self.watchdog.join(timeout=0.2)  # it gives up a start as soon as it looks again
+
+
+def _reap(process: subprocess.Popen, kill: bool = False) -> None:
+    """Wait for ``process`` to exit (killing it first if ``kill`` or if it has not exited within
+    ``REAP_SECONDS``), at most ``REAP_SECONDS`` after the kill: no zombie is left unless the kernel keeps it."""
+    if kill and process.poll() is None:
+        process.kill()
+    try:
+        process.wait(REAP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        try:
+            process.wait(REAP_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.error("serve: model process %d did not exit after SIGKILL", process.pid)
 
 
 if __name__ == "__main__":  # the module's own copy, so that what it pickles names relist.serve.worker
