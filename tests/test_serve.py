@@ -1265,3 +1265,43 @@ def test_32_concurrent_bodies_of_45k_history_items_leave_the_memory_bounded(run_
     print(f"32 bodies of 45k history items: peak memory grew by {grown[proc.pid]:.0f} MB (server), "
           f"{grown[model]:.0f} MB (model process)")  # fmt: skip
     assert max(grown.values()) < 300, grown
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the model processes in /proc")
+def test_sigterm_while_a_new_model_process_loads_leaves_no_process_behind(run_dir):
+    """Killed, the model process is replaced; a SIGTERM while the new one is still loading ends the server
+    within its grace period and the loading process with it (it was left running, orphaned, until it tried
+    to say it was ready)."""
+    proc, url = start_server(run_dir, "--grace-seconds", "2")
+    try:
+        first = httpx.get(url + "/healthz").json()["model_pid"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.time() + 10
+        while not (loading := [p for p in child_pids(proc.pid) if p != first]):
+            assert time.time() < deadline, "no new model process was started"
+            time.sleep(0.01)
+        time.sleep(0.3)  # it is loading torch and the models
+        assert httpx.get(url + "/healthz").json()["model_pid"] is None  # not loaded yet
+        started = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        exited = time.perf_counter() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)
+    left = [p for p in loading if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()]
+    assert exited < 2.0 and not left, (exited, left)
