@@ -113,8 +113,8 @@ def test_a_saved_last_model_loads_by_name_in_a_fresh_interpreter(name, tmp_path)
     model.save(tmp_path / name)
     torch.save(random_batch(3), tmp_path / "batch.pt")
     torch.save(model.score(random_batch(3)), tmp_path / "scores.pt")
-    code = (
-        "import sys, torch\n"
+    code = (  # the same torch threads as here: another count may sum in another order (not bit-equal)
+        f"import sys, torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
         "from relist.rerankers import load_reranker\n"
         f"model = load_reranker({str(tmp_path / name)!r}).eval()\n"
         f"batch = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=False)\n"

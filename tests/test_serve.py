@@ -1106,6 +1106,7 @@ def test_sigterm_with_200_stalled_connections_exits_within_the_grace_period(run_
         os.kill(model, 0)
 
 
+@pytest.mark.slow  # a real server of its own, 25-65 s
 def test_a_model_process_that_exits_or_hangs_is_replaced_without_waiting_for_a_request(run_dir):
     """The watchdog of the model process, with --model-timeout-seconds 2 and LAST serial taking 0.8 s a
     batch (--serial-seconds): killed while idle, the process is replaced with no /rerank sent (/readyz is 503
@@ -1238,6 +1239,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from /proc")
+@pytest.mark.slow  # a real server of its own, 25-65 s
 def test_32_concurrent_bodies_of_45k_history_items_leave_the_memory_bounded(run_dir):
     """32 concurrent bodies of almost 1 MiB, each a history of 45,000 clicks (the audit's case: the server went
     from 437 MB to 4.68 GB): each gets 413 naming the limit (--max-history), and neither the server's nor its model
@@ -1281,6 +1283,7 @@ def child_pids(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the model processes in /proc")
+@pytest.mark.slow  # a real server of its own, 25-65 s
 def test_sigterm_while_a_new_model_process_loads_leaves_no_process_behind(run_dir):
     """Killed, the model process is replaced; a SIGTERM while the new one is still loading ends the server
     within its grace period and the loading process with it (it was left running, orphaned, until it tried
