@@ -444,9 +444,9 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
                 release(admission)
         if outcome.status == 200:
             return Response(outcome.body, media_type="application/json")
-        if outcome.status == 503:  # the model process went while this request waited for its batch
+        if outcome.status == 503:  # the model process went before it took this request's batch
             retry = {"Retry-After": str(max(1, ceil(runner.start_seconds)))}
-            return answer(request, 503, f"{MODEL_UNAVAILABLE}; retry shortly", "model_unavailable", retry)
+            return answer(request, 503, f"{outcome.message}; retry shortly", "model_unavailable", retry)
         if outcome.status < 500:
             reason = {400: "malformed_json", 413: "too_large"}.get(outcome.status, "invalid_request")
             return answer(request, outcome.status, outcome.message, reason)
@@ -465,17 +465,14 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
 
     @app.get("/readyz")
     async def readyz(request: Request):
-        """Ready: the model process is up, the batcher runs, the queue has room, the expected wait is within
-        the deadline and the open connections are within their bound."""
-        running = batcher.running_ok and runner.ready
-        stuck = batcher.running_for() * 1000 > settings.request_timeout_ms  # a batch past the request timeout
-        waiting, wait_ms = batcher.waiting(), batcher.expected_wait() * 1000
-        in_time = not settings.deadline_ms or not batcher.admitted or wait_ms <= settings.deadline_ms
+        """Ready: the batcher runs, a /rerank request arriving now would not be shed (``overloaded``: the
+        model process is up, no batch is past the request timeout, the queue has room, the expected wait is
+        within the deadline) and the open connections are within their bound."""
+        verdict = overloaded()
         connections = len(limits["connections"] or ())
         room = not settings.max_connections or connections <= settings.max_connections
-        ready = running and not stuck and waiting < settings.max_queue and in_time and room
-        body = {"ready": ready, "waiting": waiting}
-        body["expected_wait_ms"] = round(wait_ms, 1)
+        body = {"ready": batcher.running_ok and verdict is None and room, "waiting": batcher.waiting()}
+        body["expected_wait_ms"] = round(batcher.expected_wait() * 1000, 1)
         body["in_flight"] = batcher.admitted  # admitted and not answered yet
         body["reading_bodies"] = reading["bodies"]  # requests whose bodies are still coming
         body["model_ready"] = runner.ready
