@@ -725,25 +725,43 @@ def test_batch_time_is_a_line_in_the_batch_size():
 def test_the_expected_wait_counts_what_is_left_of_the_running_batch():
     """A request admitted while a batch runs waits for what is left of it, then for its own batch: with a
     batch of 32 running for 100 of its 340 ms, 10 more requests queued and batches of 20 ms + 10 ms a request,
-    the next one expects 240 + 2 (window) + 20 + 11 x 10 ms; and it is scaled by the calibration."""
-    from relist.serve.app import Admission, MicroBatcher
+    the next one expects 240 + 2 (window) + 20 + 11 x 10 ms."""
+    from relist.serve.app import MicroBatcher
     from relist.serve.metrics import ServiceMetrics
 
     batcher = MicroBatcher(None, window_ms=2, max_batch=64, metrics=ServiceMetrics())
+    assert batcher.expected_wait() == 0.0  # nothing known before any batch
     for size in (1, 64) * 50:
         batcher.batch_time.add(size, 0.020 + 0.010 * size)
-    batcher.admitted = 42
-    batcher.running = (32, time.perf_counter() - 0.100)
-    assert batcher.modelled_wait() == pytest.approx(0.240 + 0.002 + 0.020 + 0.110, abs=0.005)
-    batcher.calibration = 2.0
-    assert batcher.expected_wait() == pytest.approx(2 * batcher.modelled_wait(), rel=0.01)
-    # a request that took twice what was modelled moves the calibration towards 2; one never answered does not
-    batcher.calibration = 1.0
-    batcher.settle(Admission(time.perf_counter() - 0.2, 0.1))
-    assert batcher.calibration > 1.0 and batcher.admitted == 41
-    before = batcher.calibration
-    batcher.settle(Admission(time.perf_counter() - 5.0, 0.1), answered=False)
-    assert batcher.calibration == before and batcher.admitted == 40
+    now = time.perf_counter()
+    batcher.live = {k: now - 0.150 + k * 1e-6 for k in range(42)}
+    batcher.running = (32, now - 0.100)
+    assert batcher.admitted == 42
+    assert batcher.expected_wait() == pytest.approx(0.240 + 0.002 + 0.020 + 0.110, abs=0.005)
+
+
+def test_the_deadline_bounds_the_longest_wait_in_the_batch_a_request_joins():
+    """A batch is answered all at once, so a request joining one delays those admitted into it before: with
+    the oldest of the next batch admitted 150 ms ago, the check adds its wait so far to the newcomer's expected
+    wait; a request that would open a batch of its own (none waiting, or the next batch full) is checked on
+    its own wait. Admissions are kept oldest first and each leaves when it is settled."""
+    from relist.serve.app import MicroBatcher
+    from relist.serve.metrics import ServiceMetrics
+
+    batcher = MicroBatcher(None, window_ms=2, max_batch=4, metrics=ServiceMetrics())
+    for size in (1, 4) * 50:
+        batcher.batch_time.add(size, 0.020 + 0.010 * size)
+    batcher.running = (4, time.perf_counter())
+    running = [batcher.admit() for _ in range(4)]
+    assert batcher.batch_wait() == pytest.approx(batcher.expected_wait(), abs=1e-3)  # nobody waiting
+    waiting = batcher.admit()
+    batcher.live[waiting.key] = waiting.at - 0.150  # the oldest of the next batch came 150 ms ago
+    assert batcher.batch_wait() == pytest.approx(0.150 + batcher.expected_wait(), abs=0.005)
+    more = [batcher.admit() for _ in range(3)]  # the next batch is full: a newcomer opens the one after
+    assert batcher.batch_wait() == pytest.approx(batcher.expected_wait(), abs=1e-3)
+    for admission in (*running, waiting, *more):
+        batcher.settle(admission)
+    assert batcher.admitted == 0 and batcher.live == {}
 
 
 def test_ids_of_fields_without_a_vocabulary_are_canonical_ascii_numbers():

@@ -268,7 +268,7 @@ class ServeProtocol(H11Protocol):
         """A request admitted from its bytes that will never reach the app (bad HTTP, connection lost)."""
         if self.pre_admitted is not None:
             admission, self.pre_admitted = self.pre_admitted, None
-            self.release(admission, answered=False)
+            self.release(admission)
 
     def send_400_response(self, msg: str) -> None:
         self._count("", 400, "bad_http")
@@ -282,7 +282,7 @@ class ServeProtocol(H11Protocol):
         admission, self.pre_admitted = self.pre_admitted, None
         if self.max_connections and len(self.connections) > self.max_connections:
             if admission is not None:
-                self.release(admission, answered=False)
+                self.release(admission)
             if scope.get("method") == "GET" and scope.get("path") in PROBES:
 
                 async def closing(message) -> None:  # answered, then the connection goes
@@ -321,7 +321,7 @@ class ServeProtocol(H11Protocol):
         counting among the requests ahead (the app admits it again once its body is read): stalled uploads
         made every request behind them expect a wait they never caused, and be shed."""
         if cycle is self.cycle and cycle.more_body and held["admission"] is not None:
-            self.release(held["admission"], answered=False)
+            self.release(held["admission"])
             held["admission"] = None
 
     async def _refuse(self, scope, send, reason: str, message: str, retry_after: str, close: bool) -> None:

@@ -30,8 +30,8 @@ class ServeSettings:
     max_queue: int = option(256, help="requests waiting for a batch before new ones are shed (503, Retry-After)")
     deadline_ms: float = option(
         500.0,
-        help="shed a request (503, Retry-After) once its expected wait (the requests admitted ahead of it x the "
-        "recent service time per request) is longer than this; 0: off",
+        help="shed a request (503, Retry-After) once admitting it would have a request wait longer than this (the "
+        "longest-waiting one of the batch it would join, as the recent batch times say); 0: off",
     )
     shed_pause_ms: float = option(
         100.0,
