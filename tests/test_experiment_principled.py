@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,22 +79,36 @@ def test_resume_keeps_finished_runs_and_redoes_missing_ones(tmp_path):
         "3",
         "--batch-size",
         "32",
+        "--variants",
+        "base,+P2",
         "--out",
         str(tmp_path / "exp"),
         "--no-progress",
     ]
     assert main(args) == 0
     runs = tmp_path / "exp" / "runs" / "midnn"
+    assert sorted(p.name for p in runs.iterdir()) == ["+P2", "base"]  # only the variants asked for
     kept = runs / "base" / "seed0" / "metrics.json"
     before = kept.stat().st_mtime_ns, kept.read_text()
+    summary = (tmp_path / "exp" / "summary.md").read_text()
     (runs / "+P2" / "seed0" / "metrics.json").unlink()  # as if the run had been interrupted
+    for name in ("best", "checkpoint"):  # a finished run kept as its record only: no weights
+        shutil.rmtree(runs / "base" / "seed0" / name)
     first = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
+    assert {r["variant"] for r in first} == {"base", "+P2"}
     assert main(args) == 2  # an existing OUT is refused without --resume or --overwrite
     assert main(args + ["--resume"]) == 0
     assert (kept.stat().st_mtime_ns, kept.read_text()) == before  # finished runs are not trained again
     assert (runs / "+P2" / "seed0" / "metrics.json").is_file()
     again = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
     assert [(r["variant"], r["test_ndcg@10"]) for r in again] == [(r["variant"], r["test_ndcg@10"]) for r in first]
+    assert (tmp_path / "exp" / "summary.md").read_text() == summary  # the record stood in for the weights
+    record = runs / "base" / "seed0" / "test_lists.safetensors"
+    kept.write_text(kept.read_text() + " ")  # a record of another metrics.json is not read: the weights are gone
+    with pytest.raises(FileNotFoundError, match="best"):
+        run_experiment(_config("principled", *args[2:], "--resume"))
+    kept.write_text(before[1])
+    assert record.is_file()
     metrics = json.loads(kept.read_text())  # a finished run selected on another metric is never mixed in
     metrics["config"]["select_metric"] = "ndcg@10"
     kept.write_text(json.dumps(metrics))

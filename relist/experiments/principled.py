@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from relist.data.store import PreparedDataset
 from relist.experiments.plots import metric_axis
 from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings
 from relist.grid import run_tasks
-from relist.io import atomic_write_csv
+from relist.io import atomic_save_tensors, atomic_write_csv, file_digest
 from relist.metrics import list_metrics, logged_order_scores
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import REGISTRY, reranker_class
@@ -72,6 +73,11 @@ class PrincipledExperimentConfig:
         ("prm", "dlcm", "setrank", "midnn", "pear", "raise"),
         help="re-rankers to train",
         choices=tuple(sorted(REGISTRY)),
+    )
+    variants: tuple[str, ...] = option(
+        VARIANTS,
+        help="which of the paper's four variants to train (base is what the others are compared with)",
+        choices=VARIANTS,
     )
     max_steps: int = option(0, help="cap on optimiser steps per run (0: none)")
     cross_fit: int = option(
@@ -128,10 +134,12 @@ def plan_runs(cfg: PrincipledExperimentConfig, data_dir: Path) -> list[tuple[str
         resume=cfg.resume,
     )
     seeds = [protocol.seed + s for s in range(protocol.seeds)]
+    weights = variant_weights(protocol)
     jobs = [
-        (m, v, seed, {"p1_weight": w1, "p2_weight": w2})
+        (m, v, seed, {"p1_weight": weights[v][0], "p2_weight": weights[v][1]})
         for m in cfg.models
-        for v, (w1, w2) in variant_weights(protocol).items()
+        for v in VARIANTS
+        if v in cfg.variants
         for seed in seeds
     ]
     if cfg.sweep_model:
@@ -215,7 +223,7 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
                 f"{run_dir} was selected on {selected_on}, this experiment selects on "
                 f"{select_metric}; run it again without --resume"
             )
-        per_list.setdefault((model, variant), []).append(_test_lists(load_reranker(run_dir / "best").score, data))
+        per_list.setdefault((model, variant), []).append(run_test_lists(run_dir, data))
         row = {
             "model": model,
             "variant": variant,
@@ -243,6 +251,28 @@ def train_run(run_cfg: TrainConfig) -> None:
     train(run_cfg)
 
 
+def run_test_lists(run_dir: Path, data: PreparedDataset) -> dict[str, np.ndarray]:
+    """A finished run's ``_test_lists``, kept in its directory (``TEST_LISTS``) with the data's content hash
+    and its metrics.json's digest, so that a summary reads them back rather than loading the weights and
+    scoring the test lists again: a run's record (metrics.json, history.jsonl and this file, a few hundred
+    kB) is all ``--resume`` needs, and results can be kept without their weights. A record of other data,
+    or of an earlier run in the same directory, is computed again from the weights."""
+    path, stamp = (
+        run_dir / TEST_LISTS,
+        {
+            "data_content_hash": data.manifest["content_hash"],
+            "metrics_sha256": file_digest(run_dir / "metrics.json"),
+        },
+    )
+    if path.is_file():
+        with safe_open(str(path), framework="np") as saved:
+            if saved.metadata() == stamp:
+                return {m: saved.get_tensor(m) for m in COMPARED}
+    lists = _test_lists(load_reranker(run_dir / "best").score, data)
+    atomic_save_tensors({m: torch.from_numpy(v) for m, v in lists.items()}, path, metadata=stamp)
+    return lists
+
+
 def _test_lists(score_fn, data: PreparedDataset) -> dict[str, np.ndarray]:
     """NDCG@10 and MAP@10 of every test list, in the store's order."""
     per, _, _ = list_metrics(score_fn, data.batches("test", 512), ks=(10,))
@@ -250,6 +280,7 @@ def _test_lists(score_fn, data: PreparedDataset) -> dict[str, np.ndarray]:
 
 
 COMPARED = ("ndcg@10", "map@10")
+TEST_LISTS = "test_lists.safetensors"
 
 
 def _comparison_table(title: str, pairs: list[tuple[str, str, np.ndarray, np.ndarray]], note: str) -> str:
@@ -429,11 +460,12 @@ def metrics_figure(rows: list[dict], initial: dict, models: list[str]):
     import matplotlib.pyplot as plt
 
     seeds = len({r["seed"] for r in rows})
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / len(VARIANTS)
+    width = 0.8 / len(variants)
     for ax, metric in zip(axes, ("ndcg@10", "map@10")):
         tops, bottoms = [initial[metric]], [initial[metric]]
-        for k, variant in enumerate(VARIANTS):
+        for k, variant in enumerate(variants):
             groups = [_group(rows, m, variant, f"test_{metric}") for m in models]
             means = np.array([np.mean(g) if g else np.nan for g in groups])
             cis = np.nan_to_num([t_ci95(g) if len(g) > 1 else 0.0 for g in groups])
@@ -441,7 +473,7 @@ def metrics_figure(rows: list[dict], initial: dict, models: list[str]):
             tops += list(means + cis)
             bottoms += list(means - cis)
         ax.axhline(initial[metric], color="black", linestyle="--", label="initial ranker")
-        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
+        ax.set_xticks(np.arange(len(models)) + (len(variants) - 1) * width / 2, models)
         ax.set_title(f"test {metric} ({seeds_interval(seeds, 'over seeds')})", fontsize=9)
         metric_axis(ax, tops, bottoms, label=metric)
     axes[0].legend(fontsize=7)
