@@ -755,7 +755,7 @@ def test_the_deadline_bounds_the_longest_wait_in_the_batch_a_request_joins():
     running = [batcher.admit() for _ in range(4)]
     assert batcher.batch_wait() == pytest.approx(batcher.expected_wait(), abs=1e-3)  # nobody waiting
     waiting = batcher.admit()
-    batcher.live[waiting.key] = waiting.at - 0.150  # the oldest of the next batch came 150 ms ago
+    batcher.live[waiting.key] -= 0.150  # the oldest of the next batch came 150 ms ago
     assert batcher.batch_wait() == pytest.approx(0.150 + batcher.expected_wait(), abs=0.005)
     more = [batcher.admit() for _ in range(3)]  # the next batch is full: a newcomer opens the one after
     assert batcher.batch_wait() == pytest.approx(batcher.expected_wait(), abs=1e-3)

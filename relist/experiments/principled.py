@@ -254,16 +254,12 @@ def train_run(run_cfg: TrainConfig) -> None:
 def run_test_lists(run_dir: Path, data: PreparedDataset) -> dict[str, np.ndarray]:
     """A finished run's ``_test_lists``, kept in its directory (``TEST_LISTS``) with the data's content hash
     and its metrics.json's digest, so that a summary reads them back rather than loading the weights and
-    scoring the test lists again: a run's record (metrics.json, history.jsonl and this file, a few hundred
-    kB) is all ``--resume`` needs, and results can be kept without their weights. A record of other data,
+    scoring the test lists again: a run's record (metrics.json, history.jsonl and this file, tens to hundreds
+    of kB) is all ``--resume`` needs, and results can be kept without their weights. A record of other data,
     or of an earlier run in the same directory, is computed again from the weights."""
-    path, stamp = (
-        run_dir / TEST_LISTS,
-        {
-            "data_content_hash": data.manifest["content_hash"],
-            "metrics_sha256": file_digest(run_dir / "metrics.json"),
-        },
-    )
+    path = run_dir / TEST_LISTS
+    metrics_sha256 = file_digest(run_dir / "metrics.json")
+    stamp = {"data_content_hash": data.manifest["content_hash"], "metrics_sha256": metrics_sha256}
     if path.is_file():
         with safe_open(str(path), framework="np") as saved:
             if saved.metadata() == stamp:

@@ -114,9 +114,9 @@ class BatchTime:
 
 
 class Admission(NamedTuple):
-    """An admitted request: when, and its key among the requests admitted and not answered yet."""
+    """An admitted request: its key among the requests admitted and not answered yet (``MicroBatcher.live``,
+    which holds when each was admitted)."""
 
-    at: float
     key: int
 
 
@@ -196,9 +196,9 @@ class MicroBatcher:
         have waited when that batch is answered: its wait so far plus ``expected_wait``. A batch is answered
         all at once, so each request admitted into it delays the ones admitted before it; bounding only the
         newcomer's own wait, as this once did, let the requests wait 1.1x the deadline at the median and 1.9x
-        at the 99th percentile (LAST-8, 256 clients retrying at once). The requests
-        admitted are taken to be batched in the order they were admitted (the running batch holds the
-        oldest), which holds but for a body that comes late."""
+        at the 99th percentile (LAST-8, 256 clients retrying at once). The requests admitted are taken to be
+        batched in the order they were admitted (the running batch holds the oldest), which holds but for a
+        body that comes late."""
         size = self.running[0]
         ahead = self.admitted - size  # admitted, not in the running batch
         if ahead <= 0 or ahead % self.max_batch == 0:  # it would open a batch of its own
@@ -208,8 +208,8 @@ class MicroBatcher:
         return time.perf_counter() - at + self.expected_wait()
 
     def admit(self) -> Admission:
-        admission = Admission(time.perf_counter(), next(self.keys))
-        self.live[admission.key] = admission.at
+        admission = Admission(next(self.keys))
+        self.live[admission.key] = time.perf_counter()
         return admission
 
     def settle(self, admission: Admission) -> None:
