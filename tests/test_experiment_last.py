@@ -146,3 +146,43 @@ def test_protocol_file_sets_lasts_methods_and_the_command_line_wins():
     methods, _ = methods_of(mine.last)
     assert "best-of-3 sampling" in methods and methods["LAST serial"].serial_steps == 3
     assert {m.scale for m in methods.values()} == {0.02} and mine.last.epochs == 2
+
+
+@pytest.mark.slow  # five seeds' runs (about a minute); the executors' and records' plumbing is shared with principled
+def test_resume_keeps_recorded_seeds_and_the_truth_judges_and_tops_the_ladder(tmp_path):
+    """--truth adds the true click model as a judge (offline, online) and as the ladder's oracle rung, whose
+    order agreement with itself is exactly 1; --resume runs only the seeds without a record of the same
+    settings, and gives what a fresh run gives."""
+    torch.set_num_threads(1)
+    _world(tmp_path)
+    args = ["experiment", "last", "--data", str(tmp_path / "data"), "--ranker", str(tmp_path / "ranker"),
+            "--sim", str(tmp_path / "sim"), "--truth", str(tmp_path / "sim"), "--epochs", "1",
+            "--max-steps", "2", "--batch-size", "32", "--users", "12", "--sweep-seeds", "1", "--fractions", "1",
+            "--noise", "3", "--offset-kinds", "activations", "--offset-steps", "0/0/6/7", "--steps", "0,0,6,7",
+            "--delays", "0"]  # fmt: skip
+    out = tmp_path / "resumed"
+    assert main(args + ["--out", str(out), "--seeds", "1"]) == 0
+    record = out / "runs" / "seed0" / "record.safetensors"
+    first = record.stat().st_mtime_ns
+    assert main(args + ["--out", str(out), "--seeds", "2"]) != 0  # OUT exists: --resume or --overwrite
+    assert main(args + ["--out", str(out), "--seeds", "2", "--resume"]) == 0
+    assert record.stat().st_mtime_ns == first  # seed 0 was read, not run again
+    assert (out / "runs" / "seed1" / "record.safetensors").is_file()
+    assert main(args + ["--out", str(tmp_path / "fresh"), "--seeds", "2"]) == 0
+    assert (out / "results.csv").read_text() == (tmp_path / "fresh" / "results.csv").read_text()
+    assert (out / "summary.md").read_text() == (tmp_path / "fresh" / "summary.md").read_text()
+
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(r["truth_clicks"] for r in rows if r["study"] == "offline")
+    assert {r["seed"] for r in rows if r["study"] == "online_truth"} == {"0", "1"}
+    ladder = {r["method"]: r for r in rows if r["study"] == "quality"}
+    assert float(ladder["true click model (oracle ceiling)"]["order_agreement"]) == 1.0
+    assert float(ladder["evaluator 100% + noise 3"]["order_agreement"]) < 1.0
+    summary = (out / "summary.md").read_text()
+    assert "### Online comparisons (the true click model's users)" in summary
+    assert "| LAST parallel | generator greedy | truth_clicks |" in summary
+
+    # another setting: the recorded seed is of other settings and runs again
+    assert main(args + ["--out", str(out), "--seeds", "1", "--resume", "--users", "10"]) == 0
+    assert record.stat().st_mtime_ns != first

@@ -9,15 +9,22 @@ trained on the re-ranking data; then
 - online, through the A/B harness on the simulator (a different model family from the evaluator): every
   method behind the same initial ranker, same users and random numbers; clicks per request and per user
   with paired CIs over (seed, user) units, lifts against generator greedy;
-- evaluator quality: evaluators trained on fractions of the train lists and the full one with Gaussian
-  noise on its logits; LAST's lift over greedy (offline NDCG@10, the full evaluator's score as judge, and
-  simulator clicks per request) against each evaluator's test AUC;
+- evaluator quality (the paper's open question), a ladder: evaluators trained on fractions of the train
+  lists, the full one with Gaussian noise on its logits and, given ``--truth``, the true click model itself
+  (the oracle ceiling); LAST's lift over greedy (offline NDCG@10 and the judges' expected clicks, online
+  clicks per request) against each evaluator's test AUC and its order agreement (how often it ranks two
+  orders of the same items as the judge does: what LAST's selection and gradient rely on);
 - offsets: activations vs pointer layers vs decoder vs all weights, and step-size lists (offline).
 - delayed feedback: LAST against classic online learning, a copy of the generator fine-tuned on the clicks
   its own lists got, arriving ``D`` requests later (``--delays``), on the same simulated traffic.
 
+On a synthetic world, ``--truth`` (a ``relist sim truth`` simulator of the same world) adds the true click
+model as a judge: offline (``truth_clicks``), online (its own users) and as the ladder's oracle evaluator.
+
 Each seed is one task of ``relist.grid`` (``--jobs N`` worker processes or ``--ray-address``), on
-``--threads`` torch threads wherever it runs, so the results do not depend on the executor. LAST's step
+``--threads`` torch threads wherever it runs, so the results do not depend on the executor. A finished
+seed leaves its record (``runs/seedN/record.safetensors``: its rows and per-list and per-user outcomes,
+stamped with the data, the simulators and the settings), so ``--resume`` runs only the seeds without one. LAST's step
 sizes (K = their number), offsets, scale and discount, the serial rounds, the principled baseline's λ and
 perturbation, model sizes and the studies' settings are options (``relist.experiments.protocol``; one
 protocol file serves this experiment and ``relist experiment principled``); the defaults are the official
@@ -37,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from relist.batch import rank, without_initial_score
 from relist.config import option
@@ -44,6 +52,7 @@ from relist.data.store import PreparedDataset
 from relist.experiments.plots import metric_axis, wrap_label
 from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings, parse_steps
 from relist.grid import run_tasks
+from relist.io import atomic_save_tensors, file_digest
 from relist.last import Last, LastConfig
 from relist.metrics import group_auc, per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
@@ -52,7 +61,7 @@ from relist.rerankers.evaluator import load_evaluator
 from relist.runtime import resolve_device
 from relist.sim.abtest import markdown, simulate, summarise
 from relist.sim.policies import LastStage, PolicyContext, RerankPolicy, _load_ranker, score_order
-from relist.sim.store import load_simulator
+from relist.sim.store import WEIGHTS, load_simulator, read_config
 from relist.stats import (
     SEEDS_AND_LISTS,
     SEEDS_AND_USERS,
@@ -75,10 +84,15 @@ from relist.train import (
 )
 
 log = logging.getLogger("relist")
-OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "sim_clicks", "evaluator")
-# the judges of the offline comparisons: test labels and the simulator's click model; never "evaluator",
-# the score LAST selects its candidate by (greedy is one of the candidates, so LAST >= greedy there always)
-JUDGED = ("ndcg@10", "sim_clicks")
+OFFLINE = ("ndcg@5", "ndcg@10", "map@5", "map@10", "sim_clicks", "truth_clicks", "evaluator")
+# the judges of the offline comparisons: test labels, the simulator's click model and (--truth) the true one;
+# never "evaluator", the score LAST selects its candidate by (greedy is one of the candidates, so LAST >=
+# greedy there always)
+JUDGED = ("ndcg@10", "sim_clicks", "truth_clicks")
+ORACLE_EVALUATOR = "true click model (oracle ceiling)"
+ORDER_PERMUTATIONS = 8  # random orders per test list of the order-agreement measure
+RECORD = "record.safetensors"
+KEYS = ("seed", "study", "method")  # a results row's identity; the rest are its values
 
 
 @dataclass
@@ -90,12 +104,18 @@ class LastExperimentConfig:
     sim: Path = option(help="simulator directory (`relist sim train` on the same prepared dataset)")
     out: Path = option(help="output directory: results.csv, summary.md, online.md, plots, runs/")
     ranker: Path | None = option(None, help="a `relist train ranker` output to use instead of training one")
+    truth: Path | None = option(
+        None,
+        help="a `relist sim truth` simulator of the same synthetic world: the true click model also judges "
+        "every method (offline and online) and is the evaluator-quality ladder's oracle rung",
+    )
     max_steps: int = option(0, help="cap on optimiser steps of each training run (0: none)")
     device: str = option("cpu", help="cpu, cuda or auto")
     threads: int = option(1, help="torch threads of each seed's runs")
     jobs: int = option(1, help="seeds at once, in local worker processes (each on --threads torch threads)")
     ray_address: str = option("", help="run the seeds on this Ray cluster instead (local: a local one)")
     overwrite: bool = option(False, help="replace OUT if it exists")
+    resume: bool = option(False, help="keep the seeds OUT holds a record of and run the others")
     protocol: TrainingProtocol = option(
         TrainingProtocol(), flatten=True, help="the settings both studies share (a protocol file's top level)"
     )
@@ -123,6 +143,20 @@ class NoisyEvaluator:
 
     def click_probability(self, batch):
         return torch.sigmoid(self.logits(batch)).masked_fill(~batch.mask, 0.0)
+
+
+class ClickModelEvaluator:
+    """A simulator's click model (e.g. the synthetic world's truth) in the evaluator's place: the ladder's
+    oracle rung. It sees the list as shown, without the initial ranker's score."""
+
+    def __init__(self, response):
+        self.response = response
+
+    def eval(self):
+        return self
+
+    def click_probability(self, batch):
+        return self.response.respond(without_initial_score(batch)).prob.masked_fill(~batch.mask, 0.0)
 
 
 class DelayedFeedbackLearner:
@@ -186,18 +220,25 @@ def _ranker_dir(cfg: LastExperimentConfig) -> Path:
     return ranker_dir
 
 
-def offline(scores: torch.Tensor, batch, judge, simulator) -> dict[str, np.ndarray]:
+def expected_clicks(simulator, shown) -> torch.Tensor:
+    """(B,) expected clicks of ``simulator``'s click model on the first ``slate_size`` items as shown."""
+    return simulator.response.respond(without_initial_score(shown).truncate(simulator.slate_size)).prob.sum(1)
+
+
+def offline(scores: torch.Tensor, batch, judge, simulator, truth=None) -> dict[str, np.ndarray]:
     """Per test list, for the order ``scores`` give: NDCG/MAP on the labels, the simulator's expected
-    clicks of its first ``slate_size`` items (``sim_clicks``: the simulator's click model, not the labels)
-    and ``judge``'s mean click probability (``evaluator``: for LAST its own selector)."""
+    clicks of its first ``slate_size`` items (``sim_clicks``: the simulator's click model, not the labels),
+    the same under ``truth`` (``truth_clicks``, when given) and ``judge``'s mean click probability
+    (``evaluator``: for LAST its own selector)."""
     metrics = per_list_metrics(scores.double(), batch.label.double(), batch.mask, ks=(5, 10))
     out = {k: metrics[k].cpu().numpy() for k in OFFLINE if k in metrics}
     shown = batch.reorder(rank(scores, batch.mask))
     with torch.no_grad():
         prob = judge.click_probability(shown)
-        clicks = simulator.response.respond(without_initial_score(shown).truncate(simulator.slate_size)).prob
+        out["sim_clicks"] = expected_clicks(simulator, shown).cpu().numpy()
+        if truth is not None:
+            out["truth_clicks"] = expected_clicks(truth, shown).cpu().numpy()
     out["evaluator"] = (prob.sum(1) / batch.lengths).cpu().numpy()
-    out["sim_clicks"] = clicks.sum(1).cpu().numpy()
     return out
 
 
@@ -206,9 +247,34 @@ def means(per_list: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def evaluator_auc(evaluator, batch) -> float:
+    """Group AUC of the evaluator's click probabilities on the lists as stored (monotone in its logits)."""
     with torch.no_grad():
-        logits = evaluator.logits(batch) if isinstance(evaluator, NoisyEvaluator) else evaluator(batch)
-    return group_auc(logits, batch.label, batch.mask)
+        return group_auc(evaluator.click_probability(batch), batch.label, batch.mask)
+
+
+def order_agreement(evaluator, reference, batch, seed: int, permutations: int = ORDER_PERMUTATIONS) -> float:
+    """How often ``evaluator`` ranks two orders of the same items as ``reference`` (a simulator) does.
+
+    Each test list is shown in ``permutations`` random orders; over every pair of them, the share where the
+    evaluator's summed click probability and the reference's expected clicks (first ``slate_size`` items)
+    move the same way; a tie of the evaluator counts a half, a tie of the reference is left out. 0.5: blind
+    to the order (or as often wrong as right), 1: always agrees. This is what LAST relies on: it compares
+    orders of one list, which AUC over items does not measure."""
+    noise = torch.Generator().manual_seed(seed)
+    own, judged = [], []
+    with torch.no_grad():
+        for _ in range(permutations):
+            keys = torch.rand(batch.mask.shape, generator=noise).to(batch.device).masked_fill(~batch.mask, 2.0)
+            shown = batch.reorder(keys.argsort(dim=1))
+            own.append(evaluator.click_probability(shown).sum(1))
+            judged.append(expected_clicks(reference, shown))
+    own, judged = torch.stack(own, 1).double(), torch.stack(judged, 1).double()  # (B, R)
+    pair = torch.triu(torch.ones(permutations, permutations, dtype=torch.bool, device=own.device), diagonal=1)
+    d_own = (own[:, :, None] - own[:, None, :])[:, pair]
+    d_judged = (judged[:, :, None] - judged[:, None, :])[:, pair]
+    counted = d_judged != 0
+    score = torch.where(d_own == 0, 0.5, (torch.sign(d_own) == torch.sign(d_judged)).double())
+    return float(score[counted].mean()) if counted.any() else float("nan")
 
 
 def methods_of(study: LastStudy) -> tuple[dict[str, LastConfig], LastConfig]:
@@ -238,10 +304,12 @@ class SeedTask:
 
 def run_experiment(cfg: LastExperimentConfig) -> dict:
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it or --resume to continue)")
     study, protocol = cfg.last, cfg.protocol
     model_settings(protocol.model_args)  # malformed model settings fail before any work
+    if cfg.truth is not None and read_config(cfg.truth)["kind"] != "truth":
+        raise ValueError(f"--truth {cfg.truth}: not a `relist sim truth` simulator (its kind is not 'truth')")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -251,35 +319,46 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         SeedTask(cfg, ranker_dir, seed, not (study.sweep_seeds < 0 or (study.sweep_seeds and s >= study.sweep_seeds)))
         for s, seed in enumerate(seeds)
     ]
+    kept = {t.seed: read_record(t) for t in tasks} if cfg.resume else {}
+    pending = [t for t in tasks if kept.get(t.seed) is None]
+    if cfg.resume:
+        log.info("resume: %d of %d seeds have a record; running %s", len(tasks) - len(pending), len(tasks),
+                 [t.seed for t in pending] or "none")  # fmt: skip
     # every seed on the executor asked for; each seed's runs use --threads threads, so results do not depend on it
-    done = run_tasks(run_seed, tasks, jobs=cfg.jobs, ray_address=cfg.ray_address or None, threads=max(cfg.threads, 1))
-    rows, online_units, delayed_units, offline_lists = [], {}, {}, {}
+    fresh = iter(
+        run_tasks(run_seed, pending, jobs=cfg.jobs, ray_address=cfg.ray_address or None, threads=max(cfg.threads, 1))
+    )
+    done = [kept.get(t.seed) or next(fresh) for t in tasks]
+    rows, offline_lists = [], {}
+    units = {part: {} for part in ONLINE_PARTS}
     for result in done:
         rows += result["rows"]
         for method, values in result["offline"].items():
             offline_lists.setdefault(method, []).append(values)
-        for target, units in ((online_units, result["online"]), (delayed_units, result["delayed"])):
-            for name, outcome in units.items():
+        for part in ONLINE_PARTS:
+            for name, outcome in result[part].items():
                 for key, values in outcome.items():
-                    target.setdefault(name, {}).setdefault(key, []).append(values)
+                    units[part].setdefault(name, {}).setdefault(key, []).append(values)
     _write_csv(out / "results.csv", rows)
 
     methods, _ = methods_of(study)
     baseline = f"{study.principled_model} +P1+P2"
     names = list(methods) + ["initial order", baseline]
-    per_policy = {n: {key: np.concatenate(v) for key, v in online_units[n].items()} for n in names}
-    online_rows = summarise(per_policy, np.repeat(seeds, study.users))
-    online_md = markdown(
-        online_rows,
-        names,
-        f"Simulator `{cfg.sim}`: {study.users} users x {len(seeds)} seeds; lifts are against generator greedy "
-        "with intervals over users only (pooled over seeds; the models differ by seed, so the comparisons "
-        f"{SEEDS_AND_USERS} above are the ones to read).",
+    by_user = np.repeat(seeds, study.users)
+    note = (
+        "lifts are against generator greedy with intervals over users only (pooled over seeds; the models differ "
+        f"by seed, so the comparisons {SEEDS_AND_USERS} above are the ones to read)."
     )
-    if delayed_units:
-        arms = list(delayed_units)
-        per_arm = {n: {key: np.concatenate(v) for key, v in delayed_units[n].items()} for n in arms}
-        delayed_rows = summarise(per_arm, np.repeat(seeds, study.users))
+    online_rows = summarise(_pooled(units["online"], names), by_user)
+    online_md = markdown(online_rows, names, f"Simulator `{cfg.sim}`: {study.users} users x {len(seeds)} seeds; {note}")
+    if units["online_truth"]:
+        truth_rows = summarise(_pooled(units["online_truth"], names), by_user)
+        online_md += "\n## The true click model's users\n\n" + markdown(
+            truth_rows, names, f"Simulator `{cfg.truth}`: {study.users} users x {len(seeds)} seeds; {note}"
+        )
+    if units["delayed"]:
+        arms = list(units["delayed"])
+        delayed_rows = summarise(_pooled(units["delayed"], arms), by_user)
         online_md += "\n## Delayed feedback\n\n" + markdown(
             delayed_rows,
             arms,
@@ -288,13 +367,85 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
             "over users only (pooled over seeds; see the comparisons over seeds and users above).",
         )
     (out / "online.md").write_text(online_md, encoding="utf-8")
-    online = {n: {k: online_units[n][k] for k in ("clicks", "requests")} for n in names}
-    delayed = {n: {k: delayed_units[n][k] for k in ("clicks", "requests")} for n in delayed_units}
-    summary = _summary(rows, cfg, online_md, offline_lists, online, delayed)
+    online = {
+        part: {n: {k: units[part][n][k] for k in ("clicks", "requests")} for n in units[part]} for part in ONLINE_PARTS
+    }
+    summary = _summary(rows, cfg, online_md, offline_lists, online)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     (out / "online.json").write_text(json.dumps(online_rows, indent=1, default=float))
     written = ["results.csv", "summary.md", "online.md", "online.json", *_plots(out, rows)]
     return {"rows": rows, "summary": summary, "written": written}
+
+
+ONLINE_PARTS = ("online", "online_truth", "delayed")  # per-user outcomes: the simulator's, the truth's, delayed
+
+
+def _pooled(units: dict, names: list[str]) -> dict:
+    """Each policy's per-user outcomes with its seeds' users concatenated, in seed order."""
+    return {n: {key: np.concatenate(v) for key, v in units[n].items()} for n in names}
+
+
+def _simulator_identity(path: Path | None) -> dict:
+    """What makes a simulator directory the same simulator wherever it lies: its config without the dataset's
+    path (the dataset's content hash stays) and its weights' digest."""
+    if path is None:
+        return {}
+    config = {k: v for k, v in read_config(path).items() if k != "data"}
+    weights = Path(path) / WEIGHTS
+    return {"config": config, "weights": file_digest(weights) if weights.is_file() else ""}
+
+
+def seed_stamp(task: SeedTask) -> str:
+    """The identity of one seed's results: the data's content hash, the simulators, the seed, whether it runs
+    the sweeps, and every setting of the study except how many seeds there are (so seeds can be added)."""
+    cfg = task.cfg
+    protocol = {k: v for k, v in dataclasses.asdict(cfg.protocol).items() if k not in ("seeds", "seed")}
+    study = {k: v for k, v in dataclasses.asdict(cfg.last).items() if k != "sweep_seeds"}
+    data = PreparedDataset(task.ranker_dir / "rerank")
+    stamp = {
+        "data_content_hash": data.manifest["content_hash"],
+        "sim": _simulator_identity(cfg.sim),
+        "truth": _simulator_identity(cfg.truth),
+        "seed": task.seed,
+        "sweeps": task.sweeps,
+        "max_steps": cfg.max_steps,
+        "protocol": protocol,
+        "last": study,
+    }
+    return json.dumps(stamp, sort_keys=True, default=str)
+
+
+def _record_path(task: SeedTask) -> Path:
+    return Path(task.cfg.out) / "runs" / f"seed{task.seed}" / RECORD
+
+
+def write_record(task: SeedTask, result: dict) -> None:
+    """The seed's result (rows in the metadata, per-list and per-user arrays as tensors), stamped."""
+    tensors = {
+        f"{part}|{name}|{key}": torch.from_numpy(np.ascontiguousarray(values))
+        for part in ("offline", *ONLINE_PARTS)
+        for name, outcome in result[part].items()
+        for key, values in outcome.items()
+    }
+    metadata = {"stamp": seed_stamp(task), "rows": json.dumps(result["rows"]), "order": json.dumps(list(tensors))}
+    atomic_save_tensors(tensors, _record_path(task), metadata=metadata)
+
+
+def read_record(task: SeedTask) -> dict | None:
+    """The seed's result from its record, or None when there is none or it is of other data or settings."""
+    path = _record_path(task)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="np") as saved:
+        metadata = saved.metadata() or {}
+        if metadata.get("stamp") != seed_stamp(task):
+            log.info("%s: a record of other data or settings; the seed runs again", path)
+            return None
+        result = {"rows": json.loads(metadata["rows"]), "offline": {}, **{part: {} for part in ONLINE_PARTS}}
+        for name in json.loads(metadata["order"]):  # the methods in the order they ran (the tables' order)
+            part, method, key = name.split("|")
+            result[part].setdefault(method, {})[key] = saved.get_tensor(name)
+    return result
 
 
 def run_seed(task: SeedTask) -> dict:
@@ -310,6 +461,7 @@ def run_seed(task: SeedTask) -> dict:
     list_len = int(data.manifest["info"]["list_len"])
     batch = data.batch(data.split("test")).to(device)
     sim = load_simulator(cfg.sim, device)
+    truth = load_simulator(cfg.truth, device) if cfg.truth is not None else None
     methods, oracle = methods_of(study)
     parallel = methods["LAST parallel"]
     settings = model_settings(protocol.model_args)
@@ -347,11 +499,12 @@ def run_seed(task: SeedTask) -> dict:
     evaluator = load_evaluator(run / "evaluator").to(device)
     generator = load_reranker(run / "generator" / "best").to(device)
     principled = load_reranker(run / study.principled_model / "best").to(device).eval()
-    rows, offline_lists, online_units, delayed_units = [], {}, {}, {}
+    rows, offline_lists = [], {}
+    units = {part: {} for part in ONLINE_PARTS}
 
     def record(name: str, method: str, values: dict) -> None:
-        if name == "offline":
-            offline_lists[method] = values
+        if name == "offline":  # the judged per-list values are kept (in float32: a seed's record stays small)
+            offline_lists[method] = {k: v.astype(np.float32) for k, v in values.items() if k in JUDGED}
             values = means(values)
         rows.append({"seed": seed, "study": name, "method": method, **values})
 
@@ -359,13 +512,13 @@ def run_seed(task: SeedTask) -> dict:
         return LastStage(Last(generator, evaluator_, config), seed)
 
     identity = -torch.arange(batch.list_len, dtype=torch.float32, device=device).expand(batch.size, -1)
-    record("offline", "initial order", offline(identity, batch, evaluator, sim))
-    record("offline", baseline, offline(principled.score(batch), batch, evaluator, sim))
+    record("offline", "initial order", offline(identity, batch, evaluator, sim, truth))
+    record("offline", baseline, offline(principled.score(batch), batch, evaluator, sim, truth))
     for name, config in methods.items():
         result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
-        record("offline", name, offline(result.scores, batch, evaluator, sim))
+        record("offline", name, offline(result.scores, batch, evaluator, sim, truth))
     result = Last(generator, evaluator, oracle)(batch, torch.Generator().manual_seed(seed))
-    record("offline", oracle.label, offline(result.scores, batch, evaluator, sim))
+    record("offline", oracle.label, offline(result.scores, batch, evaluator, sim, truth))
 
     # online: every method behind the same initial ranker, the same users and random numbers
     ctx = PolicyContext(seed=seed, device=device, simulator=sim)
@@ -373,10 +526,13 @@ def run_seed(task: SeedTask) -> dict:
     policies = {name: RerankPolicy(ranker, stage(c), list_len) for name, c in methods.items()}
     policies["initial order"] = ranker.score
     policies[baseline] = RerankPolicy(ranker, score_order(principled), list_len)
-    for name, policy in policies.items():
-        outcome = simulate(sim, policy, study.users, seed, 1024)
-        online_units[name] = outcome
-        record("online", name, {"clicks_per_request": float(outcome["clicks"].sum() / outcome["requests"].sum())})
+    for part, simulator in (("online", sim), ("online_truth", truth)):
+        if simulator is None:
+            continue
+        for name, policy in policies.items():
+            outcome = simulate(simulator, policy, study.users, seed, 1024)
+            units[part][name] = outcome
+            record(part, name, {"clicks_per_request": float(outcome["clicks"].sum() / outcome["requests"].sum())})
 
     # classic online learning from delayed feedback against LAST, on the same traffic (users in small batches)
     arms = {
@@ -388,7 +544,7 @@ def run_seed(task: SeedTask) -> dict:
         arms[f"online learning, delay {delay}"] = RerankPolicy(ranker, learner, list_len)
     for name, policy in arms.items():
         outcome = simulate(sim, policy, study.users, seed, study.delayed_batch)
-        delayed_units[name] = outcome
+        units["delayed"][name] = outcome
         record(
             "delayed",
             name,
@@ -398,29 +554,29 @@ def run_seed(task: SeedTask) -> dict:
             },
         )
     if task.sweeps:
-        _sweeps(task, record, batch, evaluator, generator, sim, ranker, list_len, common, run)
-    return {
-        "rows": rows,
-        "offline": offline_lists,
-        "online": online_units,
-        "delayed": delayed_units,
-    }
+        _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_len, common, run)
+    result = {"rows": rows, "offline": offline_lists, **units}
+    write_record(task, result)
+    return result
 
 
-def _sweeps(task, record, batch, evaluator, generator, sim, ranker, list_len, common, run) -> None:
-    """The evaluator-quality and offset studies of one seed: LAST's lift over generator greedy."""
+def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_len, common, run) -> None:
+    """The evaluator-quality ladder and the offset study of one seed: LAST's lift over generator greedy."""
     cfg, seed, study = task.cfg, task.seed, task.cfg.last
     device = batch.device
     methods, _ = methods_of(study)
     parallel = methods["LAST parallel"]
     quality_users = study.quality_users or study.users // 2
     greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
-    greedy_off = means(offline(greedy.scores, batch, evaluator, sim))
+    greedy_off = means(offline(greedy.scores, batch, evaluator, sim, truth))
+    simulators = {"": sim, "truth_": truth} if truth is not None else {"": sim}
     greedy_policy = RerankPolicy(
         ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
     )
-    greedy_online = simulate(sim, greedy_policy, quality_users, seed, 1024)
-    greedy_cpr = greedy_online["clicks"].sum() / greedy_online["requests"].sum()
+    greedy_cpr = {}
+    for prefix, simulator in simulators.items():
+        outcome = simulate(simulator, greedy_policy, quality_users, seed, 1024)
+        greedy_cpr[prefix] = outcome["clicks"].sum() / outcome["requests"].sum()
     settings = model_settings(cfg.protocol.model_args)
     candidates = []
     for fraction in study.fractions:
@@ -438,27 +594,30 @@ def _sweeps(task, record, batch, evaluator, generator, sim, ranker, list_len, co
         weak = load_evaluator(run / f"evaluator_{fraction:g}").to(device)
         candidates.append((f"evaluator {100 * fraction:g}%", weak))
     candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in study.noise]
+    if truth is not None:
+        candidates.append((ORACLE_EVALUATOR, ClickModelEvaluator(truth.response)))
+    reference = truth if truth is not None else sim  # the order agreement's judge
+    judged = ("ndcg@10", "sim_clicks", "truth_clicks", "evaluator")
     for name, weak in candidates:
         result = Last(generator, weak, parallel)(batch, torch.Generator().manual_seed(seed))
-        values = means(offline(result.scores, batch, evaluator, sim))
+        values = means(offline(result.scores, batch, evaluator, sim, truth))
+        quality = {
+            "auc": evaluator_auc(weak, batch),
+            "order_agreement": order_agreement(weak, reference, batch, seed),
+            **{f"lift_{m}": values[m] - greedy_off[m] for m in judged if m in values},
+        }
         policy = RerankPolicy(ranker, LastStage(Last(generator, weak, parallel), seed), list_len)
-        online = simulate(sim, policy, quality_users, seed, 1024)
-        record(
-            "quality",
-            name,
-            {
-                "auc": evaluator_auc(weak, batch),
-                "lift_ndcg@10": values["ndcg@10"] - greedy_off["ndcg@10"],
-                "lift_evaluator": values["evaluator"] - greedy_off["evaluator"],
-                "lift_clicks_per_request": float(online["clicks"].sum() / online["requests"].sum() / greedy_cpr - 1),
-            },
-        )
+        for prefix, simulator in simulators.items():
+            online = simulate(simulator, policy, quality_users, seed, 1024)
+            cpr = online["clicks"].sum() / online["requests"].sum()
+            quality[f"lift_{prefix}clicks_per_request"] = float(cpr / greedy_cpr[prefix] - 1)
+        record("quality", name, quality)
     for offsets in study.offset_kinds:
         for text in study.offset_steps:
             steps = parse_steps(text)
             config = dataclasses.replace(parallel, offsets=offsets, steps=steps)
             result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
-            values = means(offline(result.scores, batch, evaluator, sim))
+            values = means(offline(result.scores, batch, evaluator, sim, truth))
             record(
                 "offsets",
                 f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
@@ -486,13 +645,14 @@ def _by(rows, study, method, key) -> list[float]:
 
 
 def _offline_comparisons(offline_lists: dict, methods: list[str], best_of: str) -> list[str]:
-    """Each method against generator greedy and best-of-K, judged by the test labels and the simulator."""
+    """Each method against generator greedy and best-of-K, judged by the test labels and the simulators."""
     results = []
+    judges = [m for m in JUDGED if m in offline_lists["generator greedy"][0]]
     for reference in ("generator greedy", best_of):
         for m in methods:
             if m == reference or m not in offline_lists or len(offline_lists[m]) != len(offline_lists[reference]):
                 continue
-            for metric in JUDGED:
+            for metric in judges:
                 arm = np.stack([run[metric] for run in offline_lists[m]])
                 ref = np.stack([run[metric] for run in offline_lists[reference]])
                 results.append((m, reference, metric, crossed_bootstrap(arm, ref)))
@@ -505,8 +665,8 @@ def _offline_comparisons(offline_lists: dict, methods: list[str], best_of: str) 
         "",
         f"Δ: mean difference with its 95% CI {SEEDS_AND_LISTS} ({n_seeds} seeds, the same {n_lists} test "
         f"lists); p: two-sided bootstrap p; Holm: adjusted over the {len(results)} comparisons of this table. "
-        "Judged by the test labels (NDCG@10) and the simulator's expected clicks of the shown slate; never by "
-        "the evaluator LAST selects with.",
+        "Judged by the test labels (NDCG@10) and the simulator's (and, where given, the true click model's) "
+        "expected clicks of the shown slate; never by the evaluator LAST selects with.",
         "",
         "| method | against | metric | Δ [95% CI] | p | Holm |",
         "|---|---|---|---|---|---|",
@@ -549,55 +709,65 @@ def _online_comparisons(units: dict, reference: str, title: str) -> list[str]:
     return lines
 
 
-def _summary(
-    rows: list[dict], cfg: LastExperimentConfig, online_md: str, offline_lists: dict, online: dict, delayed: dict
-) -> str:
+def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str, offline_lists: dict, online: dict) -> str:
     seeds = sorted({r["seed"] for r in rows})
     interval = seeds_interval(len(seeds), SEEDS_ONLY)
+    columns = [k for k in OFFLINE if any(k in r for r in rows if r["study"] == "offline")]
     lines = [
         f"# LAST experiment ({len(seeds)} seeds: {', '.join(map(str, seeds))})",
         "",
         f"Offline, test lists: {interval}. `sim_clicks`: the simulator's expected clicks of the first "
-        "slate items shown (its click model judges the order); `evaluator`: the seed's own evaluator's mean "
-        "click probability, the score LAST selects by, shown for reference and never tested (greedy is one of "
-        "LAST's candidates, so LAST is at least greedy on it by construction).",
+        "slate items shown (its click model judges the order); "
+        + ("`truth_clicks`: the same under the true click model; " if "truth_clicks" in columns else "")
+        + "`evaluator`: the seed's own evaluator's mean click probability, the score LAST selects by, shown for "
+        "reference and never tested (greedy is one of LAST's candidates, so LAST is at least greedy on it by "
+        "construction).",
         "",
-        "| method | " + " | ".join(OFFLINE) + " |",
-        "|---|" + "---|" * len(OFFLINE),
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["study"] == "offline"))
     best_of = next(m for m in methods if m.startswith("best-of"))
     for m in methods:
         cells = []
-        for key in OFFLINE:
+        for key in columns:
             values = _by(rows, "offline", m, key)
             judged = len(values) > 1 and key != "evaluator"  # the selector's own score: a value, no interval
             cells.append(f"{np.mean(values):.4f} ± {t_ci95(values):.4f}" if judged else f"{np.mean(values):.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += _offline_comparisons(offline_lists, [m for m in methods if "oracle" not in m], best_of)
-    lines += _online_comparisons(online, "generator greedy", "Online comparisons (the simulator's users)")
-    if delayed:
+    lines += _online_comparisons(online["online"], "generator greedy", "Online comparisons (the simulator's users)")
+    if online["online_truth"]:
         lines += _online_comparisons(
-            delayed, "generator greedy", "Delayed feedback and LAST against greedy, over seeds"
+            online["online_truth"], "generator greedy", "Online comparisons (the true click model's users)"
+        )
+    if online["delayed"]:
+        lines += _online_comparisons(
+            online["delayed"], "generator greedy", "Delayed feedback and LAST against greedy, over seeds"
         )
     lines += ["", "## Online (A/B harness on the simulator)", "", online_md]
-    for study, keys, title in (
+    judge = "the true click model" if cfg.truth is not None else "the simulator's click model"
+    for study, title, note in (
         (
             "quality",
-            ("auc", "lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request"),
-            "Evaluator quality: LAST parallel's lift over generator greedy (judge = the full evaluator)",
+            "Evaluator quality: LAST parallel's lift over generator greedy",
+            "`auc`: the evaluator's group AUC on the test labels; `order_agreement`: how often it ranks two random "
+            f"orders of a test list's items as {judge} does (0.5: blind to the order); lifts in NDCG@10 and "
+            "the judges' expected clicks (offline), `evaluator` is the full evaluator's score, "
+            "`clicks_per_request` relative (online). ",
         ),
-        ("offsets", ("lift_ndcg@10", "lift_evaluator"), "Offsets and step sizes: lift over generator greedy"),
+        ("offsets", "Offsets and step sizes: lift over generator greedy", ""),
     ):
         names = list(dict.fromkeys(r["method"] for r in rows if r["study"] == study))
         if not names:
             continue
+        keys = [k for k in dict.fromkeys(k for r in rows if r["study"] == study for k in r) if k not in KEYS]
         n = len({r["seed"] for r in rows if r["study"] == study})
         lines += [
             "",
             f"## {title}",
             "",
-            f"{seeds_interval(n, SEEDS_ONLY)}; `lift_evaluator` (the selector's own score) without an interval.",
+            f"{note}{seeds_interval(n, SEEDS_ONLY)}; `lift_evaluator` (the selector's own score) without an interval.",
             "",
             "| variant | " + " | ".join(keys) + " |",
             "|---|" + "---|" * len(keys),
@@ -644,23 +814,43 @@ def offline_figure(rows: list[dict]):
     return fig
 
 
+LADDER_LIFTS = (
+    ("lift_ndcg@10", "NDCG@10 (test labels)"),
+    ("lift_sim_clicks", "expected clicks (simulator)"),
+    ("lift_truth_clicks", "expected clicks (true click model)"),
+    ("lift_clicks_per_request", "clicks / request, relative (simulator)"),
+    ("lift_truth_clicks_per_request", "clicks / request, relative (true click model)"),
+)
+
+
 def quality_figure(rows: list[dict]):
-    """LAST's lift over greedy against each evaluator's test AUC; None without the evaluator-quality study."""
+    """The evaluator-quality ladder: LAST parallel's lift over greedy under each judge (columns) against each
+    evaluator's test AUC (top row) and order agreement (bottom row); a small point per seed, a large one for
+    the mean. None without the evaluator-quality study."""
     import matplotlib.pyplot as plt
 
     quality = [r for r in rows if r["study"] == "quality"]
     if not quality:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key in zip(axes, ("lift_ndcg@10", "lift_evaluator", "lift_clicks_per_request")):
-        for k, name in enumerate(dict.fromkeys(r["method"] for r in quality)):
-            xs = [r["auc"] for r in quality if r["method"] == name]
-            ys = [r[key] for r in quality if r["method"] == name]
-            ax.scatter(xs, ys, label=name, color=f"C{k}")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("evaluator AUC (test)")
-        ax.set_ylabel(f"LAST − greedy: {key.removeprefix('lift_')}")
-    axes[0].legend(fontsize=7)
+    lifts = [(key, label) for key, label in LADDER_LIFTS if any(key in r for r in quality)]
+    qualities = [q for q in ("auc", "order_agreement") if any(q in r for r in quality)]
+    names = list(dict.fromkeys(r["method"] for r in quality))
+    fig, axes = plt.subplots(
+        len(qualities), len(lifts), figsize=(3.4 * len(lifts), 3.2 * len(qualities)), squeeze=False
+    )
+    for i, x_key in enumerate(qualities):
+        for j, (y_key, label) in enumerate(lifts):
+            ax = axes[i][j]
+            for k, name in enumerate(names):
+                mine = [r for r in quality if r["method"] == name and x_key in r and y_key in r]
+                xs, ys = [r[x_key] for r in mine], [r[y_key] for r in mine]
+                marker = "*" if name == ORACLE_EVALUATOR else "o"
+                ax.scatter(xs, ys, color=f"C{k}", marker=marker, s=14, alpha=0.5)
+                ax.scatter([np.mean(xs)], [np.mean(ys)], color=f"C{k}", marker=marker, s=70, label=wrap_label(name))
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel("evaluator AUC (test)" if x_key == "auc" else "order agreement with the judge")
+            ax.set_ylabel(f"LAST − greedy: {label}", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     return fig
 
