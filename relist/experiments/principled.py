@@ -247,8 +247,11 @@ def run_experiment(cfg: PrincipledExperimentConfig) -> dict:
 
 
 def train_run(run_cfg: TrainConfig) -> None:
-    """One training run of the grid (a module-level function, so any executor can call it)."""
+    """One training run of the grid, which leaves its record (``run_test_lists``) as soon as it is done, so
+    that an interrupted grid's finished runs need no weights either (a module-level function, so any
+    executor can call it)."""
     train(run_cfg)
+    run_test_lists(Path(run_cfg.out), PreparedDataset(run_cfg.data))
 
 
 def run_test_lists(run_dir: Path, data: PreparedDataset) -> dict[str, np.ndarray]:
