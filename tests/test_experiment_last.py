@@ -186,3 +186,31 @@ def test_resume_keeps_recorded_seeds_and_the_truth_judges_and_tops_the_ladder(tm
     # another setting: the recorded seed is of other settings and runs again
     assert main(args + ["--out", str(out), "--seeds", "1", "--resume", "--users", "10"]) == 0
     assert record.stat().st_mtime_ns != first
+
+
+def test_order_agreement_is_one_for_the_judge_itself_none_for_its_opposite_and_a_half_when_blind():
+    from types import SimpleNamespace
+
+    from relist.data.synthetic import SyntheticClickModel, SyntheticParams
+    from relist.experiments.last import ClickModelEvaluator, order_agreement
+    from relist.sim.response import TruthResponse
+    from tests.test_rerankers import random_batch
+
+    truth = TruthResponse(SyntheticClickModel.sample(SyntheticParams(n_users=30, n_items=80), seed=1))
+    judge = SimpleNamespace(response=truth, slate_size=8)
+    batch = random_batch(0, size=40, length=8)  # users 1..19 and items 1..59 of the truth; lists of 1-8 items
+    itself = ClickModelEvaluator(truth)
+
+    class Opposite:
+        def click_probability(self, shown):
+            return -itself.click_probability(shown)
+
+    class Blind:  # the same total whatever the order
+        def click_probability(self, shown):
+            return shown.mask.float()
+
+    assert order_agreement(itself, judge, batch, seed=0) == 1.0
+    assert order_agreement(Opposite(), judge, batch, seed=0) == 0.0
+    assert order_agreement(Blind(), judge, batch, seed=0) == 0.5
+    shorter = SimpleNamespace(response=truth, slate_size=3)  # the judge sees the first 3 only: agreement falls
+    assert 0.5 < order_agreement(itself, shorter, batch, seed=0) < 1.0
