@@ -8,6 +8,9 @@ order of ``tasks``, whichever executor ran them:
 - ``ray_address``: Ray tasks of one CPU each on the cluster at that address (``"local"`` starts a
   throw-away local cluster of ``jobs`` CPUs; Ray is the optional extra ``relist[ray]``).
 
+Local workers end with the process that started them, even when it is killed outright (Linux): a killed
+grid leaves no worker writing into its output while ``--resume`` starts again.
+
 Every run uses ``threads`` torch threads (one by default) under every executor, so a run's floating-point
 results do not depend on where it ran: parallelism is across runs. ``fn`` must be a module-level function
 and the tasks picklable; each run writes its own outputs (the experiments' ``runs/`` folders), which is
@@ -16,11 +19,27 @@ what makes an interrupted grid resumable under any executor.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
+
+
+def _end_with_parent(parent: int) -> None:
+    """A local worker's initializer: ask the kernel to SIGKILL this worker when its parent ends (Linux only;
+    elsewhere an orphaned worker finishes its task, then finds its pipe closed). ``run_tasks`` starts the
+    workers from the thread that waits for them, so that thread lives as long as the grid."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
 
 
 def _with_threads(fn: Callable[[Any], Any], task: Any, threads: int) -> Any:
@@ -50,7 +69,8 @@ def run_tasks(
     if jobs == 1 or len(tasks) == 1:
         return [_with_threads(fn, task, threads) for task in tasks]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+    workers = {"max_workers": min(jobs, len(tasks)), "mp_context": context}
+    with ProcessPoolExecutor(**workers, initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_with_threads, fn, task, threads) for task in tasks]
         return [f.result() for f in futures]
 

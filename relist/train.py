@@ -721,6 +721,7 @@ class _LastModelConfig:
     patience: int = option(5, help="stop after this many validations without improvement on valid")
     max_steps: int = option(0, help="stop after this many steps (0: no limit)")
     overwrite: bool = option(False, help="replace OUT if it exists")
+    resume: bool = option(False, help="continue an interrupted run from OUT/checkpoint")
     progress: bool = option(True, help="show a progress bar")
 
 

@@ -199,7 +199,7 @@ def test_order_agreement_is_one_for_the_judge_itself_none_for_its_opposite_and_a
     truth = TruthResponse(SyntheticClickModel.sample(SyntheticParams(n_users=30, n_items=80), seed=1))
     judge = SimpleNamespace(response=truth, slate_size=8)
     batch = random_batch(0, size=40, length=8)  # users 1..19 and items 1..59 of the truth; lists of 1-8 items
-    itself = ClickModelEvaluator(truth)
+    itself = ClickModelEvaluator(judge)
 
     class Opposite:
         def click_probability(self, shown):

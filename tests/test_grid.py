@@ -26,6 +26,53 @@ def test_run_tasks_keeps_the_order_and_the_threads_everywhere():
         run_tasks(_square_with_torch, range(2), jobs=0)
 
 
+def _sleep_and_say(path: str) -> None:
+    import os
+    import time
+
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def test_local_workers_end_when_the_grid_is_killed(tmp_path):
+    """A grid killed outright (SIGKILL: no clean-up runs) leaves no worker behind to go on writing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from relist.grid import run_tasks\n"
+        "from tests.test_grid import _sleep_and_say\n"
+        f"run_tasks(_sleep_and_say, [{str(tmp_path / 'a')!r}, {str(tmp_path / 'b')!r}], jobs=2)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    grid = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+    files = [tmp_path / "a", tmp_path / "b"]
+    deadline = time.monotonic() + 60
+    while not all(f.is_file() and f.read_text() for f in files):
+        assert time.monotonic() < deadline and grid.poll() is None, "the workers did not start"
+        time.sleep(0.1)
+    workers = [int(f.read_text()) for f in files]
+    grid.send_signal(signal.SIGKILL)
+    grid.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived the grid"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie waiting for its (new) parent to collect it."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _grid(data, out, *extra) -> list[dict]:
     args = ["experiment", "principled", "--data", str(data), "--models", "midnn", "--seeds", "1"]
     args += ["--max-steps", "3", "--batch-size", "32", "--out", str(out), "--no-progress", *extra]

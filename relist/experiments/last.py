@@ -52,7 +52,7 @@ from relist.data.store import PreparedDataset
 from relist.experiments.plots import metric_axis, wrap_label
 from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings, parse_steps
 from relist.grid import run_tasks
-from relist.io import atomic_save_tensors, file_digest
+from relist.io import atomic_save_tensors, atomic_write_text, file_digest
 from relist.last import Last, LastConfig
 from relist.metrics import group_auc, per_list_metrics
 from relist.rankers.train import TrainRankerConfig, train_ranker
@@ -92,6 +92,7 @@ JUDGED = ("ndcg@10", "sim_clicks", "truth_clicks")
 ORACLE_EVALUATOR = "true click model (oracle ceiling)"
 ORDER_PERMUTATIONS = 8  # random orders per test list of the order-agreement measure
 RECORD = "record.safetensors"
+RECORD_VERSION = 2  # raised whenever what a seed computes changes, so older records are not read as current
 KEYS = ("seed", "study", "method")  # a results row's identity; the rest are its values
 
 
@@ -147,16 +148,18 @@ class NoisyEvaluator:
 
 class ClickModelEvaluator:
     """A simulator's click model (e.g. the synthetic world's truth) in the evaluator's place: the ladder's
-    oracle rung. It sees the list as shown, without the initial ranker's score."""
+    oracle rung. It sees the list as shown, without the initial ranker's score, and counts the clicks of
+    the simulator's slate only (its first ``slate_size`` positions), so it scores a list as that judge does."""
 
-    def __init__(self, response):
-        self.response = response
+    def __init__(self, simulator):
+        self.response, self.slate_size = simulator.response, simulator.slate_size
 
     def eval(self):
         return self
 
     def click_probability(self, batch):
-        return self.response.respond(without_initial_score(batch)).prob.masked_fill(~batch.mask, 0.0)
+        prob = self.response.respond(without_initial_score(batch)).prob.masked_fill(~batch.mask, 0.0)
+        return prob.masked_fill(torch.arange(prob.shape[1], device=prob.device) >= self.slate_size, 0.0)
 
 
 class DelayedFeedbackLearner:
@@ -314,6 +317,10 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ranker_dir = _ranker_dir(cfg)
+    if cfg.truth is not None:
+        world = PreparedDataset(ranker_dir / "rerank").manifest["info"].get("parent_content_hash")
+        if read_config(cfg.truth)["data_content_hash"] != world:
+            raise ValueError(f"--truth {cfg.truth} is the truth of another dataset than the ranker's ({ranker_dir})")
     seeds = [protocol.seed + s for s in range(protocol.seeds)]
     tasks = [
         SeedTask(cfg, ranker_dir, seed, not (study.sweep_seeds < 0 or (study.sweep_seeds and s >= study.sweep_seeds)))
@@ -390,7 +397,7 @@ def _simulator_identity(path: Path | None) -> dict:
     path (the dataset's content hash stays) and its weights' digest."""
     if path is None:
         return {}
-    config = {k: v for k, v in read_config(path).items() if k != "data"}
+    config = {k: v for k, v in read_config(path).items() if k not in ("data", "build")}  # where, how it was run
     weights = Path(path) / WEIGHTS
     return {"config": config, "weights": file_digest(weights) if weights.is_file() else ""}
 
@@ -403,12 +410,15 @@ def seed_stamp(task: SeedTask) -> str:
     study = {k: v for k, v in dataclasses.asdict(cfg.last).items() if k != "sweep_seeds"}
     data = PreparedDataset(task.ranker_dir / "rerank")
     stamp = {
+        "record_version": RECORD_VERSION,
         "data_content_hash": data.manifest["content_hash"],
         "sim": _simulator_identity(cfg.sim),
         "truth": _simulator_identity(cfg.truth),
         "seed": task.seed,
         "sweeps": task.sweeps,
         "max_steps": cfg.max_steps,
+        "device": cfg.device,
+        "threads": cfg.threads,
         "protocol": protocol,
         "last": study,
     }
@@ -421,13 +431,14 @@ def _record_path(task: SeedTask) -> Path:
 
 def write_record(task: SeedTask, result: dict) -> None:
     """The seed's result (rows in the metadata, per-list and per-user arrays as tensors), stamped."""
-    tensors = {
-        f"{part}|{name}|{key}": torch.from_numpy(np.ascontiguousarray(values))
+    names = [
+        (part, name, key)
         for part in ("offline", *ONLINE_PARTS)
         for name, outcome in result[part].items()
-        for key, values in outcome.items()
-    }
-    metadata = {"stamp": seed_stamp(task), "rows": json.dumps(result["rows"]), "order": json.dumps(list(tensors))}
+        for key in outcome
+    ]
+    tensors = {str(k): torch.from_numpy(np.ascontiguousarray(result[p][n][key])) for k, (p, n, key) in enumerate(names)}
+    metadata = {"stamp": seed_stamp(task), "rows": json.dumps(result["rows"]), "order": json.dumps(names)}
     atomic_save_tensors(tensors, _record_path(task), metadata=metadata)
 
 
@@ -442,9 +453,8 @@ def read_record(task: SeedTask) -> dict | None:
             log.info("%s: a record of other data or settings; the seed runs again", path)
             return None
         result = {"rows": json.loads(metadata["rows"]), "offline": {}, **{part: {} for part in ONLINE_PARTS}}
-        for name in json.loads(metadata["order"]):  # the methods in the order they ran (the tables' order)
-            part, method, key = name.split("|")
-            result[part].setdefault(method, {})[key] = saved.get_tensor(name)
+        for k, (part, method, key) in enumerate(json.loads(metadata["order"])):  # in the order they ran
+            result[part].setdefault(method, {})[key] = saved.get_tensor(str(k))
     return result
 
 
@@ -466,6 +476,11 @@ def run_seed(task: SeedTask) -> dict:
     parallel = methods["LAST parallel"]
     settings = model_settings(protocol.model_args)
     run = Path(cfg.out) / "runs" / f"seed{seed}"
+    # --resume continues the seed's interrupted training runs, if they were started with the same settings
+    stamp, stamp_path = seed_stamp(task), run / "stamp.json"
+    resume = cfg.resume and stamp_path.is_file() and stamp_path.read_text(encoding="utf-8") == stamp
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp_path, stamp)
     common = dict(
         data=data_dir,
         seed=seed,
@@ -475,7 +490,8 @@ def run_seed(task: SeedTask) -> dict:
         learning_rate=protocol.learning_rate,
         patience=protocol.patience,
         device=cfg.device,
-        overwrite=True,
+        overwrite=not resume,
+        resume=resume,
         progress=False,
     )
     train_evaluator(TrainEvaluatorConfig(out=run / "evaluator", model_args=settings.get("evaluator", ""), **common))
@@ -523,13 +539,17 @@ def run_seed(task: SeedTask) -> dict:
     # online: every method behind the same initial ranker, the same users and random numbers
     ctx = PolicyContext(seed=seed, device=device, simulator=sim)
     ranker = _load_ranker(str(task.ranker_dir), ctx)
-    policies = {name: RerankPolicy(ranker, stage(c), list_len) for name, c in methods.items()}
-    policies["initial order"] = ranker.score
-    policies[baseline] = RerankPolicy(ranker, score_order(principled), list_len)
+
+    def policies() -> dict:  # new for each simulator: a policy's random numbers start afresh with its users
+        made = {name: RerankPolicy(ranker, stage(c), list_len) for name, c in methods.items()}
+        made["initial order"] = ranker.score
+        made[baseline] = RerankPolicy(ranker, score_order(principled), list_len)
+        return made
+
     for part, simulator in (("online", sim), ("online_truth", truth)):
         if simulator is None:
             continue
-        for name, policy in policies.items():
+        for name, policy in policies().items():
             outcome = simulate(simulator, policy, study.users, seed, 1024)
             units[part][name] = outcome
             record(part, name, {"clicks_per_request": float(outcome["clicks"].sum() / outcome["requests"].sum())})
@@ -570,18 +590,18 @@ def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_
     greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
     greedy_off = means(offline(greedy.scores, batch, evaluator, sim, truth))
     simulators = {"": sim, "truth_": truth} if truth is not None else {"": sim}
-    greedy_policy = RerankPolicy(
-        ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
-    )
     greedy_cpr = {}
     for prefix, simulator in simulators.items():
+        greedy_policy = RerankPolicy(
+            ranker, LastStage(Last(generator, evaluator, methods["generator greedy"]), seed), list_len
+        )
         outcome = simulate(simulator, greedy_policy, quality_users, seed, 1024)
         greedy_cpr[prefix] = outcome["clicks"].sum() / outcome["requests"].sum()
     settings = model_settings(cfg.protocol.model_args)
-    candidates = []
+    candidates = []  # (name, a function making the evaluator): every use of a noisy one draws the same noise
     for fraction in study.fractions:
         if fraction >= 1:
-            candidates.append(("evaluator 100%", evaluator))
+            candidates.append(("evaluator 100%", lambda: evaluator))
             continue
         train_evaluator(
             TrainEvaluatorConfig(
@@ -592,22 +612,24 @@ def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_
             )
         )
         weak = load_evaluator(run / f"evaluator_{fraction:g}").to(device)
-        candidates.append((f"evaluator {100 * fraction:g}%", weak))
-    candidates += [(f"evaluator 100% + noise {std:g}", NoisyEvaluator(evaluator, std, seed)) for std in study.noise]
+        candidates.append((f"evaluator {100 * fraction:g}%", lambda weak=weak: weak))
+    candidates += [
+        (f"evaluator 100% + noise {std:g}", lambda std=std: NoisyEvaluator(evaluator, std, seed)) for std in study.noise
+    ]
     if truth is not None:
-        candidates.append((ORACLE_EVALUATOR, ClickModelEvaluator(truth.response)))
+        candidates.append((ORACLE_EVALUATOR, lambda: ClickModelEvaluator(truth)))
     reference = truth if truth is not None else sim  # the order agreement's judge
     judged = ("ndcg@10", "sim_clicks", "truth_clicks", "evaluator")
-    for name, weak in candidates:
-        result = Last(generator, weak, parallel)(batch, torch.Generator().manual_seed(seed))
+    for name, make in candidates:
+        result = Last(generator, make(), parallel)(batch, torch.Generator().manual_seed(seed))
         values = means(offline(result.scores, batch, evaluator, sim, truth))
         quality = {
-            "auc": evaluator_auc(weak, batch),
-            "order_agreement": order_agreement(weak, reference, batch, seed),
+            "auc": evaluator_auc(make(), batch),
+            "order_agreement": order_agreement(make(), reference, batch, seed),
             **{f"lift_{m}": values[m] - greedy_off[m] for m in judged if m in values},
         }
-        policy = RerankPolicy(ranker, LastStage(Last(generator, weak, parallel), seed), list_len)
         for prefix, simulator in simulators.items():
+            policy = RerankPolicy(ranker, LastStage(Last(generator, make(), parallel), seed), list_len)
             online = simulate(simulator, policy, quality_users, seed, 1024)
             cpr = online["clicks"].sum() / online["requests"].sum()
             quality[f"lift_{prefix}clicks_per_request"] = float(cpr / greedy_cpr[prefix] - 1)
