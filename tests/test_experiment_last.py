@@ -214,3 +214,21 @@ def test_order_agreement_is_one_for_the_judge_itself_none_for_its_opposite_and_a
     assert order_agreement(Blind(), judge, batch, seed=0) == 0.5
     shorter = SimpleNamespace(response=truth, slate_size=3)  # the judge sees the first 3 only: agreement falls
     assert 0.5 < order_agreement(itself, shorter, batch, seed=0) < 1.0
+
+
+def test_offline_lists_in_chunks_are_one_call_when_they_fit_and_greedy_is_unchanged_by_chunks():
+    from relist.experiments.last import last_scores
+    from relist.last import Last, LastConfig
+    from tests.test_last import small_models
+    from tests.test_rerankers import random_batch
+
+    generator, evaluator = small_models()
+    batch = random_batch(3, size=10, length=6)
+    last = Last(generator, evaluator, LastConfig(steps=(0.0, 0.0, 6.0, 7.0)))
+    whole = last(batch, torch.Generator().manual_seed(5)).scores
+    assert torch.equal(last_scores(last, batch, 5, chunk=10), whole)
+    chunked = last_scores(last, batch, 5, chunk=3)
+    assert chunked.shape == whole.shape
+    assert torch.equal(chunked[:3], last(batch[:3], torch.Generator().manual_seed(5)).scores)  # the first chunk
+    greedy = Last(generator, evaluator, LastConfig(steps=()))
+    assert torch.equal(last_scores(greedy, batch, 5, chunk=3), greedy(batch).scores)

@@ -245,6 +245,18 @@ def offline(scores: torch.Tensor, batch, judge, simulator, truth=None) -> dict[s
     return out
 
 
+OFFLINE_CHUNK = 1024  # test lists per LAST call: its candidates (and weight offsets, one set per row) grow with it
+
+
+def last_scores(last: Last, batch, seed: int, chunk: int = OFFLINE_CHUNK) -> torch.Tensor:
+    """``last``'s scores (B, L) of every list of ``batch``, ``chunk`` lists at a time so that memory stays
+    bounded on a large test split; the chunks draw in turn from one random generator seeded ``seed`` (one
+    chunk: exactly one call on the whole batch)."""
+    noise = torch.Generator().manual_seed(seed)
+    rows = torch.arange(batch.size, device=batch.device)
+    return torch.cat([last(batch[part], noise).scores for part in rows.split(chunk)])
+
+
 def means(per_list: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in per_list.items()}
 
@@ -531,10 +543,10 @@ def run_seed(task: SeedTask) -> dict:
     record("offline", "initial order", offline(identity, batch, evaluator, sim, truth))
     record("offline", baseline, offline(principled.score(batch), batch, evaluator, sim, truth))
     for name, config in methods.items():
-        result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
-        record("offline", name, offline(result.scores, batch, evaluator, sim, truth))
-    result = Last(generator, evaluator, oracle)(batch, torch.Generator().manual_seed(seed))
-    record("offline", oracle.label, offline(result.scores, batch, evaluator, sim, truth))
+        scores = last_scores(Last(generator, evaluator, config), batch, seed)
+        record("offline", name, offline(scores, batch, evaluator, sim, truth))
+    scores = last_scores(Last(generator, evaluator, oracle), batch, seed)
+    record("offline", oracle.label, offline(scores, batch, evaluator, sim, truth))
 
     # online: every method behind the same initial ranker, the same users and random numbers
     ctx = PolicyContext(seed=seed, device=device, simulator=sim)
@@ -587,8 +599,8 @@ def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_
     methods, _ = methods_of(study)
     parallel = methods["LAST parallel"]
     quality_users = study.quality_users or study.users // 2
-    greedy = Last(generator, evaluator, methods["generator greedy"])(batch)
-    greedy_off = means(offline(greedy.scores, batch, evaluator, sim, truth))
+    greedy = last_scores(Last(generator, evaluator, methods["generator greedy"]), batch, seed)
+    greedy_off = means(offline(greedy, batch, evaluator, sim, truth))
     simulators = {"": sim, "truth_": truth} if truth is not None else {"": sim}
     greedy_cpr = {}
     for prefix, simulator in simulators.items():
@@ -621,8 +633,8 @@ def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_
     reference = truth if truth is not None else sim  # the order agreement's judge
     judged = ("ndcg@10", "sim_clicks", "truth_clicks", "evaluator")
     for name, make in candidates:
-        result = Last(generator, make(), parallel)(batch, torch.Generator().manual_seed(seed))
-        values = means(offline(result.scores, batch, evaluator, sim, truth))
+        scores = last_scores(Last(generator, make(), parallel), batch, seed)
+        values = means(offline(scores, batch, evaluator, sim, truth))
         quality = {
             "auc": evaluator_auc(make(), batch),
             "order_agreement": order_agreement(make(), reference, batch, seed),
@@ -638,8 +650,8 @@ def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_
         for text in study.offset_steps:
             steps = parse_steps(text)
             config = dataclasses.replace(parallel, offsets=offsets, steps=steps)
-            result = Last(generator, evaluator, config)(batch, torch.Generator().manual_seed(seed))
-            values = means(offline(result.scores, batch, evaluator, sim, truth))
+            scores = last_scores(Last(generator, evaluator, config), batch, seed)
+            values = means(offline(scores, batch, evaluator, sim, truth))
             record(
                 "offsets",
                 f"{offsets} steps={'/'.join(f'{v:g}' for v in steps)}",
