@@ -12,14 +12,16 @@ Local workers end with the process that started them, even when it is killed out
 grid leaves no worker writing into its output while ``--resume`` starts again.
 
 Every run uses ``threads`` torch threads (one by default) under every executor, so a run's floating-point
-results do not depend on where it ran: parallelism is across runs. ``fn`` must be a module-level function
-and the tasks picklable; each run writes its own outputs (the experiments' ``runs/`` folders), which is
-what makes an interrupted grid resumable under any executor.
+results do not depend on the executor that ran it: parallelism is across runs. (They can depend on the
+machine: another CPU's math-library kernels may round differently, see docs/confirmation.md.) ``fn``
+must be a module-level function and the tasks picklable; each run writes its own outputs (the
+experiments' ``runs/`` folders), which is what makes an interrupted grid resumable under any executor.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -29,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+log = logging.getLogger(__name__)
+
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
 
 
@@ -36,8 +40,8 @@ def _end_with_parent(parent: int) -> None:
     """A local worker's initializer: ask the kernel to SIGKILL this worker when its parent ends (Linux only;
     elsewhere an orphaned worker finishes its task, then finds its pipe closed). ``run_tasks`` starts the
     workers from the thread that waits for them, so that thread lives as long as the grid."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if sys.platform.startswith("linux") and ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL):
+        log.warning("worker %d: prctl(PR_SET_PDEATHSIG) failed (%s)", os.getpid(), os.strerror(ctypes.get_errno()))
     if os.getppid() != parent:  # the parent ended before the request took effect
         os._exit(1)
 

@@ -232,3 +232,22 @@ def test_offline_lists_in_chunks_are_one_call_when_they_fit_and_greedy_is_unchan
     assert torch.equal(chunked[:3], last(batch[:3], torch.Generator().manual_seed(5)).scores)  # the first chunk
     greedy = Last(generator, evaluator, LastConfig(steps=()))
     assert torch.equal(last_scores(greedy, batch, 5, chunk=3), greedy(batch).scores)
+
+
+def test_a_seed_folder_of_other_settings_is_emptied_and_only_its_own_stamp_resumes(tmp_path):
+    from relist.experiments.last import _stamp_changes, open_seed_folder
+
+    run = tmp_path / "seed0"
+    assert not open_seed_folder(run, '{"epochs": 2}', resume=True)  # nothing to resume yet
+    (run / "evaluator").mkdir()
+    (run / "evaluator" / "state.json").write_text("{}")
+    assert open_seed_folder(run, '{"epochs": 2}', resume=True)  # interrupted under the same settings
+    assert (run / "evaluator" / "state.json").is_file()
+    assert not open_seed_folder(run, '{"epochs": 3}', resume=True)  # other settings: nothing is reused
+    assert not (run / "evaluator").exists()
+    assert (run / "stamp.json").read_text() == '{"epochs": 3}'
+    (run / "evaluator").mkdir()
+    assert not open_seed_folder(run, '{"epochs": 3}', resume=False)  # no --resume: a fresh start
+    assert not (run / "evaluator").exists()
+    changes = _stamp_changes('{"data_content_hash": "a", "seed": 0}', '{"data_content_hash": "b", "seed": 0}')
+    assert "data_content_hash" in changes and "seed" not in changes

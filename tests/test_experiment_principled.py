@@ -105,7 +105,7 @@ def test_resume_keeps_finished_runs_and_redoes_missing_ones(tmp_path):
     assert (tmp_path / "exp" / "summary.md").read_text() == summary  # the record stood in for the weights
     record = runs / "base" / "seed0" / "test_lists.safetensors"
     kept.write_text(kept.read_text() + " ")  # a record of another metrics.json is not read: the weights are gone
-    with pytest.raises(FileNotFoundError, match="best"):
+    with pytest.raises(ValueError, match="no weights to score the test lists"):
         run_experiment(_config("principled", *args[2:], "--resume"))
     kept.write_text(before[1])
     assert record.is_file()

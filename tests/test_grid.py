@@ -4,6 +4,7 @@ local worker processes and on a local Ray cluster gives the same results; --resu
 from __future__ import annotations
 
 import csv
+import sys
 
 import pytest
 
@@ -35,6 +36,7 @@ def _sleep_and_say(path: str) -> None:
     time.sleep(60)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_local_workers_end_when_the_grid_is_killed(tmp_path):
     """A grid killed outright (SIGKILL: no clean-up runs) leaves no worker behind to go on writing."""
     import os
@@ -51,13 +53,15 @@ def test_local_workers_end_when_the_grid_is_killed(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     grid = subprocess.Popen([sys.executable, "-c", script], cwd=root)
     files = [tmp_path / "a", tmp_path / "b"]
-    deadline = time.monotonic() + 60
-    while not all(f.is_file() and f.read_text() for f in files):
-        assert time.monotonic() < deadline and grid.poll() is None, "the workers did not start"
-        time.sleep(0.1)
-    workers = [int(f.read_text()) for f in files]
-    grid.send_signal(signal.SIGKILL)
-    grid.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(f.is_file() and f.read_text() for f in files):
+            assert time.monotonic() < deadline and grid.poll() is None, "the workers did not start"
+            time.sleep(0.1)
+        workers = [int(f.read_text()) for f in files]
+    finally:
+        grid.send_signal(signal.SIGKILL)  # also when the workers did not start: nothing is left running
+        grid.wait()
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,17 +150,16 @@ class NoisyEvaluator:
 class ClickModelEvaluator:
     """A simulator's click model (e.g. the synthetic world's truth) in the evaluator's place: the ladder's
     oracle rung. It sees the list as shown, without the initial ranker's score, and counts the clicks of
-    the simulator's slate only (its first ``slate_size`` positions), so it scores a list as that judge does."""
+    the simulator's slate only (its first ``slate_size`` positions; 0 after them), as that judge does."""
 
     def __init__(self, simulator):
-        self.response, self.slate_size = simulator.response, simulator.slate_size
+        self.simulator = simulator
 
     def eval(self):
         return self
 
     def click_probability(self, batch):
-        prob = self.response.respond(without_initial_score(batch)).prob.masked_fill(~batch.mask, 0.0)
-        return prob.masked_fill(torch.arange(prob.shape[1], device=prob.device) >= self.slate_size, 0.0)
+        return slate_click_probability(self.simulator, batch)
 
 
 class DelayedFeedbackLearner:
@@ -223,9 +223,17 @@ def _ranker_dir(cfg: LastExperimentConfig) -> Path:
     return ranker_dir
 
 
+def slate_click_probability(simulator, shown) -> torch.Tensor:
+    """(B, L) ``simulator``'s click probability of each item as shown: its slate (the first ``slate_size``
+    items) is what the simulator's user sees, so every position after it, and padding, gets 0."""
+    view = without_initial_score(shown).truncate(simulator.slate_size)
+    prob = simulator.response.respond(view).prob.masked_fill(~view.mask, 0.0)
+    return torch.nn.functional.pad(prob, (0, shown.mask.shape[1] - prob.shape[1]))
+
+
 def expected_clicks(simulator, shown) -> torch.Tensor:
-    """(B,) expected clicks of ``simulator``'s click model on the first ``slate_size`` items as shown."""
-    return simulator.response.respond(without_initial_score(shown).truncate(simulator.slate_size)).prob.sum(1)
+    """(B,) expected clicks of ``simulator``'s click model on its slate as shown."""
+    return slate_click_probability(simulator, shown).sum(1)
 
 
 def offline(scores: torch.Tensor, batch, judge, simulator, truth=None) -> dict[str, np.ndarray]:
@@ -429,12 +437,23 @@ def seed_stamp(task: SeedTask) -> str:
         "seed": task.seed,
         "sweeps": task.sweeps,
         "max_steps": cfg.max_steps,
-        "device": cfg.device,
+        "device": resolve_device(cfg.device).type,  # "auto" is where it ran
         "threads": cfg.threads,
         "protocol": protocol,
         "last": study,
     }
     return json.dumps(stamp, sort_keys=True, default=str)
+
+
+def _stamp_changes(then: str | None, now: str) -> str:
+    """The stamp's top-level fields that differ, for the log (e.g. ``data_content_hash`` when the data were
+    prepared on a machine whose floating-point kernels differ, see docs/confirmation.md)."""
+    try:
+        old, new = json.loads(then or "{}"), json.loads(now)
+    except json.JSONDecodeError:
+        return "settings (an unreadable stamp)"
+    changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+    return "data or settings (" + ", ".join(changed) + ")"
 
 
 def _record_path(task: SeedTask) -> Path:
@@ -461,13 +480,29 @@ def read_record(task: SeedTask) -> dict | None:
         return None
     with safe_open(str(path), framework="np") as saved:
         metadata = saved.metadata() or {}
-        if metadata.get("stamp") != seed_stamp(task):
-            log.info("%s: a record of other data or settings; the seed runs again", path)
+        stamp = seed_stamp(task)
+        if metadata.get("stamp") != stamp:
+            changes = _stamp_changes(metadata.get("stamp"), stamp)
+            log.info("%s: a record of other %s; the seed runs again", path, changes)
             return None
         result = {"rows": json.loads(metadata["rows"]), "offline": {}, **{part: {} for part in ONLINE_PARTS}}
         for k, (part, method, key) in enumerate(json.loads(metadata["order"])):  # in the order they ran
             result[part].setdefault(method, {})[key] = saved.get_tensor(str(k))
     return result
+
+
+def open_seed_folder(run: Path, stamp: str, resume: bool) -> bool:
+    """Make the seed's folder ``run`` ready for its training runs and say whether they may resume: only with
+    ``resume`` asked and the folder stamped with these settings. Otherwise the folder is emptied first, so a
+    run trained under other settings is never resumed later under these (the stamp is written before any
+    training, and an interrupted study is resumed with the stamp it wrote)."""
+    stamp_path = run / "stamp.json"
+    resume = resume and stamp_path.is_file() and stamp_path.read_text(encoding="utf-8") == stamp
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp_path, stamp)
+    return resume
 
 
 def run_seed(task: SeedTask) -> dict:
@@ -488,11 +523,7 @@ def run_seed(task: SeedTask) -> dict:
     parallel = methods["LAST parallel"]
     settings = model_settings(protocol.model_args)
     run = Path(cfg.out) / "runs" / f"seed{seed}"
-    # --resume continues the seed's interrupted training runs, if they were started with the same settings
-    stamp, stamp_path = seed_stamp(task), run / "stamp.json"
-    resume = cfg.resume and stamp_path.is_file() and stamp_path.read_text(encoding="utf-8") == stamp
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp_path, stamp)
+    resume = open_seed_folder(run, seed_stamp(task), cfg.resume)
     common = dict(
         data=data_dir,
         seed=seed,
@@ -787,10 +818,14 @@ def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str, offlin
             "Evaluator quality: LAST parallel's lift over generator greedy",
             "`auc`: the evaluator's group AUC on the test labels; `order_agreement`: how often it ranks two random "
             f"orders of a test list's items as {judge} does (0.5: blind to the order); lifts in NDCG@10 and "
-            "the judges' expected clicks (offline), `evaluator` is the full evaluator's score, "
-            "`clicks_per_request` relative (online). ",
+            "the judges' expected clicks (offline), `evaluator` the full evaluator's score (on the 100% rung the "
+            "score LAST maximised, so no evidence), `clicks_per_request` relative (online). ",
         ),
-        ("offsets", "Offsets and step sizes: lift over generator greedy", ""),
+        (
+            "offsets",
+            "Offsets and step sizes: lift over generator greedy",
+            "`lift_evaluator` is the score LAST maximised (no evidence); ",
+        ),
     ):
         names = list(dict.fromkeys(r["method"] for r in rows if r["study"] == study))
         if not names:
@@ -801,18 +836,13 @@ def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str, offlin
             "",
             f"## {title}",
             "",
-            f"{note}{seeds_interval(n, SEEDS_ONLY)}; `lift_evaluator` (the selector's own score) without an interval.",
+            f"{note}{seeds_interval(n, SEEDS_ONLY)}.",
             "",
             "| variant | " + " | ".join(keys) + " |",
             "|---|" + "---|" * len(keys),
         ]
         for m in names:
-            cells = [
-                f"{np.mean(_by(rows, study, m, key)):+.4f}"
-                if key == "lift_evaluator"
-                else mean_cell(_by(rows, study, m, key), signed=True)
-                for key in keys
-            ]
+            cells = [mean_cell(_by(rows, study, m, key), signed=True) for key in keys]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -263,10 +263,18 @@ def run_test_lists(run_dir: Path, data: PreparedDataset) -> dict[str, np.ndarray
     path = run_dir / TEST_LISTS
     metrics_sha256 = file_digest(run_dir / "metrics.json")
     stamp = {"data_content_hash": data.manifest["content_hash"], "metrics_sha256": metrics_sha256}
+    kept = {}
     if path.is_file():
         with safe_open(str(path), framework="np") as saved:
-            if saved.metadata() == stamp:
+            kept = saved.metadata() or {}
+            if kept == stamp:
                 return {m: saved.get_tensor(m) for m in COMPARED}
+    if not (run_dir / "best").is_dir():  # a record without weights cannot be scored again
+        raise ValueError(
+            f"{run_dir}: its record is of other data (content hash {kept.get('data_content_hash', '?')[:12]}, "
+            f"the data's {stamp['data_content_hash'][:12]}) or of another run, and there are no weights to "
+            "score the test lists with; remove the run's folder, or pass the data it was trained on"
+        )
     lists = _test_lists(load_reranker(run_dir / "best").score, data)
     atomic_save_tensors({m: torch.from_numpy(v) for m, v in lists.items()}, path, metadata=stamp)
     return lists
