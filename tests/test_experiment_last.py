@@ -4,6 +4,7 @@ worker processes."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -182,6 +183,9 @@ def test_resume_keeps_recorded_seeds_and_the_truth_judges_and_tops_the_ladder(tm
     summary = (out / "summary.md").read_text()
     assert "### Online comparisons (the true click model's users)" in summary
     assert "| LAST parallel | generator greedy | truth_clicks |" in summary
+    online = json.loads((out / "online.json").read_text())  # each judge's online rows, the truth's included
+    assert set(online) == {"online", "online_truth", "delayed"}
+    assert {r["policy"] for r in online["online_truth"]} >= {"LAST parallel", "generator greedy"}
 
     # another setting: the recorded seed is of other settings and runs again
     assert main(args + ["--out", str(out), "--seeds", "1", "--resume", "--users", "10"]) == 0

@@ -28,7 +28,8 @@ stamped with the data, the simulators and the settings), so ``--resume`` runs on
 sizes (K = their number), offsets, scale and discount, the serial rounds, the principled baseline's λ and
 perturbation, model sizes and the studies' settings are options (``relist.experiments.protocol``; one
 protocol file serves this experiment and ``relist experiment principled``); the defaults are the official
-code's settings. Writes ``results.csv``, ``summary.md``, ``online.md``, ``online.json``, ``offline.png``, and
+code's settings. Writes ``results.csv``, ``summary.md``, ``online.md``, ``online.json`` (the online tables'
+rows by judge: ``online``, and ``online_truth`` and ``delayed`` where they ran), ``offline.png``, and
 ``quality.png`` and ``offsets.png`` only when those studies ran; ``run_experiment`` returns the names written.
 """
 
@@ -377,15 +378,16 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
         f"by seed, so the comparisons {SEEDS_AND_USERS} above are the ones to read)."
     )
     online_rows = summarise(_pooled(units["online"], names), by_user)
+    tables = {"online": online_rows}  # online.json: each judge's rows, as online.md shows them
     online_md = markdown(online_rows, names, f"Simulator `{cfg.sim}`: {study.users} users x {len(seeds)} seeds; {note}")
     if units["online_truth"]:
-        truth_rows = summarise(_pooled(units["online_truth"], names), by_user)
+        truth_rows = tables["online_truth"] = summarise(_pooled(units["online_truth"], names), by_user)
         online_md += "\n## The true click model's users\n\n" + markdown(
             truth_rows, names, f"Simulator `{cfg.truth}`: {study.users} users x {len(seeds)} seeds; {note}"
         )
     if units["delayed"]:
         arms = list(units["delayed"])
-        delayed_rows = summarise(_pooled(units["delayed"], arms), by_user)
+        delayed_rows = tables["delayed"] = summarise(_pooled(units["delayed"], arms), by_user)
         online_md += "\n## Delayed feedback\n\n" + markdown(
             delayed_rows,
             arms,
@@ -399,7 +401,7 @@ def run_experiment(cfg: LastExperimentConfig) -> dict:
     }
     summary = _summary(rows, cfg, online_md, offline_lists, online)
     (out / "summary.md").write_text(summary, encoding="utf-8")
-    (out / "online.json").write_text(json.dumps(online_rows, indent=1, default=float))
+    (out / "online.json").write_text(json.dumps(tables, indent=1, default=float))
     written = ["results.csv", "summary.md", "online.md", "online.json", *_plots(out, rows)]
     return {"rows": rows, "summary": summary, "written": written}
 
@@ -629,7 +631,7 @@ def _sweeps(task, record, batch, evaluator, generator, sim, truth, ranker, list_
     device = batch.device
     methods, _ = methods_of(study)
     parallel = methods["LAST parallel"]
-    quality_users = study.quality_users or study.users // 2
+    quality_users = study.quality_users or max(1, study.users // 2)
     greedy = last_scores(Last(generator, evaluator, methods["generator greedy"]), batch, seed)
     greedy_off = means(offline(greedy, batch, evaluator, sim, truth))
     simulators = {"": sim, "truth_": truth} if truth is not None else {"": sim}
