@@ -844,7 +844,7 @@ def _summary(rows: list[dict], cfg: LastExperimentConfig, online_md: str, offlin
             "|---|" + "---|" * len(keys),
         ]
         for m in names:
-            cells = [mean_cell(_by(rows, study, m, key), signed=True) for key in keys]
+            cells = [mean_cell(_by(rows, study, m, key), signed=key.startswith("lift_")) for key in keys]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
