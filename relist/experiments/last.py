@@ -890,9 +890,9 @@ LADDER_LIFTS = (
 
 
 def quality_figure(rows: list[dict]):
-    """The evaluator-quality ladder: LAST parallel's lift over greedy under each judge (columns) against each
-    evaluator's test AUC (top row) and order agreement (bottom row); a small point per seed, a large one for
-    the mean. None without the evaluator-quality study."""
+    """The evaluator-quality ladder: LAST parallel's lift over greedy under each judge (columns, titled by
+    the judge) against each evaluator's test AUC (top row) and order agreement (bottom row); a small point
+    per seed, a large one for the mean. None without the evaluator-quality study."""
     import matplotlib.pyplot as plt
 
     quality = [r for r in rows if r["study"] == "quality"]
@@ -915,9 +915,16 @@ def quality_figure(rows: list[dict]):
                 ax.scatter([np.mean(xs)], [np.mean(ys)], color=f"C{k}", marker=marker, s=70, label=wrap_label(name))
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xlabel("evaluator AUC (test)" if x_key == "auc" else "order agreement with the judge")
-            ax.set_ylabel(f"LAST − greedy: {label}", fontsize=8)
-    axes[0][0].legend(fontsize=6, loc="best")
-    fig.tight_layout()
+            if i == 0:
+                ax.set_title(wrap_label(label, 30), fontsize=9)
+            if j == 0:
+                ax.set_ylabel("LAST − greedy")
+    # one legend below the panels, so that it hides no point
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = min(len(labels), 4)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    rows_of_legend = -(-len(labels) // columns)
+    fig.tight_layout(rect=(0, 0.035 * rows_of_legend + 0.02, 1, 1))
     return fig
 
 
