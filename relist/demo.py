@@ -38,6 +38,7 @@ from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.io import atomic_write_text, read_json
 from relist.last import weights_hash
+from relist.serve.requests import raw_vocabularies, request_for_list
 
 MARKER = "demo.json"  # a directory the demo wrote: only such a directory is replaced
 DATA_CHOICES = ("synthetic", "mind", "trivago")
@@ -137,40 +138,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _vocabulary(data: PreparedDataset, name: str) -> list[str]:
-    try:
-        return data.vocab(name)
-    except KeyError:  # a field kept as integers: clients send the integer as a string
-        fields = (*data.schema.item_sparse, *data.schema.user_sparse, *data.schema.user_hist)
-        return [str(k) for k in range(next(f.vocab for f in fields if f.name == name))]
-
-
-def client_body(data: PreparedDataset, index: int, vocabs: dict[str, list[str]]) -> dict:
-    """List ``index`` of a prepared dataset written as a client of ``relist serve`` sends it: raw ids and
-    named features, the user's clicked history, items in the initial order."""
-    start, end = int(data.offsets[index]), int(data.offsets[index + 1])
-    sparse = [f.name for f in data.schema.item_sparse]
-    items = [
-        {
-            "id": vocabs[sparse[0]][int(data.item_sparse[r, 0])],
-            "features": {
-                **{n: vocabs[n][int(data.item_sparse[r, j])] for j, n in enumerate(sparse) if j},
-                **{n: float(data.item_dense[r, j]) for j, n in enumerate(data.schema.item_dense)},
-            },
-        }
-        for r in range(start, end)
-    ]
-    user_field = data.schema.user_sparse[0].name
-    user = {"id": vocabs[user_field][int(data.user_sparse[index, 0])]}
-    if data.schema.user_hist:
-        hist = data.schema.user_hist
-        h0, h1 = int(data.hist_offsets[index]), int(data.hist_offsets[index + 1])
-        user["history"] = [
-            {f.name: vocabs[f.name][int(data.user_hist[r, j])] for j, f in enumerate(hist)} for r in range(h0, h1)
-        ]
-    return {"user": user, "items": items}
-
-
 @contextmanager
 def served(run: Path, seed: int) -> Iterator[tuple[str, object]]:
     """``relist serve RUN`` (LAST parallel) on a free loopback port in a thread: (url, service)."""
@@ -204,10 +171,8 @@ def serve_in_process(run: Path, data_dir: Path, n_requests: int, seed: int) -> d
     import httpx
 
     data = PreparedDataset(data_dir)
-    fields = {f.name for f in (*data.schema.item_sparse, *data.schema.user_sparse, *data.schema.user_hist)}
-    vocabs = {name: _vocabulary(data, name) for name in fields}
-    test = data.split("test")[:n_requests]
-    bodies = [client_body(data, int(i), vocabs) for i in test]
+    vocabs = raw_vocabularies(data)
+    bodies = [request_for_list(data, int(i), vocabs) for i in data.split("test")[:n_requests]]
     with served(run, seed) as (url, service):
         before = weights_hash(service.generator, service.evaluator)
         latencies, statuses, exploration, first_error = [], {}, {}, None

@@ -28,7 +28,7 @@ from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers.evaluator import load_evaluator
-from relist.serve.requests import RequestParser
+from relist.serve.requests import RequestParser, raw_vocabularies, request_for_list
 
 
 @pytest.fixture(scope="module")
@@ -109,34 +109,9 @@ def server(run_dir):
     proc.wait(timeout=20)
 
 
-def vocabulary(data: PreparedDataset, name: str) -> list[str]:
-    """Raw ids of a field; fields kept as integers have none, and clients send the integer as a string."""
-    try:
-        return data.vocab(name)
-    except KeyError:
-        fields = (*data.schema.item_sparse, *data.schema.user_sparse, *data.schema.user_hist)
-        size = next(f.vocab for f in fields if f.name == name)
-        return [str(k) for k in range(size)]
-
-
 def request_body(data: PreparedDataset, k: int) -> dict:
-    """A test list of the prepared data written as a client would send it (raw ids, named features)."""
-    index = int(data.split("test")[k])
-    start, end = int(data.offsets[index]), int(data.offsets[index + 1])
-    sparse = [f.name for f in data.schema.item_sparse]
-    vocab = {name: vocabulary(data, name) for name in sparse}
-    items = [
-        {
-            "id": vocab[sparse[0]][int(data.item_sparse[r, 0])],
-            "features": {
-                **{n: vocab[n][int(data.item_sparse[r, j])] for j, n in enumerate(sparse) if j},
-                **{n: float(data.item_dense[r, j]) for j, n in enumerate(data.schema.item_dense)},
-            },
-        }
-        for r in range(start, end)
-    ]
-    user = {"id": vocabulary(data, data.schema.user_sparse[0].name)[int(data.user_sparse[index, 0])]}
-    return {"user": user, "items": items}
+    """Test list ``k`` of the prepared data as a client sends it."""
+    return request_for_list(data, int(data.split("test")[k]))
 
 
 def test_rerank_answers_with_a_reordered_list_scored_by_the_evaluator(run_dir, server):
@@ -152,8 +127,7 @@ def test_rerank_answers_with_a_reordered_list_scored_by_the_evaluator(run_dir, s
     assert out["candidates"] == 9 and (out["exploration"] == "greedy" or out["exploration"].startswith("candidate"))
     # the reported evaluator score is the evaluator's on the served order, recomputed here
     ev = load_evaluator(run_dir / "evaluator")
-    names = {f.name for f in (*ev.schema.item_sparse, *ev.schema.user_sparse, *ev.schema.user_hist)}
-    parser = RequestParser(ev.schema, {n: vocabulary(data, n) for n in names}, 12)
+    parser = RequestParser(ev.schema, raw_vocabularies(data), 12)
     example, _ = parser.parse(body)
     batch = collate([example])
     served = torch.tensor([[ids.index(i) for i in out["order"]]])

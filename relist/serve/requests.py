@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from relist.data.store import Schema
+from relist.data.store import PreparedDataset, Schema
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 
@@ -175,3 +175,47 @@ class RequestParser:
                 hist[k, self.hist.index(name)] = self._id(name, value, f"user.history[{k}].{name}")
         hist = hist[hist[:, 0] > 0] if len(self.hist) else hist  # unknown clicked items carry nothing
         return {"item_sparse": sparse, "item_dense": dense, "user_sparse": user_sparse, "user_hist": hist}, ids
+
+
+def raw_vocabularies(data: PreparedDataset) -> dict[str, list[str]]:
+    """Every sparse field's raw ids by index, as clients send them; a field kept as integers (no vocabulary
+    file) as decimal strings."""
+    fields = (*data.schema.item_sparse, *data.schema.user_sparse, *data.schema.user_hist)
+    vocabs = {}
+    for field in fields:
+        if field.name not in vocabs:
+            try:
+                vocabs[field.name] = data.vocab(field.name)
+            except KeyError:
+                vocabs[field.name] = [str(k) for k in range(field.vocab)]
+    return vocabs
+
+
+def request_for_list(data: PreparedDataset, index: int, vocabs: dict[str, list[str]] | None = None) -> dict:
+    """List ``index`` of a prepared dataset as the body a client sends to /rerank (what ``RequestParser``
+    reads back): raw ids and named features, the user's clicked history, the items in the initial order.
+    ``vocabs`` (``raw_vocabularies(data)``) saves reading the vocabularies on every call."""
+    vocabs = raw_vocabularies(data) if vocabs is None else vocabs
+    start, end = int(data.offsets[index]), int(data.offsets[index + 1])
+    sparse = [f.name for f in data.schema.item_sparse]
+    items = [
+        {
+            "id": vocabs[sparse[0]][int(data.item_sparse[r, 0])],
+            "features": {
+                **{n: vocabs[n][int(data.item_sparse[r, j])] for j, n in enumerate(sparse) if j},
+                **{n: float(data.item_dense[r, j]) for j, n in enumerate(data.schema.item_dense)},
+            },
+        }
+        for r in range(start, end)
+    ]
+    fields = [f.name for f in data.schema.user_sparse]
+    user = {"id": vocabs[fields[0]][int(data.user_sparse[index, 0])]}
+    if len(fields) > 1:
+        user["features"] = {n: vocabs[n][int(data.user_sparse[index, j])] for j, n in enumerate(fields) if j}
+    if data.schema.user_hist:
+        hist = data.schema.user_hist
+        h0, h1 = int(data.hist_offsets[index]), int(data.hist_offsets[index + 1])
+        user["history"] = [
+            {f.name: vocabs[f.name][int(data.user_hist[r, j])] for j, f in enumerate(hist)} for r in range(h0, h1)
+        ]
+    return {"user": user, "items": items}
