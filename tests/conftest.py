@@ -13,6 +13,7 @@ from relist.data.store import PreparedDataset
 from relist.rankers.train import TrainRankerConfig, train_ranker
 
 MIND_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
+TRIVAGO_RIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "trivago_rio"
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,12 @@ def mind_data(tmp_path_factory) -> PreparedDataset:
         pytest.skip(f"MIND 5k subset not found at {MIND_SUBSET}")
     out = tmp_path_factory.mktemp("mind") / "seed0"
     return PreparedDataset(prepare(PrepareConfig(source="mind", src=MIND_SUBSET, out=out, seed=0)))
+
+
+@pytest.fixture(scope="session")
+def trivago_data(tmp_path_factory) -> PreparedDataset:
+    """The trivago Rio subset beside the repository, prepared with seed 0 (skips where the subset is absent)."""
+    if not (TRIVAGO_RIO / "train.csv").is_file():
+        pytest.skip(f"trivago Rio subset not found at {TRIVAGO_RIO}")
+    out = tmp_path_factory.mktemp("trivago") / "seed0"
+    return PreparedDataset(prepare(PrepareConfig(source="trivago", src=TRIVAGO_RIO, out=out, seed=0)))

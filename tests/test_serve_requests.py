@@ -4,30 +4,22 @@ send their requests this way)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.serve.requests import RequestParser, raw_vocabularies, request_for_list
 
-RIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "trivago_rio"
-
 
 @pytest.mark.parametrize("source", ["synthetic", "mind", "trivago"])
-def test_a_list_written_as_a_request_parses_back_to_its_own_arrays(source, request, tmp_path):
+def test_a_list_written_as_a_request_parses_back_to_its_own_arrays(source, request):
     """Synthetic ids are integers sent as decimal strings; MIND's and trivago's are strings read through the
     vocabularies, with a clicked history (and on trivago user features: platform and device)."""
     if source == "synthetic":
         data = PreparedDataset(request.getfixturevalue("synthetic_world") / "data")
-    elif source == "mind":
-        data = request.getfixturevalue("mind_data")
     else:
-        if not (RIO / "train.csv").is_file():
-            pytest.skip(f"trivago Rio subset not found at {RIO}")
-        data = PreparedDataset(prepare(PrepareConfig(source="trivago", src=RIO, out=tmp_path / "tv", seed=0)))
+        data = request.getfixturevalue(f"{source}_data")
     vocabs = raw_vocabularies(data)
     parser = RequestParser(data.schema, vocabs, max_items=1000)
     checked_history = 0

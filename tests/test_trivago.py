@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from relist.data.errors import DataFormatError
-from relist.data.prepare import PrepareConfig, prepare
-from relist.data.store import PreparedDataset, group_splits
+from relist.data.store import group_splits
 from relist.data.trivago import build, read_clickouts
 
 RIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "trivago_rio"
@@ -108,10 +107,8 @@ def test_bad_header_encoding_and_long_lists(tmp_path):
         build(root, seed=0, fractions=FRACTIONS, max_items=3)
 
 
-@pytest.mark.skipif(not (RIO / "train.csv").is_file(), reason=f"trivago Rio subset not found at {RIO}")
-def test_the_rio_subset(tmp_path):
-    out = prepare(PrepareConfig(source="trivago", src=RIO, out=tmp_path / "tv", seed=0))
-    data = PreparedDataset(out)
+def test_the_rio_subset(trivago_data):
+    data = trivago_data
     counts = data.counts
     assert (counts["n_lists"], counts["n_labelled"], counts["n_clicks"]) == (9114, 223037, 9114)
     assert data.manifest["info"]["n_dropped"] == 8
