@@ -26,19 +26,21 @@ def synthetic_world(tmp_path_factory) -> Path:
     return root
 
 
+def prepared_subset(tmp_path_factory, source: str, src: Path, first_file: str) -> PreparedDataset:
+    """A real subset beside the repository prepared with seed 0; skips where ``src/first_file`` is absent."""
+    if not (src / first_file).is_file():
+        pytest.skip(f"{source} subset not found at {src}")
+    out = tmp_path_factory.mktemp(source) / "seed0"
+    return PreparedDataset(prepare(PrepareConfig(source=source, src=src, out=out, seed=0)))
+
+
 @pytest.fixture(scope="session")
 def mind_data(tmp_path_factory) -> PreparedDataset:
-    """The MIND 5k subset beside the repository, prepared with seed 0 (skips where the subset is absent)."""
-    if not (MIND_SUBSET / "behaviors.tsv").is_file():
-        pytest.skip(f"MIND 5k subset not found at {MIND_SUBSET}")
-    out = tmp_path_factory.mktemp("mind") / "seed0"
-    return PreparedDataset(prepare(PrepareConfig(source="mind", src=MIND_SUBSET, out=out, seed=0)))
+    """The MIND 5k subset, prepared with seed 0."""
+    return prepared_subset(tmp_path_factory, "mind", MIND_SUBSET, "behaviors.tsv")
 
 
 @pytest.fixture(scope="session")
 def trivago_data(tmp_path_factory) -> PreparedDataset:
-    """The trivago Rio subset beside the repository, prepared with seed 0 (skips where the subset is absent)."""
-    if not (TRIVAGO_RIO / "train.csv").is_file():
-        pytest.skip(f"trivago Rio subset not found at {TRIVAGO_RIO}")
-    out = tmp_path_factory.mktemp("trivago") / "seed0"
-    return PreparedDataset(prepare(PrepareConfig(source="trivago", src=TRIVAGO_RIO, out=out, seed=0)))
+    """The trivago Rio subset, prepared with seed 0."""
+    return prepared_subset(tmp_path_factory, "trivago", TRIVAGO_RIO, "train.csv")
