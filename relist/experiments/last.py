@@ -51,7 +51,7 @@ from safetensors import safe_open
 from relist.batch import rank, without_initial_score
 from relist.config import option
 from relist.data.store import PreparedDataset
-from relist.experiments.plots import metric_axis, wrap_label
+from relist.experiments.plots import metric_axis, wrap_label, write_figures
 from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings, parse_steps
 from relist.grid import run_tasks
 from relist.io import atomic_save_tensors, atomic_write_text, file_digest
@@ -952,21 +952,12 @@ def offsets_figure(rows: list[dict]):
 
 def _plots(out: Path, rows: list[dict]) -> list[str]:
     """offline.png, and quality.png and offsets.png when those studies ran; returns the names written."""
-    import matplotlib  # imported only when plotting: it costs a second of start-up
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for name, fig in (
-        ("offline.png", offline_figure(rows)),
-        ("quality.png", quality_figure(rows)),
-        ("offsets.png", offsets_figure(rows)),
-    ):
-        if fig is None:  # the study did not run: no plot, and none left from an earlier run in OUT
-            (out / name).unlink(missing_ok=True)
-            continue
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-    return written
+    return write_figures(
+        out,
+        {
+            "offline.png": lambda: offline_figure(rows),
+            "quality.png": lambda: quality_figure(rows),
+            "offsets.png": lambda: offsets_figure(rows),
+        },
+        dpi=110,
+    )

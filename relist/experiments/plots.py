@@ -4,15 +4,16 @@
   then the axis starts just below them and the cut is marked: break marks on the y axis (``gid
   "broken-axis"``) and the start named in the y label.
 - Tick labels are never cut; long ones are wrapped onto several lines.
-- Every function takes matplotlib axes and imports matplotlib only through them, so importing this module
-  costs nothing; ``pyplot`` is imported by the callers when they plot.
+- A study writes its figures through ``write_figures``, which leaves no plot in OUT that is not of this run.
+- matplotlib is imported only inside the functions that plot, so importing this module costs nothing.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -53,3 +54,26 @@ def metric_axis(ax, tops: Sequence[float], bottoms: Sequence[float] | None = Non
 def wrap_label(text: str, width: int = 24) -> str:
     """``text`` on lines of at most ``width`` characters where it has spaces; nothing is dropped."""
     return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text
+
+
+def write_figures(out: Path, figures: dict[str, Callable[[], object]], dpi: int) -> list[str]:
+    """Draw each figure and save it as ``out/<name>``; returns the names written.
+
+    A builder returns a matplotlib figure, or None when its study did not run: then no empty plot is
+    written, and a file of that name left by an earlier run in ``out`` is removed, since it would not be of
+    these results. The builders run after the non-interactive backend is selected."""
+    import matplotlib  # imported only when plotting: it costs a second of start-up
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, build in figures.items():
+        fig = build()
+        if fig is None:
+            (out / name).unlink(missing_ok=True)
+            continue
+        fig.savefig(out / name, dpi=dpi)
+        plt.close(fig)
+        written.append(name)
+    return written

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from relist.batch import INITIAL_SCORE
 from relist.config import option
 from relist.data.store import PreparedDataset
-from relist.experiments.plots import metric_axis
+from relist.experiments.plots import metric_axis, write_figures
 from relist.experiments.protocol import LastStudy, PrincipledStudy, TrainingProtocol, model_settings
 from relist.grid import run_tasks
 from relist.io import atomic_save_tensors, atomic_write_csv, file_digest
@@ -530,20 +530,11 @@ def obedience_figure(out: Path, rows: list[dict], models: list[str]):
 
 def _plots(out: Path, rows: list[dict], initial: dict, models: list[str]) -> list[str]:
     """metrics.png and obedience.png; returns the names of the files written."""
-    import matplotlib  # imported only when plotting: it costs a second of start-up
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for name, fig in (
-        ("metrics.png", metrics_figure(rows, initial, models)),
-        ("obedience.png", obedience_figure(out, rows, models)),
-    ):
-        if fig is None:  # the study did not run: no plot, and none left from an earlier run in OUT
-            (out / name).unlink(missing_ok=True)
-            continue
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
-    return written
+    return write_figures(
+        out,
+        {
+            "metrics.png": lambda: metrics_figure(rows, initial, models),
+            "obedience.png": lambda: obedience_figure(out, rows, models),
+        },
+        dpi=120,
+    )

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from relist.config import load_yaml, option
+from relist.experiments.plots import write_figures
 from relist.grid import run_tasks
 from relist.io import atomic_write_csv, atomic_write_text, read_json
 from relist.rl.agents import METHODS, method_config
@@ -618,11 +619,21 @@ def _stage_lines(records, checks, stage_methods, cfg, base) -> list[str]:
 
 
 def _plots(out: Path, records, methods, base) -> list[str]:
-    """curves.png, and stages.png when the stage study has a method at two or more stage counts (otherwise no
-    empty plot, and an earlier run's stages.png in OUT is removed); returns the names written."""
-    import matplotlib  # imported only when plotting: it costs a second of start-up
+    """curves.png, and stages.png when the stage study has a method at two or more stage counts; returns the
+    names written."""
+    return write_figures(
+        out,
+        {
+            "curves.png": lambda: curves_figure(records, methods, base),
+            "stages.png": lambda: stages_figure(records),
+        },
+        dpi=120,
+    )
 
-    matplotlib.use("Agg")
+
+def curves_figure(records, methods, base):
+    """Session dwell of the evaluation users against the simulated user-requests used for training, one line
+    per method at ``base`` stages (mean over seeds), the default and reference policies as levels."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -643,29 +654,29 @@ def _plots(out: Path, records, methods, base) -> list[str]:
     ax.set_ylabel("session dwell (s) of the evaluation users, mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def stages_figure(records):
+    """Session dwell against the number of stages, per method (mean ± sd over seeds); None when no method
+    ran at two or more stage counts."""
+    import matplotlib.pyplot as plt
 
     counts = sorted({r["stages"] for r in records})
-    fig, ax = plt.subplots(figsize=(6, 4))
     names = dict.fromkeys(r["method"] for r in records if r["method"] not in ("random", "reference"))
-    for k, method in enumerate(names):
+    shown = [(k, m) for k, m in enumerate(names) if sum(1 for n in counts if _by_seed(records, n, m)) >= 2]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, method in shown:
         xs = [n for n in counts if _by_seed(records, n, method)]
-        if len(xs) < 2:
-            continue
         values = [[r["session_dwell"] for r in _by_seed(records, n, method).values()] for n in xs]
         means = [np.mean(v) for v in values]
         spread = [np.std(v) for v in values]
         ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=LABELS[method], color=f"C{k % 10}")
-    if not ax.get_legend_handles_labels()[0]:  # no method at two stage counts: nothing to show
-        plt.close(fig)
-        (out / "stages.png").unlink(missing_ok=True)  # an earlier run's plot would not be this table's
-        return ["curves.png"]
     ax.set_xlabel("stages")
     ax.set_ylabel("session dwell (s), mean ± sd over seeds")
     ax.set_xticks(counts)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "stages.png", dpi=120)
-    plt.close(fig)
-    return ["curves.png", "stages.png"]
+    return fig
