@@ -491,6 +491,7 @@ class Trainer:
         )
         writer = self._tensorboard() if (c.tensorboard and dist.main) else None
         started = time.perf_counter()
+        carried = state.get("train_seconds", 0.0)  # earlier processes' time, to the checkpoint resumed from
         if state["step"] == 0 and not state["history"]:
             # the untrained model is a candidate too: with the initial skip it serves the initial order
             self._validate(average.model, state, {}, writer, bar)
@@ -505,6 +506,7 @@ class Trainer:
             return self._validate(average.model, state, train_parts, writer, bar)
 
         def checkpoint(state: dict) -> None:
+            state["train_seconds"] = carried + time.perf_counter() - started
             if dist.main:
                 self._save_checkpoint(model, optimiser, perturb_rng, state, average)
             dist.barrier()
@@ -527,7 +529,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
-        result = self._finish(state, time.perf_counter() - started) if dist.main else {}
+        result = self._finish(state, carried + time.perf_counter() - started) if dist.main else {}
         dist.barrier()
         return result
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-from relist.io import CorruptFileError, seal
+from relist.io import CorruptFileError, atomic_write_text, seal
 from relist.nn import LIST_LOSSES
 from relist.rankers.train import TrainRankerConfig, train_ranker
 from relist.rerankers import build_reranker
@@ -322,7 +322,8 @@ def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
     """SIGKILL mid-run, then --resume in a hard-linked copy of the run directory at another path: the same
-    final weights, weight average and test metrics as an uninterrupted run, and the original untouched."""
+    final weights, weight average and test metrics as an uninterrupted run, the training time of both
+    processes counted, and the original untouched."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(cli(*cli_args(rerank_data, tmp_path / "whole")), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
@@ -348,13 +349,23 @@ def test_a_killed_run_resumes_to_the_same_weights(rerank_data, tmp_path):
     shutil.copytree(run, moved, copy_function=os.link)
     before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     assert (run / "checkpoint" / "latest").stat().st_nlink == 2
+    # the checkpoint carries the training time so far; set it to 1000 s (resealed, as if the killed process had
+    # trained that long): the resumed run's train_seconds must count it, not restart from zero
+    latest = moved / "checkpoint" / (moved / "checkpoint" / "latest").read_text()
+    state = json.loads((latest / "state.json").read_text())
+    assert state["train_seconds"] > 0
+    atomic_write_text(latest / "state.json", json.dumps({**state, "train_seconds": 1000.0}))
+    seal(latest, ["state.json"])
+    began = time.perf_counter()
     resumed = subprocess.run(cli(*cli_args(rerank_data, moved, "--resume")), env=env, capture_output=True, text=True)
+    resumed_wall = time.perf_counter() - began
     assert resumed.returncode == 0, resumed.stderr
     assert {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
     run = moved
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     again = json.loads((run / "metrics.json").read_text())
     assert again["steps"] == whole["steps"] > killed_at
+    assert 1000.0 < again["train_seconds"] < 1000.0 + resumed_wall
 
     def final(d):
         return load_file(str(d / "checkpoint" / (d / "checkpoint" / "latest").read_text() / "model.safetensors"))
