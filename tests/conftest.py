@@ -11,9 +11,7 @@ import pytest
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
 from relist.rankers.train import TrainRankerConfig, train_ranker
-
-MIND_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
-TRIVAGO_RIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "trivago_rio"
+from tests.shared_data import MIND_SUBSET, TRIVAGO_RIO
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ from relist.data.errors import DataFormatError
 from relist.data.mind import read_behaviors
 from relist.data.prepare import PrepareConfig, prepare
 from relist.data.store import PreparedDataset
-
-MIND = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
+from tests.shared_data import MIND_SUBSET as MIND
 
 SPLITS = ("ranker", "train", "valid", "test")
 

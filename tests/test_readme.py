@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared_data import MIND_SUBSET as MIND
+from tests.shared_data import SHARED
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-SHARED = REPO.parent / "shared"
-MIND = SHARED / "data" / "mind_small_5k"
 QUICKSTART_HEADING = "## Quickstart on real data"
 PORT = 8765
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ import torch
 
 from relist.cli import main
 from relist.sim.pool import ListPool
+from tests.shared_data import MIND_SUBSET as MIND
 
-MIND = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind_small_5k"
 if not (MIND / "behaviors.tsv").is_file():
     pytest.skip(f"MIND 5k subset not found at {MIND}", allow_module_level=True)
 

@@ -11,8 +11,8 @@ import pytest
 from relist.data.errors import DataFormatError
 from relist.data.store import group_splits
 from relist.data.trivago import build, read_clickouts
+from tests.shared_data import TRIVAGO_RIO
 
-RIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "trivago_rio"
 HEADER = (
     "user_id,session_id,timestamp,step,action_type,reference,platform,city,device,current_filters,impressions,prices"
 )
@@ -113,7 +113,7 @@ def test_the_rio_subset(trivago_data):
     assert (counts["n_lists"], counts["n_labelled"], counts["n_clicks"]) == (9114, 223037, 9114)
     assert data.manifest["info"]["n_dropped"] == 8
     # no session's lists in two splits (lists are in the reader's order)
-    lists, dropped = read_clickouts(RIO / "train.csv")
+    lists, dropped = read_clickouts(TRIVAGO_RIO / "train.csv")
     assert len(lists) == 9114 and dropped == 8
     split_of = {}
     for name, rows in data.splits.items():
