@@ -664,13 +664,14 @@ def stages_figure(records):
 
     counts = sorted({r["stages"] for r in records})
     names = dict.fromkeys(r["method"] for r in records if r["method"] not in ("random", "reference"))
-    shown = [(k, m) for k, m in enumerate(names) if sum(1 for n in counts if _by_seed(records, n, m)) >= 2]
+    ran = {m: {n: _by_seed(records, n, m) for n in counts} for m in names}  # method -> stage count -> seed -> record
+    shown = [(k, m) for k, m in enumerate(names) if sum(1 for n in counts if ran[m][n]) >= 2]
     if not shown:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, method in shown:
-        xs = [n for n in counts if _by_seed(records, n, method)]
-        values = [[r["session_dwell"] for r in _by_seed(records, n, method).values()] for n in xs]
+        xs = [n for n in counts if ran[method][n]]
+        values = [[r["session_dwell"] for r in ran[method][n].values()] for n in xs]
         means = [np.mean(v) for v in values]
         spread = [np.std(v) for v in values]
         ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=LABELS[method], color=f"C{k % 10}")
