@@ -57,6 +57,7 @@ def test_principled_experiment_writes_results_summary_and_plots(tmp_path, capsys
     assert "over seeds and lists" in base and "| prm | +P1+P2 | ndcg@10 |" in base and "| prm | base |" not in base
     assert "| prm | +P2 window | map@10 |" in against and ("(0/1)" in against or "(1/1)" in against)
     assert "Holm" in against and "comparisons of this table" in against
+    assert "with 1 seed its smallest possible p is 1)" in against  # the floor follows the seed count
     assert (tmp_path / "exp" / "metrics.png").stat().st_size > 0 and (
         tmp_path / "exp" / "obedience.png"
     ).stat().st_size > 0

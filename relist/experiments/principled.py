@@ -311,8 +311,8 @@ def _comparison_table(title: str, pairs: list[tuple[str, str, np.ndarray, np.nda
         f"{note} Δ: mean difference with its 95% CI {SEEDS_AND_LISTS} (two-level paired bootstrap: {seeds} "
         f"seed(s) and the same {lists} test lists, resampled independently); p: its two-sided bootstrap p; "
         f"Holm: p adjusted over the {len(results)} comparisons of this table; t p: paired t-test "
-        f"{SEEDS_ONLY}; Wilcoxon: exact signed-rank p over seeds (seeds in favour / seeds; with 5 seeds its "
-        "smallest possible p is 0.0625).",
+        f"{SEEDS_ONLY}; Wilcoxon: exact signed-rank p over seeds (seeds in favour / seeds; with {seeds} "
+        f"seed{'s' * (seeds != 1)} its smallest possible p is {2 / 2**seeds if seeds else 1:.3g}).",
         "",
         "| model | variant | metric | Δ [95% CI] | p | Holm | t p | Wilcoxon |",
         "|---|---|---|---|---|---|---|---|",
