@@ -160,7 +160,7 @@ def wilcoxon_seeds(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     nonzero = diff[diff != 0]
     if len(nonzero) == 0:
         return {"p": 1.0, "favour": favour, "n": n}
-    p = float(stats.wilcoxon(nonzero, method="exact").pvalue) if len(nonzero) > 0 else 1.0
+    p = float(stats.wilcoxon(nonzero, method="exact").pvalue)
     return {"p": p, "favour": favour, "n": n}
 
 
